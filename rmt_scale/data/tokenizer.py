@@ -13,8 +13,10 @@ saved next to every run as a standard ``tokenizer.json`` + ``tokenizer_config.js
 from __future__ import annotations
 
 import os
+import tempfile
 from typing import Sequence
 
+import fsspec
 import numpy as np
 from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers
 from tokenizers.models import WordLevel
@@ -51,8 +53,17 @@ class TextTokenizer:
         return self.hf.decode(np.asarray(ids).tolist())
 
     def save(self, directory: str) -> None:
-        """Writes a directory that :func:`load_tokenizer` and ``AutoTokenizer.from_pretrained`` read."""
-        self.hf.save_pretrained(directory)
+        """Writes a directory that :func:`load_tokenizer` and ``AutoTokenizer.from_pretrained`` read.
+
+        ``directory`` may be any fsspec URL; remote ones are written locally first, then uploaded.
+        """
+        fs, path = fsspec.core.url_to_fs(directory)
+        if "file" in fs.protocol:  # protocol is a tuple of names
+            self.hf.save_pretrained(path)
+            return
+        with tempfile.TemporaryDirectory() as tmp:
+            self.hf.save_pretrained(tmp)
+            fs.put(f"{tmp}/", path, recursive=True)
 
 
 def build_word_tokenizer(extra_words: Sequence[str] = ()) -> TextTokenizer:
