@@ -159,6 +159,20 @@ def iter_tar_samples(url: str, select=None) -> Iterator[dict]:
         raise CorruptShardError(url, member, f"{type(e).__name__}: {e}") from e
 
 
+def count_tar_samples(url: str) -> int:
+    """Number of samples in a tar, streamed through without reading any member's data."""
+    seen = 0
+
+    def count(ordinal: int) -> bool:
+        nonlocal seen
+        seen = ordinal + 1
+        return False
+
+    for _ in iter_tar_samples(url, select=count):
+        pass
+    return seen
+
+
 def _load_array(data: bytes, url: str, member: str) -> np.ndarray:
     try:
         array = np.load(io.BytesIO(data), allow_pickle=False)
@@ -200,7 +214,7 @@ def resolve_shards(source: str | Sequence[str], counts: Sequence[int] | None = N
         return [f"{base}/{s['name']}" for s in index["shards"]], [s["samples"] for s in index["shards"]]
     urls = expand_urls(source)
     if counts is None:
-        counts = [sum(1 for _ in iter_tar_samples(u, select=lambda _: False)) for u in urls]
+        counts = [count_tar_samples(u) for u in urls]
     if len(counts) != len(urls):
         raise ValueError(f"got {len(counts)} counts for {len(urls)} shards; give one count per shard")
     return urls, list(counts)
