@@ -20,11 +20,13 @@ all of its rank's shards (passing over the others' samples without decoding them
 
 from __future__ import annotations
 
+import gzip
 import io
 import json
 import logging
 import os
 import tarfile
+import zlib
 from collections import deque
 from typing import Iterable, Iterator, Sequence
 
@@ -89,7 +91,8 @@ def write_shards(samples: Iterable[TaskSample], out: str, *, max_samples: int = 
         for i, sample in enumerate(samples):
             if writer is None or shards[-1]["samples"] >= max_samples or size >= max_bytes:
                 if writer is not None:
-                    writer.close(), stream.close()
+                    writer.close()
+                    stream.close()
                 name = SHARD_PATTERN.format(len(shards))
                 stream = fsspec.open(f"{out}/{name}", "wb").open()
                 writer = wds.TarWriter(stream, encoder=False, mtime=0)  # fixed mtime: same bytes every run
@@ -99,7 +102,8 @@ def write_shards(samples: Iterable[TaskSample], out: str, *, max_samples: int = 
             shards[-1]["samples"] += 1
     finally:
         if writer is not None:
-            writer.close(), stream.close()
+            writer.close()
+            stream.close()
     index = {"shards": shards, "total_samples": sum(s["samples"] for s in shards), **(extra_index or {})}
     with fsspec.open(f"{out}/{INDEX_NAME}", "w") as f:
         json.dump(index, f, indent=1)
@@ -153,9 +157,7 @@ def iter_tar_samples(url: str, select=None) -> Iterator[dict]:
                         current[field] = data
                 if current is not None and wanted:
                     yield current
-    except (tarfile.TarError, EOFError, OSError, UnicodeDecodeError) as e:
-        if isinstance(e, FileNotFoundError):
-            raise
+    except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as e:  # I/O errors pass: not corruption
         raise CorruptShardError(url, member, f"{type(e).__name__}: {e}") from e
 
 
@@ -283,6 +285,9 @@ class ShardStream(IterableDataset):
         per_rank = len(self)
         mine = range(start + worker, per_rank, num_workers)  # rank-local positions this worker yields
         yield from self._fill_gaps(self._read_positions(epoch, mine), mine, epoch)
+        if self.corrupt_count:
+            log.warning("rank %d worker %d: skipped %d corrupt samples by the end of epoch %d", self.rank, worker,
+                        self.corrupt_count, epoch)
         if info is None:  # in-process iteration: the next iter() is the next epoch
             self.epoch, self.position = epoch + 1, 0
 
