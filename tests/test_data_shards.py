@@ -188,7 +188,7 @@ def test_skip_corrupt_counts_and_keeps_the_epoch_length(shard_dir, tmp_path, how
     assert "skipping corrupt sample" in caplog.text
 
 
-def test_never_unpickles(tmp_path, tok):
+def test_never_unpickles(tmp_path):
     import webdataset as wds
 
     class Bomb:

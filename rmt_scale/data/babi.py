@@ -87,12 +87,10 @@ def _distractors(rng, count: int, actor: str, obj: str | None) -> list[str]:
 def _interleave(rng, supporting: list[str], distractors: list[str]) -> tuple[tuple[str, ...], tuple[int, ...]]:
     """Merge distractors into the supporting facts at random places, keeping both orders."""
     n = len(supporting) + len(distractors)
-    slots = np.sort(rng.choice(n, size=len(supporting), replace=False))
-    facts, s, d = [], iter(supporting), iter(distractors)
-    slot_set = set(slots.tolist())
-    for i in range(n):
-        facts.append(next(s) if i in slot_set else next(d))
-    return tuple(facts), tuple(int(i) for i in slots)
+    slots = set(rng.choice(n, size=len(supporting), replace=False).tolist())
+    s, d = iter(supporting), iter(distractors)
+    facts = tuple(next(s) if i in slots else next(d) for i in range(n))
+    return facts, tuple(sorted(slots))
 
 
 def make_story(kind: str, rng: np.random.Generator, num_facts: int | None = None) -> Story:

@@ -25,6 +25,7 @@ import io
 import json
 import logging
 import os
+import re
 import tarfile
 import zlib
 from collections import deque
@@ -41,6 +42,7 @@ from .tasks import TaskSample
 log = logging.getLogger(__name__)
 INDEX_NAME = "index.json"
 SHARD_PATTERN = "shard-{:06d}.tar"
+_TAR_NAME = re.compile(r"\.(tar|tar\.gz|tgz)$")
 
 
 class CorruptShardError(ValueError):
@@ -208,7 +210,7 @@ def resolve_shards(source: str | Sequence[str], counts: Sequence[int] | None = N
 
     Without an index and without ``counts``, every shard is read once to count its samples.
     """
-    if isinstance(source, str) and not source.endswith(".tar") and "{" not in source:
+    if isinstance(source, str) and not _TAR_NAME.search(source) and "{" not in source:
         index_url = source if source.endswith(".json") else f"{source.rstrip('/')}/{INDEX_NAME}"
         with fsspec.open(index_url, "r") as f:
             index = json.load(f)
