@@ -143,7 +143,7 @@ def test_ranks_split_the_global_batch():
 
 def test_checkpoint_mapping_acts_and_keeps_gradients():
     """The activation_checkpointing block switches the model to per-segment recomputation, which gives the
-    gradients of plain BPTT; the backbone runs twice per segment (forward, then recomputed in backward)."""
+    gradients of plain BPTT; each segment's layers run twice (forward, then recomputed in backward)."""
     tokenizer = build_word_tokenizer()
     ds = load_ds_config(str(CONFIGS / "zero3.json"))
     config = TrainConfig(segment_size=16, num_mem_tokens=4)
@@ -155,7 +155,7 @@ def test_checkpoint_mapping_acts_and_keeps_gradients():
         model = build_model(config, tokenizer, mode)
         assert model.config.backprop == mode
         calls[mode] = 0
-        model.backbone.model.decoder.register_forward_hook(lambda *args, mode=mode: calls.__setitem__(mode, calls[mode] + 1))
+        model.backbone.model.decoder.layers[0].register_forward_hook(lambda *args, mode=mode: calls.__setitem__(mode, calls[mode] + 1))
         model(**batch).loss.backward()
         grads[mode] = [p.grad.clone() for p in model.parameters()]
     assert backprop == "checkpoint"
