@@ -62,7 +62,7 @@ class TrainConfig:
     grad_accum: int = field(default=1, metadata={"help": "gradient accumulation steps."})
     lr: float = field(default=1e-3, metadata={"help": "peak learning rate (fills 'auto' in the DeepSpeed config)."})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
-    warmup_steps: int = field(default=10, metadata={"help": "linear warmup steps, then linear decay."})
+    warmup_steps: int = field(default=10, metadata={"help": "linear warmup steps (at least 1: DeepSpeed starts the warmup at lr 0), then linear decay."})
     grad_clip: float = field(default=1.0, metadata={"help": "gradient norm clipping (0: off)."})
     max_steps: int = field(default=200, metadata={"help": "optimizer steps to train."})
     seed: int = field(default=0, metadata={"help": "seed of the weights and of the curriculum draws."})
