@@ -155,10 +155,35 @@ def test_checkpoint_mapping_acts_and_keeps_gradients():
         model = build_model(config, tokenizer, mode)
         assert model.config.backprop == mode
         calls[mode] = 0
-        model.backbone.model.decoder.layers[0].register_forward_hook(lambda *args, mode=mode: calls.__setitem__(mode, calls[mode] + 1))
+        first_layer = model.backbone.model.decoder.layers[0]
+        first_layer.register_forward_hook(lambda *args, mode=mode: calls.__setitem__(mode, calls[mode] + 1))
         model(**batch).loss.backward()
         grads[mode] = [p.grad.clone() for p in model.parameters()]
     assert backprop == "checkpoint"
     assert (calls["bptt"], calls["checkpoint"]) == (3, 6)
     for plain, checkpointed in zip(grads["bptt"], grads["checkpoint"]):
         torch.testing.assert_close(checkpointed, plain, rtol=1e-5, atol=1e-7)
+
+
+def test_shard_batches_pad_to_whole_segments_and_resume(tmp_path):
+    from rmt_scale.data import ShardStream, write_shards
+
+    tokenizer = build_word_tokenizer()
+    generator = TaskGenerator("memorize", tokenizer, seed=0)
+    write_shards((generator.sample(i, 20 + 7 * i) for i in range(6)), str(tmp_path / "shards"), max_samples=2)
+    make = lambda: TrainBatches(None, ShardStream(str(tmp_path / "shards"), rank=0, world_size=1, seed=3),
+                                micro_batch=2, grad_accum=1, rank=0, world_size=1, segment_size=16,
+                                pad_id=tokenizer.pad_id)
+    batches = make()
+    first = batches.step(num_segments=1)[0]
+    state = batches.state_dict()
+    later = [batches.step(num_segments=1)[0] for _ in range(4)]  # runs past the end of the first epoch
+    for batch in (first, *later):
+        assert batch["input_ids"].shape[1] % 16 == 0
+        lengths = batch["attention_mask"].sum(dim=1)
+        assert batch["input_ids"].shape[1] == -(-int(lengths.max()) // 16) * 16
+        assert ((batch["labels"] != -100).sum(dim=1) == 1).all()  # one answer token per sample
+    resumed = make()
+    resumed.load_state_dict(state)
+    for expected in later:
+        assert torch.equal(resumed.step(num_segments=1)[0]["input_ids"], expected["input_ids"])
