@@ -214,3 +214,19 @@ def test_sigusr1_stops_all_ranks_with_a_checkpoint(backbone, tmp_path):
 
     launch(run_args(backbone, out, max_steps=stopped_at + 2, eval_every=1000) + ["--resume", "auto"], ranks=2)
     assert sorted(losses(out)) == list(range(1, stopped_at + 3))
+
+
+def test_baseline_twin_and_accuracy_table(backbone, tmp_path):
+    """The default --baseline trains a no-memory twin with the same budget and prints both in one table."""
+    out = tmp_path / "run"
+    result = launch(run_args(backbone, out, max_steps=2, eval_every=2) + ["--baseline"], ranks=1)
+    summary = json.loads((out / "results.json").read_text())
+    assert sorted(summary["accuracy"]) == ["baseline", "rmt"]
+    assert sorted(summary["accuracy"]["baseline"]) == ["1", "2", "4"]
+    assert "| segments | tokens | rmt | baseline |" in result.stdout
+    assert "| 4 (extrapolation) | 64 |" in result.stdout
+    twin = json.loads((out / "baseline" / "train_config.json").read_text())
+    assert twin["num_mem_tokens"] == 0 and twin["max_steps"] == 2
+    assert (out / "baseline" / "checkpoints" / "latest").read_text() == "step000002"
+    assert "memory/state_norm" not in scalars(out / "baseline")
+    assert RecurrentMemoryModel.from_pretrained(out / "baseline" / "export").memory is None
