@@ -16,6 +16,8 @@ Counting conventions (all counts are multiply-adds x 2, i.e. one FLOP per add an
   counted at its real size.
 """
 
+from dataclasses import dataclass
+
 from transformers import OPTConfig
 
 # Chinchilla's forward terms, in the order a token meets them.
@@ -113,3 +115,34 @@ def training_flops(forward: int, mode: str) -> int:
     if mode not in TRAINING_MULTIPLIER:
         raise ValueError(f"unknown backprop mode {mode!r}; expected one of {', '.join(TRAINING_MULTIPLIER)}")
     return TRAINING_MULTIPLIER[mode] * forward
+
+
+# The claim of Bulatov et al. 2023 ("Scaling Transformer to 1M tokens and beyond with RMT"):
+# at 2,048,000 tokens with 512-token segments RMT needs ~295x fewer FLOPs than full attention
+# on OPT-125M and ~29x fewer on OPT-175B.
+PAPER_LENGTH = 2_048_000
+PAPER_SEGMENT = 512
+PAPER_CLAIM = {"opt-125m": 295.0, "opt-175b": 29.0}
+
+
+@dataclass(frozen=True)
+class SegmentLayout:
+    """How many input tokens a segment holds and what rides along with them."""
+
+    name: str
+    segment_size: int
+    extra_tokens: int
+
+
+# The natural readings of "512-token segments".
+PAPER_LAYOUTS = (
+    SegmentLayout("512 tokens, no memory", 512, 0),
+    SegmentLayout("512 tokens + read/write memory (2x16, this library)", 512, 32),
+    SegmentLayout("BERT-RMT window: 499 tokens + 10 memory + 3 special", 499, 13),
+)
+
+
+def flop_savings(config: OPTConfig, length: int, layout: SegmentLayout, convention: str) -> float:
+    """How many times fewer forward FLOPs RMT needs than full attention over `length` tokens."""
+    rmt = rmt_flops(config, length, layout.segment_size, layout.extra_tokens, convention)
+    return full_attention_flops(config, length, convention) / rmt

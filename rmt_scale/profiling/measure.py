@@ -11,12 +11,14 @@ backward). Wall time is the fastest of `repeats` runs after one warm-up run, bec
 on a small CPU box only ever make a run slower. Weights are random: cost does not depend on them.
 """
 
+import math
 import multiprocessing
 import os
 import resource
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
+from typing import Callable
 
 import psutil
 import torch
@@ -34,6 +36,7 @@ MICRO_OPT = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, ffn
 PRESETS = {"tiny-opt": TINY_OPT, "micro-opt": MICRO_OPT}
 
 FULL_ATTENTION = "full"
+FULL_ATTENTION_LABEL = "full attention"
 RMT_MODES = ("bptt", "checkpoint", "replay")
 
 
@@ -48,7 +51,7 @@ class Variant:
 
     @property
     def label(self) -> str:
-        return "full attention" if self.name == FULL_ATTENTION else f"{self.name}-{self.mode}"
+        return FULL_ATTENTION_LABEL if self.name == FULL_ATTENTION else f"{self.name}-{self.mode}"
 
 
 @dataclass(frozen=True)
@@ -202,3 +205,41 @@ class Measurer:
             except Exception as error:  # an OOM kill surfaces as BrokenProcessPool
                 return Measurement(variant.label, length, 0, 0, 0.0, 0.0, 0.0, 0.0,
                                    error=f"{type(error).__name__}: {error}")
+
+
+def _predicted_peak_mb(done: list[Measurement], length: int) -> float:
+    """Extrapolates training peak memory to `length` along the log-log line through the last two runs."""
+    if len(done) < 2:
+        return 0.0
+    a, b = done[-2], done[-1]
+    if min(a.train_peak_mb, b.train_peak_mb) <= 0:
+        return b.train_peak_mb
+    slope = math.log(b.train_peak_mb / a.train_peak_mb) / math.log(b.length / a.length)
+    return b.train_peak_mb * (length / b.length) ** max(slope, 0.0)
+
+
+def sweep(measurer: Measurer, variants: list[Variant], lengths: list[int], memory_budget_mb: float,
+          on_done: Callable[[Measurement], None] = lambda m: None) -> list[Measurement]:
+    """Measures every variant at every length, shortest first. A variant stops at the first length it
+    fails at or is predicted to exceed `memory_budget_mb` at (full attention, sooner or later); the
+    lengths it leaves out are recorded as skipped."""
+    if not lengths or any(n <= 0 for n in lengths):
+        raise ValueError(f"lengths must be positive, got {lengths}")
+    results = []
+    for variant in variants:
+        done: list[Measurement] = []
+        stop_reason = ""
+        for length in sorted(set(lengths)):
+            if not stop_reason and (peak := _predicted_peak_mb(done, length)) > memory_budget_mb:
+                stop_reason = f"skipped: predicted peak {peak:.0f} MB > budget {memory_budget_mb:.0f} MB"
+            if stop_reason:
+                result = Measurement(variant.label, length, 0, 0, 0.0, 0.0, 0.0, 0.0, error=stop_reason)
+            else:
+                result = measurer.measure(variant, length)
+                if result.ok:
+                    done.append(result)
+                else:
+                    stop_reason = f"skipped: failed at {length} tokens"
+            results.append(result)
+            on_done(result)
+    return results
