@@ -25,12 +25,15 @@ import psutil
 from tqdm import tqdm
 
 from rmt_scale.profiling import report
-from rmt_scale.profiling.measure import FULL_ATTENTION, PRESETS, RMT_MODES, Measurer, Variant, sweep
+from rmt_scale.profiling.measure import FULL_ATTENTION, PRESETS, RMT_MODES, Measurer, Variant, backbone_config, sweep
 
 # --quick: a micro backbone and short inputs, so the whole run stays well under two minutes on CPU.
-QUICK = dict(backbone="micro-opt", lengths=[256, 512, 1024, 2048], segment_size=128, mem_tokens=4, repeats=1)
+# One thread: on a small shared box, two OpenMP threads fighting other processes for two cores made
+# a 0.05 s step take 9 s.
+QUICK = dict(backbone="micro-opt", lengths=[256, 512, 1024, 2048], segment_size=128, mem_tokens=4, repeats=1,
+             threads=1)
 FULL = dict(backbone="tiny-opt", lengths=[512 * 2**k for k in range(7)], segment_size=512, mem_tokens=16,
-            repeats=3)
+            repeats=3, threads=None)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -57,7 +60,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int,
                         help=f"timed runs per measurement, the fastest is kept; default {FULL['repeats']}, "
                              f"with --quick {QUICK['repeats']}")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads per measurement; default: torch's")
+    parser.add_argument("--threads", type=int,
+                        help="torch threads per measurement; default: torch's own, with --quick 1")
     parser.add_argument("--memory-budget-mb", type=float,
                         default=0.6 * psutil.virtual_memory().available / 2**20,
                         help="skip a variant's longer lengths once its training peak memory is predicted to "
@@ -74,13 +78,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     for name, value in preset.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
-    for name in ("segment_size", "repeats"):
-        if getattr(args, name) <= 0:
+    for name in ("segment_size", "repeats", "threads"):
+        if getattr(args, name) is not None and getattr(args, name) <= 0:
             parser.error(f"--{name.replace('_', '-')} must be positive")
     if args.mem_tokens < 0:
         parser.error("--mem-tokens must be >= 0")
     if any(n <= 0 for n in args.lengths):
         parser.error("--lengths must all be positive")
+    try:
+        backbone_config(args.backbone, max(args.lengths))
+    except ValueError as error:
+        parser.error(str(error))
     return args
 
 

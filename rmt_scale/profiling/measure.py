@@ -115,8 +115,9 @@ def _train_step(model, input_ids) -> None:
 
 
 def _forward(model, input_ids) -> None:
+    # With labels, so that both the plain backbone and RMT run the LM head over every token.
     with torch.no_grad():
-        model(input_ids)
+        model(input_ids, labels=input_ids)
 
 
 def _fastest_of(repeats: int, fn, *args) -> float:
@@ -145,7 +146,8 @@ _CPU_SDPA_FLOPS = {
 }
 
 
-def _counted_flops(fn, *args) -> int:
+def counted_flops(fn, *args) -> int:
+    """FLOPs of `fn(*args)` as FlopCounterMode sees them, the CPU SDPA kernel included."""
     counter = FlopCounterMode(display=False, custom_mapping=_CPU_SDPA_FLOPS)
     with counter:
         fn(*args)
@@ -170,8 +172,8 @@ def _measure_in_this_process(variant: Variant, backbone: str, length: int, max_p
     return Measurement(
         variant=variant.label,
         length=length,
-        train_flops=_counted_flops(_train_step, model, input_ids),
-        forward_flops=_counted_flops(_forward, model, input_ids),
+        train_flops=counted_flops(_train_step, model, input_ids),
+        forward_flops=counted_flops(_forward, model, input_ids),
         train_seconds=train_seconds,
         forward_seconds=forward_seconds,
         train_peak_mb=train_peak,
@@ -191,7 +193,8 @@ class Measurer:
         self.max_positions = max_positions
         self.threads = threads or torch.get_num_threads()
         context = multiprocessing.get_context("forkserver")
-        context.set_forkserver_preload(["torch", "transformers", "rmt_scale.profiling.measure"])
+        # "__main__" too, so that no child re-imports the calling script (and matplotlib with it).
+        context.set_forkserver_preload(["__main__", "torch", "transformers", "rmt_scale.profiling.measure"])
         self._context = context
 
     def measure(self, variant: Variant, length: int) -> Measurement:
