@@ -54,7 +54,7 @@ def test_rmt_is_linear_and_full_attention_superlinear():
     assert analytic.rmt_flops(config, 8192, 512, 32) == 2 * analytic.rmt_flops(config, 4096, 512, 32)
     # a partial last segment costs its real size
     assert analytic.rmt_flops(config, 700, 512) == analytic.forward_flops(config, 512) + analytic.forward_flops(config, 188)
-    sweep = report.analytic_sweep(512, 16)
+    sweep = report.analytic_sweep()
     assert all(s["rmt_slope"] == pytest.approx(1.0, abs=1e-3) and s["full_slope"] > 1.4 for s in sweep.values())
     assert analytic.training_flops(10, "replay") == 40 and analytic.training_flops(10, "bptt") == 30
 

@@ -27,8 +27,11 @@ COSTS = {
 }
 # Backprop modes built to hold training memory flat; bptt keeps every segment's activations by design.
 FLAT_MEMORY_MODES = ("checkpoint", "replay")
-# Lengths of the analytic sweep: 512 to 2,097,152 by doubling, plus the paper's 2,048,000.
+# The analytic sweep: 512 to 2,097,152 tokens by doubling, plus the paper's 2,048,000, for RMT with
+# the library's default segments (512 tokens, read and write memory of 16 tokens each).
 ANALYTIC_LENGTHS = sorted({512 * 2**k for k in range(13)} | {analytic.PAPER_LENGTH})
+ANALYTIC_SEGMENT_SIZE = 512
+ANALYTIC_MEM_TOKENS = 16
 
 
 def loglog_slope(lengths, values) -> float:
@@ -111,7 +114,8 @@ def best_match(rows: list[dict]) -> dict:
     return min(rows, key=lambda row: max(abs(e) for e in row["relative_error"].values()))
 
 
-def analytic_sweep(segment_size: int, num_mem_tokens: int, convention: str = "chinchilla") -> dict:
+def analytic_sweep(segment_size: int = ANALYTIC_SEGMENT_SIZE, num_mem_tokens: int = ANALYTIC_MEM_TOKENS,
+                   convention: str = "chinchilla") -> dict:
     """Forward and training FLOPs of full attention and RMT (decoder layout: 2 x memory per segment)
     for every OPT size over ANALYTIC_LENGTHS."""
     sweep = {}
@@ -160,7 +164,7 @@ def markdown(report: dict) -> str:
     sweep = report["analytic_sweep"]
     at = ANALYTIC_LENGTHS.index(analytic.PAPER_LENGTH)
     lines += [f"## Analytic FLOPs at {analytic.PAPER_LENGTH:,} tokens (chinchilla convention, "
-              f"{settings['segment_size']}-token segments + 2x{settings['num_mem_tokens']} memory)", ""]
+              f"{ANALYTIC_SEGMENT_SIZE}-token segments + 2x{ANALYTIC_MEM_TOKENS} memory)", ""]
     lines += _table(
         ["backbone", "full fwd", "RMT fwd", "full train", "RMT train (bptt)", "RMT train (replay)",
          "full slope", "RMT slope"],
@@ -168,7 +172,7 @@ def markdown(report: dict) -> str:
           s["rmt_replay_train"][at], s["full_slope"], s["rmt_slope"]] for n, s in sweep.items()])
 
     lines += [f"## Measured on `{settings['backbone']}` (segment {settings['segment_size']}, "
-              f"{settings['num_mem_tokens']} memory tokens, {settings['threads']} threads)", ""]
+              f"{settings['num_mem_tokens']} memory tokens, threads: {settings['threads']})", ""]
     lines += _table(
         ["variant", "length", "train FLOPs", "fwd FLOPs", "train s", "train tok/s", "fwd s",
          "train peak MB", "fwd peak MB"],
@@ -259,7 +263,7 @@ def build(settings: dict, measurements: list[Measurement]) -> dict:
         "paper": paper,
         "paper_best_match": best_match(paper),
         "analytic_lengths": ANALYTIC_LENGTHS,
-        "analytic_sweep": analytic_sweep(settings["segment_size"], settings["num_mem_tokens"]),
+        "analytic_sweep": analytic_sweep(),
         "measurements": [m.as_dict() for m in measurements],
         "slopes": slopes,
         "verdict": {**asdict(verdict), "passed": verdict.passed},
