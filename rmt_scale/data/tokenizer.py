@@ -1,0 +1,93 @@
+"""Tokenizers for the data pipeline: a small built-in word-level one, or any Hugging Face tokenizer.
+
+Both are used through :class:`TextTokenizer`, which turns text into int32 arrays. Every piece of text
+(a background sentence, a fact, the question, the answer) is encoded on its own with a leading space, so
+pieces concatenate to the same ids a BPE tokenizer would give for the running text.
+
+The built-in tokenizer knows exactly the words of the built-in background and of bAbI (lower-cased) plus
+punctuation, so its vocabulary is a few hundred entries and every answer (a location) is one token. It is
+saved next to every run as a standard ``tokenizer.json`` + ``tokenizer_config.json`` directory, which
+``transformers.AutoTokenizer.from_pretrained(dir)`` loads like any other tokenizer.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from typing import Sequence
+
+import fsspec
+import numpy as np
+from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers
+from tokenizers.models import WordLevel
+
+from .babi import VOCABULARY as BABI_VOCABULARY
+from .background import FILLER_VOCABULARY
+
+PAD, UNK, EOS, SEP = "[PAD]", "[UNK]", "[EOS]", "[SEP]"
+SPECIAL_TOKENS = (PAD, UNK, EOS, SEP)
+PUNCTUATION = tuple(".,;:!?'\"-()")
+
+
+class TextTokenizer:
+    """A Hugging Face tokenizer seen as text -> int32 ids, with the ids the data pipeline needs."""
+
+    def __init__(self, hf_tokenizer):
+        self.hf = hf_tokenizer
+        self.vocab_size = len(hf_tokenizer)
+        self.eos_id = hf_tokenizer.eos_token_id
+        # Padding never reaches the loss (labels are -100 there), so any id works if none is defined.
+        pad = hf_tokenizer.pad_token_id
+        self.pad_id = pad if pad is not None else (self.eos_id if self.eos_id is not None else 0)
+
+    def encode(self, text: str) -> np.ndarray:
+        return self.encode_batch([text])[0]
+
+    def encode_batch(self, texts: Sequence[str]) -> list[np.ndarray]:
+        if not texts:
+            return []
+        ids = self.hf([" " + t for t in texts], add_special_tokens=False)["input_ids"]
+        return [np.asarray(x, dtype=np.int32) for x in ids]
+
+    def decode(self, ids) -> str:
+        return self.hf.decode(np.asarray(ids).tolist())
+
+    def save(self, directory: str) -> None:
+        """Writes a directory that :func:`load_tokenizer` and ``AutoTokenizer.from_pretrained`` read.
+
+        ``directory`` may be any fsspec URL; remote ones are written locally first, then uploaded.
+        """
+        fs, path = fsspec.core.url_to_fs(directory)
+        if "file" in fs.protocol:  # protocol is a tuple of names
+            self.hf.save_pretrained(path)
+            return
+        with tempfile.TemporaryDirectory() as tmp:
+            self.hf.save_pretrained(tmp)
+            fs.put(f"{tmp}/", path, recursive=True)
+
+
+def build_word_tokenizer(extra_words: Sequence[str] = ()) -> TextTokenizer:
+    """The built-in word-level tokenizer: specials, punctuation, bAbI words, background words, extras."""
+    from transformers import PreTrainedTokenizerFast
+
+    words = [w.lower() for w in (*BABI_VOCABULARY, *FILLER_VOCABULARY, *extra_words)]
+    vocab = {tok: i for i, tok in enumerate(dict.fromkeys((*SPECIAL_TOKENS, *PUNCTUATION, *words)))}
+    tok = Tokenizer(WordLevel(vocab, unk_token=UNK))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()  # words and runs of punctuation
+    tok.decoder = decoders.WordPiece(prefix="##")  # joins word-level tokens with spaces, tidies punctuation
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token=UNK, pad_token=PAD, eos_token=EOS,
+                                 sep_token=SEP)
+    return TextTokenizer(hf)
+
+
+def load_tokenizer(name_or_dir: str | None = None) -> TextTokenizer:
+    """The built-in tokenizer (``None`` or ``"builtin"``) or ``AutoTokenizer.from_pretrained(name_or_dir)``."""
+    if name_or_dir in (None, "builtin"):
+        return build_word_tokenizer()
+    from transformers import AutoTokenizer
+
+    if not os.path.isdir(name_or_dir):
+        raise ValueError(f"tokenizer directory {name_or_dir!r} does not exist; give a directory saved by "
+                         "save_pretrained / TextTokenizer.save, or 'builtin'")
+    return TextTokenizer(AutoTokenizer.from_pretrained(name_or_dir))

@@ -1,0 +1,99 @@
+"""What the memory wrapper needs to know about each Hugging Face architecture, and nothing more.
+
+The backbone is never edited: a decoder is driven through ``inputs_embeds`` and explicit ``position_ids``
+on its base model plus its LM head; an encoder through its sequence-classification model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+DECODER_TYPES = ("opt", "gpt2", "llama", "mistral", "qwen2", "gpt_neox")
+ENCODER_TYPES = ("bert", "roberta")
+
+
+class UnsupportedBackboneError(ValueError):
+    """The backbone's architecture has no memory adapter."""
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    kind: str  # "decoder" or "encoder"
+    model_type: str
+    hidden_size: int  # width of input embeddings, which is what memory tokens live in
+    max_positions: int
+    num_layers: int
+
+
+def describe_backbone(backbone: nn.Module) -> BackboneSpec:
+    config = getattr(backbone, "config", None)
+    model_type = getattr(config, "model_type", type(backbone).__name__)
+    if model_type in DECODER_TYPES:
+        kind = "decoder"
+        if backbone.get_output_embeddings() is None:
+            raise UnsupportedBackboneError(
+                f"{type(backbone).__name__} has no LM head: wrap a causal LM (e.g. AutoModelForCausalLM)."
+            )
+    elif model_type in ENCODER_TYPES:
+        kind = "encoder"
+        if not type(backbone).__name__.endswith("ForSequenceClassification"):
+            raise UnsupportedBackboneError(
+                f"{type(backbone).__name__} is an encoder without a classification head: wrap an "
+                "AutoModelForSequenceClassification model, as in the 1M-token RMT paper."
+            )
+    else:
+        raise UnsupportedBackboneError(
+            f"architecture {model_type!r} is not supported. Supported decoders: {', '.join(DECODER_TYPES)}; "
+            f"encoders: {', '.join(ENCODER_TYPES)}."
+        )
+    max_positions = config.max_position_embeddings
+    if model_type == "roberta":  # RoBERTa's positions start after padding_idx
+        max_positions -= config.pad_token_id + 1
+    hidden_size = backbone.get_input_embeddings().embedding_dim
+    return BackboneSpec(kind, model_type, hidden_size, max_positions, config.num_hidden_layers)
+
+
+def decoder_layers(backbone: nn.Module) -> nn.ModuleList:
+    """The list of transformer blocks of a supported decoder (for per-layer hooks such as ARMT's)."""
+    base = backbone.base_model
+    for path in ("layers", "h", "decoder.layers"):
+        module = base
+        for name in path.split("."):
+            module = getattr(module, name, None)
+        if isinstance(module, nn.ModuleList):
+            return module
+    raise UnsupportedBackboneError(f"cannot find the decoder layers of {type(backbone).__name__}.")
+
+
+def run_decoder(
+    backbone: nn.Module,
+    embeds: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    position_ids: torch.Tensor,
+    past_key_values=None,
+    use_cache: bool = False,
+):
+    """Final hidden states (after the final norm) of a decoder's base model, plus its KV cache."""
+    out = backbone.base_model(
+        inputs_embeds=embeds,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        past_key_values=past_key_values,
+        use_cache=use_cache,
+    )
+    return out.last_hidden_state, out.past_key_values
+
+
+def run_encoder(backbone: nn.Module, embeds: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor):
+    """Classification logits and last-layer hidden states of a sequence-classification encoder."""
+    out = backbone(
+        inputs_embeds=embeds,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        token_type_ids=torch.zeros_like(position_ids),
+        output_hidden_states=True,
+    )
+    return out.logits, out.hidden_states[-1]

@@ -1,0 +1,117 @@
+"""Configuration of the memory wrapper: what is added around an unchanged backbone."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+BACKPROP_MODES = ("bptt", "checkpoint", "replay")
+SEGMENT_ALIGNMENTS = ("left", "right")
+CONFIG_NAME = "rmt_config.json"
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the field and how to fix it."""
+
+
+@dataclass
+class RMTConfig:
+    """Recurrent Memory Transformer settings.
+
+    Args:
+        num_mem_tokens: memory tokens per segment. 0 turns memory off (the no-memory baseline).
+        segment_size: input tokens per segment, memory tokens not included.
+        bptt_depth: gradients flow through the last ``bptt_depth`` memory transitions; -1 = all of them.
+        backprop: ``"bptt"`` keeps every segment's activations (fastest, memory grows with segments);
+            ``"checkpoint"`` recomputes each segment in backward (activation checkpointing per segment);
+            ``"replay"`` runs all segments without grad, then replays them last to first
+            (memory replay backprop). The last two keep peak memory independent of the number of segments
+            and give the same gradients as ``"bptt"``.
+        segment_alignment: ``"left"`` cuts segments from the first token (the last one may be short);
+            ``"right"`` cuts from the last token (the first one may be short), so the end of the text,
+            where the question usually is, fills a whole segment.
+        cls_token_id, sep_token_id: special tokens of encoder backbones, whose segments are laid out as
+            ``[CLS] memory [SEP] segment [SEP]``. Filled from the tokenizer by ``from_backbone``.
+    """
+
+    num_mem_tokens: int = 16
+    segment_size: int = 512
+    bptt_depth: int = -1
+    backprop: str = "bptt"
+    segment_alignment: str = "left"
+    cls_token_id: int | None = None
+    sep_token_id: int | None = None
+
+    model_type: ClassVar[str] = "rmt"
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        def need_int(name: str, low: int) -> None:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ConfigError(f"{name}={value!r} is invalid: it must be an integer >= {low}.")
+
+        need_int("num_mem_tokens", 0)
+        need_int("segment_size", 1)
+        if self.bptt_depth != -1:
+            need_int("bptt_depth", 0)
+        if self.backprop not in BACKPROP_MODES:
+            raise ConfigError(f"backprop={self.backprop!r} is unknown: choose one of {', '.join(BACKPROP_MODES)}.")
+        if self.segment_alignment not in SEGMENT_ALIGNMENTS:
+            raise ConfigError(
+                f"segment_alignment={self.segment_alignment!r} is unknown: choose one of "
+                f"{', '.join(SEGMENT_ALIGNMENTS)}."
+            )
+        for name in ("cls_token_id", "sep_token_id"):
+            if getattr(self, name) is not None:
+                need_int(name, 0)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"model_type": self.model_type, **dataclasses.asdict(self)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "RMTConfig":
+        data = dict(data)
+        model_type = data.pop("model_type", cls.model_type)
+        target = _config_class(model_type)
+        if not issubclass(target, cls):
+            raise ConfigError(f"a {model_type!r} config cannot be loaded as {cls.__name__}.")
+        known = {f.name for f in dataclasses.fields(target)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown config keys {unknown}; the known ones are {sorted(known)}.")
+        return target(**data)
+
+    def to_json_string(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        path = Path(directory)
+        path.mkdir(parents=True, exist_ok=True)
+        (path / CONFIG_NAME).write_text(self.to_json_string())
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path) -> "RMTConfig":
+        path = Path(directory) / CONFIG_NAME
+        if not path.is_file():
+            raise ConfigError(f"{path} does not exist: pass a directory written by save_pretrained.")
+        return cls.from_dict(json.loads(path.read_text()))
+
+
+def _config_class(model_type: str) -> type[RMTConfig]:
+    registry = {sub.model_type: sub for sub in _all_subclasses(RMTConfig)} | {RMTConfig.model_type: RMTConfig}
+    if model_type not in registry:
+        raise ConfigError(f"model_type={model_type!r} is unknown: expected one of {sorted(registry)}.")
+    return registry[model_type]
+
+
+def _all_subclasses(cls: type) -> list[type]:
+    found = []
+    for sub in cls.__subclasses__():
+        found += [sub, *_all_subclasses(sub)]
+    return found

@@ -1,0 +1,228 @@
+"""Shards on disk and over fsspec: write, read back, HTTP, rank/worker splits, resume, corruption."""
+
+import functools
+import http.server
+import io
+import json
+import logging
+import pickle
+import tarfile
+import threading
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from rmt_scale.data import (CorruptShardError, SegmentBatches, ShardStream, TaskGenerator, build_word_tokenizer,
+                            collate_segments, iter_segments, iter_tar_samples, write_shards)
+
+NUM_SAMPLES = 11
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return build_word_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def samples(tok):
+    gen = TaskGenerator("reason", tok, seed=1)
+    return [gen.sample(i, 200 + 37 * i) for i in range(NUM_SAMPLES)]
+
+
+@pytest.fixture(scope="module")
+def shard_dir(samples, tmp_path_factory):
+    out = tmp_path_factory.mktemp("shards")
+    write_shards(samples, str(out), max_samples=3)  # 4 shards of 3, 3, 3, 2 samples
+    return out
+
+
+def ids(stream_or_samples):
+    return [s.meta["index"] for s in stream_or_samples]
+
+
+def test_written_shards_are_plain_webdataset_tars(shard_dir):
+    index = json.loads((shard_dir / "index.json").read_text())
+    assert [s["samples"] for s in index["shards"]] == [3, 3, 3, 2] and index["total_samples"] == NUM_SAMPLES
+    with tarfile.open(shard_dir / "shard-000000.tar") as tar:
+        assert tar.getnames() == [f"00000000{i}.{f}" for i in range(3) for f in ("answer.npy", "meta.json",
+                                                                                  "tokens.npy")]
+    import webdataset as wds  # webdataset itself reads them
+
+    first = next(iter(wds.WebDataset(str(shard_dir / "shard-000000.tar"), shardshuffle=False)))
+    assert first["__key__"] == "000000000" and set(first) >= {"tokens.npy", "answer.npy", "meta.json"}
+
+
+def test_read_back_equals_what_was_written(shard_dir, samples):
+    read = list(ShardStream(str(shard_dir), shuffle=False))
+    assert len(read) == NUM_SAMPLES
+    for got, want in zip(read, samples):
+        assert np.array_equal(got.tokens, want.tokens) and got.tokens.dtype == np.int32
+        assert np.array_equal(got.answer, want.answer)
+        assert np.array_equal(got.fact_positions, want.fact_positions)
+        assert (got.task, got.question, got.answer_text, got.facts, got.num_tokens) == \
+               (want.task, want.question, want.answer_text, want.facts, want.num_tokens)
+
+
+def test_memory_and_file_urls(samples, shard_dir):
+    write_shards(samples[:4], "memory://shards-test", max_samples=2)
+    assert ids(ShardStream("memory://shards-test", shuffle=False)) == [0, 1, 2, 3]
+    assert ids(ShardStream(f"file://{shard_dir}", shuffle=False)) == list(range(NUM_SAMPLES))
+    # Brace patterns without an index: counts come from reading the shards once.
+    stream = ShardStream(f"{shard_dir}/shard-{{000000..000003}}.tar", shuffle=False)
+    assert stream.counts == [3, 3, 3, 2] and ids(stream) == list(range(NUM_SAMPLES))
+
+
+def test_streams_over_a_local_http_server(shard_dir):
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(shard_dir)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        stream = ShardStream(f"http://127.0.0.1:{server.server_port}/", world_size=2, rank=1, shuffle=False)
+        assert ids(stream) == [5, 6, 7, 8, 9]
+    finally:
+        server.shutdown()
+        thread.join()
+
+
+def rank_samples(shard_dir, rank, world_size, num_workers, epoch=0, seed=0):
+    stream = ShardStream(str(shard_dir), rank=rank, world_size=world_size, seed=seed)
+    stream.set_epoch(epoch)
+    if num_workers == 0:
+        return list(stream)
+    loader = DataLoader(stream, batch_size=None, num_workers=num_workers)
+    return list(loader)
+
+
+def test_two_ranks_two_workers_get_equal_disjoint_shares(shard_dir):
+    per_rank = [rank_samples(shard_dir, r, 2, num_workers=2) for r in range(2)]
+    assert [len(p) for p in per_rank] == [NUM_SAMPLES // 2] * 2
+    seen = ids(per_rank[0]) + ids(per_rank[1])
+    assert len(set(seen)) == 10 and set(seen) <= set(range(NUM_SAMPLES))  # one sample dropped this epoch
+    # Worker count never changes what a rank sees, nor the order.
+    for r in range(2):
+        assert ids(rank_samples(shard_dir, r, 2, num_workers=0)) == ids(per_rank[r])
+        assert [s.meta["position"] for s in per_rank[r]] == list(range(5))
+
+
+def test_uneven_shards_still_give_equal_counts_on_three_ranks(shard_dir):
+    counts = [len(rank_samples(shard_dir, r, 3, num_workers=0)) for r in range(3)]
+    assert counts == [3, 3, 3]
+
+
+def test_shard_order_shuffles_per_epoch_and_is_seeded(shard_dir):
+    epoch0 = ids(rank_samples(shard_dir, 0, 1, 0, epoch=0))
+    assert epoch0 == ids(rank_samples(shard_dir, 0, 1, 0, epoch=0))
+    orders = {tuple(ids(rank_samples(shard_dir, 0, 1, 0, epoch=e))) for e in range(6)}
+    assert len(orders) > 1 and all(sorted(o) == list(range(NUM_SAMPLES)) for o in orders)
+
+
+def test_in_process_iteration_advances_epochs(shard_dir):
+    stream = ShardStream(str(shard_dir))
+    first, second = ids(stream), ids(stream)
+    assert stream.state_dict()["epoch"] == 2 and first == ids(rank_samples(shard_dir, 0, 1, 0, epoch=0))
+    assert second == ids(rank_samples(shard_dir, 0, 1, 0, epoch=1))
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_resume_continues_at_exactly_the_next_sample(shard_dir, num_workers):
+    full = rank_samples(shard_dir, 1, 2, num_workers, epoch=3)
+    stream = ShardStream(str(shard_dir), rank=1, world_size=2)
+    stream.set_epoch(3)
+    consumed = []
+    for sample in (DataLoader(stream, batch_size=None, num_workers=num_workers) if num_workers else stream):
+        consumed.append(sample)
+        if len(consumed) == 2:
+            break
+    state = {**stream.state_dict(), **ShardStream.state_after(consumed[-1])}
+    resumed = ShardStream(str(shard_dir), rank=1, world_size=2)
+    resumed.load_state_dict(state)
+    rest = list(DataLoader(resumed, batch_size=None, num_workers=num_workers)) if num_workers else list(resumed)
+    assert ids(consumed + rest) == ids(full) and len(rest) == 3
+    with pytest.raises(ValueError, match="same shards, seed and world size"):
+        ShardStream(str(shard_dir), rank=0, world_size=3).load_state_dict(state)
+
+
+def corrupt_copy(shard_dir, tmp_path, how):
+    """A copy of the shards whose second shard is damaged; returns (dir, damaged member name)."""
+    import shutil
+
+    out = tmp_path / "damaged"
+    shutil.copytree(shard_dir, out)
+    path = out / "shard-000001.tar"
+    with tarfile.open(path) as tar:
+        member = tar.getmember("000000004.tokens.npy")
+    data = bytearray(path.read_bytes())
+    if how == "truncate":
+        data = data[:member.offset_data + 20]
+    else:  # overwrite the .npy header so it is no longer an array
+        data[member.offset_data:member.offset_data + 10] = b"garbage!!!"
+    path.write_bytes(bytes(data))
+    return out, member.name
+
+
+@pytest.mark.parametrize("how", ["truncate", "garble"])
+def test_corrupt_shard_names_shard_and_member(shard_dir, tmp_path, how):
+    damaged, member = corrupt_copy(shard_dir, tmp_path, how)
+    with pytest.raises(CorruptShardError, match=rf"shard-000001\.tar at member '{member}'") as info:
+        list(ShardStream(str(damaged), shuffle=False))
+    assert isinstance(info.value, ValueError) and "skip_corrupt=True" in str(info.value)
+
+
+@pytest.mark.parametrize("how,lost", [("truncate", [4, 5]), ("garble", [4])])
+def test_skip_corrupt_counts_and_keeps_the_epoch_length(shard_dir, tmp_path, how, lost, caplog):
+    damaged, _ = corrupt_copy(shard_dir, tmp_path, how)
+    stream = ShardStream(str(damaged), shuffle=False, skip_corrupt=True)
+    with caplog.at_level(logging.WARNING):
+        got = list(stream)
+    assert stream.corrupt_count == len(lost) and len(got) == NUM_SAMPLES
+    assert [s.meta["position"] for s in got] == list(range(NUM_SAMPLES))
+    good = [i for i in range(NUM_SAMPLES) if i not in lost]
+    assert sorted(set(ids(got))) == good  # lost slots are filled with the previous good sample
+    assert ids(got)[lost[0]] == lost[0] - 1
+    assert "skipping corrupt sample" in caplog.text
+
+
+def test_never_unpickles(tmp_path):
+    import webdataset as wds
+
+    class Bomb:
+        def __reduce__(self):
+            return (open, (str(tmp_path / "pwned"), "w"))
+
+    buf = io.BytesIO()
+    np.save(buf, np.array([Bomb()], dtype=object), allow_pickle=True)
+    meta = {"task": "detect", "question": "q", "answer_text": "a", "facts": [], "fact_positions": [],
+            "fact_lengths": [], "num_tokens": 3, "meta": {}}
+    with wds.TarWriter(str(tmp_path / "evil.tar"), encoder=False) as writer:
+        writer.write({"__key__": "000", "tokens.npy": buf.getvalue(), "answer.npy": buf.getvalue(),
+                      "meta.json": json.dumps(meta).encode(), "extra.pickle": pickle.dumps(Bomb())})
+    with pytest.raises(CorruptShardError, match="000.answer.npy|000.tokens.npy"):
+        list(ShardStream(str(tmp_path / "evil.tar"), shuffle=False))
+    assert not (tmp_path / "pwned").exists()
+    assert isinstance(next(iter_tar_samples(str(tmp_path / "evil.tar")))["extra.pickle"], bytes)
+
+
+def test_segment_batches_cut_samples_into_segments(shard_dir, samples):
+    batch = collate_segments(samples[:2], segment_size=64, pad_id=0)
+    lengths = [len(s.tokens) + 1 for s in samples[:2]]  # 200 and 237 tokens
+    assert batch["input_ids"].shape == (2, 4, 64) and batch["input_ids"].dtype == torch.int64
+    flat = {k: v.reshape(2, -1) for k, v in batch.items()}
+    assert flat["attention_mask"].sum(1).tolist() == lengths
+    for row, (sample, length) in enumerate(zip(samples[:2], lengths)):
+        assert flat["input_ids"][row, :length - 1].tolist() == sample.tokens.tolist()
+        assert (flat["labels"][row] != -100).nonzero().flatten().tolist() == [length - 1]
+        assert flat["labels"][row, length - 1] == sample.answer[0]
+    segments = list(iter_segments(batch))
+    assert len(segments) == 4 and segments[1]["input_ids"].shape == (2, 64)
+    assert torch.equal(segments[1]["input_ids"], batch["input_ids"][:, 1])
+
+    batches = list(SegmentBatches(ShardStream(str(shard_dir), shuffle=False), batch_size=3, segment_size=128))
+    assert len(batches) == NUM_SAMPLES // 3 and all(b["input_ids"].shape[:1] == (3,) for b in batches)
+    with pytest.raises(ValueError, match="segment_size must be positive"):
+        collate_segments(samples[:1], 0)

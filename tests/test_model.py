@@ -1,0 +1,273 @@
+"""The RMT wrapper on real small backbones of every supported family."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+from conftest import CLS_ID, DECODERS, SEP_ID, VOCAB
+
+from rmt_scale import ConfigError, RecurrentMemoryModel, RMTConfig, UnsupportedBackboneError
+
+
+def rmt(load_backbone, family: str, **config) -> RecurrentMemoryModel:
+    torch.manual_seed(0)
+    config.setdefault("num_mem_tokens", 3)
+    config.setdefault("segment_size", 8)
+    if family == "bert":
+        config.update(cls_token_id=CLS_ID, sep_token_id=SEP_ID)
+    return RecurrentMemoryModel(load_backbone(family), RMTConfig(**config))
+
+
+def ids(batch: int, length: int, seed: int = 1) -> torch.Tensor:
+    return torch.randint(3, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def gradients(model: RecurrentMemoryModel) -> dict[str, torch.Tensor]:
+    return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
+# ---------------------------------------------------------------- config
+def test_config_round_trips_through_json(tmp_path):
+    config = RMTConfig(num_mem_tokens=5, segment_size=100, bptt_depth=3, backprop="replay", segment_alignment="right")
+    config.save_pretrained(tmp_path)
+    assert RMTConfig.from_pretrained(tmp_path) == config
+
+
+@pytest.mark.parametrize("field, value, words", [
+    ("num_mem_tokens", -1, "num_mem_tokens=-1"),
+    ("segment_size", 0, "segment_size=0"),
+    ("bptt_depth", -2, "bptt_depth=-2"),
+    ("backprop", "magic", "bptt, checkpoint, replay"),
+    ("segment_alignment", "middle", "left, right"),
+])
+def test_config_rejects_bad_values_with_a_clear_message(field, value, words):
+    with pytest.raises(ConfigError, match=words):
+        RMTConfig(**{field: value})
+
+
+def test_config_rejects_unknown_keys():
+    with pytest.raises(ConfigError, match="unknown config keys.*num_memory"):
+        RMTConfig.from_dict({"num_memory": 4})
+
+
+# ---------------------------------------------------------------- equivalence with the backbone
+@pytest.mark.parametrize("family", DECODERS)
+def test_without_memory_one_segment_equals_the_backbone(load_backbone, family):
+    model = rmt(load_backbone, family, num_mem_tokens=0, segment_size=16)
+    x = ids(2, 16)
+    ours = model(x, labels=x, return_logits=True)
+    theirs = model.backbone(x, labels=x)
+    torch.testing.assert_close(ours.logits, theirs.logits, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ours.loss, theirs.loss, atol=1e-6, rtol=1e-6)
+    assert ours.memory is None and ours.num_segments == 1
+
+
+def test_encoder_without_memory_equals_the_backbone_on_cls_text_sep(load_backbone):
+    model = rmt(load_backbone, "bert", num_mem_tokens=0, segment_size=16)
+    x = ids(2, 16)
+    framed = torch.cat([torch.full((2, 1), CLS_ID), x, torch.full((2, 1), SEP_ID)], dim=1)
+    torch.testing.assert_close(model(x).logits, model.backbone(framed).logits, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("family", DECODERS)
+def test_loss_is_the_token_weighted_mean_shifted_across_segment_borders(load_backbone, family):
+    model = rmt(load_backbone, family, segment_size=5)
+    x = ids(2, 23)
+    labels = x.clone()
+    labels[0, :7] = -100
+    out = model(x, labels=labels, return_logits=True)
+    assert out.num_segments == 5 and out.logits.shape == (2, 23, VOCAB)
+    # the backbone's own loss formula applied to the concatenated per-segment logits
+    reference = torch.nn.functional.cross_entropy(out.logits[:, :-1].reshape(-1, VOCAB), labels[:, 1:].reshape(-1))
+    torch.testing.assert_close(out.loss, reference, atol=1e-6, rtol=1e-6)
+    # without return_logits the LM head runs on labelled positions only, giving the same loss
+    torch.testing.assert_close(model(x, labels=labels).loss, reference, atol=1e-6, rtol=1e-6)
+
+
+def test_memory_carries_information_between_segments(load_backbone):
+    model = rmt(load_backbone, "opt", segment_size=8)
+    a, b = ids(1, 16, seed=1), ids(1, 16, seed=2)
+    b[:, 8:] = a[:, 8:]  # same second segment, different first one
+    out_a, out_b = model(a, return_logits=True), model(b, return_logits=True)
+    assert (out_a.logits[:, 8:] - out_b.logits[:, 8:]).abs().max() > 1e-4
+    no_memory = rmt(load_backbone, "opt", num_mem_tokens=0, segment_size=8)
+    torch.testing.assert_close(no_memory(a, return_logits=True).logits[:, 8:],
+                               no_memory(b, return_logits=True).logits[:, 8:])
+
+
+# ---------------------------------------------------------------- backprop modes and truncation
+@pytest.mark.parametrize("family", ["opt", "llama", "gpt2", "bert"])
+@pytest.mark.parametrize("bptt_depth", [-1, 2])
+def test_checkpoint_and_replay_give_the_bptt_gradients(load_backbone, family, bptt_depth):
+    x = ids(2, 37)
+    labels = torch.tensor([0, 2]) if family == "bert" else x
+    results = {}
+    for mode in ("bptt", "checkpoint", "replay"):
+        model = rmt(load_backbone, family, backprop=mode, bptt_depth=bptt_depth)
+        out = model(x, labels=labels)
+        out.loss.backward()
+        results[mode] = (out.loss.detach(), out.memory.detach(), gradients(model))
+    loss, memory, grads = results["bptt"]
+    if bptt_depth == -1:  # with truncation, a classification loss at the end cannot reach the initial memory
+        assert grads["memory"].abs().sum() > 0
+    for mode in ("checkpoint", "replay"):
+        other_loss, other_memory, other_grads = results[mode]
+        torch.testing.assert_close(other_loss, loss, atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(other_memory, memory, atol=1e-6, rtol=1e-6)
+        assert other_grads.keys() == grads.keys()
+        for name in grads:
+            torch.testing.assert_close(other_grads[name], grads[name], atol=1e-5, rtol=1e-4, msg=f"{mode} {name}")
+
+
+@pytest.mark.parametrize("mode", ["bptt", "checkpoint", "replay"])
+def test_bptt_depth_limits_how_far_gradients_flow_back(load_backbone, mode):
+    x = ids(1, 24)  # three segments of 8
+    labels = torch.full_like(x, -100)
+    labels[:, 17:] = x[:, 17:]  # loss only inside the last segment
+    memory_grad = {}
+    for depth in (-1, 0, 1, 2):
+        model = rmt(load_backbone, "opt", backprop=mode, bptt_depth=depth)
+        model(x, labels=labels).loss.backward()
+        memory_grad[depth] = model.memory.grad
+    # the learned memory enters at segment 0; the last segment reaches it through 2 transitions
+    assert memory_grad[0] is None or memory_grad[0].abs().max() == 0
+    assert memory_grad[1] is None or memory_grad[1].abs().max() == 0
+    assert memory_grad[2].abs().max() > 0
+    torch.testing.assert_close(memory_grad[2], memory_grad[-1])
+
+
+# ---------------------------------------------------------------- padding
+@pytest.mark.parametrize("family", ["opt", "llama", "gpt_neox", "bert"])
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_a_padded_sample_behaves_as_if_alone(load_backbone, family, side):
+    model = rmt(load_backbone, family, segment_size=6, segment_alignment="left" if side == "right" else "right")
+    long, short = ids(1, 20, seed=3), ids(1, 9, seed=4)
+    pad = torch.zeros(1, 11, dtype=torch.long)
+    padded = torch.cat([short, pad], 1) if side == "right" else torch.cat([pad, short], 1)
+    mask = torch.cat([torch.ones(1, 9), torch.zeros(1, 11)], 1) if side == "right" else \
+        torch.cat([torch.zeros(1, 11), torch.ones(1, 9)], 1)
+    batch = model(torch.cat([long, padded]), attention_mask=torch.cat([torch.ones(1, 20), mask]).long(),
+                  return_logits=family != "bert")
+    alone = model(short, return_logits=family != "bert")
+    torch.testing.assert_close(batch.memory[1:], alone.memory, atol=1e-5, rtol=1e-4)
+    if family == "bert":
+        torch.testing.assert_close(batch.logits[1:], alone.logits, atol=1e-5, rtol=1e-4)
+    else:
+        real = mask[0].bool()
+        torch.testing.assert_close(batch.logits[1, real], alone.logits[0], atol=1e-5, rtol=1e-4)
+
+
+def test_padding_is_excluded_from_the_loss(load_backbone):
+    model = rmt(load_backbone, "gpt2")
+    short = ids(1, 10)
+    padded = torch.cat([short, torch.zeros(1, 6, dtype=torch.long)], 1)
+    mask = torch.cat([torch.ones(1, 10), torch.zeros(1, 6)], 1).long()
+    torch.testing.assert_close(model(padded, attention_mask=mask, labels=padded).loss,
+                               model(short, labels=short).loss, atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------- generation
+@pytest.mark.parametrize("family", ["opt", "gpt2", "llama", "gpt_neox"])
+@pytest.mark.parametrize("context", [5, 21])
+def test_greedy_generation_matches_the_segmented_forward(load_backbone, family, context):
+    """Decoding with the KV cache across segment borders picks the argmax of what forward computes on
+    the whole text, both for a context shorter than a segment and for text running over several borders."""
+    model = rmt(load_backbone, family, segment_size=8)
+    prompt = ids(2, context)
+    generated = model.generate(prompt, max_new_tokens=14)
+    assert generated.shape == (2, context + 14) and torch.equal(generated[:, :context], prompt)
+    logits = model(generated, return_logits=True).logits
+    torch.testing.assert_close(logits[:, context - 1 : -1].argmax(-1), generated[:, context:])
+
+
+def test_generation_stops_at_eos_and_continues_from_given_memory(load_backbone):
+    model = rmt(load_backbone, "opt")
+    prompt = ids(1, 12)
+    first = model.generate(prompt, max_new_tokens=1)[0, -1].item()
+    stopped = model.generate(prompt, max_new_tokens=10, eos_token_id=first)
+    assert stopped.shape[1] == 13
+    memory = model(prompt[:, :8]).memory
+    torch.testing.assert_close(model.generate(prompt[:, 8:], max_new_tokens=6, memory=memory),
+                               torch.cat([prompt[:, 8:], model.generate(prompt, max_new_tokens=6)[:, 12:]], 1))
+
+
+# ---------------------------------------------------------------- streaming
+def test_streaming_in_chunks_equals_one_call(load_backbone):
+    model = rmt(load_backbone, "llama")
+    x = ids(2, 48)
+    whole = model(x)
+    memory = None
+    for chunk in x.split(16, dim=1):
+        memory = model(chunk, memory=memory).memory
+    torch.testing.assert_close(memory, whole.memory, atol=1e-6, rtol=1e-6)
+
+
+# ---------------------------------------------------------------- persistence
+@pytest.mark.parametrize("family", ["opt", "bert"])
+def test_save_and_load_round_trip(load_backbone, family, tmp_path):
+    model = rmt(load_backbone, family, backprop="replay", bptt_depth=4)
+    with torch.no_grad():
+        model.memory.add_(1.0)  # not the init: the saved value must come back
+    model.save_pretrained(tmp_path / "rmt")
+    loaded = RecurrentMemoryModel.from_pretrained(tmp_path / "rmt").eval()
+    assert loaded.config == model.config
+    x = ids(2, 30)
+    torch.testing.assert_close(loaded(x).memory, model(x).memory)
+    assert (tmp_path / "rmt" / "memory.safetensors").is_file()
+
+
+def test_from_backbone_loads_a_local_directory(backbone_dirs):
+    model = RecurrentMemoryModel.from_backbone(backbone_dirs["mistral"], RMTConfig(num_mem_tokens=2, segment_size=10))
+    assert model.spec.kind == "decoder" and model.memory.shape == (2, 32)
+
+
+def test_a_real_pretrained_encoder_takes_its_special_tokens_from_its_tokenizer(minilm_dir):
+    model = RecurrentMemoryModel.from_backbone(minilm_dir, RMTConfig(num_mem_tokens=4, segment_size=100), num_labels=2)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(minilm_dir)
+    assert (model.config.cls_token_id, model.config.sep_token_id) == (tokenizer.cls_token_id, tokenizer.sep_token_id)
+    text = tokenizer(["the cat sat on the mat " * 40], add_special_tokens=False, return_tensors="pt")
+    out = model(text.input_ids, labels=torch.tensor([1]))
+    assert out.num_segments == 3 and out.logits.shape == (1, 2) and torch.isfinite(out.loss)
+    # the learned memory starts at the scale of the pretrained word embeddings
+    embedding_std = model.backbone.get_input_embeddings().weight.std()
+    assert 0.5 < model.memory.std() / embedding_std < 2.0
+
+
+# ---------------------------------------------------------------- bad input
+def test_segment_must_fit_the_backbone_positions(load_backbone):
+    with pytest.raises(ValueError, match="needs 70 positions.*has 64.*at most 58"):
+        rmt(load_backbone, "opt", num_mem_tokens=3, segment_size=64)
+    with pytest.raises(ValueError, match="needs 68 positions.*at most 57"):
+        rmt(load_backbone, "bert", num_mem_tokens=4, segment_size=61)
+
+
+def test_bad_inputs_raise_clear_errors(load_backbone):
+    model = rmt(load_backbone, "opt")
+    with pytest.raises(ValueError, match="empty"):
+        model(torch.zeros(1, 0, dtype=torch.long))
+    with pytest.raises(ValueError, match="add a batch dimension"):
+        model(torch.tensor([5, 6, 7]))
+    with pytest.raises(ValueError, match="labels have shape"):
+        model(ids(2, 10), labels=ids(2, 9))
+    with pytest.raises(ValueError, match="attention_mask has shape"):
+        model(ids(2, 10), attention_mask=torch.ones(2, 11))
+    with pytest.raises(ValueError, match=r"samples \[1\] have no tokens"):
+        model(ids(2, 10), attention_mask=torch.tensor([[1] * 10, [0] * 10]))
+    with pytest.raises(ValueError, match="memory has shape"):
+        model(ids(2, 10), memory=torch.zeros(2, 5, 32))
+    with pytest.raises(ValueError, match="one class per sample"):
+        rmt(load_backbone, "bert")(ids(2, 10), labels=ids(2, 10))
+
+
+def test_unsupported_architectures_are_named(backbone_dirs):
+    t5 = transformers.T5ForConditionalGeneration(transformers.T5Config(vocab_size=32, d_model=16, d_ff=32,
+                                                                       num_layers=1, num_heads=2, d_kv=8))
+    with pytest.raises(UnsupportedBackboneError, match="'t5' is not supported.*opt, gpt2"):
+        RecurrentMemoryModel(t5, RMTConfig())
+    bare = transformers.BertModel.from_pretrained(backbone_dirs["bert"])
+    with pytest.raises(UnsupportedBackboneError, match="AutoModelForSequenceClassification"):
+        RecurrentMemoryModel(bare, RMTConfig(segment_size=8))
+    with pytest.raises(ValueError, match="cls_token_id"):
+        RecurrentMemoryModel(transformers.BertForSequenceClassification.from_pretrained(backbone_dirs["bert"]),
+                             RMTConfig(segment_size=8))

@@ -1,0 +1,106 @@
+#!/usr/bin/env python
+"""Benchmark the data pipeline: sample generation and streaming shards into segment batches.
+
+Prints a table and JSON (also written to --out). Target: streaming >= 50M tokens/s for 1M-token samples.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from rmt_scale.data import (SegmentBatches, ShardStream, TaskGenerator, build_word_tokenizer,  # noqa: E402
+                            default_background, write_shards)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--task", default="reason", help="task to generate")
+    p.add_argument("--tokens", type=int, default=1_000_000, help="tokens per sample")
+    p.add_argument("--samples", type=int, default=16, help="samples written and streamed per pass")
+    p.add_argument("--shard-samples", type=int, default=4, help="samples per shard")
+    p.add_argument("--segment-size", type=int, default=512, help="tokens per segment")
+    p.add_argument("--batch-size", type=int, default=1, help="samples per segment batch")
+    p.add_argument("--passes", type=int, default=3, help="streaming passes over the shards (best is reported)")
+    p.add_argument("--dir", help="where to write shards (default: a temporary directory)")
+    p.add_argument("--out", help="also write the JSON result to this file")
+    return p.parse_args(argv)
+
+
+def best_rate(run, passes: int) -> float:
+    """Tokens per second of the fastest pass (the others include cold caches and noise)."""
+    rates = []
+    for _ in range(passes):
+        start = time.perf_counter()
+        tokens = run()
+        rates.append(tokens / (time.perf_counter() - start))
+    return max(rates)
+
+
+def bench(args, shard_dir: str) -> dict:
+    tokenizer = build_word_tokenizer()
+    start = time.perf_counter()
+    default_background(tokenizer)
+    background_s = time.perf_counter() - start
+
+    generator = TaskGenerator(args.task, tokenizer)
+    start = time.perf_counter()
+    samples = [generator.sample(i, args.tokens) for i in range(args.samples)]
+    generate_s = (time.perf_counter() - start) / args.samples
+    start = time.perf_counter()
+    write_shards(samples, shard_dir, max_samples=args.shard_samples)
+    write_s = (time.perf_counter() - start) / args.samples
+    del samples
+
+    def read_only():
+        return sum(len(s.tokens) + len(s.answer) for s in ShardStream(shard_dir))
+
+    def into_segments():
+        batches = SegmentBatches(ShardStream(shard_dir), args.batch_size, args.segment_size)
+        # Every sample has exactly args.tokens real tokens; count them without touching the tensors.
+        return sum(args.batch_size * args.tokens for _ in batches)
+
+    return {
+        "task": args.task, "tokens_per_sample": args.tokens, "samples": args.samples,
+        "segment_size": args.segment_size, "batch_size": args.batch_size,
+        "background_tokenize_s": background_s,
+        "generate_sample_s": generate_s, "write_sample_s": write_s,
+        "read_tokens_per_s": best_rate(read_only, args.passes),
+        "segment_batch_tokens_per_s": best_rate(into_segments, args.passes),
+    }
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    if args.dir:
+        result = bench(args, args.dir)
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            result = bench(args, tmp)
+    rows = [
+        ("built-in background, tokenize once", f"{result['background_tokenize_s']:.3f} s"),
+        (f"generate one {args.tokens:,}-token sample", f"{result['generate_sample_s'] * 1e3:.1f} ms"),
+        ("encode + write one sample to a shard", f"{result['write_sample_s'] * 1e3:.1f} ms"),
+        ("stream shards -> samples", f"{result['read_tokens_per_s'] / 1e6:.1f} M tokens/s"),
+        (f"stream shards -> [{args.batch_size}, n, {args.segment_size}] segment batches",
+         f"{result['segment_batch_tokens_per_s'] / 1e6:.1f} M tokens/s"),
+    ]
+    width = max(len(r[0]) for r in rows)
+    print(f"| {'measure'.ljust(width)} | value |\n|{'-' * (width + 2)}|-------|")
+    for name, value in rows:
+        print(f"| {name.ljust(width)} | {value} |")
+    print(json.dumps(result))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+    return result
+
+
+if __name__ == "__main__":
+    main()
