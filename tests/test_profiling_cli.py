@@ -9,8 +9,6 @@ from pathlib import Path
 
 import pytest
 
-import rmt_scale
-
 REPO = Path(__file__).resolve().parents[1]
 TOOL = REPO / "tools" / "profile_flops.py"
 
@@ -41,7 +39,6 @@ def test_bad_arguments_fail_clearly(args, message, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not hasattr(rmt_scale, "RecurrentMemoryModel"), reason="needs the RMT model from main")
 def test_quick_run_writes_reports_and_passes_the_gate(tmp_path):
     result = run_tool("--quick", "--out", str(tmp_path), "--tensorboard", timeout=120)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

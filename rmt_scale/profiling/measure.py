@@ -25,15 +25,17 @@ import torch
 import transformers
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
+from rmt_scale import RecurrentMemoryModel, RMTConfig
+from rmt_scale.model.presets import tiny_opt_config
 from rmt_scale.profiling.opt_configs import OPT_NAMES, opt_config
 
-# A small OPT-class backbone that runs long inputs on a laptop CPU in seconds.
-TINY_OPT = dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, ffn_dim=1024,
-                word_embed_proj_dim=256, vocab_size=8192)
-# Smaller still, for `--quick` and the tests.
-MICRO_OPT = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, ffn_dim=256,
-                 word_embed_proj_dim=64, vocab_size=512)
-PRESETS = {"tiny-opt": TINY_OPT, "micro-opt": MICRO_OPT}
+# Overrides of the library's tiny OPT (d=256, 4 layers, vocab 8192): "tiny-opt" is that model,
+# "micro-opt" one small enough for `--quick` and the tests.
+PRESETS = {
+    "tiny-opt": {},
+    "micro-opt": dict(hidden_size=64, word_embed_proj_dim=64, num_hidden_layers=2, num_attention_heads=2,
+                      ffn_dim=256, vocab_size=512),
+}
 
 FULL_ATTENTION = "full"
 FULL_ATTENTION_LABEL = "full attention"
@@ -44,7 +46,7 @@ RMT_MODES = ("bptt", "checkpoint", "replay")
 class Variant:
     """What to measure: the plain backbone ("full") or an RMT wrapper in one backprop mode."""
 
-    name: str  # "full", "rmt" (or "armt")
+    name: str  # "full" or "rmt"
     mode: str  # "full" for the plain backbone, else one of RMT_MODES
     segment_size: int = 512
     num_mem_tokens: int = 16
@@ -78,7 +80,7 @@ def backbone_config(backbone: str, max_positions: int) -> transformers.Pretraine
     """Config for a preset name, a published OPT size, or a local Hugging Face model directory;
     positions are widened to `max_positions` so the full-attention baseline can see the whole input."""
     if backbone in PRESETS:
-        config = opt_config("opt-125m", **PRESETS[backbone])
+        config = tiny_opt_config(**PRESETS[backbone])
     elif backbone.lower().removeprefix("facebook/") in OPT_NAMES:
         config = opt_config(backbone)
     elif os.path.isdir(backbone):
@@ -97,8 +99,6 @@ def _build_model(variant: Variant, config) -> torch.nn.Module:
     backbone = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
     if variant.name == FULL_ATTENTION:
         return backbone
-    from rmt_scale import RecurrentMemoryModel, RMTConfig
-
     rmt_config = RMTConfig(num_mem_tokens=variant.num_mem_tokens, segment_size=variant.segment_size,
                            bptt_depth=-1, backprop=variant.mode)
     return RecurrentMemoryModel(backbone, rmt_config)
@@ -160,7 +160,7 @@ def _measure_in_this_process(variant: Variant, backbone: str, length: int, max_p
     torch.manual_seed(0)
     config = backbone_config(backbone, max_positions)
     model = _build_model(variant, config)
-    model.train()  # dropout on, as in training; OPT's default dropout is 0.1
+    model.train()
     input_ids = torch.randint(config.vocab_size, (1, length))
 
     rss_before = psutil.Process().memory_info().rss
