@@ -213,10 +213,11 @@ def plots(report: dict, out: Path) -> list[Path]:
     paths = []
     for filename, (title, ylabel, costs) in panels.items():
         figure, axes = _loglog_axes(title, ylabel)
-        for variant, ms in runs.items():
+        for index, (variant, ms) in enumerate(runs.items()):
+            # one colour per variant: training solid, forward dashed
             for cost, style in zip(costs, ("-o", "--x")):
                 axes.plot([m.length for m in ms], [max(getattr(m, cost), 1e-9) for m in ms], style,
-                          label=f"{variant}, {COSTS[cost].split(' ')[0]}")
+                          color=f"C{index}", label=f"{variant}, {COSTS[cost].split(' ')[0]}")
         _save(figure, out / filename)
         paths.append(out / filename)
 
