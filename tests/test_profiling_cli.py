@@ -40,7 +40,8 @@ def test_bad_arguments_fail_clearly(args, message, tmp_path):
 
 @pytest.mark.slow
 def test_quick_run_writes_reports_and_passes_the_gate(tmp_path):
-    result = run_tool("--quick", "--out", str(tmp_path), "--tensorboard", timeout=120)
+    # --quick takes 25-35 s on an idle 2-core box and 75 s when other jobs share it; the timeout leaves room.
+    result = run_tool("--quick", "--out", str(tmp_path), "--tensorboard", timeout=240)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
     last_two = result.stdout.strip().splitlines()[-2:]
