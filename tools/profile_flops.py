@@ -50,7 +50,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help=f"input lengths in tokens; default: {FULL['lengths']}, with --quick {QUICK['lengths']}")
     parser.add_argument("--segment-size", type=int,
                         help=f"RMT input tokens per segment; default {FULL['segment_size']}, with --quick "
-                             f"{QUICK['segment_size']}. Also used by the analytic sweep")
+                             f"{QUICK['segment_size']} (the analytic tables always use 512 and 16 memory tokens)")
     parser.add_argument("--mem-tokens", type=int,
                         help=f"RMT memory tokens (each segment carries them twice: read and write); default "
                              f"{FULL['mem_tokens']}, with --quick {QUICK['mem_tokens']}")
