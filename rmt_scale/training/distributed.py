@@ -2,7 +2,9 @@
 
 - ``deepspeed --num_gpus N``, ``torchrun`` or ``srun`` with RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT set: used as is.
 - plain ``python launchers/train.py``: a 1-rank group on a free local port, so the same code path runs.
-- no CUDA: ``DS_ACCELERATOR=cpu`` (set before DeepSpeed is imported) and the gloo backend.
+- no CUDA: ``DS_ACCELERATOR=cpu`` (set before DeepSpeed is imported) and the gloo backend. Unless
+  OMP_NUM_THREADS says otherwise, each rank takes its share of the cores minus one: on small machines torch's
+  elementwise ops slow down ~100x when their threads compete with another busy process (FIELD_NOTES).
 """
 
 from __future__ import annotations
@@ -46,6 +48,10 @@ def init_distributed() -> DistInfo:
     deepspeed.init_distributed(dist_backend="nccl" if has_cuda else "gloo")
     rank, world_size = torch.distributed.get_rank(), torch.distributed.get_world_size()
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if not has_cuda and "OMP_NUM_THREADS" not in os.environ:
+        # torchrun says LOCAL_WORLD_SIZE, the deepspeed launcher LOCAL_SIZE; else assume one node
+        local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", world_size)))
+        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // local_ranks - 1))
     device = torch.device("cuda", local_rank) if has_cuda else torch.device("cpu")
     if has_cuda:
         torch.cuda.set_device(device)
