@@ -113,9 +113,6 @@ class TrainConfig:
         if stages != sorted(set(stages)):
             raise ValueError(f"--curriculum={self.curriculum!r} must be increasing, e.g. 1,2,4,8.")
         self.eval_lengths  # parses, raising on a bad list
-        if self.resume not in ("", "auto") and not Path(self.resume).exists() and "/" in self.resume:
-            raise ValueError(f"--resume={self.resume!r} does not exist: pass 'auto', a tag under "
-                             f"{self.out_dir}/checkpoints, or a checkpoint directory.")
 
     def baseline_twin(self) -> "TrainConfig":
         """The no-memory baseline trained with the same data, curriculum and budget, in ``OUT/baseline``
