@@ -203,3 +203,10 @@ def test_resume_names_a_complete_checkpoint(tmp_path):
     assert checkpoint.find(tmp_path, "auto") == done
     assert checkpoint.find(tmp_path, "step000002") == done
     assert checkpoint.find(tmp_path, str(done)) == done
+
+
+def test_resume_refuses_other_settings():
+    saved = json.loads(TrainConfig().to_json())
+    TrainConfig(max_steps=999, eval_segments="1,32").check_resumable(saved)  # budget and evaluation may change
+    with pytest.raises(ValueError, match=r"--num_mem_tokens 8 -> 4; --segment_size 32 -> 64"):
+        TrainConfig(num_mem_tokens=4, segment_size=64).check_resumable(saved)

@@ -100,16 +100,19 @@ def find(out_dir: Path, resume: str) -> Path | None:
     return candidate
 
 
-def load(engine, checkpoint: Path) -> dict:
-    """Loads the engine state and this rank's trainer state (restoring the RNGs); returns the trainer state."""
+def read_state(checkpoint: Path) -> dict:
+    """This rank's trainer state, read before anything is built (to check the run matches)."""
     rank = dist.get_rank() if dist.is_initialized() else 0
-    path, _ = engine.load_checkpoint(str(checkpoint.parent), tag=checkpoint.name)
-    if path is None:
-        raise ValueError(f"DeepSpeed could not load {checkpoint}: it holds no engine state for this config.")
     state_file = checkpoint / f"trainer_state_rank{rank}.pt"
     if not state_file.is_file():
         raise ValueError(f"{state_file} is missing: the checkpoint was written by fewer ranks; resume with the "
                          "same number of ranks.")
-    state = torch.load(state_file, weights_only=False)
+    return torch.load(state_file, weights_only=False)
+
+
+def load(engine, checkpoint: Path, state: dict) -> None:
+    """Loads the engine state, then restores this rank's RNGs from its trainer ``state``."""
+    path, _ = engine.load_checkpoint(str(checkpoint.parent), tag=checkpoint.name)
+    if path is None:
+        raise ValueError(f"DeepSpeed could not load {checkpoint}: it holds no engine state for this config.")
     set_rng_state(state["rng"])
-    return state

@@ -114,6 +114,15 @@ class TrainConfig:
             raise ValueError(f"--curriculum={self.curriculum!r} must be increasing, e.g. 1,2,4,8.")
         self.eval_lengths  # parses, raising on a bad list
 
+    def check_resumable(self, saved: dict) -> None:
+        """Refuses to resume a checkpoint written with a different model, data, batch or DeepSpeed config
+        (budget, evaluation and output flags may change)."""
+        changed = [f"--{name} {saved.get(name)!r} -> {getattr(self, name)!r}" for name in RESUME_MUST_MATCH
+                   if saved.get(name) != getattr(self, name)]
+        if changed:
+            raise ValueError(f"cannot resume: the checkpoint was written with other settings ({'; '.join(changed)}); "
+                             "use the checkpoint's flags (OUT/train_config.json) or a new --out_dir.")
+
     def baseline_twin(self) -> "TrainConfig":
         """The no-memory baseline trained with the same data, curriculum and budget, in ``OUT/baseline``
         (a resumed run resumes its baseline from that directory's latest checkpoint, if it has one)."""
@@ -122,6 +131,11 @@ class TrainConfig:
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True) + "\n"
+
+
+# flags a resumed run must share with its checkpoint: they shape the weights, the data order or the engine state
+RESUME_MUST_MATCH = ("backbone", "tokenizer", "num_mem_tokens", "segment_size", "task", "shards", "data_seed",
+                     "curriculum", "micro_batch_size", "grad_accum", "seed", "ds_config")
 
 
 def _int_list(flag: str, text: str) -> list[int]:

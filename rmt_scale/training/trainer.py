@@ -9,6 +9,7 @@ model's forward (ZeRO-3 traces parameter prefetch per call; one call per segment
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import resource
 import shutil
@@ -93,6 +94,10 @@ class Trainer:
         # everything that can be wrong with the flags is found before the model is built
         self.ds_config = build_ds_config(load_ds_config(config.ds_config), config, dist_info.world_size)
         self.resume_from = self._find_resume()
+        self.resume_state = None
+        if self.resume_from is not None:
+            self.resume_state = checkpoint.read_state(self.resume_from)
+            config.check_resumable(json.loads(self.resume_state["config"]))
         self.backprop, self.offload_activations = activation_settings(config, self.ds_config)
         self.tokenizer = load_text_tokenizer(config.tokenizer_name)
 
@@ -150,7 +155,8 @@ class Trainer:
         config = self.config
         self._write_run_files()
         if self.resume_from is not None:
-            state = checkpoint.load(self.engine, self.resume_from)
+            state = self.resume_state
+            checkpoint.load(self.engine, self.resume_from, state)
             self.step = state["step"]
             self.curriculum.load_state_dict(state["curriculum"])
             self.batches.load_state_dict(state["data"])
