@@ -12,14 +12,15 @@ from .distributed import init_distributed
 from .trainer import Trainer
 
 
-def format_table(results: dict[str, dict[int, float]], segment_size: int, trained_segments: int) -> str:
+def format_table(results: dict[str, dict[int, float]], segment_size: int, trained_segments: int | None) -> str:
+    """Markdown table of accuracy by length, one column per model; lengths past training are marked."""
     names = list(results)
     lengths = sorted({k for accuracy in results.values() for k in accuracy})
     header = f"| segments | tokens | {' | '.join(names)} |"
     lines = [header, "|" + "---|" * (2 + len(names))]
     for k in lengths:
         cells = " | ".join(f"{results[name].get(k, float('nan')):.3f}" for name in names)
-        note = " (extrapolation)" if k > trained_segments else ""
+        note = " (extrapolation)" if trained_segments is not None and k > trained_segments else ""
         lines.append(f"| {k}{note} | {k * segment_size} | {cells} |")
     return "\n".join(lines)
 
@@ -36,15 +37,17 @@ def run(config: TrainConfig) -> dict:
         results[trainer.label] = trainer.fit()
         del trainer  # free the engine (and its ZeRO-3 partitions) before the next one is built
         gc.collect()
+    trained = None if config.shards else max(config.curriculum_stages)
     if dist_info.rank == 0:
         summary = {
             "accuracy": {name: {str(k): v for k, v in accuracy.items()} for name, accuracy in results.items()},
-            "segment_size": config.segment_size, "train_segments": max(config.curriculum_stages),
+            "segment_size": config.segment_size, "train_segments": trained,
             "max_steps": config.max_steps, "world_size": dist_info.world_size,
             "wall_time_s": time.perf_counter() - started,
         }
         Path(config.out_dir, "results.json").write_text(json.dumps(summary, indent=2) + "\n")
-        print("\nexact-answer accuracy by input length "
-              f"(trained on up to {max(config.curriculum_stages)} segments of {config.segment_size} tokens):")
-        print(format_table(results, config.segment_size, max(config.curriculum_stages)), flush=True)
+        trained_on = f"shards {config.shards}" if config.shards else f"up to {trained} segments"
+        print(f"\nexact-answer accuracy by input length (trained on {trained_on}, "
+              f"{config.segment_size}-token segments):")
+        print(format_table(results, config.segment_size, trained), flush=True)
     return results
