@@ -26,8 +26,15 @@ tensor_parallel sequence_parallel_size zero_quantized_weights zero_quantized_gra
 """.split())
 
 
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
 def load_ds_config(path: str) -> dict:
+    """Reads a JSON config; a relative path not found from the working directory is looked up from the
+    repository root, so ``ds_configs/zero3.json`` works from anywhere."""
     file = Path(path)
+    if not file.is_file() and not file.is_absolute() and (REPO_ROOT / file).is_file():
+        file = REPO_ROOT / file
     if not file.is_file():
         raise ValueError(f"--ds_config={path!r} does not exist: pass a JSON file such as ds_configs/zero3.json.")
     try:
