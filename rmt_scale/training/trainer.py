@@ -127,6 +127,7 @@ class Trainer:
                                     world_size=dist_info.world_size, segment_size=config.segment_size,
                                     pad_id=self.tokenizer.pad_id)
         self.step = 0
+        self.saved_step = -1
         self.accuracy: dict[int, float] = {}
         self.stop_signal = None
 
@@ -157,7 +158,7 @@ class Trainer:
         if self.resume_from is not None:
             state = self.resume_state
             checkpoint.load(self.engine, self.resume_from, state)
-            self.step = state["step"]
+            self.step = self.saved_step = state["step"]
             self.curriculum.load_state_dict(state["curriculum"])
             self.batches.load_state_dict(state["data"])
             self.accuracy = state["accuracy"]
@@ -176,8 +177,8 @@ class Trainer:
                     self._save()
                 if self._stop_requested():
                     self._save()
-                    logger.write(f"[{self.label}] stopped by signal {self.stop_signal} at step {self.step}; "
-                                 f"checkpoint written, exit code {EXIT_PREEMPTED}")
+                    logger.write(f"[{self.label}] stopped by a signal at step {self.step}; checkpoint written, "
+                                 f"exit code {EXIT_PREEMPTED}")
                     raise Preempted
             if not self.accuracy:
                 self._evaluate(logger)
@@ -259,6 +260,9 @@ class Trainer:
         return bool(flag.item())
 
     def _save(self) -> None:
+        if self.saved_step == self.step:
+            return
+        self.saved_step = self.step
         state = {"step": self.step, "curriculum": self.curriculum.state_dict(), "data": self.batches.state_dict(),
                  "accuracy": self.accuracy, "config": self.config.to_json()}
         checkpoint.save(self.engine, self.out_dir / "checkpoints", self.step, state, self.config.keep_checkpoints)
