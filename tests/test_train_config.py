@@ -210,3 +210,14 @@ def test_resume_refuses_other_settings():
     TrainConfig(max_steps=999, eval_segments="1,32").check_resumable(saved)  # budget and evaluation may change
     with pytest.raises(ValueError, match=r"--num_mem_tokens 8 -> 4; --segment_size 32 -> 64"):
         TrainConfig(num_mem_tokens=4, segment_size=64).check_resumable(saved)
+
+
+def test_tokenizer_larger_than_the_backbone_is_refused(tmp_path):
+    import transformers
+
+    small = transformers.OPTConfig(vocab_size=50, hidden_size=16, word_embed_proj_dim=16, num_hidden_layers=1,
+                                   num_attention_heads=2, ffn_dim=32, max_position_embeddings=64)
+    transformers.OPTForCausalLM(small).save_pretrained(tmp_path / "opt")
+    config = TrainConfig(backbone=str(tmp_path / "opt"), tokenizer="builtin", segment_size=16)
+    with pytest.raises(ValueError, match="the tokenizer has 232 tokens but the backbone embeds only 50"):
+        build_model(config, build_word_tokenizer(), "bptt")

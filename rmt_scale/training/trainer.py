@@ -80,6 +80,10 @@ def build_model(config: TrainConfig, tokenizer: TextTokenizer, backprop: str) ->
         backbone = AutoModelForCausalLM.from_pretrained(config.backbone)
     # the memory's initial value must not depend on how the backbone was built (partitioned or not)
     torch.manual_seed(config.seed + 1)
+    rows = backbone.get_input_embeddings().num_embeddings
+    if tokenizer.vocab_size > rows:
+        raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but the backbone embeds only {rows}: "
+                         "pass the backbone's own tokenizer with --tokenizer (or resize the backbone's embeddings).")
     rmt = RMTConfig(num_mem_tokens=config.num_mem_tokens, segment_size=config.segment_size,
                     bptt_depth=config.bptt_depth, backprop=backprop)
     return RecurrentMemoryModel(backbone, rmt)
