@@ -3,8 +3,10 @@
 glibc's malloc fragments badly under per-segment recomputation: each checkpointed segment leaves small
 long-lived autograd records between large freed activation buffers, and the process RSS keeps growing
 with the number of segments even though live memory does not. jemalloc (Debian: ``libjemalloc2``) keeps
-it flat at the same speed, as PyTorch's CPU performance guide recommends. The allocator can only be
-chosen when a process starts (``LD_PRELOAD``), so this module prepares the environment of a child.
+it flat at the same speed, as PyTorch's CPU performance guide recommends. Without jemalloc, a fixed
+128 KiB mmap threshold makes glibc hand large buffers back to the OS on free (slower: each activation
+buffer is then mapped afresh). Both can only be chosen when a process starts, so this module prepares the
+environment of a child.
 """
 
 from __future__ import annotations
@@ -39,6 +41,9 @@ def allocator_env(choice: str = "auto", base: dict[str, str] | None = None) -> t
         raise ValueError("jemalloc was asked for but is not installed: apt-get install libjemalloc2, "
                          "or pass --allocator glibc.")
     if library is None:
+        if choice == "auto":
+            env.setdefault("MALLOC_MMAP_THRESHOLD_", str(128 * 1024))
+            return env, "glibc (mmap threshold 128 KiB)"
         return env, "glibc"
     env["LD_PRELOAD"] = ":".join(filter(None, [library, env.get("LD_PRELOAD")]))
     return env, "jemalloc"

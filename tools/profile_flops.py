@@ -109,6 +109,7 @@ def main(argv=None) -> int:
 
     settings = dict(backbone=args.backbone, lengths=args.lengths, segment_size=args.segment_size,
                     num_mem_tokens=args.mem_tokens, modes=args.modes, threads=measurer.threads,
+                    allocator=measurer.allocator,
                     repeats=args.repeats, memory_budget_mb=args.memory_budget_mb,
                     flop_slope_limit=args.flop_slope_limit, memory_slope_limit=args.memory_slope_limit,
                     quick=args.quick)

@@ -29,6 +29,7 @@ import transformers
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 from rmt_scale import RecurrentMemoryModel, RMTConfig
+from rmt_scale.allocator import allocator_env
 from rmt_scale.model.presets import tiny_opt_config
 from rmt_scale.profiling.opt_configs import OPT_NAMES, opt_config
 
@@ -195,9 +196,10 @@ class Measurer:
         self.repeats = repeats
         self.max_positions = max_positions
         self.threads = threads or torch.get_num_threads()
-        # Read by glibc when a process starts: the fork server, started on first use, and its children
-        # inherit it. This process's own allocator is already set up and unaffected.
-        os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", str(128 * 1024))
+        # The allocator is chosen when a process starts: the fork server, started on first use, and its
+        # children inherit this environment, so ru_maxrss tracks live tensors rather than heap fragmentation.
+        environment, self.allocator = allocator_env("auto")
+        os.environ.update(environment)
         context = multiprocessing.get_context("forkserver")
         # "__main__" too, so that no child re-imports the calling script (and matplotlib with it).
         context.set_forkserver_preload(["__main__", "torch", "transformers", "rmt_scale.profiling.measure"])
