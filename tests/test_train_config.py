@@ -30,7 +30,7 @@ def test_help_documents_every_flag():
     assert text.count("%(") == 0  # every help string rendered
 
 
-@pytest.mark.parametrize("name", ["ddp", "zero2", "zero3"])
+@pytest.mark.parametrize("name", ["ddp", "zero2", "zero3", "zero3_bf16"])
 def test_shipped_configs_fill_auto(name):
     config = TrainConfig(micro_batch_size=3, grad_accum=2, lr=5e-4, max_steps=40, warmup_steps=7)
     ds = build_ds_config(load_ds_config(str(CONFIGS / f"{name}.json")), config, world_size=4)
