@@ -1,0 +1,39 @@
+#!/usr/bin/env python
+"""Train a Recurrent Memory Transformer with DeepSpeed. Run with --help for every flag.
+
+    python launchers/train.py                                   # 1 process, embedded default
+    deepspeed --num_gpus 2 launchers/train.py --ds_config ds_configs/zero3.json ...
+    srun python launchers/train.py ...   # with RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT exported
+
+Exit codes: 0 done; 2 bad configuration (nothing was started); 75 stopped by SIGUSR1/SIGTERM after writing a
+checkpoint (rerun with --resume auto).
+"""
+
+import os
+import sys
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from rmt_scale.training.distributed import select_accelerator  # noqa: E402
+
+select_accelerator()  # DS_ACCELERATOR=cpu without CUDA, before anything imports deepspeed
+
+from rmt_scale.training import EXIT_PREEMPTED, Preempted, parse_args, run  # noqa: E402
+
+
+def main() -> int:
+    try:
+        config = parse_args()
+        run(config)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except Preempted:
+        return EXIT_PREEMPTED
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

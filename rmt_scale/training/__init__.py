@@ -1,0 +1,15 @@
+"""Training with DeepSpeed: config, curriculum, data, loop, evaluation by length, checkpoints, export.
+
+Parallelism stays here; the model code knows nothing of DeepSpeed beyond gathering a ZeRO-3 partitioned
+embedding. ``launchers/train.py`` is the command line; :func:`run` is the same thing from Python.
+"""
+
+from .config import TrainConfig, build_parser, parse_args
+from .curriculum import Curriculum
+from .ds_config import build_ds_config, load_ds_config
+from .evaluation import evaluate_by_length, streaming_correct
+from .run import format_table, run
+from .trainer import EXIT_PREEMPTED, Preempted, Trainer
+
+__all__ = ["Curriculum", "EXIT_PREEMPTED", "Preempted", "TrainConfig", "Trainer", "build_ds_config", "build_parser",
+           "evaluate_by_length", "format_table", "load_ds_config", "parse_args", "run", "streaming_correct"]

@@ -1,0 +1,164 @@
+"""The training configuration: one typed dataclass, its command line, and the checks that run before any work.
+
+Every field is a flag of ``launchers/train.py`` with the same name; ``--help`` prints the field docs below.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..data import TASKS
+from ..model.config import BACKPROP_MODES
+
+BUILTIN_BACKBONE = "tiny"
+# The embedded default backbone: a small OPT sized so that the quick start trains in minutes on one CPU core.
+TINY_BACKBONE = dict(hidden_size=128, word_embed_proj_dim=128, num_hidden_layers=2, num_attention_heads=4,
+                     ffn_dim=512, max_positions=128)
+
+
+@dataclass
+class TrainConfig:
+    # ---- model
+    backbone: str = field(default=BUILTIN_BACKBONE, metadata={"help": (
+        f"Hugging Face id or local directory of a causal LM, or '{BUILTIN_BACKBONE}' for the built-in tiny OPT "
+        "(d=128, 2 layers, randomly initialised).")})
+    tokenizer: str = field(default="", metadata={"help": (
+        "'builtin' (word-level, a few hundred words) or a tokenizer directory/id; default: 'builtin' for the "
+        "tiny backbone, else the backbone's own tokenizer.")})
+    num_mem_tokens: int = field(default=8, metadata={"help": "memory tokens per segment (0 = no memory)."})
+    segment_size: int = field(default=32, metadata={"help": "input tokens per segment, memory not included."})
+    backprop: str = field(default="bptt", metadata={"help": (
+        f"gradient through segments: {', '.join(BACKPROP_MODES)}. An 'activation_checkpointing' block in the "
+        "DeepSpeed config switches 'bptt' to 'checkpoint'; 'replay' is refused with ZeRO-2/3.")})
+    bptt_depth: int = field(default=-1, metadata={"help": "truncate BPTT to the last k memory transitions (-1: all)."})
+    # ---- data
+    task: str = field(default="memorize", metadata={"help": f"generated task: {', '.join(TASKS)}."})
+    shards: str = field(default="", metadata={"help": (
+        "shard URLs (brace patterns, index.json or a directory with one) to train on instead of generated "
+        "samples; their lengths replace the curriculum. Evaluation still uses --task.")})
+    data_seed: int = field(default=0, metadata={"help": "seed of the training samples (evaluation uses another)."})
+    # ---- curriculum
+    curriculum: str = field(default="1,2,4", metadata={"help": (
+        "comma-separated segment counts of the stages; a step in stage n draws its length from 1..n segments.")})
+    promote_accuracy: float = field(default=0.9, metadata={"help": (
+        "go to the next stage once eval accuracy at the stage's length reaches this (1.1: only by budget).")})
+    stage_steps: int = field(default=0, metadata={"help": (
+        "step budget of every stage but the last (0: max_steps split evenly over the stages).")})
+    # ---- evaluation
+    eval_segments: str = field(default="1,2,4,8,16", metadata={"help": (
+        "comma-separated segment counts to report accuracy at; lengths past the curriculum test extrapolation.")})
+    eval_samples: int = field(default=64, metadata={"help": "evaluation samples per length (split over ranks)."})
+    eval_every: int = field(default=25, metadata={"help": "evaluate every N steps (and at the end)."})
+    eval_batch_size: int = field(default=16, metadata={"help": "samples per evaluation forward on each rank."})
+    baseline: bool = field(default=True, metadata={"help": (
+        "also train a no-memory twin (num_mem_tokens=0, same budget) into OUT/baseline and report it next to "
+        "the RMT; --no_baseline skips it.")})
+    # ---- optimisation
+    micro_batch_size: int = field(default=16, metadata={"help": "samples per rank per forward."})
+    grad_accum: int = field(default=1, metadata={"help": "gradient accumulation steps."})
+    lr: float = field(default=1e-3, metadata={"help": "peak learning rate (fills 'auto' in the DeepSpeed config)."})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
+    warmup_steps: int = field(default=10, metadata={"help": "linear warmup steps, then linear decay."})
+    grad_clip: float = field(default=1.0, metadata={"help": "gradient norm clipping (0: off)."})
+    max_steps: int = field(default=200, metadata={"help": "optimizer steps to train."})
+    seed: int = field(default=0, metadata={"help": "seed of the weights and of the curriculum draws."})
+    ds_config: str = field(default="ds_configs/ddp.json", metadata={"help": (
+        "DeepSpeed JSON config; 'auto' values are filled from the flags (ds_configs/: ddp, zero2, zero3).")})
+    # ---- output
+    out_dir: str = field(default="runs/quickstart", metadata={"help": "where checkpoints, logs and results go."})
+    save_every: int = field(default=100, metadata={"help": "checkpoint every N steps (0: only at the end)."})
+    keep_checkpoints: int = field(default=2, metadata={"help": "checkpoints kept on disk (older ones deleted)."})
+    resume: str = field(default="", metadata={"help": (
+        "'' (start fresh; refuses a non-empty checkpoint dir), 'auto' (latest checkpoint in OUT if any) or a "
+        "checkpoint tag/directory.")})
+    export: bool = field(default=True, metadata={"help": (
+        "write OUT/export, a save_pretrained directory for RecurrentMemoryModel.from_pretrained.")})
+    log_every: int = field(default=1, metadata={"help": "write training scalars every N steps."})
+
+    # ------------------------------------------------------------------ parsed views
+    @property
+    def curriculum_stages(self) -> list[int]:
+        return _int_list("curriculum", self.curriculum)
+
+    @property
+    def eval_lengths(self) -> list[int]:
+        return _int_list("eval_segments", self.eval_segments)
+
+    @property
+    def tokenizer_name(self) -> str:
+        return self.tokenizer or ("builtin" if self.backbone == BUILTIN_BACKBONE else self.backbone)
+
+    def validate(self) -> None:
+        """Raises ValueError naming the bad flag and the fix; runs before anything is built."""
+        positive = ("segment_size", "micro_batch_size", "grad_accum", "max_steps", "eval_samples", "eval_every",
+                    "eval_batch_size", "log_every", "keep_checkpoints")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name}={getattr(self, name)} must be at least 1.")
+        for name in ("num_mem_tokens", "save_every", "warmup_steps", "stage_steps"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{name}={getattr(self, name)} must be 0 or more.")
+        if self.backprop not in BACKPROP_MODES:
+            raise ValueError(f"--backprop={self.backprop!r} is unknown: choose one of {', '.join(BACKPROP_MODES)}.")
+        if self.task not in TASKS:
+            raise ValueError(f"--task={self.task!r} is unknown: choose one of {', '.join(TASKS)}.")
+        if self.lr <= 0:
+            raise ValueError(f"--lr={self.lr} must be positive.")
+        stages = self.curriculum_stages
+        if stages != sorted(set(stages)):
+            raise ValueError(f"--curriculum={self.curriculum!r} must be increasing, e.g. 1,2,4,8.")
+        self.eval_lengths  # parses, raising on a bad list
+        if self.resume not in ("", "auto") and not Path(self.resume).exists() and "/" in self.resume:
+            raise ValueError(f"--resume={self.resume!r} does not exist: pass 'auto', a tag under "
+                             f"{self.out_dir}/checkpoints, or a checkpoint directory.")
+
+    def baseline_twin(self) -> "TrainConfig":
+        """The no-memory baseline trained with the same data, curriculum and budget."""
+        return dataclasses.replace(self, num_mem_tokens=0, baseline=False, out_dir=str(Path(self.out_dir) / "baseline"))
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True) + "\n"
+
+
+def _int_list(flag: str, text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise ValueError(f"--{flag}={text!r} must be comma-separated positive integers, e.g. 1,2,4.")
+    return values
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="launchers/train.py",
+        description=("Train a Recurrent Memory Transformer with DeepSpeed, with a curriculum over the number of "
+                     "segments, evaluation by length, TensorBoard logs and exact resume. Run it as "
+                     "`python launchers/train.py ...` (1 process), `deepspeed --num_gpus N launchers/train.py ...`, "
+                     "or under srun/torchrun with RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT set."),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    for spec in dataclasses.fields(TrainConfig):
+        flag = f"--{spec.name}"
+        if spec.type in ("bool", bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=spec.default,
+                                help=spec.metadata["help"])
+        else:
+            kind = {"int": int, "float": float, "str": str}[spec.type]
+            parser.add_argument(flag, type=kind, default=spec.default, help=spec.metadata["help"])
+    # the deepspeed launcher passes --local_rank; LOCAL_RANK in the environment says the same
+    parser.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> TrainConfig:
+    namespace = vars(build_parser().parse_args(argv))
+    namespace.pop("local_rank")
+    config = TrainConfig(**namespace)
+    config.validate()
+    return config

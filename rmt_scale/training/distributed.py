@@ -1,0 +1,52 @@
+"""Process-group setup for every way the launcher is started.
+
+- ``deepspeed --num_gpus N``, ``torchrun`` or ``srun`` with RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT set: used as is.
+- plain ``python launchers/train.py``: a 1-rank group on a free local port, so the same code path runs.
+- no CUDA: ``DS_ACCELERATOR=cpu`` (set before DeepSpeed is imported) and the gloo backend.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def select_accelerator() -> bool:
+    """Chooses DeepSpeed's CPU accelerator when there is no GPU; must run before ``import deepspeed``."""
+    has_cuda = torch.cuda.is_available()
+    if not has_cuda:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    return has_cuda
+
+
+def init_distributed() -> DistInfo:
+    has_cuda = select_accelerator()
+    if "RANK" not in os.environ and not any(k in os.environ for k in ("OMPI_COMM_WORLD_RANK", "PMI_RANK")):
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=os.environ.get("MASTER_PORT", str(free_port())))
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend="nccl" if has_cuda else "gloo")
+    rank, world_size = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device("cuda", local_rank) if has_cuda else torch.device("cpu")
+    if has_cuda:
+        torch.cuda.set_device(device)
+    return DistInfo(rank, world_size, local_rank, device)

@@ -1,0 +1,57 @@
+"""Exact-answer accuracy by input length, with streaming inference.
+
+The model reads each evaluation sample one segment per call, passing its memory on, under ``no_grad``:
+what is kept is one segment's activations and the memory, whatever the length, so lengths far beyond
+training cost only time. A sample counts as correct when every answer token is the argmax prediction.
+Every rank evaluates its share and the counts are summed, so all ranks see the same accuracies.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from ..data import TaskGenerator
+from ..data.tasks import IGNORE_INDEX
+from .data import collate, eval_samples
+
+
+@torch.no_grad()
+def streaming_correct(model, input_ids: torch.Tensor, labels: torch.Tensor, segment_size: int) -> torch.Tensor:
+    """Per-sample exact match, reading ``input_ids`` (``(batch, length)``, same length, no padding) segment
+    by segment. The answer must lie in the last segment (true for task samples of whole segments)."""
+    length = input_ids.shape[1]
+    last_start = (length - 1) // segment_size * segment_size
+    memory = None
+    for start in range(0, last_start, segment_size):
+        memory = model(input_ids[:, start : start + segment_size], memory=memory).memory
+    logits = model(input_ids[:, last_start:], memory=memory, return_logits=True).logits
+    # the token at position p is predicted from position p - 1
+    targets = labels[:, last_start + 1 :]
+    predicted = logits[:, :-1].argmax(dim=-1)
+    answer = targets != IGNORE_INDEX
+    if bool((labels[:, : last_start + 1] != IGNORE_INDEX).any()):
+        raise ValueError("an answer starts before the last segment: evaluate with whole-segment lengths.")
+    return ((predicted == targets) | ~answer).all(dim=1)
+
+
+def evaluate_by_length(model, generator: TaskGenerator, lengths: list[int], *, segment_size: int, samples: int,
+                       batch_size: int, pad_id: int, rank: int, world_size: int) -> dict[int, float]:
+    """``{num_segments: accuracy}`` over ``samples`` fixed evaluation samples per length."""
+    was_training = model.training
+    model.eval()
+    results = {}
+    device = next(model.parameters()).device
+    for num_segments in lengths:
+        mine = eval_samples(generator, num_segments, segment_size, samples, rank, world_size)
+        counts = torch.zeros(2, dtype=torch.float64)
+        for start in range(0, len(mine), batch_size):
+            batch = collate(mine[start : start + batch_size], pad_id)
+            correct = streaming_correct(model, batch["input_ids"].to(device), batch["labels"].to(device),
+                                        segment_size)
+            counts += torch.tensor([correct.sum().item(), correct.numel()], dtype=torch.float64)
+        if dist.is_initialized() and world_size > 1:
+            dist.all_reduce(counts)
+        results[num_segments] = (counts[0] / counts[1]).item()
+    model.train(was_training)
+    return results

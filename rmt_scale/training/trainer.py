@@ -1,0 +1,272 @@
+"""The training loop: one DeepSpeed engine call per micro-batch, with the whole segment loop inside the
+model's forward (ZeRO-3 traces parameter prefetch per call; one call per segment would break the trace).
+
+    config -> DeepSpeed config -> tokenizer, model -> engine -> [resume] -> loop:
+        draw the step's segment count (same on all ranks) -> forward/backward/step per micro-batch
+        -> log -> evaluate by length -> promote the curriculum -> checkpoint -> stop on a signal
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import resource
+import shutil
+import signal
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from ..data import ShardStream, TaskGenerator, TextTokenizer, build_word_tokenizer
+from ..model import RecurrentMemoryModel, RMTConfig
+from ..model.presets import tiny_opt_config
+from . import checkpoint
+from .config import BUILTIN_BACKBONE, TINY_BACKBONE, TrainConfig
+from .curriculum import Curriculum
+from .data import EVAL_SEED_OFFSET, TrainBatches
+from .distributed import DistInfo
+from .ds_config import build_ds_config, load_ds_config, zero_stage
+from .evaluation import evaluate_by_length
+from .metrics import MetricsLogger
+
+# Exit code after a SIGUSR1/SIGTERM stop with a checkpoint written: "requeue me" (BSD EX_TEMPFAIL).
+EXIT_PREEMPTED = 75
+STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+
+
+class Preempted(Exception):
+    """Training stopped on a signal after writing a checkpoint; the launcher exits with EXIT_PREEMPTED."""
+
+
+def load_text_tokenizer(name: str) -> TextTokenizer:
+    if name == "builtin":
+        return build_word_tokenizer()
+    from transformers import AutoTokenizer
+
+    return TextTokenizer(AutoTokenizer.from_pretrained(name))
+
+
+def activation_settings(config: TrainConfig, ds_config: dict) -> tuple[str, bool]:
+    """Maps DeepSpeed's ``activation_checkpointing`` block onto what works for a recurrent model.
+
+    The block does nothing by itself, and DeepSpeed's (reentrant) checkpoint breaks ZeRO-3 recurrence, so
+    its presence turns on the RMT's per-segment non-reentrant checkpointing (``backprop="checkpoint"``),
+    and ``cpu_checkpointing`` keeps the tensors saved for backward in CPU memory
+    (``torch.autograd.graph.save_on_cpu``; on a CPU-only machine they are there already).
+    Returns ``(backprop mode, offload saved activations)``.
+    """
+    block = ds_config.get("activation_checkpointing")
+    if block is None:
+        return config.backprop, False
+    backprop = "checkpoint" if config.backprop == "bptt" else config.backprop
+    return backprop, bool(block.get("cpu_checkpointing", False))
+
+
+def build_model(config: TrainConfig, tokenizer: TextTokenizer, backprop: str) -> RecurrentMemoryModel:
+    """The backbone (built-in tiny OPT, or ``from_pretrained``) wrapped with memory. Under ZeRO-3 the caller
+    has created an ``HfDeepSpeedConfig``, so ``from_config``/``from_pretrained`` build it partitioned."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(config.seed)
+    if config.backbone == BUILTIN_BACKBONE:
+        sizes = dict(TINY_BACKBONE)
+        backbone_config = tiny_opt_config(tokenizer.vocab_size, sizes.pop("max_positions"), **sizes,
+                                          pad_token_id=tokenizer.pad_id, eos_token_id=tokenizer.eos_id)
+        backbone = AutoModelForCausalLM.from_config(backbone_config)
+    else:
+        backbone = AutoModelForCausalLM.from_pretrained(config.backbone)
+    # the memory's initial value must not depend on how the backbone was built (partitioned or not)
+    torch.manual_seed(config.seed + 1)
+    rmt = RMTConfig(num_mem_tokens=config.num_mem_tokens, segment_size=config.segment_size,
+                    bptt_depth=config.bptt_depth, backprop=backprop)
+    return RecurrentMemoryModel(backbone, rmt)
+
+
+class Trainer:
+    def __init__(self, config: TrainConfig, dist_info: DistInfo):
+        self.config, self.dist = config, dist_info
+        self.out_dir = Path(config.out_dir)
+        self.is_main = dist_info.rank == 0
+        self.label = "rmt" if config.num_mem_tokens else "baseline"
+        # everything that can be wrong with the flags is found before the model is built
+        self.ds_config = build_ds_config(load_ds_config(config.ds_config), config, dist_info.world_size)
+        self.resume_from = self._find_resume()
+        self.backprop, self.offload_activations = activation_settings(config, self.ds_config)
+        self.tokenizer = load_text_tokenizer(config.tokenizer_name)
+
+        self._hf_ds_config = None
+        if zero_stage(self.ds_config) == 3:
+            from transformers.integrations import HfDeepSpeedConfig
+
+            self._hf_ds_config = HfDeepSpeedConfig(self.ds_config)  # must stay alive while models are built
+        model = build_model(config, self.tokenizer, self.backprop)
+
+        import deepspeed
+
+        self.engine, _, _, _ = deepspeed.initialize(
+            model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=self.ds_config)
+        self.model = self.engine.module
+
+        stages = [1] if config.shards else config.curriculum_stages
+        stage_steps = config.stage_steps or -(-config.max_steps // len(stages))
+        self.curriculum = Curriculum(stages, config.promote_accuracy, stage_steps, config.seed)
+        generator = TaskGenerator(config.task, self.tokenizer, seed=config.data_seed)
+        self.eval_generator = TaskGenerator(config.task, self.tokenizer, generator.background,
+                                            seed=config.data_seed + EVAL_SEED_OFFSET)
+        shards = (ShardStream(config.shards, rank=dist_info.rank, world_size=dist_info.world_size,
+                              seed=config.data_seed) if config.shards else None)
+        self.batches = TrainBatches(None if shards else generator, shards, micro_batch=config.micro_batch_size,
+                                    grad_accum=config.grad_accum, rank=dist_info.rank,
+                                    world_size=dist_info.world_size, segment_size=config.segment_size,
+                                    pad_id=self.tokenizer.pad_id)
+        self.step = 0
+        self.accuracy: dict[int, float] = {}
+        self.stop_signal = None
+
+    # ------------------------------------------------------------------ setup helpers
+    def _find_resume(self) -> Path | None:
+        found = checkpoint.find(self.out_dir, self.config.resume) if self.config.resume else None
+        existing = self.out_dir / "checkpoints" / checkpoint.LATEST
+        if not self.config.resume and existing.is_file():
+            raise ValueError(f"{self.out_dir} already holds checkpoints: pass --resume auto to continue that run, "
+                             "or a new --out_dir to start another.")
+        return found
+
+    def _write_run_files(self) -> None:
+        if not self.is_main:
+            return
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        (self.out_dir / "train_config.json").write_text(self.config.to_json())
+        self.tokenizer.save(str(self.out_dir / "tokenizer"))
+
+    def _handle_signal(self, signum, frame) -> None:
+        self.stop_signal = signum  # acted on at the end of the current step, on all ranks together
+
+    # ------------------------------------------------------------------ the loop
+    def fit(self) -> dict[int, float]:
+        """Trains to ``max_steps`` (or until a stop signal); returns the final accuracy by length."""
+        config = self.config
+        self._write_run_files()
+        if self.resume_from is not None:
+            state = checkpoint.load(self.engine, self.resume_from)
+            self.step = state["step"]
+            self.curriculum.load_state_dict(state["curriculum"])
+            self.batches.load_state_dict(state["data"])
+            self.accuracy = state["accuracy"]
+        previous = [signal.signal(s, self._handle_signal) for s in STOP_SIGNALS]
+        logger = MetricsLogger(self.out_dir, self.is_main, self.step, config.max_steps, self.label)
+        if self.resume_from is not None:
+            logger.write(f"[{self.label}] resumed from {self.resume_from} at step {self.step}")
+        try:
+            while self.step < config.max_steps:
+                self._train_step(logger)
+                if self.step % config.eval_every == 0 or self.step == config.max_steps:
+                    self._evaluate(logger)
+                else:
+                    self.curriculum.maybe_promote()
+                if config.save_every and self.step % config.save_every == 0 and self.step < config.max_steps:
+                    self._save()
+                if self._stop_requested():
+                    self._save()
+                    logger.write(f"[{self.label}] stopped by signal {self.stop_signal} at step {self.step}; "
+                                 f"checkpoint written, exit code {EXIT_PREEMPTED}")
+                    raise Preempted
+            if not self.accuracy:
+                self._evaluate(logger)
+            self._save()
+            if config.export:
+                self.export(self.out_dir / "export")
+        finally:
+            logger.close()
+            for s, handler in zip(STOP_SIGNALS, previous):
+                signal.signal(s, handler)
+        return self.accuracy
+
+    def _train_step(self, logger: MetricsLogger) -> None:
+        num_segments = self.curriculum.draw()
+        batches = self.batches.step(num_segments)
+        started = time.perf_counter()
+        losses, memory_norms, tokens = [], [], 0
+        for batch in batches:
+            batch = {name: tensor.to(self.dist.device) for name, tensor in batch.items()}
+            offload = (torch.autograd.graph.save_on_cpu(pin_memory=torch.cuda.is_available())
+                       if self.offload_activations else contextlib.nullcontext())
+            with offload:
+                output = self.engine(**batch)
+            self.engine.backward(output.loss)
+            self.engine.step()
+            losses.append(output.loss.detach().float())
+            if output.memory is not None:
+                memory_norms.append(output.memory.detach().float().norm(dim=-1).mean())
+            tokens += int(batch["attention_mask"].sum())
+        self.step += 1
+        # loss and tokens over all ranks; each rank's loss is a mean over the same number of answer tokens
+        summary = torch.stack([torch.stack(losses).mean(), torch.tensor(float(tokens)),
+                               torch.stack(memory_norms).mean() if memory_norms else torch.tensor(0.0)])
+        summary = summary.to(self.dist.device)
+        if self.dist.world_size > 1:
+            dist.all_reduce(summary)
+            summary[0] /= self.dist.world_size
+            summary[2] /= self.dist.world_size
+        loss, total_tokens, memory_norm = summary.tolist()
+        elapsed = max(time.perf_counter() - started, 1e-9)
+        tokens_per_s = total_tokens / elapsed
+        if self.step % self.config.log_every == 0 or self.step == self.config.max_steps:
+            values = {"train/loss": loss, "train/lr": self.engine.get_lr()[0],
+                      "train/grad_norm": float(self.engine.get_global_grad_norm() or 0.0),
+                      "train/segments": num_segments, "curriculum/stage_segments": self.curriculum.max_segments,
+                      "perf/tokens_per_s": tokens_per_s, "perf/peak_memory_mb": peak_memory_mb()}
+            if memory_norms:
+                values["memory/state_norm"] = memory_norm
+            logger.scalars(self.step, values)
+        logger.progress(loss, self.accuracy.get(self.curriculum.max_segments), tokens_per_s)
+
+    def _evaluate(self, logger: MetricsLogger) -> None:
+        self.accuracy = evaluate_by_length(
+            self.model, self.eval_generator, self.config.eval_lengths, segment_size=self.config.segment_size,
+            samples=self.config.eval_samples, batch_size=self.config.eval_batch_size, pad_id=self.tokenizer.pad_id,
+            rank=self.dist.rank, world_size=self.dist.world_size)
+        logger.scalars(self.step, {f"eval/accuracy_{k}seg": acc for k, acc in self.accuracy.items()})
+        stage = self.curriculum.max_segments
+        if self.curriculum.maybe_promote(self.accuracy):
+            logger.write(f"[{self.label}] step {self.step}: accuracy {self.accuracy.get(stage, 0):.2f} at {stage} "
+                         f"segments -> stage {self.curriculum.max_segments} segments")
+
+    def _stop_requested(self) -> bool:
+        flag = torch.tensor([1.0 if self.stop_signal is not None else 0.0], device=self.dist.device)
+        if self.dist.world_size > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def _save(self) -> None:
+        state = {"step": self.step, "curriculum": self.curriculum.state_dict(), "data": self.batches.state_dict(),
+                 "accuracy": self.accuracy, "config": self.config.to_json()}
+        checkpoint.save(self.engine, self.out_dir / "checkpoints", self.step, state, self.config.keep_checkpoints)
+
+    # ------------------------------------------------------------------ export
+    def export(self, directory: Path) -> None:
+        """A plain ``save_pretrained`` directory (with the tokenizer) for ``RecurrentMemoryModel.from_pretrained``;
+        under ZeRO-3 the partitioned weights are gathered first (on every rank, as DeepSpeed requires)."""
+        gather = contextlib.nullcontext()
+        if zero_stage(self.ds_config) == 3:
+            import deepspeed
+
+            gather = deepspeed.zero.GatheredParameters(list(self.model.parameters()), modifier_rank=None)
+        with gather:
+            if self.is_main:
+                tmp = directory.with_name(".tmp-" + directory.name)
+                shutil.rmtree(tmp, ignore_errors=True)
+                self.model.save_pretrained(tmp)
+                self.tokenizer.save(str(tmp / "tokenizer"))
+                shutil.rmtree(directory, ignore_errors=True)
+                os.replace(tmp, directory)
+        if dist.is_initialized():
+            dist.barrier()
+
+
+def peak_memory_mb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
