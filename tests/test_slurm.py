@@ -168,3 +168,38 @@ def test_chain_submits_afterok_dependencies(slurm_env, tmp_path):
         subprocess.run(["scancel", *jobs], env=slurm_env)
     refused = subprocess.run([*chain, "--max_steps", "3"], env=slurm_env, capture_output=True, text=True)
     assert refused.returncode == 2 and "pass --out_dir" in refused.stderr
+
+
+PROBE = """
+import json, os, sys
+out = sys.argv[sys.argv.index("--out") + 1]
+os.makedirs(out, exist_ok=True)
+keys = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "OMP_NUM_THREADS", "SLURM_ARRAY_TASK_ID")
+record = {key: os.environ.get(key) for key in keys} | {"argv": sys.argv[1:], "cwd": os.getcwd()}
+with open(os.path.join(out, f"rank{os.environ['RANK']}.json"), "w") as f:
+    json.dump(record, f)
+"""
+
+
+def test_eval_sweep_array_runs_one_value_per_task_with_ranks(slurm_env, tmp_path):
+    """An evaluation sweep as a job array: each array task gets its RMT_SWEEP value in place of "{}" and runs
+    the evaluation script once per SLURM task with its torch.distributed rank environment. The evaluation
+    script here records what it was given."""
+    probe = tmp_path / "probe.py"
+    probe.write_text(PROBE)
+    values = ["first", "second", "third"]
+    env = {**slurm_env, "RMT_SWEEP": " ".join(values), "RMT_EVAL_SCRIPT": str(probe)}
+    job = submit(env, tmp_path / "job-%A_%a.out", "--array=0-2", "--ntasks=2", str(REPO / "slurm" / "eval.sbatch"),
+                 "--model", "{}", "--out", f"{tmp_path}/{{}}")
+    for index, value in enumerate(values):
+        task = f"{job}_{index}"
+        info = wait_until_final(env, task, tmp_path / f"job-{job}_{index}.out", timeout=120)
+        assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), task
+        records = [json.loads((tmp_path / value / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+        for rank, record in enumerate(records):
+            assert record["argv"] == ["--model", value, "--out", f"{tmp_path}/{value}"]
+            assert (record["RANK"], record["LOCAL_RANK"], record["WORLD_SIZE"]) == (str(rank), str(rank), "2")
+            assert record["SLURM_ARRAY_TASK_ID"] == str(index) and record["OMP_NUM_THREADS"] == "1"
+            assert record["cwd"] == str(REPO)
+        assert records[0]["MASTER_ADDR"] == records[1]["MASTER_ADDR"]
+        assert records[0]["MASTER_PORT"] == records[1]["MASTER_PORT"]
