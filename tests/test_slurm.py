@@ -30,13 +30,18 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="session")
 def slurm_env() -> dict[str, str]:
-    """Starts the test cluster unless it runs already; returns the environment jobs are submitted with."""
-    subprocess.run(["bash", str(REPO / "tools" / "slurm_cluster.sh"), "start"], check=True, timeout=600)
-    exports = subprocess.run(["bash", str(REPO / "tools" / "slurm_cluster.sh"), "env"], check=True,
-                             capture_output=True, text=True).stdout
+    """The test cluster's client environment; starts the cluster unless it runs already (e.g. started by
+    .ci/run), and stops it at the end only if it started it here."""
+    cluster = ["bash", str(REPO / "tools" / "slurm_cluster.sh")]
+    started_here = subprocess.run([*cluster, "status"]).returncode != 0
+    if started_here:
+        subprocess.run([*cluster, "start"], check=True, timeout=600)
+    exports = subprocess.run([*cluster, "env"], check=True, capture_output=True, text=True).stdout
     name, value = exports.split()[1].split("=", 1)
-    return {**os.environ, name: value, "RMT_PYTHON": sys.executable, "RMT_REPO": str(REPO),
-            "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    yield {**os.environ, name: value, "RMT_PYTHON": sys.executable, "RMT_REPO": str(REPO),
+           "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    if started_here:
+        subprocess.run([*cluster, "stop"], check=True, timeout=60)
 
 
 def run(command: list[str], env: dict[str, str]) -> str:

@@ -80,6 +80,8 @@ MailProg=/bin/true
 SwitchType=switch/none
 ReturnToService=2
 JobRequeue=1
+# Schedule every second or two, so that a requeued job starts as soon as it may (tests wait for it).
+SchedulerParameters=sched_interval=2,bf_interval=1
 # Finished jobs stay visible to scontrol for 10 minutes.
 MinJobAge=600
 SlurmctldTimeout=30
