@@ -160,17 +160,33 @@ def test_signalled_job_checkpoints_requeues_and_resumes(slurm_env, tmp_path):
     assert (out / "checkpoints" / f"step{stop_step:06d}" / "trainer_state_rank1.pt").is_file()
 
 
-def test_chain_submits_afterok_dependencies(slurm_env, tmp_path):
-    chain = [str(REPO / "slurm" / "chain.sh"), "3", "--hold", f"--output={tmp_path}/job-%j.out", "--"]
-    jobs = run([*chain, "--out_dir", str(tmp_path / "run")], slurm_env).split()
-    try:
-        assert len(jobs) == 3
-        dependencies = [job_info(slurm_env, job)["Dependency"] for job in jobs]
-        assert dependencies == ["(null)", f"afterok:{jobs[0]}(unfulfilled)", f"afterok:{jobs[1]}(unfulfilled)"]
-        commands = {job_info(slurm_env, job)["Command"] for job in jobs}
-        assert commands == {str(REPO / "slurm" / "train.sbatch")}
-    finally:
-        subprocess.run(["scancel", *jobs], env=slurm_env)
+def test_chain_continues_one_run_in_the_next_job(slurm_env, tmp_path):
+    """slurm/chain.sh: job 2 waits (afterok) for job 1; job 1 is told to stop (the SIGUSR1 before its time
+    limit), checkpoints and ends successfully instead of requeueing; job 2 then resumes the run to its end."""
+    max_steps = 80
+    out = tmp_path / "run"
+    chain = [str(REPO / "slurm" / "chain.sh"), "2", "--nodes=1", "--ntasks-per-node=2", f"--output={tmp_path}/job-%j.out",
+             "--"]
+    first, second = run([*chain, "--out_dir", str(out), "--max_steps", str(max_steps), "--save_every", "0",
+                         "--eval_every", str(max_steps), *QUICK_FLAGS], slurm_env).split()
+    assert job_info(slurm_env, second)["Dependency"] == f"afterok:{first}(unfulfilled)"
+    wait_for(lambda: len(logged_steps(out)) >= 2, timeout=180, what="the first training steps")
+    run(["scancel", "--signal=USR1", "--batch", first], slurm_env)
+
+    first_info = wait_until_final(slurm_env, first, tmp_path / f"job-{first}.out", timeout=120)
+    first_log = (tmp_path / f"job-{first}.out").read_text()
+    assert (first_info["JobState"], first_info["ExitCode"], first_info["Restarts"]) == ("COMPLETED", "0:0", "0")
+    assert "a job started with the same --out_dir resumes from it" in first_log
+    stop_step = int(re.search(r"stopped by signal \d+ at step (\d+)", first_log).group(1))
+    assert 2 <= stop_step < max_steps
+
+    second_info = wait_until_final(slurm_env, second, tmp_path / f"job-{second}.out", timeout=180)
+    second_log = (tmp_path / f"job-{second}.out").read_text()
+    assert (second_info["JobState"], second_info["ExitCode"]) == ("COMPLETED", "0:0"), second_log
+    assert re.search(rf"resumed from \S*step{stop_step:06d} at step {stop_step}\b", second_log), second_log
+    assert logged_steps(out) == list(range(1, max_steps + 1))
+    assert (out / "checkpoints" / "latest").read_text().strip() == f"step{max_steps:06d}"
+
     refused = subprocess.run([*chain, "--max_steps", "3"], env=slurm_env, capture_output=True, text=True)
     assert refused.returncode == 2 and "pass --out_dir" in refused.stderr
 
