@@ -62,7 +62,8 @@ class TrainConfig:
     grad_accum: int = field(default=1, metadata={"help": "gradient accumulation steps."})
     lr: float = field(default=1e-3, metadata={"help": "peak learning rate (fills 'auto' in the DeepSpeed config)."})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
-    warmup_steps: int = field(default=10, metadata={"help": "linear warmup steps, then linear decay."})
+    warmup_steps: int = field(default=10, metadata={"help": (
+        "linear warmup steps, then linear decay (at least 1 is used: DeepSpeed's warmup starts at lr 0).")})
     grad_clip: float = field(default=1.0, metadata={"help": "gradient norm clipping (0: off)."})
     max_steps: int = field(default=200, metadata={"help": "optimizer steps to train."})
     seed: int = field(default=0, metadata={"help": "seed of the weights and of the curriculum draws."})
@@ -117,8 +118,10 @@ class TrainConfig:
                              f"{self.out_dir}/checkpoints, or a checkpoint directory.")
 
     def baseline_twin(self) -> "TrainConfig":
-        """The no-memory baseline trained with the same data, curriculum and budget."""
-        return dataclasses.replace(self, num_mem_tokens=0, baseline=False, out_dir=str(Path(self.out_dir) / "baseline"))
+        """The no-memory baseline trained with the same data, curriculum and budget, in ``OUT/baseline``
+        (a resumed run resumes its baseline from that directory's latest checkpoint, if it has one)."""
+        return dataclasses.replace(self, num_mem_tokens=0, baseline=False, out_dir=str(Path(self.out_dir) / "baseline"),
+                                   resume="auto" if self.resume else "")
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True) + "\n"

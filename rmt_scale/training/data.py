@@ -44,6 +44,7 @@ class TrainBatches:
         self.segment_size, self.pad_id = segment_size, pad_id
         self.position = 0  # global sample index of the next step's first sample (generated tasks)
         self._shard_iter = None
+        self._shard_position = None  # the stream position right after the last sample taken
 
     def step(self, num_segments: int) -> list[dict[str, torch.Tensor]]:
         """The ``grad_accum`` micro-batches of one step; with generated tasks every sample has exactly
@@ -69,6 +70,7 @@ class TrainBatches:
                 self._shard_iter = None
                 continue
             samples.append(sample)
+            self._shard_position = ShardStream.state_after(sample)
         longest = max(len(s.tokens) + len(s.answer) for s in samples)
         # every rank must run the same number of segments: pad to the longest sample of any rank
         segments = torch.tensor(-(-longest // self.segment_size))
@@ -79,14 +81,15 @@ class TrainBatches:
     def state_dict(self) -> dict:
         state = {"position": self.position}
         if self.shards is not None:
-            state["shards"] = self.shards.state_dict()
+            # the stream's own position lags while its generator is suspended; the last sample's is exact
+            state["shards"] = {**self.shards.state_dict(), **(self._shard_position or {})}
         return state
 
     def load_state_dict(self, state: dict) -> None:
         self.position = state["position"]
         if self.shards is not None:
             self.shards.load_state_dict(state["shards"])
-            self._shard_iter = None
+            self._shard_iter, self._shard_position = None, None
 
 
 def eval_samples(generator: TaskGenerator, num_segments: int, segment_size: int, count: int, rank: int,

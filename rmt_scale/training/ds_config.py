@@ -56,7 +56,7 @@ def build_ds_config(raw: dict, config: TrainConfig, world_size: int) -> dict:
         ("optimizer", "params", "lr"): config.lr,
         ("optimizer", "params", "weight_decay"): config.weight_decay,
         ("scheduler", "params", "warmup_max_lr"): config.lr,
-        ("scheduler", "params", "warmup_num_steps"): min(config.warmup_steps, config.max_steps),
+        ("scheduler", "params", "warmup_num_steps"): max(1, min(config.warmup_steps, config.max_steps)),
         ("scheduler", "params", "total_num_steps"): config.max_steps,
     }
     for keys, value in fills.items():

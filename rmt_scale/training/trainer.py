@@ -196,11 +196,15 @@ class Trainer:
             with offload:
                 output = self.engine(**batch)
             self.engine.backward(output.loss)
+            if self.engine.is_gradient_accumulation_boundary():
+                grad_norm = self._grad_norm()
             self.engine.step()
             losses.append(output.loss.detach().float())
             if output.memory is not None:
                 memory_norms.append(output.memory.detach().float().norm(dim=-1).mean())
             tokens += int(batch["attention_mask"].sum())
+        if grad_norm < 0:
+            grad_norm = float(self.engine.get_global_grad_norm() or 0.0)
         self.step += 1
         # loss and tokens over all ranks; each rank's loss is a mean over the same number of answer tokens
         summary = torch.stack([torch.stack(losses).mean(), torch.tensor(float(tokens)),
@@ -215,13 +219,21 @@ class Trainer:
         tokens_per_s = total_tokens / elapsed
         if self.step % self.config.log_every == 0 or self.step == self.config.max_steps:
             values = {"train/loss": loss, "train/lr": self.engine.get_lr()[0],
-                      "train/grad_norm": float(self.engine.get_global_grad_norm() or 0.0),
+                      "train/grad_norm": grad_norm,
                       "train/segments": num_segments, "curriculum/stage_segments": self.curriculum.max_segments,
                       "perf/tokens_per_s": tokens_per_s, "perf/peak_memory_mb": peak_memory_mb()}
             if memory_norms:
                 values["memory/state_norm"] = memory_norm
             logger.scalars(self.step, values)
         logger.progress(loss, self.accuracy.get(self.curriculum.max_segments), tokens_per_s)
+
+    def _grad_norm(self) -> float:
+        """The global gradient norm before clipping. ZeRO stages compute it while reducing their partitions; without
+        ZeRO every rank holds the whole (already averaged) gradient after backward."""
+        if zero_stage(self.ds_config) >= 1:
+            return -1.0  # filled after the step by the engine, see _train_step
+        grads = [p.grad.detach().float().norm() for p in self.model.parameters() if p.grad is not None]
+        return torch.stack(grads).norm().item() if grads else 0.0
 
     def _evaluate(self, logger: MetricsLogger) -> None:
         self.accuracy = evaluate_by_length(

@@ -1,0 +1,189 @@
+"""Fast checks of the training components: flags, DeepSpeed config filling and validation, curriculum,
+activation-checkpointing mapping. No process group is needed."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from rmt_scale.data import TaskGenerator, build_word_tokenizer
+from rmt_scale.training import Curriculum, TrainConfig, build_ds_config, build_parser, load_ds_config, parse_args
+from rmt_scale.training.data import TrainBatches, collate
+from rmt_scale.training.trainer import activation_settings, build_model
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "ds_configs"
+
+
+def test_help_documents_every_flag():
+    text = build_parser().format_help()
+    for flag in ("--backbone", "--num_mem_tokens", "--segment_size", "--task", "--shards", "--curriculum",
+                 "--eval_segments", "--out_dir", "--max_steps", "--resume", "--ds_config", "--save_every",
+                 "--baseline", "--no-baseline"):
+        assert flag in text
+    assert text.count("%(") == 0  # every help string rendered
+
+
+@pytest.mark.parametrize("name", ["ddp", "zero2", "zero3"])
+def test_shipped_configs_fill_auto(name):
+    config = TrainConfig(micro_batch_size=3, grad_accum=2, lr=5e-4, max_steps=40, warmup_steps=7)
+    ds = build_ds_config(load_ds_config(str(CONFIGS / f"{name}.json")), config, world_size=4)
+    assert ds["train_micro_batch_size_per_gpu"] == 3
+    assert ds["gradient_accumulation_steps"] == 2
+    assert ds["train_batch_size"] == 24
+    assert ds["optimizer"]["params"]["lr"] == 5e-4
+    assert ds["scheduler"]["params"]["warmup_num_steps"] == 7
+    assert ds["scheduler"]["params"]["total_num_steps"] == 40
+    assert "auto" not in json.dumps(ds)
+
+
+def test_zero3_config_offloads_and_checkpoints():
+    ds = load_ds_config(str(CONFIGS / "zero3.json"))
+    zero = ds["zero_optimization"]
+    assert zero["stage"] == 3
+    assert zero["offload_param"]["device"] == "cpu" and zero["offload_optimizer"]["device"] == "cpu"
+    backprop, offload = activation_settings(TrainConfig(), ds)
+    assert (backprop, offload) == ("checkpoint", True)
+    assert activation_settings(TrainConfig(), load_ds_config(str(CONFIGS / "ddp.json"))) == ("bptt", False)
+
+
+def test_unknown_key_is_refused():
+    raw = load_ds_config(str(CONFIGS / "ddp.json")) | {"zero_optimisation": {"stage": 2}}
+    with pytest.raises(ValueError, match=r"unknown DeepSpeed config keys \['zero_optimisation'\]"):
+        build_ds_config(raw, TrainConfig(), world_size=1)
+    raw = load_ds_config(str(CONFIGS / "zero2.json"))
+    raw["zero_optimization"]["overlap_com"] = True
+    with pytest.raises(ValueError, match="zero_optimization section.*overlap_com"):
+        build_ds_config(raw, TrainConfig(), world_size=1)
+
+
+def test_batch_sizes_that_do_not_divide_are_refused():
+    raw = load_ds_config(str(CONFIGS / "ddp.json")) | {"train_batch_size": 30, "train_micro_batch_size_per_gpu": 4}
+    with pytest.raises(ValueError, match=r"train_batch_size=30 must equal .* x 2 ranks = 8"):
+        build_ds_config(raw, TrainConfig(), world_size=2)
+
+
+def test_replay_with_zero_is_refused():
+    raw = load_ds_config(str(CONFIGS / "zero2.json"))
+    with pytest.raises(ValueError, match="--backprop=replay cannot run with ZeRO stage 2"):
+        build_ds_config(raw, TrainConfig(backprop="replay"), world_size=1)
+    build_ds_config(load_ds_config(str(CONFIGS / "ddp.json")), TrainConfig(backprop="replay"), world_size=1)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--curriculum", "4,2"], "must be increasing"),
+    (["--eval_segments", "a,b"], "comma-separated positive integers"),
+    (["--micro_batch_size", "0"], "--micro_batch_size=0 must be at least 1"),
+    (["--task", "nope"], "--task='nope' is unknown"),
+])
+def test_bad_flags_are_refused(argv, message):
+    with pytest.raises(ValueError, match=message):
+        parse_args(argv)
+
+
+def test_launcher_stops_before_work_on_a_segment_that_does_not_fit(tmp_path):
+    """The built-in backbone has 128 positions; 120 + 2 x 8 memory tokens do not fit."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    env.pop("RANK", None)
+    result = subprocess.run([sys.executable, str(ROOT / "launchers" / "train.py"), "--segment_size", "120",
+                             "--out_dir", str(tmp_path / "out")], env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "error: a segment needs 136 positions" in result.stderr
+    assert "lower segment_size to at most 112" in result.stderr
+    assert not (tmp_path / "out" / "checkpoints").exists()
+
+
+def test_curriculum_draws_are_rank_identical_and_resumable():
+    ranks = [Curriculum([1, 2, 4], 0.9, stage_steps=3, seed=7) for _ in range(2)]
+    draws = [[c.draw() for _ in range(20)] for c in ranks]
+    assert draws[0] == draws[1]
+    fresh = Curriculum([1, 2, 4], 0.9, stage_steps=3, seed=7)
+    fresh.stage = 2
+    seen = {fresh.draw() for _ in range(200)}
+    assert seen == {1, 2, 3, 4}
+    state = fresh.state_dict()
+    after = [fresh.draw() for _ in range(5)]
+    restored = Curriculum([1, 2, 4], 0.9, stage_steps=3, seed=7)
+    restored.load_state_dict(state)
+    assert [restored.draw() for _ in range(5)] == after
+    with pytest.raises(ValueError, match="same --curriculum"):
+        Curriculum([1, 2], 0.9, 3, 7).load_state_dict(state)
+
+
+def test_curriculum_promotes_on_accuracy_or_budget():
+    curriculum = Curriculum([1, 2, 4], promote_accuracy=0.9, stage_steps=5, seed=0)
+    curriculum.draw()
+    assert not curriculum.maybe_promote({1: 0.5})
+    assert curriculum.maybe_promote({1: 0.95}) and curriculum.max_segments == 2
+    for _ in range(4):
+        curriculum.draw()
+        assert not curriculum.maybe_promote()
+    curriculum.draw()
+    assert curriculum.maybe_promote() and curriculum.max_segments == 4
+    assert not curriculum.maybe_promote({4: 1.0})  # the last stage stays
+
+
+def test_ranks_split_the_global_batch():
+    tokenizer = build_word_tokenizer()
+    generator = TaskGenerator("memorize", tokenizer, seed=0)
+    make = lambda rank, world, micro: TrainBatches(generator, None, micro_batch=micro, grad_accum=1, rank=rank,
+                                                   world_size=world, segment_size=16, pad_id=tokenizer.pad_id)
+    whole = make(0, 1, 4).step(2)[0]["input_ids"]
+    halves = [make(r, 2, 2).step(2)[0]["input_ids"] for r in range(2)]
+    assert whole.shape == (4, 32)
+    assert torch.equal(torch.cat(halves), whole)
+
+
+def test_checkpoint_mapping_acts_and_keeps_gradients():
+    """The activation_checkpointing block switches the model to per-segment recomputation, which gives the
+    gradients of plain BPTT; each segment's layers run twice (forward, then recomputed in backward)."""
+    tokenizer = build_word_tokenizer()
+    ds = load_ds_config(str(CONFIGS / "zero3.json"))
+    config = TrainConfig(segment_size=16, num_mem_tokens=4)
+    backprop, _ = activation_settings(config, ds)
+    generator = TaskGenerator("memorize", tokenizer, seed=0)
+    batch = collate([generator.sample(i, 48) for i in range(3)], tokenizer.pad_id)
+    grads, calls = {}, {}
+    for mode in ("bptt", backprop):
+        model = build_model(config, tokenizer, mode)
+        assert model.config.backprop == mode
+        calls[mode] = 0
+        first_layer = model.backbone.model.decoder.layers[0]
+        first_layer.register_forward_hook(lambda *args, mode=mode: calls.__setitem__(mode, calls[mode] + 1))
+        model(**batch).loss.backward()
+        grads[mode] = [p.grad.clone() for p in model.parameters()]
+    assert backprop == "checkpoint"
+    assert (calls["bptt"], calls["checkpoint"]) == (3, 6)
+    for plain, checkpointed in zip(grads["bptt"], grads["checkpoint"]):
+        torch.testing.assert_close(checkpointed, plain, rtol=1e-5, atol=1e-7)
+
+
+def test_shard_batches_pad_to_whole_segments_and_resume(tmp_path):
+    from rmt_scale.data import ShardStream, write_shards
+
+    tokenizer = build_word_tokenizer()
+    generator = TaskGenerator("memorize", tokenizer, seed=0)
+    write_shards((generator.sample(i, 20 + 7 * i) for i in range(6)), str(tmp_path / "shards"), max_samples=2)
+    make = lambda: TrainBatches(None, ShardStream(str(tmp_path / "shards"), rank=0, world_size=1, seed=3),
+                                micro_batch=2, grad_accum=1, rank=0, world_size=1, segment_size=16,
+                                pad_id=tokenizer.pad_id)
+    batches = make()
+    first = batches.step(num_segments=1)[0]
+    state = batches.state_dict()
+    later = [batches.step(num_segments=1)[0] for _ in range(4)]  # runs past the end of the first epoch
+    for batch in (first, *later):
+        assert batch["input_ids"].shape[1] % 16 == 0
+        lengths = batch["attention_mask"].sum(dim=1)
+        assert batch["input_ids"].shape[1] == -(-int(lengths.max()) // 16) * 16
+        assert ((batch["labels"] != -100).sum(dim=1) == 1).all()  # one answer token per sample
+    resumed = make()
+    resumed.load_state_dict(state)
+    for expected in later:
+        assert torch.equal(resumed.step(num_segments=1)[0]["input_ids"], expected["input_ids"])
