@@ -97,7 +97,7 @@ def tensorboard_steps(out_dir: Path, tag: str) -> list[int]:
     return sorted(event.step for event in multiplexer.Scalars("run", tag))
 
 
-def test_scripts_are_shellcheck_clean():
+def test_scripts_are_shellcheck_clean(slurm_env):  # the cluster script installs shellcheck with SLURM
     result = subprocess.run(["shellcheck", "--external-sources", *map(str, SCRIPTS)], cwd=REPO,
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
