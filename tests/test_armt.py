@@ -252,7 +252,7 @@ def test_unsupported_backbones_and_bad_inputs_raise_clear_errors(load_backbone):
     model = armt(load_backbone, "opt")
     with pytest.raises(ValueError, match="AssociativeState returned by this ARMT for a batch of 2"):
         model(ids(2, 10), memory=model(ids(1, 10)).memory)
-    model.backbone.gradient_checkpointing_enable()
-    with pytest.raises(ValueError, match="gradient checkpointing"):
+    model.backbone.activation_checkpointing_enable()
+    with pytest.raises(ValueError, match="activation checkpointing"):
         model(ids(1, 10))
 

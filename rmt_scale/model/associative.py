@@ -144,11 +144,16 @@ class AssociativeLayers(nn.Module):
                 f"{', '.join(ARMT_DECODER_TYPES)}."
             )
         layers = decoder_layers(backbone)
+        self._layers = list(layers)  # a plain list: the layers belong to the backbone, not to this module
         self.memories = nn.ModuleList(AssociativeMemory(hidden_size, config) for _ in layers)
         self._session: _Session | None = None
         for index, layer in enumerate(layers):
             layer.register_forward_pre_hook(self._read_hook(index), with_kwargs=True)
             layer.register_forward_hook(self._write_hook(index))
+
+    def layers_checkpointed(self) -> bool:
+        """Whether the backbone's own activation checkpointing is on (it would rerun layers without a session)."""
+        return any(getattr(layer, "gradient_checkpointing", False) for layer in self._layers)
 
     def empty_state(self, batch: int, device: torch.device) -> tuple[torch.Tensor, ...]:
         return tuple(t for memory in self.memories for t in memory.empty_state(batch, device))

@@ -153,8 +153,8 @@ class RecurrentMemoryModel(nn.Module):
             return_logits: decoders only: also return all logits (memory grows with the input length).
         """
         attention_mask = self._check_inputs(input_ids, attention_mask, labels, memory)
-        if self.associative is not None and getattr(self.backbone, "is_gradient_checkpointing", False):
-            raise ValueError("the backbone's own gradient checkpointing would recompute its layers outside the "
+        if self.associative is not None and self.associative.layers_checkpointed():
+            raise ValueError("the backbone's own activation checkpointing would recompute its layers outside the "
                              "ARMT segment step, without the associative state: disable it and set "
                              "backprop='checkpoint' or 'replay' in the ARMTConfig instead.")
         batch, length = input_ids.shape
