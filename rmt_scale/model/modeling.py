@@ -18,6 +18,7 @@ from .backbones import ENCODER_TYPES, describe_backbone, run_decoder, run_encode
 from .config import ARMTConfig, RMTConfig
 from .recurrence import run_segments
 from .segments import segment_bounds
+from .wavefront import run_wavefront
 
 BACKBONE_DIR = "backbone"
 WEIGHTS_NAME = "memory.safetensors"
@@ -170,8 +171,6 @@ class RecurrentMemoryModel(nn.Module):
         ]
         state = self._initial_state(batch, memory)
         if self._runs_wavefront():
-            from .wavefront import run_wavefront
-
             loss_sum, state, extras = run_wavefront(self, state, segments)
         else:
             step = self._decoder_step if self.spec.kind == "decoder" else self._encoder_step
