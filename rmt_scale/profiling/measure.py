@@ -1,0 +1,256 @@
+"""Measured cost of one training step and one forward pass: FLOPs, wall time and peak memory.
+
+Each (variant, length) runs in its own process, forked from a server that has already imported
+torch and transformers, so that the peak-memory high-water mark (`ru_maxrss`) belongs to that
+configuration alone and a crash or an out-of-memory kill ends only that measurement.
+
+Peak memory is `ru_maxrss` after the step minus the resident set size just before it: the extra
+memory the step needed (activations, saved tensors, gradients), not the weights. The measuring
+processes run with glibc's mmap threshold fixed at 128 KiB, so every large tensor is its own mapping,
+returned to the OS when freed; otherwise the heap glibc keeps after freeing reads as growth (RMT in
+checkpoint mode seemed to grow 220 -> 491 MB from 4 to 32 segments; with the threshold: 143 -> 151 MB).
+FLOPs come from `torch.utils.flop_counter.FlopCounterMode` (matmuls and SDPA, forward and
+backward). Wall time is the fastest of `repeats` runs after one warm-up run, because other processes
+on a small CPU box only ever make a run slower. Weights are random: cost does not depend on them.
+"""
+
+import math
+import multiprocessing
+import os
+import resource
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+import psutil
+import torch
+import transformers
+from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
+
+from rmt_scale import RecurrentMemoryModel, RMTConfig
+from rmt_scale.allocator import allocator_env
+from rmt_scale.model.presets import tiny_opt_config
+from rmt_scale.profiling.opt_configs import OPT_NAMES, opt_config
+
+# Overrides of the library's tiny OPT (d=256, 4 layers, vocab 8192): "tiny-opt" is that model,
+# "micro-opt" one small enough for `--quick` and the tests.
+PRESETS = {
+    "tiny-opt": {},
+    "micro-opt": dict(hidden_size=64, word_embed_proj_dim=64, num_hidden_layers=2, num_attention_heads=2,
+                      ffn_dim=256, vocab_size=512),
+}
+
+FULL_ATTENTION = "full"
+FULL_ATTENTION_LABEL = "full attention"
+RMT_MODES = ("bptt", "checkpoint", "replay")
+
+
+@dataclass(frozen=True)
+class Variant:
+    """What to measure: the plain backbone ("full") or an RMT wrapper in one backprop mode."""
+
+    name: str  # "full" or "rmt"
+    mode: str  # "full" for the plain backbone, else one of RMT_MODES
+    segment_size: int = 512
+    num_mem_tokens: int = 16
+
+    @property
+    def label(self) -> str:
+        return FULL_ATTENTION_LABEL if self.name == FULL_ATTENTION else f"{self.name}-{self.mode}"
+
+
+@dataclass(frozen=True)
+class Measurement:
+    variant: str
+    length: int
+    train_flops: int
+    forward_flops: int
+    train_seconds: float
+    forward_seconds: float
+    train_peak_mb: float
+    forward_peak_mb: float
+    error: str = ""  # set when the run failed (e.g. out of memory); the numbers are then 0
+
+    @property
+    def ok(self) -> bool:
+        return not self.error
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def backbone_config(backbone: str, max_positions: int) -> transformers.PretrainedConfig:
+    """Config for a preset name, a published OPT size, or a local Hugging Face model directory;
+    positions are widened to `max_positions` so the full-attention baseline can see the whole input."""
+    if backbone in PRESETS:
+        config = tiny_opt_config(**PRESETS[backbone])
+    elif backbone.lower().removeprefix("facebook/") in OPT_NAMES:
+        config = opt_config(backbone)
+    elif os.path.isdir(backbone):
+        config = transformers.AutoConfig.from_pretrained(backbone)
+    else:
+        raise ValueError(
+            f"unknown backbone {backbone!r}: expected one of {', '.join(PRESETS)}, an OPT size "
+            f"({', '.join(OPT_NAMES)}) or a local Hugging Face model directory"
+        )
+    if getattr(config, "max_position_embeddings", max_positions) < max_positions:
+        config.max_position_embeddings = max_positions
+    return config
+
+
+def _build_model(variant: Variant, config) -> torch.nn.Module:
+    backbone = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+    if variant.name == FULL_ATTENTION:
+        return backbone
+    rmt_config = RMTConfig(num_mem_tokens=variant.num_mem_tokens, segment_size=variant.segment_size,
+                           bptt_depth=-1, backprop=variant.mode)
+    return RecurrentMemoryModel(backbone, rmt_config)
+
+
+def _peak_mb_since(rss_before: int) -> float:
+    # ru_maxrss is in KiB on Linux.
+    return max(0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss_before) / 2**20
+
+
+def _train_step(model, input_ids) -> None:
+    model.zero_grad(set_to_none=True)
+    model(input_ids, labels=input_ids).loss.backward()
+
+
+def _forward(model, input_ids) -> None:
+    # With labels, so that both the plain backbone and RMT run the LM head over every token.
+    with torch.no_grad():
+        model(input_ids, labels=input_ids)
+
+
+def _fastest_of(repeats: int, fn, *args) -> float:
+    fn(*args)  # warm-up: pays one-off allocation and kernel setup
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn(*args)
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+# torch's FlopCounterMode knows the CUDA SDPA kernels but not the CPU flash kernel that SDPA picks
+# on CPU, so attention would count as zero here. Count it with torch's own SDPA formulas.
+def _cpu_flash_attention_flops(query, key, value, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_flop_count(query, key, value)
+
+
+def _cpu_flash_attention_backward_flops(grad_out, query, key, value, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_backward_flop_count(grad_out, query, key, value)
+
+
+_CPU_SDPA_FLOPS = {
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_flash_attention_flops,
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_flash_attention_backward_flops,
+}
+
+
+def counted_flops(fn, *args) -> int:
+    """FLOPs of `fn(*args)` as FlopCounterMode sees them, the CPU SDPA kernel included."""
+    counter = FlopCounterMode(display=False, custom_mapping=_CPU_SDPA_FLOPS)
+    with counter:
+        fn(*args)
+    return counter.get_total_flops()
+
+
+def _measure_in_this_process(variant: Variant, backbone: str, length: int, max_positions: int,
+                             threads: int, repeats: int) -> Measurement:
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    config = backbone_config(backbone, max_positions)
+    model = _build_model(variant, config)
+    model.train()
+    input_ids = torch.randint(config.vocab_size, (1, length))
+
+    rss_before = psutil.Process().memory_info().rss
+    # The forward pass runs first so that its peak is read before training raises the high-water mark.
+    forward_seconds = _fastest_of(repeats, _forward, model, input_ids)
+    forward_peak = _peak_mb_since(rss_before)
+    train_seconds = _fastest_of(repeats, _train_step, model, input_ids)
+    train_peak = _peak_mb_since(rss_before)
+    return Measurement(
+        variant=variant.label,
+        length=length,
+        train_flops=counted_flops(_train_step, model, input_ids),
+        forward_flops=counted_flops(_forward, model, input_ids),
+        train_seconds=train_seconds,
+        forward_seconds=forward_seconds,
+        train_peak_mb=train_peak,
+        forward_peak_mb=forward_peak,
+    )
+
+
+class Measurer:
+    """Runs each measurement in a fresh process forked from a server with torch already imported."""
+
+    def __init__(self, backbone: str, max_positions: int, threads: int | None = None, repeats: int = 2):
+        if repeats <= 0:
+            raise ValueError(f"repeats must be positive, got {repeats}")
+        backbone_config(backbone, max_positions)  # fail fast on a bad backbone, in this process
+        self.backbone = backbone
+        self.repeats = repeats
+        self.max_positions = max_positions
+        self.threads = threads or torch.get_num_threads()
+        # The allocator is chosen when a process starts: the fork server, started on first use, and its
+        # children inherit this environment, so ru_maxrss tracks live tensors rather than heap fragmentation.
+        environment, self.allocator = allocator_env("auto")
+        os.environ.update(environment)
+        context = multiprocessing.get_context("forkserver")
+        # "__main__" too, so that no child re-imports the calling script (and matplotlib with it).
+        context.set_forkserver_preload(["__main__", "torch", "transformers", "rmt_scale.profiling.measure"])
+        self._context = context
+
+    def measure(self, variant: Variant, length: int) -> Measurement:
+        if length <= 0:
+            raise ValueError(f"length must be positive, got {length}")
+        with ProcessPoolExecutor(max_workers=1, mp_context=self._context) as pool:
+            future = pool.submit(_measure_in_this_process, variant, self.backbone, length,
+                                 self.max_positions, self.threads, self.repeats)
+            try:
+                return future.result()
+            except Exception as error:  # an OOM kill surfaces as BrokenProcessPool
+                return Measurement(variant.label, length, 0, 0, 0.0, 0.0, 0.0, 0.0,
+                                   error=f"{type(error).__name__}: {error}")
+
+
+def _predicted_peak_mb(done: list[Measurement], length: int) -> float:
+    """Extrapolates training peak memory to `length` along the log-log line through the last two runs."""
+    if len(done) < 2:
+        return 0.0
+    a, b = done[-2], done[-1]
+    if min(a.train_peak_mb, b.train_peak_mb) <= 0:
+        return b.train_peak_mb
+    slope = math.log(b.train_peak_mb / a.train_peak_mb) / math.log(b.length / a.length)
+    return b.train_peak_mb * (length / b.length) ** max(slope, 0.0)
+
+
+def sweep(measurer: Measurer, variants: list[Variant], lengths: list[int], memory_budget_mb: float,
+          on_done: Callable[[Measurement], None] = lambda m: None) -> list[Measurement]:
+    """Measures every variant at every length, shortest first. A variant stops at the first length it
+    fails at or is predicted to exceed `memory_budget_mb` at (full attention, sooner or later); the
+    lengths it leaves out are recorded as skipped."""
+    if not lengths or any(n <= 0 for n in lengths):
+        raise ValueError(f"lengths must be positive, got {lengths}")
+    results = []
+    for variant in variants:
+        done: list[Measurement] = []
+        stop_reason = ""
+        for length in sorted(set(lengths)):
+            if not stop_reason and (peak := _predicted_peak_mb(done, length)) > memory_budget_mb:
+                stop_reason = f"skipped: predicted peak {peak:.0f} MB > budget {memory_budget_mb:.0f} MB"
+            if stop_reason:
+                result = Measurement(variant.label, length, 0, 0, 0.0, 0.0, 0.0, 0.0, error=stop_reason)
+            else:
+                result = measurer.measure(variant, length)
+                if result.ok:
+                    done.append(result)
+                else:
+                    stop_reason = f"skipped: failed at {length} tokens"
+            results.append(result)
+            on_done(result)
+    return results

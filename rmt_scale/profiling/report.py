@@ -1,0 +1,271 @@
+"""Turns analytic counts and measurements into slopes, a pass/fail verdict and files:
+report.md (tables), report.json (everything), log-log PNG plots and optional TensorBoard scalars."""
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; never needs a display
+import matplotlib.pyplot as plt
+import numpy as np
+
+from rmt_scale.profiling import analytic
+from rmt_scale.profiling.measure import FULL_ATTENTION_LABEL, Measurement
+from rmt_scale.profiling.opt_configs import OPT_NAMES, opt_config
+
+# Measured costs, with how each reads in tables and plots.
+COSTS = {
+    "train_flops": "training FLOPs",
+    "forward_flops": "forward FLOPs",
+    "train_seconds": "training step (s)",
+    "forward_seconds": "forward (s)",
+    "train_peak_mb": "training peak memory (MB)",
+    "forward_peak_mb": "forward peak memory (MB)",
+}
+# Backprop modes built to hold training memory flat; bptt keeps every segment's activations by design.
+FLAT_MEMORY_MODES = ("checkpoint", "replay")
+# The analytic sweep: 512 to 2,097,152 tokens by doubling, plus the paper's 2,048,000, for RMT with
+# the library's default segments (512 tokens, read and write memory of 16 tokens each).
+ANALYTIC_LENGTHS = sorted({512 * 2**k for k in range(13)} | {analytic.PAPER_LENGTH})
+ANALYTIC_SEGMENT_SIZE = 512
+ANALYTIC_MEM_TOKENS = 16
+
+
+def loglog_slope(lengths, values) -> float:
+    """Least-squares slope of log(value) against log(length): 1 is linear, 2 quadratic."""
+    lengths, values = np.asarray(lengths, dtype=float), np.asarray(values, dtype=float)
+    if len(set(lengths.tolist())) < 2:
+        raise ValueError("a slope needs at least two different lengths")
+    if (lengths <= 0).any() or (values <= 0).any():
+        raise ValueError("log-log slopes need positive lengths and values")
+    return float(np.polyfit(np.log(lengths), np.log(values), 1)[0])
+
+
+def _by_variant(measurements: list[Measurement]) -> dict[str, list[Measurement]]:
+    runs: dict[str, list[Measurement]] = {}
+    for m in measurements:
+        if m.ok:
+            runs.setdefault(m.variant, []).append(m)
+    return runs
+
+
+def measured_slopes(measurements: list[Measurement]) -> dict[str, dict[str, float]]:
+    """Slope of every cost of every variant over the lengths where it ran; NaN where none can be fit."""
+    slopes = {}
+    for variant, runs in _by_variant(measurements).items():
+        slopes[variant] = {}
+        for cost in COSTS:
+            try:
+                slopes[variant][cost] = loglog_slope([m.length for m in runs], [getattr(m, cost) for m in runs])
+            except ValueError:
+                slopes[variant][cost] = math.nan
+    return slopes
+
+
+@dataclass
+class Verdict:
+    rmt_flop_slope: float  # the steepest FLOP slope of any RMT variant, training or forward
+    full_flop_slope: float  # full attention's training FLOP slope
+    failures: list[str] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return not self.failures
+
+
+def judge(slopes: dict[str, dict[str, float]], flop_slope_limit: float, memory_slope_limit: float) -> Verdict:
+    """RMT passes when its FLOPs grow at most linearly and its peak memory does not grow with length:
+    the forward pass in every mode, training in the modes built for flat memory."""
+    rmt = {variant: s for variant, s in slopes.items() if variant != FULL_ATTENTION_LABEL}
+    full_slope = slopes.get(FULL_ATTENTION_LABEL, {}).get("train_flops", math.nan)
+    if not rmt:
+        return Verdict(math.nan, full_slope, ["no RMT variant ran at two or more lengths"])
+    flop_slopes = [s[cost] for s in rmt.values() for cost in ("train_flops", "forward_flops")]
+    verdict = Verdict(max(flop_slopes), full_slope)
+    if not verdict.rmt_flop_slope <= flop_slope_limit:  # also catches NaN
+        verdict.failures.append(f"RMT FLOP slope {verdict.rmt_flop_slope:.3f} exceeds {flop_slope_limit}")
+    for variant, s in rmt.items():
+        gated = ["forward_peak_mb"] + (["train_peak_mb"] if variant.endswith(FLAT_MEMORY_MODES) else [])
+        for cost in gated:
+            if not s[cost] <= memory_slope_limit:
+                verdict.failures.append(
+                    f"{variant} {COSTS[cost]} grows with length (slope {s[cost]:.3f} > {memory_slope_limit})")
+    return verdict
+
+
+# ---------------------------------------------------------------------------------------- analytic
+def paper_reproduction() -> list[dict]:
+    """RMT's FLOP savings at the paper's 2,048,000 tokens for every convention and segment layout."""
+    rows = []
+    for convention in analytic.CONVENTIONS:
+        for layout in analytic.PAPER_LAYOUTS:
+            ratios = {name: analytic.flop_savings(opt_config(name), analytic.PAPER_LENGTH, layout, convention)
+                      for name in OPT_NAMES}
+            errors = {name: ratios[name] / claim - 1 for name, claim in analytic.PAPER_CLAIM.items()}
+            rows.append(dict(convention=convention, layout=layout.name, ratios=ratios, relative_error=errors))
+    return rows
+
+
+def best_match(rows: list[dict]) -> dict:
+    """The row whose worst relative error against the two claimed ratios is smallest."""
+    return min(rows, key=lambda row: max(abs(e) for e in row["relative_error"].values()))
+
+
+def analytic_sweep(segment_size: int = ANALYTIC_SEGMENT_SIZE, num_mem_tokens: int = ANALYTIC_MEM_TOKENS,
+                   convention: str = "chinchilla") -> dict:
+    """Forward and training FLOPs of full attention and RMT (decoder layout: 2 x memory per segment)
+    for every OPT size over ANALYTIC_LENGTHS."""
+    sweep = {}
+    for name in OPT_NAMES:
+        config = opt_config(name)
+        full = [analytic.full_attention_flops(config, n, convention) for n in ANALYTIC_LENGTHS]
+        rmt = [analytic.rmt_flops(config, n, segment_size, 2 * num_mem_tokens, convention) for n in ANALYTIC_LENGTHS]
+        sweep[name] = {
+            "full_forward": full,
+            "rmt_forward": rmt,
+            "full_train": [analytic.training_flops(f, "full") for f in full],
+            **{f"rmt_{mode}_train": [analytic.training_flops(f, mode) for f in rmt]
+               for mode in ("bptt", "checkpoint", "replay")},
+            "full_slope": loglog_slope(ANALYTIC_LENGTHS, full),
+            "rmt_slope": loglog_slope(ANALYTIC_LENGTHS, rmt),
+        }
+    return sweep
+
+
+# ---------------------------------------------------------------------------------------- writers
+def _fmt(value: float) -> str:
+    if isinstance(value, float) and math.isnan(value):
+        return "–"
+    return f"{value:.3g}" if abs(value) < 1e4 else f"{value:.3e}"
+
+
+def _table(header: list[str], rows: list[list]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(cell if isinstance(cell, str) else _fmt(cell) for cell in row) + " |" for row in rows]
+    return lines + [""]
+
+
+def markdown(report: dict) -> str:
+    settings, verdict = report["settings"], report["verdict"]
+    lines = ["# RMT vs full attention: FLOP, time and memory scaling", ""]
+
+    lines += [f"## Paper claim at {analytic.PAPER_LENGTH:,} tokens (analytic forward FLOPs, full / RMT)", ""]
+    names = list(OPT_NAMES)
+    lines += _table(["convention", "segment layout", *names],
+                    [[r["convention"], r["layout"], *(r["ratios"][n] for n in names)] for r in report["paper"]])
+    best = report["paper_best_match"]
+    errors = ", ".join(f"{n}: {best['ratios'][n]:.1f}x vs {c:g}x ({100 * best['relative_error'][n]:+.1f}%)"
+                       for n, c in analytic.PAPER_CLAIM.items())
+    lines += [f"Closest: **{best['convention']}**, {best['layout']} — {errors}.", ""]
+
+    sweep = report["analytic_sweep"]
+    at = ANALYTIC_LENGTHS.index(analytic.PAPER_LENGTH)
+    lines += [f"## Analytic FLOPs at {analytic.PAPER_LENGTH:,} tokens (chinchilla convention, "
+              f"{ANALYTIC_SEGMENT_SIZE}-token segments + 2x{ANALYTIC_MEM_TOKENS} memory)", ""]
+    lines += _table(
+        ["backbone", "full fwd", "RMT fwd", "full train", "RMT train (bptt)", "RMT train (replay)",
+         "full slope", "RMT slope"],
+        [[n, s["full_forward"][at], s["rmt_forward"][at], s["full_train"][at], s["rmt_bptt_train"][at],
+          s["rmt_replay_train"][at], s["full_slope"], s["rmt_slope"]] for n, s in sweep.items()])
+
+    lines += [f"## Measured on `{settings['backbone']}` (segment {settings['segment_size']}, "
+              f"{settings['num_mem_tokens']} memory tokens, threads: {settings['threads']})", ""]
+    lines += _table(
+        ["variant", "length", "train FLOPs", "fwd FLOPs", "train s", "train tok/s", "fwd s",
+         "train peak MB", "fwd peak MB"],
+        [[m["variant"], str(m["length"]), m["error"] or m["train_flops"], "" if m["error"] else m["forward_flops"],
+          m["train_seconds"], m["length"] / m["train_seconds"] if m["train_seconds"] else math.nan,
+          m["forward_seconds"], m["train_peak_mb"], m["forward_peak_mb"]] for m in report["measurements"]])
+    lines += ["### Log-log slopes against length", ""]
+    lines += _table(["variant", *COSTS.values()],
+                    [[variant, *(s[c] for c in COSTS)] for variant, s in report["slopes"].items()])
+    lines += [f"RMT FLOP slope: {verdict['rmt_flop_slope']:.3f} (limit {settings['flop_slope_limit']}), "
+              f"full attention FLOP slope: {verdict['full_flop_slope']:.3f}. "
+              + ("**PASS**" if not verdict["failures"] else "**FAIL**: " + "; ".join(verdict["failures"])), ""]
+    return "\n".join(lines)
+
+
+def _loglog_axes(title: str, ylabel: str):
+    figure, axes = plt.subplots(figsize=(7, 4.5))
+    axes.set(xscale="log", yscale="log", xlabel="input length (tokens)", ylabel=ylabel, title=title)
+    axes.grid(True, which="both", alpha=0.3)
+    return figure, axes
+
+
+def _save(figure, path: Path) -> None:
+    figure.axes[0].legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def plots(report: dict, out: Path) -> list[Path]:
+    """flops.png, time.png and memory.png (measured) and analytic_flops.png; all log-log."""
+    runs = _by_variant([Measurement(**m) for m in report["measurements"]])
+    panels = {
+        "flops.png": ("Measured FLOPs per step", "FLOPs", ("train_flops", "forward_flops")),
+        "time.png": ("Measured wall time", "seconds", ("train_seconds", "forward_seconds")),
+        "memory.png": ("Measured peak memory above the model", "MB", ("train_peak_mb", "forward_peak_mb")),
+    }
+    paths = []
+    for filename, (title, ylabel, costs) in panels.items():
+        figure, axes = _loglog_axes(title, ylabel)
+        for index, (variant, ms) in enumerate(runs.items()):
+            # one colour per variant: training solid, forward dashed
+            for cost, style in zip(costs, ("-o", "--x")):
+                axes.plot([m.length for m in ms], [max(getattr(m, cost), 1e-9) for m in ms], style,
+                          color=f"C{index}", label=f"{variant}, {COSTS[cost].split(' ')[0]}")
+        _save(figure, out / filename)
+        paths.append(out / filename)
+
+    figure, axes = _loglog_axes("Analytic forward FLOPs (chinchilla convention)", "FLOPs")
+    for index, (name, s) in enumerate(report["analytic_sweep"].items()):
+        color = f"C{index}"
+        axes.plot(ANALYTIC_LENGTHS, s["full_forward"], "--", color=color, label=f"{name} full")
+        axes.plot(ANALYTIC_LENGTHS, s["rmt_forward"], "-", color=color, label=f"{name} RMT")
+    _save(figure, out / "analytic_flops.png")
+    return paths + [out / "analytic_flops.png"]
+
+
+def tensorboard(report: dict, logdir: Path) -> None:
+    """One scalar series per variant and cost, with the input length as the step."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    with SummaryWriter(str(logdir)) as writer:
+        for m in report["measurements"]:
+            if not m["error"]:
+                for cost in COSTS:
+                    writer.add_scalar(f"{m['variant']}/{cost}", m[cost], global_step=m["length"])
+
+
+def write(report: dict, out: Path, with_tensorboard: bool = False) -> list[Path]:
+    """Writes every output file into `out` and returns their paths."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.json").write_text(json.dumps(report, indent=2, default=float))
+    (out / "report.md").write_text(markdown(report))
+    paths = [out / "report.json", out / "report.md", *plots(report, out)]
+    if with_tensorboard:
+        tensorboard(report, out / "tensorboard")
+        paths.append(out / "tensorboard")
+    return paths
+
+
+def build(settings: dict, measurements: list[Measurement]) -> dict:
+    """Everything the writers need, as plain JSON-able data."""
+    slopes = measured_slopes(measurements)
+    verdict = judge(slopes, settings["flop_slope_limit"], settings["memory_slope_limit"])
+    paper = paper_reproduction()
+    return {
+        "settings": settings,
+        "conventions": analytic.__doc__,
+        "paper": paper,
+        "paper_best_match": best_match(paper),
+        "analytic_lengths": ANALYTIC_LENGTHS,
+        "analytic_sweep": analytic_sweep(),
+        "measurements": [m.as_dict() for m in measurements],
+        "slopes": slopes,
+        "verdict": {**asdict(verdict), "passed": verdict.passed},
+    }

@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# The test command: installs what the tests use (virtualenv, Debian packages), then runs the whole suite.
+# Extra arguments go to pytest, e.g. `bash tools/test.sh -m "not slow"` for the quick part only.
+set -euo pipefail
+repo=$(cd "$(dirname "$0")/.." && pwd)
+cd "$repo"
+bash tools/setup_env.sh
+bash tools/install_system_packages.sh
+export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+exec "${RMT_VENV:-$repo/.venv}/bin/python" -m pytest "$@"
