@@ -87,12 +87,10 @@ def run_wavefront(model, state: tuple[torch.Tensor, ...], segments: list):
     num_layers, num_segments = len(layers), len(segments)
     num_mem = model.config.num_mem_tokens
 
-    hidden, calls = [], []
-    for segment in segments:
-        embeds, mask = model._associative_inputs(segment)
-        first, args, kwargs = _first_layer_call(backbone, layers[0], embeds, _padding_mask(mask), _positions(mask))
-        hidden.append(first)
-        calls.append(_LayerCall(args, kwargs))
+    # a segment's inputs are built when its first cell runs and freed after its last one, so at most
+    # num_layers segments are in flight
+    hidden: list = [None] * num_segments
+    calls: list = [None] * num_segments
 
     cells = [_Cell(layer, memory) for layer, memory in zip(layers, model.associative.memories)]
     params, buffers = stack_module_state(cells)
@@ -104,6 +102,11 @@ def run_wavefront(model, state: tuple[torch.Tensor, ...], segments: list):
     for diagonal in range(num_segments + num_layers - 1):
         on_diagonal = [(s, diagonal - s) for s in range(min(num_segments - 1, diagonal), -1, -1)
                        if diagonal - s < num_layers]  # by layer, ascending
+        if diagonal < num_segments:
+            embeds, mask = model._associative_inputs(segments[diagonal])
+            hidden[diagonal], args, kwargs = _first_layer_call(backbone, layers[0], embeds, _padding_mask(mask),
+                                                               _positions(mask))
+            calls[diagonal] = _LayerCall(args, kwargs)
         groups: dict = {}
         for s, l in on_diagonal:
             groups.setdefault((tuple(hidden[s].shape), calls[s].signature()), []).append((s, l))
@@ -117,7 +120,7 @@ def run_wavefront(model, state: tuple[torch.Tensor, ...], segments: list):
                 if l < num_layers - 1:
                     hidden[s] = out
                     continue
-                hidden[s] = None  # the segment is done: free it
+                hidden[s] = calls[s] = None  # the segment is done
                 length = segments[s].input_ids.shape[1]
                 loss, extras[s] = model._lm_loss(final_norm(out)[:, :length], segments[s].targets,
                                                  segments[s].return_logits)
