@@ -1,8 +1,14 @@
+from .associative import ARMT_DECODER_TYPES, AssociativeMemory, AssociativeState, dpfp
 from .backbones import DECODER_TYPES, ENCODER_TYPES, UnsupportedBackboneError
-from .config import ConfigError, RMTConfig
+from .config import ARMTConfig, ConfigError, RMTConfig
 from .modeling import RecurrentMemoryModel, RMTOutput
 
 __all__ = [
+    "ARMTConfig",
+    "ARMT_DECODER_TYPES",
+    "AssociativeMemory",
+    "AssociativeState",
+    "dpfp",
     "ConfigError",
     "DECODER_TYPES",
     "ENCODER_TYPES",

@@ -7,6 +7,7 @@ on its base model plus its LM head; an encoder through its sequence-classificati
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import nn
@@ -66,6 +67,25 @@ def decoder_layers(backbone: nn.Module) -> nn.ModuleList:
         if isinstance(module, nn.ModuleList):
             return module
     raise UnsupportedBackboneError(f"cannot find the decoder layers of {type(backbone).__name__}.")
+
+
+def decoder_final_norm(backbone: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """What a supported decoder's base model applies after its last layer (final norm, OPT's projection)."""
+    base = backbone.base_model
+    if backbone.config.model_type == "opt":
+        steps = [base.decoder.final_layer_norm, base.decoder.project_out]
+    else:
+        steps = [getattr(base, name, None) for name in ("norm", "ln_f", "final_layer_norm")]
+    steps = [step for step in steps if step is not None]
+    if not steps and backbone.config.model_type != "opt":
+        raise UnsupportedBackboneError(f"cannot find the final norm of {type(backbone).__name__}.")
+
+    def apply(hidden: torch.Tensor) -> torch.Tensor:
+        for step in steps:
+            hidden = step(hidden)
+        return hidden
+
+    return apply
 
 
 def run_decoder(

@@ -51,11 +51,7 @@ class RMTConfig:
         self.validate()
 
     def validate(self) -> None:
-        def need_int(name: str, low: int) -> None:
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ConfigError(f"{name}={value!r} is invalid: it must be an integer >= {low}.")
-
+        need_int = self._need_int
         need_int("num_mem_tokens", 0)
         need_int("segment_size", 1)
         if self.bptt_depth != -1:
@@ -70,6 +66,11 @@ class RMTConfig:
         for name in ("cls_token_id", "sep_token_id"):
             if getattr(self, name) is not None:
                 need_int(name, 0)
+
+    def _need_int(self, name: str, low: int) -> None:
+        value = getattr(self, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ConfigError(f"{name}={value!r} is invalid: it must be an integer >= {low}.")
 
     def to_dict(self) -> dict[str, Any]:
         return {"model_type": self.model_type, **dataclasses.asdict(self)}
@@ -101,6 +102,58 @@ class RMTConfig:
         if not path.is_file():
             raise ConfigError(f"{path} does not exist: pass a directory written by save_pretrained.")
         return cls.from_dict(json.loads(path.read_text()))
+
+
+EXECUTION_MODES = ("sequential", "wavefront")
+
+
+@dataclass
+class ARMTConfig(RMTConfig):
+    """Associative Recurrent Memory Transformer settings: everything of :class:`RMTConfig` plus an
+    associative memory in every decoder layer.
+
+    Decoder segments are ``[segment | memory tokens]``; the memory tokens are the same learned embeddings
+    every segment, and what a sample remembers lives in each layer's associative state (A, z).
+
+    Args:
+        num_mem_tokens: memory tokens per segment, whose layer outputs are written into the associative
+            memory (at least 1; the no-memory baseline is ``RMTConfig(num_mem_tokens=0)``).
+        d_mem: size of keys and queries per head before the DPFP feature map.
+        num_heads: associative heads; the hidden size is split between them, each with its own (A, z).
+        dpfp_nu: order of the DPFP feature map; features have ``2 * dpfp_nu * d_mem`` dimensions.
+        gating: scale each memory token's write by a learned gate beta = sigmoid(W_b m).
+        correction: delta-rule write (store v minus what the memory already returns for the key) and the
+            corrected normaliser update; off gives the plain linear-attention update A += k v^T, z += k.
+        execution: ``"sequential"`` runs segment after segment; ``"wavefront"`` runs the cells (segment s,
+            layer l) with equal s + l together (diagonal batching). Wavefront is an inference schedule: it is
+            used when gradients are off; with gradients on, ``backprop`` decides.
+    """
+
+    d_mem: int = 64
+    num_heads: int = 1
+    dpfp_nu: int = 3
+    gating: bool = True
+    correction: bool = True
+    execution: str = "sequential"
+
+    model_type: ClassVar[str] = "armt"
+
+    def validate(self) -> None:
+        super().validate()
+        if self.num_mem_tokens < 1:
+            raise ConfigError(
+                f"num_mem_tokens={self.num_mem_tokens} is invalid for ARMT: memory is written from the memory "
+                "tokens, so use at least 1 (the no-memory baseline is RMTConfig(num_mem_tokens=0))."
+            )
+        for name in ("d_mem", "num_heads", "dpfp_nu"):
+            self._need_int(name, 1)
+        for name in ("gating", "correction"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name}={getattr(self, name)!r} is invalid: it must be true or false.")
+        if self.execution not in EXECUTION_MODES:
+            raise ConfigError(
+                f"execution={self.execution!r} is unknown: choose one of {', '.join(EXECUTION_MODES)}."
+            )
 
 
 def _config_class(model_type: str) -> type[RMTConfig]:

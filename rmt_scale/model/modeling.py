@@ -13,10 +13,12 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers.utils import ModelOutput
 
+from .associative import AssociativeLayers, AssociativeState
 from .backbones import ENCODER_TYPES, describe_backbone, run_decoder, run_encoder
-from .config import RMTConfig
+from .config import ARMTConfig, RMTConfig
 from .recurrence import run_segments
 from .segments import segment_bounds
+from .wavefront import run_wavefront
 
 BACKBONE_DIR = "backbone"
 WEIGHTS_NAME = "memory.safetensors"
@@ -30,15 +32,16 @@ class RMTOutput(ModelOutput):
     Attributes:
         loss: decoders: mean next-token loss over every labelled token of every segment; encoders: the
             classification loss. None without labels.
-        memory: the memory after the last segment, ``(batch, num_mem_tokens, hidden)``; pass it back as
-            ``memory=`` to continue a stream. None when memory is off.
+        memory: the memory after the last segment, to pass back as ``memory=`` to continue a stream. RMT:
+            the memory tokens ``(batch, num_mem_tokens, hidden)``, None when memory is off; ARMT: an
+            :class:`AssociativeState` holding every layer's (A, z).
         logits: decoders: ``(batch, length, vocab)``, only with ``return_logits=True``; encoders: the
             classification logits, taken at each sample's last non-empty segment.
         num_segments: how many segments the input was cut into.
     """
 
     loss: torch.Tensor | None = None
-    memory: torch.Tensor | None = None
+    memory: torch.Tensor | AssociativeState | None = None
     logits: torch.Tensor | None = None
     num_segments: int | None = None
 
@@ -56,7 +59,11 @@ class RecurrentMemoryModel(nn.Module):
     sequence classifier. Decoder segments are ``[read memory | segment | write memory]`` and the final
     hidden states at the write positions become the next segment's memory; encoder segments are
     ``[CLS] memory [SEP] segment [SEP]`` with memory read and written in place (``[CLS] segment [SEP]``
-    without memory)."""
+    without memory).
+
+    With an :class:`ARMTConfig` (decoders only) every layer gets an associative memory: decoder segments are
+    ``[segment | memory tokens]``, the memory tokens are the same learned embeddings every segment, and
+    what is carried from segment to segment is each layer's associative state (see ``associative.py``)."""
 
     config_class = RMTConfig
 
@@ -66,6 +73,9 @@ class RecurrentMemoryModel(nn.Module):
         self.backbone = backbone
         self.config = config
         self.spec = describe_backbone(backbone)
+        self.associative = None
+        if isinstance(config, ARMTConfig):
+            self.associative = AssociativeLayers(backbone, self.spec.model_type, self._hidden_width(), config)
         self._check_fits_positions()
         if self.spec.kind == "encoder" and (config.cls_token_id is None or config.sep_token_id is None):
             raise ValueError(
@@ -144,6 +154,10 @@ class RecurrentMemoryModel(nn.Module):
             return_logits: decoders only: also return all logits (memory grows with the input length).
         """
         attention_mask = self._check_inputs(input_ids, attention_mask, labels, memory)
+        if self.associative is not None and self.associative.layers_checkpointed():
+            raise ValueError("the backbone's own activation checkpointing would recompute its layers outside the "
+                             "ARMT segment step, without the associative state: disable it and set "
+                             "backprop='checkpoint' or 'replay' in the ARMTConfig instead.")
         batch, length = input_ids.shape
         targets = self._next_token_targets(labels, attention_mask) if self.spec.kind == "decoder" else None
         segments = [
@@ -156,10 +170,17 @@ class RecurrentMemoryModel(nn.Module):
             for start, end in segment_bounds(length, self.config.segment_size, self.config.segment_alignment)
         ]
         state = self._initial_state(batch, memory)
-        step = self._decoder_step if self.spec.kind == "decoder" else self._encoder_step
-        loss_sum, state, extras = run_segments(step, state, segments, self.config.backprop, self.config.bptt_depth)
+        if self._runs_wavefront():
+            loss_sum, state, extras = run_wavefront(self, state, segments)
+        else:
+            step = self._decoder_step if self.spec.kind == "decoder" else self._encoder_step
+            loss_sum, state, extras = run_segments(step, state, segments, self.config.backprop,
+                                                   self.config.bptt_depth)
 
-        final_memory = state[0] if self.memory is not None else None
+        if self.associative is not None:
+            final_memory = AssociativeState.from_tuple(state)
+        else:
+            final_memory = state[0] if self.memory is not None else None
         if self.spec.kind == "decoder":
             num_targets = int((targets != IGNORE_INDEX).sum()) if targets is not None else 0
             loss = loss_sum / num_targets if num_targets else None
@@ -169,7 +190,13 @@ class RecurrentMemoryModel(nn.Module):
             loss = None if labels is None else self._classification_loss(logits, labels)
         return RMTOutput(loss=loss, memory=final_memory, logits=logits, num_segments=len(segments))
 
-    def _initial_state(self, batch: int, memory: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+    def _runs_wavefront(self) -> bool:
+        return (self.associative is not None and self.config.execution == "wavefront"
+                and not torch.is_grad_enabled())
+
+    def _initial_state(self, batch: int, memory) -> tuple[torch.Tensor, ...]:
+        if self.associative is not None:
+            return self.associative.empty_state(batch, self._device()) if memory is None else memory.to_tuple()
         state = []
         if self.memory is not None:
             state.append(self.memory.unsqueeze(0).expand(batch, -1, -1) if memory is None else memory)
@@ -190,6 +217,8 @@ class RecurrentMemoryModel(nn.Module):
         return targets
 
     def _decoder_step(self, state, segment: _Segment):
+        if self.associative is not None:
+            return self._associative_step(state, segment)
         num_mem = self.config.num_mem_tokens
         tokens = self.backbone.get_input_embeddings()(segment.input_ids)
         ones = segment.attention_mask.new_ones(tokens.shape[0], num_mem)
@@ -209,6 +238,24 @@ class RecurrentMemoryModel(nn.Module):
             # a copy, not a view: a view would keep the segment's whole hidden state alive in the chain
             written = hidden[:, num_mem + length :].clone()
             new_state = (_keep_if_empty(written, memory, segment.attention_mask),)
+        return new_state, loss, logits
+
+    def _associative_inputs(self, segment: _Segment):
+        """ARMT's ``[segment | memory tokens]`` embeddings and mask."""
+        tokens = self.backbone.get_input_embeddings()(segment.input_ids)
+        batch = tokens.shape[0]
+        memory = self.memory.unsqueeze(0).expand(batch, -1, -1).to(tokens.dtype)
+        mask = torch.cat([segment.attention_mask, segment.attention_mask.new_ones(batch, memory.shape[1])], dim=1)
+        return torch.cat([tokens, memory], dim=1), mask
+
+    def _associative_step(self, state, segment: _Segment):
+        embeds, mask = self._associative_inputs(segment)
+        with self.associative.session(state, write_from_last=self.config.num_mem_tokens) as session:
+            hidden, _ = run_decoder(self.backbone, embeds, _padding_mask(mask), _positions(mask))
+        # under causal attention the tokens do not see the memory tokens after them
+        loss, logits = self._lm_loss(hidden[:, : segment.input_ids.shape[1]], segment.targets, segment.return_logits)
+        new_state = tuple(_keep_if_empty(new, old, segment.attention_mask)
+                          for new, old in zip(session.new_state(), state))
         return new_state, loss, logits
 
     def _lm_loss(self, token_hidden: torch.Tensor, targets: torch.Tensor | None, return_logits: bool):
@@ -282,9 +329,11 @@ class RecurrentMemoryModel(nn.Module):
         start = bounds[-1][0]
         if start > 0:
             memory = self(input_ids[:, :start], memory=memory).memory
+        elif self.associative is not None and memory is None:
+            memory = AssociativeState.from_tuple(self.associative.empty_state(input_ids.shape[0], self._device()))
         elif self.memory is not None and memory is None:
             memory = self.memory.unsqueeze(0).expand(input_ids.shape[0], -1, -1)
-        decoder = _SegmentDecoder(self, memory)
+        decoder = (_AssociativeSegmentDecoder if self.associative is not None else _SegmentDecoder)(self, memory)
         logits = decoder.feed(input_ids[:, start:])
         generated = []
         finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
@@ -302,7 +351,12 @@ class RecurrentMemoryModel(nn.Module):
     # ------------------------------------------------------------------ checks
     def _check_fits_positions(self) -> None:
         num_mem = self.config.num_mem_tokens
-        extra = 2 * num_mem if self.spec.kind == "decoder" else num_mem + (3 if num_mem else 2)
+        if self.associative is not None:
+            extra = num_mem
+        elif self.spec.kind == "decoder":
+            extra = 2 * num_mem
+        else:
+            extra = num_mem + (3 if num_mem else 2)
         needed = self.config.segment_size + extra
         if needed > self.spec.max_positions:
             raise ValueError(
@@ -331,12 +385,21 @@ class RecurrentMemoryModel(nn.Module):
             if labels.shape != expected:
                 raise ValueError(f"labels have shape {tuple(labels.shape)} but must have {tuple(expected)} "
                                  f"({'one per token' if self.spec.kind == 'decoder' else 'one class per sample'}).")
-        if memory is not None:
+        if memory is not None and self.associative is not None:
+            expected = [tuple(t.shape) for t in self.associative.empty_state(input_ids.shape[0], "meta")]
+            if not isinstance(memory, AssociativeState) or [tuple(t.shape) for t in memory.to_tuple()] != expected:
+                raise ValueError("memory must be the AssociativeState returned by this ARMT for a batch of "
+                                 f"{input_ids.shape[0]} samples.")
+        elif memory is not None:
             expected = (input_ids.shape[0], self.config.num_mem_tokens, self.spec.hidden_size)
             if self.memory is None or tuple(memory.shape) != expected:
                 raise ValueError(f"memory has shape {tuple(memory.shape)} but this model's memory is {expected}: "
                                  "pass the memory returned by this model for the same batch.")
         return attention_mask
+
+    def _hidden_width(self) -> int:
+        """Width of the residual stream inside the layers (OPT-350m projects its embeddings in)."""
+        return getattr(self.backbone.config, "hidden_size", self.spec.hidden_size)
 
     def _device(self) -> torch.device:
         return self.backbone.get_input_embeddings().weight.device
@@ -375,6 +438,27 @@ class _SegmentDecoder:
         positions = torch.arange(self.position, self.position + length, device=embeds.device).expand(batch, -1)
         hidden, self.cache = run_decoder(self.model.backbone, embeds, None, positions, self.cache, use_cache=True)
         self.position += length
+        return hidden
+
+
+class _AssociativeSegmentDecoder(_SegmentDecoder):
+    """ARMT decoding: tokens read the associative state, which stays fixed inside a segment; when a segment
+    is full its memory tokens are run through the cache, each layer writes, and a fresh segment begins."""
+
+    def start_segment(self) -> None:
+        self.cache, self.position, self.filled = None, 0, 0
+
+    def _close_segment(self) -> None:
+        memory = self.model.memory.unsqueeze(0).expand(self.memory.matrices[0].shape[0], -1, -1)
+        self._run(memory.to(self.model.backbone.dtype), write=True)
+        self.start_segment()
+
+    def _run(self, embeds: torch.Tensor, write: bool = False) -> torch.Tensor:
+        state = self.memory.to_tuple()
+        with self.model.associative.session(state, write_from_last=embeds.shape[1] if write else 0) as session:
+            hidden = super()._run(embeds)
+        if write:
+            self.memory = AssociativeState.from_tuple(session.new_state())
         return hidden
 
 

@@ -1,0 +1,198 @@
+"""The associative memory of ARMT: one per decoder layer, attached to an unchanged backbone with hooks.
+
+Per layer ``l`` and per sample, the state is a matrix ``A`` and a normaliser ``z`` (per head). Before the
+layer every token reads ``phi(W_q h) A / (phi(W_q h) . z + eps)`` into its residual stream; after the layer
+the memory tokens' outputs ``m`` are written with the delta rule::
+
+    k = phi(W_k m), v = W_v m, beta = sigmoid(W_b m)
+    A += sum beta k (v - k A / (k . z + eps))^T
+    z += sum gamma k,   gamma = clip(1 - z . k / |k|^2, 0, 1)  (no gradient through gamma)
+
+``phi`` is the DPFP feature map. ``W_v`` starts at zero, so A stays zero and, at init, the wrapped model
+computes exactly what the backbone computes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .backbones import UnsupportedBackboneError, decoder_layers
+from .config import ARMTConfig
+
+ARMT_DECODER_TYPES = ("opt", "gpt2", "llama", "mistral", "qwen2", "gpt_neox")
+EPS = 1e-5
+
+
+def dpfp(x: torch.Tensor, nu: int = 3) -> torch.Tensor:
+    """Deterministic parameter-free projection: ``[relu(x), relu(-x)]`` times its rolls by 1..nu, concatenated;
+    non-negative features of size ``2 * nu * x.shape[-1]``."""
+    x = torch.cat([F.relu(x), F.relu(-x)], dim=-1)
+    return torch.cat([x * x.roll(shifts=j, dims=-1) for j in range(1, nu + 1)], dim=-1)
+
+
+class AssociativeMemory(nn.Module):
+    """Read and write of one layer's associative memory. Holds only weights; the state is passed in."""
+
+    def __init__(self, hidden_size: int, config: ARMTConfig):
+        super().__init__()
+        if hidden_size % config.num_heads:
+            raise ValueError(f"num_heads={config.num_heads} does not divide the hidden size {hidden_size}: "
+                             "pick a divisor of it.")
+        self.num_heads, self.d_mem, self.nu = config.num_heads, config.d_mem, config.dpfp_nu
+        self.correction = config.correction
+        self.head_size = hidden_size // config.num_heads
+        self.feature_size = 2 * config.dpfp_nu * config.d_mem
+        self.query = nn.Linear(hidden_size, config.num_heads * config.d_mem, bias=False)
+        self.key = nn.Linear(hidden_size, config.num_heads * config.d_mem, bias=False)
+        self.value = nn.Linear(hidden_size, hidden_size, bias=False)
+        nn.init.zeros_(self.value.weight)  # A stays 0 until trained: at init the model is the backbone
+        self.gate = nn.Linear(hidden_size, config.num_heads) if config.gating else None
+
+    def empty_state(self, batch: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Zero ``A`` ``(batch, heads, features, head_size)`` and ``z`` ``(batch, heads, features)``, in float32
+        so that long streams accumulate without bf16 round-off."""
+        matrix = torch.zeros(batch, self.num_heads, self.feature_size, self.head_size, device=device)
+        return matrix, torch.zeros(batch, self.num_heads, self.feature_size, device=device)
+
+    def _features(self, projection: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+        batch, length = x.shape[:2]
+        projected = projection(x.to(projection.weight.dtype)).float()
+        features = dpfp(projected.view(batch, length, self.num_heads, self.d_mem).transpose(1, 2), self.nu)
+        # Unit-length features. DPFP is quadratic in its input, and without this the features, A and the
+        # reads feed each other through the residual stream until they overflow (measured: NaN after ~500
+        # steps on associative recall). A read is unchanged by the scale of its query anyway.
+        return features / features.norm(dim=-1, keepdim=True).clamp_min(EPS)
+
+    def read(self, hidden: torch.Tensor, matrix: torch.Tensor, normaliser: torch.Tensor) -> torch.Tensor:
+        """What every token retrieves, ``(batch, length, hidden)``, to add to its residual stream."""
+        query = self._features(self.query, hidden)  # (batch, heads, length, features)
+        retrieved = (query @ matrix) / (query @ normaliser.unsqueeze(-1) + EPS)
+        return retrieved.transpose(1, 2).flatten(2).to(hidden.dtype)
+
+    def write(self, memory_out: torch.Tensor, matrix: torch.Tensor, normaliser: torch.Tensor):
+        """New ``(A, z)`` after writing the memory tokens' layer outputs ``(batch, num_mem, hidden)``."""
+        batch, num_mem = memory_out.shape[:2]
+        key = self._features(self.key, memory_out)  # (batch, heads, num_mem, features)
+        value = self.value(memory_out.to(self.value.weight.dtype)).float()
+        value = value.view(batch, num_mem, self.num_heads, self.head_size).transpose(1, 2)
+        if self.gate is not None:
+            beta = torch.sigmoid(self.gate(memory_out.to(self.gate.weight.dtype)).float()).transpose(1, 2)
+            weighted_key = key * beta.unsqueeze(-1)
+        else:
+            weighted_key = key
+        if self.correction:
+            key_norm = key @ normaliser.unsqueeze(-1)  # (batch, heads, num_mem, 1)
+            value = value - (key @ matrix) / (key_norm + EPS)
+            gamma = (1 - key_norm / key.square().sum(-1, keepdim=True).clamp_min(EPS)).clamp(0, 1).detach()
+            key = key * gamma
+        matrix = matrix + weighted_key.transpose(-1, -2) @ value
+        normaliser = normaliser + key.sum(dim=2)
+        return matrix, normaliser
+
+
+@dataclass
+class AssociativeState:
+    """What an ARMT remembers about each sample: per layer, ``A`` ``(batch, heads, features, head_size)`` and
+    ``z`` ``(batch, heads, features)``. Returned as ``RMTOutput.memory`` and accepted as ``memory=``."""
+
+    matrices: tuple[torch.Tensor, ...]
+    normalisers: tuple[torch.Tensor, ...]
+
+    def to_tuple(self) -> tuple[torch.Tensor, ...]:
+        return tuple(t for pair in zip(self.matrices, self.normalisers) for t in pair)
+
+    @classmethod
+    def from_tuple(cls, flat) -> "AssociativeState":
+        return cls(tuple(flat[0::2]), tuple(flat[1::2]))
+
+    def detach(self) -> "AssociativeState":
+        return AssociativeState.from_tuple(tuple(t.detach() for t in self.to_tuple()))
+
+
+class _Session:
+    """The per-call link between a step and the layer hooks: the state each layer reads, and the state each
+    layer writes (when ``write_from_last`` memory tokens end the input)."""
+
+    def __init__(self, state: tuple[torch.Tensor, ...], write_from_last: int):
+        self.state = state
+        self.write_from_last = write_from_last
+        self.written: list[torch.Tensor | None] = [None] * len(state)
+
+    def new_state(self) -> tuple[torch.Tensor, ...]:
+        if any(t is None for t in self.written):
+            raise RuntimeError("a decoder layer was skipped, so its associative memory was not written "
+                               "(turn off layerdrop for ARMT).")
+        return tuple(self.written)
+
+
+class AssociativeLayers(nn.Module):
+    """One :class:`AssociativeMemory` per decoder layer, and the hooks that apply them.
+
+    The hooks act only inside :meth:`session`, which a segment step opens around its backbone call, so the
+    backbone behaves as usual elsewhere, and a recomputation (checkpoint, replay) sets the state again."""
+
+    def __init__(self, backbone: nn.Module, model_type: str, hidden_size: int, config: ARMTConfig):
+        super().__init__()
+        if model_type not in ARMT_DECODER_TYPES:
+            raise UnsupportedBackboneError(
+                f"ARMT needs a decoder backbone; {model_type!r} is not one. Supported: "
+                f"{', '.join(ARMT_DECODER_TYPES)}."
+            )
+        layers = decoder_layers(backbone)
+        self._layers = list(layers)  # a plain list: the layers belong to the backbone, not to this module
+        self.memories = nn.ModuleList(AssociativeMemory(hidden_size, config) for _ in layers)
+        self._session: _Session | None = None
+        for index, layer in enumerate(layers):
+            layer.register_forward_pre_hook(self._read_hook(index), with_kwargs=True)
+            layer.register_forward_hook(self._write_hook(index))
+
+    def layers_checkpointed(self) -> bool:
+        """Whether the backbone's own activation checkpointing is on (it would rerun layers without a session)."""
+        return any(getattr(layer, "gradient_checkpointing", False) for layer in self._layers)
+
+    def empty_state(self, batch: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+        return tuple(t for memory in self.memories for t in memory.empty_state(batch, device))
+
+    @contextlib.contextmanager
+    def session(self, state: tuple[torch.Tensor, ...], write_from_last: int = 0):
+        """Layers read ``state`` (flat ``(A_1, z_1, ..., A_L, z_L)``) for the duration of the block; with
+        ``write_from_last=m`` the last ``m`` positions are memory tokens and each layer writes their output."""
+        if self._session is not None:
+            raise RuntimeError("ARMT sessions do not nest: one segment runs at a time.")
+        self._session = _Session(state, write_from_last)
+        try:
+            yield self._session
+        finally:
+            self._session = None
+
+    def _read_hook(self, index: int):
+        def hook(layer, args, kwargs):
+            session = self._session
+            if session is None:
+                return None
+            matrix, normaliser = session.state[2 * index : 2 * index + 2]
+            if args:
+                hidden = args[0]
+                return (hidden + self.memories[index].read(hidden, matrix, normaliser), *args[1:]), kwargs
+            hidden = kwargs["hidden_states"]
+            return args, {**kwargs, "hidden_states": hidden + self.memories[index].read(hidden, matrix, normaliser)}
+
+        return hook
+
+    def _write_hook(self, index: int):
+        def hook(layer, args, output):
+            session = self._session
+            if session is None or not session.write_from_last:
+                return None
+            hidden = output[0] if isinstance(output, tuple) else output
+            matrix, normaliser = session.state[2 * index : 2 * index + 2]
+            written = self.memories[index].write(hidden[:, -session.write_from_last :], matrix, normaliser)
+            session.written[2 * index : 2 * index + 2] = written
+            return None
+
+        return hook
