@@ -16,8 +16,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from rmt_scale.training import signals  # noqa: E402
 from rmt_scale.training.distributed import select_accelerator  # noqa: E402
 
+signals.install()  # before the slow start-up, so an early SIGUSR1/SIGTERM is kept, not fatal
 select_accelerator()  # DS_ACCELERATOR=cpu without CUDA, before anything imports deepspeed
 
 from rmt_scale.training import EXIT_PREEMPTED, Preempted, parse_args, run  # noqa: E402

@@ -127,6 +127,17 @@ def test_train_job_two_tasks_writes_checkpoint_and_tensorboard(slurm_env, tmp_pa
     assert tensorboard_steps(out, "train/loss") == [1, 2, 3, 4, 5, 6]
     assert logged_steps(out) == [1, 2, 3, 4, 5, 6]
 
+    # the real evaluation launcher on the exported model, as 2 SLURM tasks, reproduces the run's accuracies
+    eval_log = tmp_path / "eval.out"
+    job = submit(slurm_env, eval_log, "--nodes=1", "--ntasks-per-node=2", str(REPO / "slurm" / "eval.sbatch"),
+                 "--model", str(out / "export"), "--out", str(tmp_path / "eval"), "--eval_segments", "1", "2",
+                 "--eval_samples", "8")
+    info = wait_until_final(slurm_env, job, eval_log, timeout=180)
+    assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), eval_log.read_text()
+    evaluated = json.loads((tmp_path / "eval" / "eval.json").read_text())["accuracy"]
+    trained = json.loads((out / "results.json").read_text())["accuracy"]["rmt"]
+    assert evaluated == {k: pytest.approx(trained[k]) for k in ("1", "2")}
+
 
 def test_signalled_job_checkpoints_requeues_and_resumes(slurm_env, tmp_path):
     """SIGUSR1 to the batch shell (what --signal=B:USR1@120 sends before the time limit) mid-run: the

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Installs the Debian packages the tests and benchmarks use, when missing (needs root and apt-get):
 #   libjemalloc2  allocator that keeps CPU RSS flat under per-segment recomputation (rmt_scale/allocator.py)
+#   g++           DeepSpeed compiles its CPU communication op on first use
 # Elsewhere it only says what is missing; the tests that need a package then fail with a clear message.
 set -euo pipefail
-packages=(libjemalloc2 "$@")
+packages=(libjemalloc2 g++ "$@")
 missing=()
 for package in "${packages[@]}"; do
   dpkg -s "$package" >/dev/null 2>&1 || missing+=("$package")

@@ -13,7 +13,6 @@ import json
 import os
 import resource
 import shutil
-import signal
 import time
 from pathlib import Path
 
@@ -23,7 +22,7 @@ import torch.distributed as dist
 from ..data import ShardStream, TaskGenerator, TextTokenizer, build_word_tokenizer
 from ..model import RecurrentMemoryModel, RMTConfig
 from ..model.presets import tiny_opt_config
-from . import checkpoint
+from . import checkpoint, signals
 from .config import BUILTIN_BACKBONE, TINY_BACKBONE, TrainConfig
 from .curriculum import Curriculum
 from .data import EVAL_SEED_OFFSET, TrainBatches
@@ -34,7 +33,6 @@ from .metrics import MetricsLogger
 
 # Exit code after a SIGUSR1/SIGTERM stop with a checkpoint written: "requeue me" (BSD EX_TEMPFAIL).
 EXIT_PREEMPTED = 75
-STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 
 
 class Preempted(Exception):
@@ -133,7 +131,6 @@ class Trainer:
         self.step = 0
         self.saved_step = -1
         self.accuracy: dict[int, float] = {}
-        self.stop_signal = None
 
     # ------------------------------------------------------------------ setup helpers
     def _find_resume(self) -> Path | None:
@@ -151,9 +148,6 @@ class Trainer:
         (self.out_dir / "train_config.json").write_text(self.config.to_json())
         self.tokenizer.save(str(self.out_dir / "tokenizer"))
 
-    def _handle_signal(self, signum, frame) -> None:
-        self.stop_signal = signum  # acted on at the end of the current step, on all ranks together
-
     # ------------------------------------------------------------------ the loop
     def fit(self) -> dict[int, float]:
         """Trains to ``max_steps`` (or until a stop signal); returns the final accuracy by length."""
@@ -166,7 +160,7 @@ class Trainer:
             self.curriculum.load_state_dict(state["curriculum"])
             self.batches.load_state_dict(state["data"])
             self.accuracy = state["accuracy"]
-        previous = [signal.signal(s, self._handle_signal) for s in STOP_SIGNALS]
+        signals.install()  # normally done by the launcher at start-up; again here for library callers
         logger = MetricsLogger(self.out_dir, self.is_main, self.step, config.max_steps, self.label)
         if self.resume_from is not None:
             logger.write(f"[{self.label}] resumed from {self.resume_from} at step {self.step}")
@@ -191,8 +185,6 @@ class Trainer:
                 self.export(self.out_dir / "export")
         finally:
             logger.close()
-            for s, handler in zip(STOP_SIGNALS, previous):
-                signal.signal(s, handler)
         return self.accuracy
 
     def _train_step(self, logger: MetricsLogger) -> None:
@@ -258,7 +250,7 @@ class Trainer:
                          f"segments -> stage {self.curriculum.max_segments} segments")
 
     def _stop_requested(self) -> bool:
-        flag = torch.tensor([1.0 if self.stop_signal is not None else 0.0], device=self.dist.device)
+        flag = torch.tensor([1.0 if signals.received() is not None else 0.0], device=self.dist.device)
         if self.dist.world_size > 1:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())

@@ -1,0 +1,79 @@
+#!/usr/bin/env python
+"""Evaluate an exported RMT (the `export/` directory a training run writes) by input length.
+
+    python launchers/eval.py --model runs/quickstart/export --eval_segments 1 4 16 64
+    srun python launchers/eval.py --model ...      # with RANK/WORLD_SIZE/... exported (slurm/eval.sbatch)
+
+Exact-answer accuracy on the same fixed evaluation samples training uses (task samples of whole segments,
+read with streaming inference, so any length runs in constant memory). Prints a table; rank 0 writes
+OUT/eval.json. Exit codes: 0 done; 2 bad input.
+"""
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from rmt_scale.training.distributed import select_accelerator  # noqa: E402
+
+select_accelerator()  # DS_ACCELERATOR=cpu without CUDA, before anything imports deepspeed
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True,
+                        help="directory written by save_pretrained (a run's export/), with its tokenizer/ inside")
+    parser.add_argument("--task", default="memorize", help="task of the evaluation samples (default: memorize)")
+    parser.add_argument("--eval_segments", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32],
+                        help="input lengths to evaluate, in segments (default: %(default)s)")
+    parser.add_argument("--eval_samples", type=int, default=64, help="samples per length, split over ranks")
+    parser.add_argument("--batch_size", type=int, default=16, help="samples per forward on each rank")
+    parser.add_argument("--data_seed", type=int, default=0,
+                        help="the training run's --data_seed, so the evaluation samples are the same as its own")
+    parser.add_argument("--out", help="directory for eval.json (default: the model directory)")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from rmt_scale import RecurrentMemoryModel
+    from rmt_scale.data import TaskGenerator, load_tokenizer
+    from rmt_scale.training.data import EVAL_SEED_OFFSET
+    from rmt_scale.training.distributed import init_distributed
+    from rmt_scale.training.evaluation import evaluate_by_length
+    from rmt_scale.training.run import format_table
+
+    try:
+        model_dir = Path(args.model)
+        if not (model_dir / "tokenizer").is_dir():
+            raise ValueError(f"{model_dir} has no tokenizer/ directory: pass a run's export/ directory.")
+        if min(args.eval_segments) <= 0 or args.eval_samples <= 0 or args.batch_size <= 0:
+            raise ValueError("--eval_segments, --eval_samples and --batch_size must be positive.")
+        dist_info = init_distributed()
+        model = RecurrentMemoryModel.from_pretrained(model_dir).to(dist_info.device).eval()
+        tokenizer = load_tokenizer(str(model_dir / "tokenizer"))
+        generator = TaskGenerator(args.task, tokenizer, seed=args.data_seed + EVAL_SEED_OFFSET)
+        segment_size = model.config.segment_size
+        accuracy = evaluate_by_length(model, generator, sorted(args.eval_segments), segment_size=segment_size,
+                                      samples=args.eval_samples, batch_size=args.batch_size,
+                                      pad_id=tokenizer.pad_id, rank=dist_info.rank, world_size=dist_info.world_size)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    if dist_info.rank == 0:
+        out = Path(args.out or model_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "eval.json").write_text(json.dumps({
+            "model": str(model_dir), "task": args.task, "segment_size": segment_size,
+            "accuracy": {str(k): v for k, v in accuracy.items()}}, indent=2) + "\n")
+        print(format_table({"rmt": accuracy}, segment_size, None), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
