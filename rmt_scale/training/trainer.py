@@ -175,7 +175,8 @@ class Trainer:
                     self._save()
                 if self._stop_requested():
                     self._save()
-                    logger.write(f"[{self.label}] stopped by a signal at step {self.step}; checkpoint written, "
+                    source = signals.received() or "from another rank"
+                    logger.write(f"[{self.label}] stopped by signal {source} at step {self.step}; checkpoint written, "
                                  f"exit code {EXIT_PREEMPTED}")
                     raise Preempted
             if not self.accuracy:
