@@ -23,7 +23,7 @@ def test_help_explains_every_flag():
     result = run_tool("--help")
     assert result.returncode == 0
     for flag in ("--quick", "--out", "--backbone", "--lengths", "--segment-size", "--mem-tokens", "--modes",
-                 "--no-full", "--repeats", "--threads", "--memory-budget-mb", "--flop-slope-limit",
+                 "--memory", "--no-full", "--repeats", "--threads", "--memory-budget-mb", "--flop-slope-limit",
                  "--memory-slope-limit", "--tensorboard"):
         assert flag in result.stdout
 
@@ -56,5 +56,9 @@ def test_quick_run_writes_reports_and_passes_the_gate(tmp_path):
     assert any((tmp_path / "tensorboard").iterdir())
     data = json.loads((tmp_path / "report.json").read_text())
     assert data["verdict"]["passed"]
-    assert {m["variant"] for m in data["measurements"]} == {"full attention", "rmt-bptt", "rmt-checkpoint", "rmt-replay"}
+    assert {m["variant"] for m in data["measurements"]} == {
+        "full attention", *(f"{kind}-{mode}" for kind in ("rmt", "armt") for mode in ("bptt", "checkpoint", "replay"))}
+    # the gate covers ARMT too: its FLOPs grow linearly with length like the RMT's
+    for mode in ("bptt", "checkpoint", "replay"):
+        assert data["slopes"][f"armt-{mode}"]["train_flops"] <= 1.05
     assert all(not m["error"] for m in data["measurements"])

@@ -31,8 +31,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default: 2)")
     parser.add_argument("--full_attention_max_tokens", type=int, default=32768,
                         help="longest input tried with full attention (default: %(default)s)")
-    parser.add_argument("--bptt_max_segments", type=int, default=64,
-                        help="longest input tried in 'bptt' mode, whose memory grows with length (default: 64)")
+    parser.add_argument("--bptt_max_segments", type=int, default=256,
+                        help="longest input tried in 'bptt' mode, whose memory grows with length (default: 256, "
+                             "about 12 GB with the defaults)")
     parser.add_argument("--min_seconds", type=float, default=3.0,
                         help="repeat short measurements until they last this long (default: 3)")
     parser.add_argument("--allocator", default="auto", choices=["auto", "jemalloc", "glibc"],

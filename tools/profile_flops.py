@@ -25,7 +25,8 @@ import psutil
 from tqdm import tqdm
 
 from rmt_scale.profiling import report
-from rmt_scale.profiling.measure import FULL_ATTENTION, PRESETS, RMT_MODES, Measurer, Variant, backbone_config, sweep
+from rmt_scale.profiling.measure import (FULL_ATTENTION, MEMORY_KINDS, PRESETS, RMT_MODES, Measurer, Variant,
+                                        backbone_config, sweep)
 
 # --quick: a micro backbone and short inputs, so the whole run stays well under two minutes on CPU.
 # One thread: on a small shared box, two OpenMP threads fighting other processes for two cores made
@@ -56,6 +57,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                              f"{FULL['mem_tokens']}, with --quick {QUICK['mem_tokens']}")
     parser.add_argument("--modes", nargs="+", choices=RMT_MODES, default=list(RMT_MODES),
                         help="RMT backprop modes to measure; default: all")
+    parser.add_argument("--memory", nargs="+", choices=MEMORY_KINDS, default=list(MEMORY_KINDS),
+                        help="memory wrappers to measure in each mode: rmt (memory tokens), armt (associative "
+                             "memory in every layer); default: both. The slope gate covers all of them")
     parser.add_argument("--no-full", action="store_true", help="skip the full-attention baseline")
     parser.add_argument("--repeats", type=int,
                         help=f"timed runs per measurement, the fastest is kept; default {FULL['repeats']}, "
@@ -96,7 +100,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     started = time.perf_counter()
     variants = [] if args.no_full else [Variant(FULL_ATTENTION, FULL_ATTENTION)]
-    variants += [Variant("rmt", mode, args.segment_size, args.mem_tokens) for mode in args.modes]
+    variants += [Variant(kind, mode, args.segment_size, args.mem_tokens) for kind in args.memory for mode in args.modes]
     measurer = Measurer(args.backbone, max_positions=max(args.lengths), threads=args.threads,
                         repeats=args.repeats)
 
@@ -108,7 +112,7 @@ def main(argv=None) -> int:
         measurements = sweep(measurer, variants, args.lengths, args.memory_budget_mb, on_done)
 
     settings = dict(backbone=args.backbone, lengths=args.lengths, segment_size=args.segment_size,
-                    num_mem_tokens=args.mem_tokens, modes=args.modes, threads=measurer.threads,
+                    num_mem_tokens=args.mem_tokens, memory=args.memory, modes=args.modes, threads=measurer.threads,
                     allocator=measurer.allocator,
                     repeats=args.repeats, memory_budget_mb=args.memory_budget_mb,
                     flop_slope_limit=args.flop_slope_limit, memory_slope_limit=args.memory_slope_limit,

@@ -28,7 +28,7 @@ import torch
 import transformers
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
-from rmt_scale import RecurrentMemoryModel, RMTConfig
+from rmt_scale import ARMTConfig, RecurrentMemoryModel, RMTConfig
 from rmt_scale.allocator import allocator_env
 from rmt_scale.model.presets import tiny_opt_config
 from rmt_scale.profiling.opt_configs import OPT_NAMES, opt_config
@@ -44,13 +44,14 @@ PRESETS = {
 FULL_ATTENTION = "full"
 FULL_ATTENTION_LABEL = "full attention"
 RMT_MODES = ("bptt", "checkpoint", "replay")
+MEMORY_KINDS = ("rmt", "armt")
 
 
 @dataclass(frozen=True)
 class Variant:
-    """What to measure: the plain backbone ("full") or an RMT wrapper in one backprop mode."""
+    """What to measure: the plain backbone ("full") or a memory wrapper (RMT or ARMT) in one backprop mode."""
 
-    name: str  # "full" or "rmt"
+    name: str  # "full", or one of MEMORY_KINDS
     mode: str  # "full" for the plain backbone, else one of RMT_MODES
     segment_size: int = 512
     num_mem_tokens: int = 16
@@ -103,9 +104,10 @@ def _build_model(variant: Variant, config) -> torch.nn.Module:
     backbone = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
     if variant.name == FULL_ATTENTION:
         return backbone
-    rmt_config = RMTConfig(num_mem_tokens=variant.num_mem_tokens, segment_size=variant.segment_size,
-                           bptt_depth=-1, backprop=variant.mode)
-    return RecurrentMemoryModel(backbone, rmt_config)
+    config_class = ARMTConfig if variant.name == "armt" else RMTConfig
+    memory_config = config_class(num_mem_tokens=variant.num_mem_tokens, segment_size=variant.segment_size,
+                                 bptt_depth=-1, backprop=variant.mode)
+    return RecurrentMemoryModel(backbone, memory_config)
 
 
 def _peak_mb_since(rss_before: int) -> float:
