@@ -33,9 +33,21 @@ TINY = {
     "bert": lambda: transformers.BertConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                             num_attention_heads=4, max_position_embeddings=64, num_labels=3,
                                             hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0),
+    # pad_token_id=0 keeps the tests' CLS/SEP ids (1, 2) from being read as padding; positions still start at
+    # padding_idx + 1, as in every RoBERTa
+    "roberta": lambda: transformers.RobertaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
+                                                  num_hidden_layers=2, num_attention_heads=4,
+                                                  max_position_embeddings=65, num_labels=3, pad_token_id=0,
+                                                  bos_token_id=1, eos_token_id=2, hidden_dropout_prob=0.0,
+                                                  attention_probs_dropout_prob=0.0),
 }
 DECODERS = ["opt", "gpt2", "llama", "mistral", "gpt_neox"]
+ENCODERS = ["bert", "roberta"]
 CLS_ID, SEP_ID = 1, 2
+
+
+def _auto_class(family: str):
+    return transformers.AutoModelForSequenceClassification if family in ENCODERS else transformers.AutoModelForCausalLM
 
 
 @pytest.fixture(scope="session")
@@ -46,7 +58,7 @@ def backbone_dirs(tmp_path_factory) -> dict[str, Path]:
     for family, make_config in TINY.items():
         torch.manual_seed(0)
         config = make_config()
-        auto = transformers.AutoModelForSequenceClassification if family == "bert" else transformers.AutoModelForCausalLM
+        auto = _auto_class(family)
         model = auto.from_config(config)
         model.save_pretrained(root / family)
         dirs[family] = root / family
@@ -56,7 +68,7 @@ def backbone_dirs(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture
 def load_backbone(backbone_dirs):
     def load(family: str):
-        auto = transformers.AutoModelForSequenceClassification if family == "bert" else transformers.AutoModelForCausalLM
+        auto = _auto_class(family)
         return auto.from_pretrained(backbone_dirs[family]).eval()
 
     return load

@@ -181,10 +181,11 @@ def test_streaming_in_chunks_equals_one_call(load_backbone):
     torch.testing.assert_close(torch.cat(logits, 1), whole.logits, atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("family", ["opt", "gpt2", "llama"])
-@pytest.mark.parametrize("context", [5, 21])
-def test_greedy_generation_matches_the_segmented_forward(load_backbone, family, context):
-    model = armt(load_backbone, family)
+@pytest.mark.parametrize("family, alignment", [("opt", "left"), ("gpt2", "left"), ("llama", "left"),
+                                               ("opt", "right"), ("llama", "right")])
+@pytest.mark.parametrize("context", [1, 5, 21])
+def test_greedy_generation_matches_the_segmented_forward(load_backbone, family, alignment, context):
+    model = armt(load_backbone, family, segment_alignment=alignment)
     prompt = ids(2, context)
     generated = model.generate(prompt, max_new_tokens=14)
     assert generated.shape == (2, context + 14) and torch.equal(generated[:, :context], prompt)
@@ -220,15 +221,48 @@ def test_wavefront_equals_sequential_execution(load_backbone, family, dtype, tol
     assert_states_close(wavefront.memory, sequential.memory, tol)
 
 
-def test_wavefront_is_for_inference_training_keeps_its_backprop_mode(load_backbone):
+def test_with_gradients_on_wavefront_falls_back_to_the_backprop_mode(load_backbone, monkeypatch):
+    """Wavefront is inference-only. Run under grad, its vmap over stacked copies of the weights would send
+    no gradient to the layers; the documented fallback trains them."""
+    import rmt_scale.model.modeling as modeling
+
+    wavefront_runs = []
+
+    def counting_run_wavefront(*args):
+        wavefront_runs.append(torch.is_grad_enabled())
+        return run_wavefront(*args)
+
+    run_wavefront = modeling.run_wavefront
+    monkeypatch.setattr(modeling, "run_wavefront", counting_run_wavefront)
+    model = armt(load_backbone, "opt", execution="wavefront", backprop="checkpoint")
     x = ids(2, 30)
-    grads = {}
-    for execution in ("sequential", "wavefront"):
-        model = armt(load_backbone, "opt", execution=execution, backprop="checkpoint")
-        model(x, labels=x).loss.backward()
-        grads[execution] = gradients(model)
-    for name, grad in grads["sequential"].items():
-        torch.testing.assert_close(grads["wavefront"][name], grad)
+    model(x, labels=x).loss.backward()
+    assert wavefront_runs == []
+    layer_weight = model.backbone.model.decoder.layers[0].fc1.weight
+    assert layer_weight.grad is not None and layer_weight.grad.abs().max() > 0
+    assert model.associative.memories[0].key.weight.grad.abs().max() > 0
+    with torch.no_grad():
+        model(x)
+    assert wavefront_runs == [False]
+
+
+def test_wavefront_in_train_mode_draws_dropout_per_cell(load_backbone):
+    """Under no_grad a model left in train mode keeps its dropout; the wavefront draws an independent mask
+    for every cell of a diagonal, as sequential execution draws one per layer call."""
+    model = armt(load_backbone, "gpt2", execution="wavefront")
+    for module in model.backbone.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.3
+    x = ids(2, 30)
+    with torch.no_grad():
+        evaluated = model.eval()(x, labels=x).loss
+        model.train()
+        torch.manual_seed(1)
+        dropped = model(x, labels=x).loss
+        torch.manual_seed(1)
+        again = model(x, labels=x).loss
+    torch.testing.assert_close(again, dropped, atol=0, rtol=0)  # reproducible under a seed
+    assert torch.isfinite(dropped) and (dropped - evaluated).abs() > 1e-3  # dropout was applied
 
 
 # ---------------------------------------------------------------- persistence and errors

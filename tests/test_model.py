@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
+import re
+
+import numpy as np
 import pytest
 import torch
 import transformers
-from conftest import CLS_ID, DECODERS, SEP_ID, VOCAB
+from conftest import CLS_ID, DECODERS, ENCODERS, SEP_ID, VOCAB
 
-from rmt_scale import ConfigError, RecurrentMemoryModel, RMTConfig, UnsupportedBackboneError
+from rmt_scale import ARMTConfig, ConfigError, RecurrentMemoryModel, RMTConfig, UnsupportedBackboneError
 
 
 def rmt(load_backbone, family: str, **config) -> RecurrentMemoryModel:
     torch.manual_seed(0)
     config.setdefault("num_mem_tokens", 3)
     config.setdefault("segment_size", 8)
-    if family == "bert":
+    if family in ENCODERS:
         config.update(cls_token_id=CLS_ID, sep_token_id=SEP_ID)
     return RecurrentMemoryModel(load_backbone(family), RMTConfig(**config))
 
@@ -63,8 +66,11 @@ def test_without_memory_one_segment_equals_the_backbone(load_backbone, family):
     assert ours.memory is None and ours.num_segments == 1
 
 
-def test_encoder_without_memory_equals_the_backbone_on_cls_text_sep(load_backbone):
-    model = rmt(load_backbone, "bert", num_mem_tokens=0, segment_size=16)
+@pytest.mark.parametrize("family", ENCODERS)
+def test_encoder_without_memory_equals_the_backbone_on_cls_text_sep(load_backbone, family):
+    """RoBERTa's positions start at padding_idx + 1, BERT's at 0: the wrapper must place tokens as the
+    backbone itself does."""
+    model = rmt(load_backbone, family, num_mem_tokens=0, segment_size=16)
     x = ids(2, 16)
     framed = torch.cat([torch.full((2, 1), CLS_ID), x, torch.full((2, 1), SEP_ID)], dim=1)
     torch.testing.assert_close(model(x).logits, model.backbone(framed).logits, atol=1e-5, rtol=1e-5)
@@ -138,7 +144,7 @@ def test_bptt_depth_limits_how_far_gradients_flow_back(load_backbone, mode):
 
 
 # ---------------------------------------------------------------- padding
-@pytest.mark.parametrize("family", ["opt", "llama", "gpt_neox", "bert"])
+@pytest.mark.parametrize("family", ["opt", "llama", "gpt_neox", "bert", "roberta"])
 @pytest.mark.parametrize("side", ["right", "left"])
 def test_a_padded_sample_behaves_as_if_alone(load_backbone, family, side):
     model = rmt(load_backbone, family, segment_size=6, segment_alignment="left" if side == "right" else "right")
@@ -148,10 +154,10 @@ def test_a_padded_sample_behaves_as_if_alone(load_backbone, family, side):
     mask = torch.cat([torch.ones(1, 9), torch.zeros(1, 11)], 1) if side == "right" else \
         torch.cat([torch.zeros(1, 11), torch.ones(1, 9)], 1)
     batch = model(torch.cat([long, padded]), attention_mask=torch.cat([torch.ones(1, 20), mask]).long(),
-                  return_logits=family != "bert")
-    alone = model(short, return_logits=family != "bert")
+                  return_logits=family not in ENCODERS)
+    alone = model(short, return_logits=family not in ENCODERS)
     torch.testing.assert_close(batch.memory[1:], alone.memory, atol=1e-5, rtol=1e-4)
-    if family == "bert":
+    if family in ENCODERS:
         torch.testing.assert_close(batch.logits[1:], alone.logits, atol=1e-5, rtol=1e-4)
     else:
         real = mask[0].bool()
@@ -167,13 +173,28 @@ def test_padding_is_excluded_from_the_loss(load_backbone):
                                model(short, labels=short).loss, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("family", DECODERS)
+def test_left_padding_predicts_nothing(load_backbone, family):
+    """The last padding position must not predict the first real token: the loss of a left-padded sample
+    is the loss of the sample alone (right alignment puts both on the same segment borders)."""
+    model = rmt(load_backbone, family, segment_size=5, segment_alignment="right")
+    short = ids(1, 12, seed=6)
+    padded = torch.cat([torch.zeros(1, 7, dtype=torch.long), short], 1)
+    mask = torch.cat([torch.zeros(1, 7), torch.ones(1, 12)], 1).long()
+    labels = torch.cat([torch.full((1, 7), -100), short], 1)
+    torch.testing.assert_close(model(padded, attention_mask=mask, labels=labels).loss,
+                               model(short, labels=short).loss, atol=1e-6, rtol=1e-6)
+
+
 # ---------------------------------------------------------------- generation
 @pytest.mark.parametrize("family", ["opt", "gpt2", "llama", "gpt_neox"])
-@pytest.mark.parametrize("context", [5, 21])
-def test_greedy_generation_matches_the_segmented_forward(load_backbone, family, context):
+@pytest.mark.parametrize("context", [1, 5, 21])
+@pytest.mark.parametrize("alignment", ["left", "right"])
+def test_greedy_generation_matches_the_segmented_forward(load_backbone, family, context, alignment):
     """Decoding with the KV cache across segment borders picks the argmax of what forward computes on
-    the whole text, both for a context shorter than a segment and for text running over several borders."""
-    model = rmt(load_backbone, family, segment_size=8)
+    the whole text, both for a context shorter than a segment and for text running over several borders.
+    Right-aligned, the borders depend on the final length (1 + 14 tokens: a first segment of 7)."""
+    model = rmt(load_backbone, family, segment_size=8, segment_alignment=alignment)
     prompt = ids(2, context)
     generated = model.generate(prompt, max_new_tokens=14)
     assert generated.shape == (2, context + 14) and torch.equal(generated[:, :context], prompt)
@@ -258,6 +279,51 @@ def test_bad_inputs_raise_clear_errors(load_backbone):
         model(ids(2, 10), memory=torch.zeros(2, 5, 32))
     with pytest.raises(ValueError, match="one class per sample"):
         rmt(load_backbone, "bert")(ids(2, 10), labels=ids(2, 10))
+
+
+def test_sampling_settings_are_checked(load_backbone):
+    model = rmt(load_backbone, "opt")
+    prompt = ids(1, 5)
+    for temperature in (0, -1):
+        with pytest.raises(ValueError, match=f"temperature={temperature} .*greater than 0.*do_sample=False"):
+            model.generate(prompt, do_sample=True, temperature=temperature)
+    with pytest.raises(ValueError, match="top_k=0 .*at least 1"):
+        model.generate(prompt, do_sample=True, top_k=0)
+    torch.manual_seed(0)
+    sampled = model.generate(prompt, max_new_tokens=4, do_sample=True, temperature=0.5, top_k=1)
+    torch.testing.assert_close(sampled, model.generate(prompt, max_new_tokens=4))  # top_k=1 is greedy
+
+
+def test_memory_of_another_kind_is_refused(load_backbone):
+    model = rmt(load_backbone, "opt")
+    armt = RecurrentMemoryModel(load_backbone("opt"), ARMTConfig(num_mem_tokens=3, segment_size=8, d_mem=4))
+    with pytest.raises(ValueError, match="memory must be a tensor.*got AssociativeState"):
+        model(ids(1, 10), memory=armt(ids(1, 10)).memory)
+    as_numpy = model(ids(1, 10)).memory.detach().numpy()
+    with pytest.raises(ValueError, match="memory must be a tensor.*got ndarray"):
+        model(ids(1, 10), memory=as_numpy)
+    with pytest.raises(ValueError, match="memory must be a tensor.*got ndarray"):
+        model.generate(ids(1, 10), memory=as_numpy)
+    with pytest.raises(ValueError, match="AssociativeState returned by this ARMT"):
+        armt(ids(1, 10), memory=np.zeros((1, 3, 32)))
+
+
+def test_attention_mask_must_be_zeros_and_ones(load_backbone):
+    model = rmt(load_backbone, "opt")
+    mask = torch.ones(2, 10, dtype=torch.long)
+    mask[1, 3] = 2
+    with pytest.raises(ValueError, match=r"attention_mask holds values other than 0 and 1 \(2\)"):
+        model(ids(2, 10), attention_mask=mask)
+    torch.testing.assert_close(model(ids(2, 10), attention_mask=mask.bool()).memory, model(ids(2, 10)).memory)
+
+
+@pytest.mark.parametrize("damaged", ["memory.safetensors", "backbone/model.safetensors"])
+def test_a_damaged_weights_file_is_named(load_backbone, tmp_path, damaged):
+    rmt(load_backbone, "opt").save_pretrained(tmp_path / "rmt")
+    path = tmp_path / "rmt" / damaged
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(ValueError, match=f"{re.escape(str(path))}.*damaged"):
+        RecurrentMemoryModel.from_pretrained(tmp_path / "rmt")
 
 
 def test_unsupported_architectures_are_named(backbone_dirs):

@@ -50,11 +50,14 @@ def describe_backbone(backbone: nn.Module) -> BackboneSpec:
             f"architecture {model_type!r} is not supported. Supported decoders: {', '.join(DECODER_TYPES)}; "
             f"encoders: {', '.join(ENCODER_TYPES)}."
         )
-    max_positions = config.max_position_embeddings
-    if model_type == "roberta":  # RoBERTa's positions start after padding_idx
-        max_positions -= config.pad_token_id + 1
+    max_positions = config.max_position_embeddings - first_position(config)
     hidden_size = backbone.get_input_embeddings().embedding_dim
     return BackboneSpec(kind, model_type, hidden_size, max_positions, config.num_hidden_layers)
+
+
+def first_position(config) -> int:
+    """The position id of a sequence's first token: RoBERTa's positions start after its padding_idx."""
+    return config.pad_token_id + 1 if config.model_type == "roberta" else 0
 
 
 def decoder_layers(backbone: nn.Module) -> nn.ModuleList:
@@ -108,11 +111,12 @@ def run_decoder(
 
 
 def run_encoder(backbone: nn.Module, embeds: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor):
-    """Classification logits and last-layer hidden states of a sequence-classification encoder."""
+    """Classification logits and last-layer hidden states of a sequence-classification encoder;
+    ``position_ids`` count from 0."""
     out = backbone(
         inputs_embeds=embeds,
         attention_mask=attention_mask,
-        position_ids=position_ids,
+        position_ids=position_ids + first_position(backbone.config),
         token_type_ids=torch.zeros_like(position_ids),
         output_hidden_states=True,
     )

@@ -126,7 +126,8 @@ class ARMTConfig(RMTConfig):
             corrected normaliser update; off gives the plain linear-attention update A += k v^T, z += k.
         execution: ``"sequential"`` runs segment after segment; ``"wavefront"`` runs the cells (segment s,
             layer l) with equal s + l together (diagonal batching). Wavefront is an inference schedule: it is
-            used when gradients are off; with gradients on, ``backprop`` decides.
+            used when gradients are off; with gradients on, ``backprop`` decides. A model left in train mode
+            keeps its dropout there, each cell drawing its own mask.
     """
 
     d_mem: int = 64

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 import transformers
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers.utils import ModelOutput
@@ -123,9 +124,16 @@ class RecurrentMemoryModel(nn.Module):
         architectures = transformers.AutoConfig.from_pretrained(backbone_dir).architectures or []
         if not architectures or not hasattr(transformers, architectures[0]):
             raise ValueError(f"{backbone_dir}/config.json names no known architecture; re-save the model.")
-        backbone = getattr(transformers, architectures[0]).from_pretrained(backbone_dir, **backbone_kwargs)
+        try:
+            backbone = getattr(transformers, architectures[0]).from_pretrained(backbone_dir, **backbone_kwargs)
+        except SafetensorError as error:
+            damaged = [path for path in sorted(backbone_dir.glob("*.safetensors")) if not _readable(path)]
+            raise _damaged_weights(damaged[0] if damaged else backbone_dir, error) from error
         model = cls(backbone, config)
-        own = load_file(str(directory / WEIGHTS_NAME))
+        try:
+            own = load_file(str(directory / WEIGHTS_NAME))
+        except SafetensorError as error:
+            raise _damaged_weights(directory / WEIGHTS_NAME, error) from error
         missing, unexpected = model.load_state_dict(own, strict=False)
         missing = [name for name in missing if not name.startswith("backbone.")]
         if missing or unexpected:
@@ -208,12 +216,15 @@ class RecurrentMemoryModel(nn.Module):
     @staticmethod
     def _next_token_targets(labels: torch.Tensor | None, attention_mask: torch.Tensor) -> torch.Tensor | None:
         """Labels shifted once over the whole input, so every segment's last token predicts the next
-        segment's first token, exactly as the backbone's own loss on the unsegmented input."""
+        segment's first token, exactly as the backbone's own loss on the unsegmented input. Padding is
+        neither a target nor a predictor: the last position of left padding would otherwise predict the
+        first token, which nothing predicts when the sample is alone."""
         if labels is None:
             return None
         targets = torch.full_like(labels, IGNORE_INDEX)
         targets[:, :-1] = labels[:, 1:]
         targets[:, :-1][attention_mask[:, 1:] == 0] = IGNORE_INDEX
+        targets[attention_mask == 0] = IGNORE_INDEX
         return targets
 
     def _decoder_step(self, state, segment: _Segment):
@@ -319,21 +330,33 @@ class RecurrentMemoryModel(nn.Module):
         """Continues ``input_ids`` (``(batch, length)``, no padding): the context segments build memory,
         then tokens are decoded from ``[memory | last segment]`` with the backbone's KV cache. When the text
         fills a segment, the segment's write memory is computed and decoding goes on in a fresh segment,
-        exactly as ``forward`` would cut the whole text. Returns context and new tokens."""
+        exactly as ``forward`` would cut the whole text. Right-aligned segments are cut from the end of the
+        text, so they are laid out for the full ``max_new_tokens``; a generation stopped early by
+        ``eos_token_id`` keeps those borders. Returns context and new tokens.
+
+        With ``do_sample``, tokens are drawn from the softmax of the logits divided by ``temperature``
+        (> 0), restricted to the ``top_k`` (>= 1) most likely ones when given."""
         if self.spec.kind != "decoder":
             raise ValueError("generate needs a decoder backbone; encoders classify, call the model instead.")
         self._check_inputs(input_ids, None, None, memory)
         if max_new_tokens < 0:
             raise ValueError(f"max_new_tokens={max_new_tokens} is negative: pass 0 or more.")
-        bounds = segment_bounds(input_ids.shape[1], self.config.segment_size, self.config.segment_alignment)
-        start = bounds[-1][0]
+        if do_sample and not temperature > 0:
+            raise ValueError(f"temperature={temperature} is invalid: sampling needs a temperature greater than 0; "
+                             "for the most likely tokens pass do_sample=False.")
+        if do_sample and top_k is not None and top_k < 1:
+            raise ValueError(f"top_k={top_k} is invalid: keep at least 1 token, or pass None to sample from all.")
+        context = input_ids.shape[1]
+        bounds = segment_bounds(context + max_new_tokens, self.config.segment_size, self.config.segment_alignment)
+        start, end = next((start, end) for start, end in bounds if end >= context)  # holds the last context token
         if start > 0:
             memory = self(input_ids[:, :start], memory=memory).memory
         elif self.associative is not None and memory is None:
             memory = AssociativeState.from_tuple(self.associative.empty_state(input_ids.shape[0], self._device()))
         elif self.memory is not None and memory is None:
             memory = self.memory.unsqueeze(0).expand(input_ids.shape[0], -1, -1)
-        decoder = (_AssociativeSegmentDecoder if self.associative is not None else _SegmentDecoder)(self, memory)
+        decoder_class = _AssociativeSegmentDecoder if self.associative is not None else _SegmentDecoder
+        decoder = decoder_class(self, memory, first_segment_size=end - start)
         logits = decoder.feed(input_ids[:, start:])
         generated = []
         finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
@@ -377,6 +400,11 @@ class RecurrentMemoryModel(nn.Module):
         elif attention_mask.shape != input_ids.shape:
             raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)} but input_ids has "
                              f"{tuple(input_ids.shape)}: give one mask value per token.")
+        else:
+            other = attention_mask[(attention_mask != 0) & (attention_mask != 1)].unique()[:5].tolist()
+            if other:
+                raise ValueError(f"attention_mask holds values other than 0 and 1 ({', '.join(map(str, other))}): "
+                                 "pass 1 for tokens and 0 for padding.")
         empty = (attention_mask.sum(dim=1) == 0).nonzero().flatten().tolist()
         if empty:
             raise ValueError(f"samples {empty} have no tokens (their attention_mask is all zero): drop them.")
@@ -391,6 +419,9 @@ class RecurrentMemoryModel(nn.Module):
                 raise ValueError("memory must be the AssociativeState returned by this ARMT for a batch of "
                                  f"{input_ids.shape[0]} samples.")
         elif memory is not None:
+            if not isinstance(memory, torch.Tensor):
+                raise ValueError(f"memory must be a tensor, the RMTOutput.memory of this model, but got "
+                                 f"{type(memory).__name__}.")
             expected = (input_ids.shape[0], self.config.num_mem_tokens, self.spec.hidden_size)
             if self.memory is None or tuple(memory.shape) != expected:
                 raise ValueError(f"memory has shape {tuple(memory.shape)} but this model's memory is {expected}: "
@@ -407,11 +438,13 @@ class RecurrentMemoryModel(nn.Module):
 
 class _SegmentDecoder:
     """Incremental decoding inside segments: keeps the backbone's KV cache for the current segment and
-    rolls over to a new segment (new memory, fresh cache) when the current one is full."""
+    rolls over to a new segment (new memory, fresh cache) when the current one is full. The first segment
+    may be short (right alignment); the later ones hold ``segment_size`` tokens."""
 
-    def __init__(self, model: RecurrentMemoryModel, memory: torch.Tensor | None):
+    def __init__(self, model: RecurrentMemoryModel, memory, first_segment_size: int):
         self.model = model
         self.memory = memory
+        self.segment_size = first_segment_size
         self.start_segment()
 
     def start_segment(self) -> None:
@@ -421,8 +454,9 @@ class _SegmentDecoder:
 
     def feed(self, tokens: torch.Tensor) -> torch.Tensor:
         """Feeds tokens of the current segment (rolling over if full); returns the last position's logits."""
-        if self.filled == self.model.config.segment_size:
+        if self.filled == self.segment_size:
             self._close_segment()
+            self.segment_size = self.model.config.segment_size
         embeds = self.model.backbone.get_input_embeddings()(tokens)
         hidden = self._run(embeds)
         self.filled += tokens.shape[1]
@@ -465,7 +499,7 @@ class _AssociativeSegmentDecoder(_SegmentDecoder):
 def _pick(logits: torch.Tensor, do_sample: bool, temperature: float, top_k: int | None) -> torch.Tensor:
     if not do_sample:
         return logits.argmax(dim=-1)
-    logits = logits.float() / max(temperature, 1e-5)
+    logits = logits.float() / temperature
     if top_k is not None:
         threshold = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < threshold, float("-inf"))
@@ -490,6 +524,19 @@ def _keep_if_empty(new: torch.Tensor, old: torch.Tensor, token_mask: torch.Tenso
         return new
     shape = (-1,) + (1,) * (new.dim() - 1)
     return torch.where(has_tokens.view(shape), new, old.to(new.dtype))
+
+
+def _readable(path: Path) -> bool:
+    try:
+        with safe_open(str(path), framework="pt"):
+            return True
+    except SafetensorError:
+        return False
+
+
+def _damaged_weights(path: Path, error: Exception) -> ValueError:
+    return ValueError(f"{path} is damaged ({error}), e.g. truncated by an interrupted copy: copy or save the "
+                      "model again.")
 
 
 def _full_tensor(param: torch.Tensor) -> torch.Tensor:

@@ -8,7 +8,9 @@ weights and the cells' stacked inputs: every matmul becomes one batched matmul o
 
 A run takes ``num_segments + num_layers - 1`` calls instead of ``num_segments * num_layers``. It is an
 inference schedule: ``RecurrentMemoryModel.forward`` uses it when ``ARMTConfig.execution == "wavefront"``
-and gradients are off. Outputs equal sequential execution up to float round-off.
+and gradients are off. Outputs equal sequential execution up to float round-off. In train mode, dropout
+stays on and each cell of a diagonal draws its own mask, so the masks (not their distribution) differ from
+sequential execution's.
 """
 
 from __future__ import annotations
@@ -160,7 +162,8 @@ def _run_cells(template, params, buffers, cells, hidden, layer_state, calls, num
         args, kwargs = tree_unflatten(cell_leaves, reference.spec)
         return functional_call(template, (p, b), (h, matrix, normaliser, num_mem, args, kwargs))
 
-    outs, new_matrices, new_normalisers = vmap(one_cell)(
+    # a model left in train mode keeps its dropout: every cell draws its own mask
+    outs, new_matrices, new_normalisers = vmap(one_cell, randomness="different")(
         cell_params, cell_buffers, hiddens, matrices, normalisers, *varying
     )
     return list(zip(outs.unbind(0), new_matrices.unbind(0), new_normalisers.unbind(0)))
