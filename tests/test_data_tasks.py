@@ -143,18 +143,28 @@ def _error(fn) -> str:
     return str(info.value)
 
 
-def test_million_token_sample_is_fast_and_ten_million_wraps_background(tok):
-    import time
-
+def test_ten_million_token_sample_wraps_the_background(tok):
+    """~40x the built-in background: the background repeats, and the facts and question stay intact.
+    (How fast samples are made is measured by tools/bench_data.py, not here.)"""
     gen = TaskGenerator("reason", tok)
-    start = time.perf_counter()
-    sample = gen.sample(0, 1_000_000)
-    assert time.perf_counter() - start < 1.0
-    assert len(sample.tokens) + 1 == 1_000_000
-    big = gen.sample(1, 10_000_000)  # ~40x the built-in background: it wraps around
+    background = gen.background.tokens
+    big = gen.sample(1, 10_000_000)
     assert len(big.tokens) + len(big.answer) == 10_000_000
-    for fact, pos in zip(big.facts, big.fact_positions):
-        assert big.tokens[pos:pos + len(tok.encode(fact))].tolist() == tok.encode(fact).tolist()
+    for fact, pos, length in zip(big.facts, big.fact_positions, big.fact_lengths):
+        assert big.tokens[pos:pos + length].tolist() == tok.encode(fact).tolist()
+    question = tok.encode(big.question)
+    assert big.tokens[-len(question):].tolist() == question.tolist()
+    # a stretch of background far past its first pass is a stretch of the background text
+    start = 9 * len(background) + 12_345
+    stretch = big.tokens[start:start + 1000]
+    facts_span = [(p, p + n) for p, n in zip(big.fact_positions, big.fact_lengths)]
+    assert all(end <= start or p >= start + 1000 for p, end in facts_span)
+    assert _contains(np.concatenate([background, background]), stretch)
+
+
+def _contains(haystack: np.ndarray, needle: np.ndarray) -> bool:
+    windows = np.lib.stride_tricks.sliding_window_view(haystack, len(needle))
+    return bool((windows == needle).all(axis=1).any())
 
 
 def test_build_lm_example_masks_everything_but_the_answer(tok):

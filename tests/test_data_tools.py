@@ -5,8 +5,6 @@ import os
 import subprocess
 import sys
 
-import numpy as np
-
 from rmt_scale.data import ShardStream, load_tokenizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -44,10 +42,16 @@ def test_make_shards_writes_readable_shards_and_the_tokenizer(tmp_path):
     assert "the ship waited" in tok.decode(sample.tokens)
 
 
-def test_bench_prints_table_and_json(tmp_path):
+def test_bench_streams_every_token_and_reports_it(tmp_path):
+    """5 samples of 20,000 tokens in batches of 2: the reader delivers all 100,000 tokens, the segment
+    batches the 80,000 of the two full batches (the incomplete last batch is dropped)."""
     out = tmp_path / "bench.json"
-    stdout = run_tool("tools/bench_data.py", "--tokens", "20000", "--samples", "4", "--passes", "1",
-                      "--out", str(out)).stdout
+    stdout = run_tool("tools/bench_data.py", "--tokens", "20000", "--samples", "5", "--batch-size", "2",
+                      "--segment-size", "512", "--passes", "2", "--out", str(out)).stdout
     result = json.loads(out.read_text())
-    assert "segment batches" in stdout and json.loads(stdout.strip().splitlines()[-1]) == result
-    assert result["segment_batch_tokens_per_s"] > 0 and np.isfinite(result["generate_sample_s"])
+    assert json.loads(stdout.strip().splitlines()[-1]) == result
+    assert (result["read_tokens"], result["segment_batch_tokens"]) == (5 * 20_000, 2 * 2 * 20_000)
+    rows = [line.split("|")[1].strip() for line in stdout.splitlines() if line.startswith("| ")][1:]
+    assert rows == ["built-in background, tokenize once", "generate one 20,000-token sample",
+                    "encode + write one sample to a shard", "stream shards -> samples",
+                    "stream shards -> [2, n, 512] segment batches"]

@@ -3,6 +3,7 @@ activation-checkpointing mapping. No process group is needed."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -43,14 +44,55 @@ def test_shipped_configs_fill_auto(name):
     assert "auto" not in json.dumps(ds)
 
 
-def test_zero3_config_offloads_and_checkpoints():
-    ds = load_ds_config(str(CONFIGS / "zero3.json"))
-    zero = ds["zero_optimization"]
-    assert zero["stage"] == 3
-    assert zero["offload_param"]["device"] == "cpu" and zero["offload_optimizer"]["device"] == "cpu"
-    backprop, offload = activation_settings(TrainConfig(), ds)
+class CountingSaveOnCpu(torch.autograd.graph.save_on_cpu):
+    """torch's save_on_cpu, as the trainer enters it, recording each tensor it packs for backward."""
+
+    def __init__(self):
+        super().__init__(pin_memory=torch.cuda.is_available())
+        self.packed = []
+        pack = self.pack_hook
+
+        def counting_pack(tensor):
+            device, stored = pack(tensor)
+            self.packed.append(stored)
+            return device, stored
+
+        self.pack_hook = counting_pack
+
+
+def test_cpu_checkpointing_offloads_each_segments_input_memory_and_keeps_gradients():
+    """zero3.json's cpu_checkpointing puts the forward under save_on_cpu, around per-segment checkpoints: what
+    it moves to host memory is each segment's input memory, (batch, memory tokens, hidden) floats per segment,
+    and nothing else (the layers' activations are recomputed in backward, never saved). Gradients are those
+    of the same model without the offload."""
+    tokenizer = build_word_tokenizer()
+    config = TrainConfig(segment_size=16, num_mem_tokens=4)
+    backprop, offload = activation_settings(config, load_ds_config(str(CONFIGS / "zero3.json")))
     assert (backprop, offload) == ("checkpoint", True)
-    assert activation_settings(TrainConfig(), load_ds_config(str(CONFIGS / "ddp.json"))) == ("bptt", False)
+    assert activation_settings(config, load_ds_config(str(CONFIGS / "ddp.json"))) == ("bptt", False)
+    batch_size, segments = 3, 3
+    generator = TaskGenerator("memorize", tokenizer, seed=0)
+    batch = collate([generator.sample(i, segments * 16) for i in range(batch_size)], tokenizer.pad_id)
+
+    grads, packed = {}, {}
+    for mode, offloaded in ((backprop, False), (backprop, True), ("bptt", True)):
+        model = build_model(config, tokenizer, mode)
+        counting = CountingSaveOnCpu()
+        with counting if offloaded else contextlib.nullcontext():
+            loss = model(**batch).loss
+        loss.backward()
+        grads[mode, offloaded] = [p.grad.clone() for p in model.parameters()]
+        packed[mode, offloaded] = counting.packed
+
+    memory_bytes = batch_size * config.num_mem_tokens * model.backbone.config.hidden_size * 4
+    offloaded = packed[backprop, True]
+    assert [tuple(t.shape) for t in offloaded] == [(batch_size, 4, 128)] * segments
+    assert all(t.device.type == "cpu" for t in offloaded)
+    assert sum(t.nbytes for t in offloaded) == segments * memory_bytes == 18_432
+    # the counter sees activations where there are any: plain BPTT would offload every layer's
+    assert sum(t.nbytes for t in packed["bptt", True]) > 100 * segments * memory_bytes
+    for plain, with_offload in zip(grads[backprop, False], grads[backprop, True]):
+        torch.testing.assert_close(with_offload, plain, rtol=0, atol=0)
 
 
 def test_unknown_key_is_refused():

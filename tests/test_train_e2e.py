@@ -29,6 +29,9 @@ ROOT = Path(__file__).resolve().parents[1]
 LAUNCHER = str(ROOT / "launchers" / "train.py")
 DEEPSPEED = str(Path(sys.executable).parent / "deepspeed")
 SEGMENT = 16
+# largest loss difference over all steps against 1 rank x batch 4: measured 4.8e-7 (one float32 ulp at the
+# loss values) for 2 ranks and for ZeRO-3; the bound leaves room for other CPUs' rounding
+LOSS_TOLERANCE = 1e-5
 
 
 @pytest.fixture(scope="module")
@@ -47,15 +50,12 @@ def backbone(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def zero3_torch_adam(tmp_path_factory) -> Path:
-    """ds_configs/zero3.json with torch's AdamW on the offloaded states instead of DeepSpeed's CPU Adam,
-    whose C++ build takes minutes on a 2-core machine (and whose rounding differs from torch's)."""
-    config = json.loads((ROOT / "ds_configs" / "zero3.json").read_text())
-    config["optimizer"]["params"]["torch_adam"] = True
-    config["zero_force_ds_cpu_optimizer"] = False
-    path = tmp_path_factory.mktemp("ds") / "zero3_torch_adam.json"
-    path.write_text(json.dumps(config))
-    return path
+def cpu_adam_built():
+    """zero3.json's DeepSpeed CPU Adam is a C++ op compiled on first use (minutes on 2 cores, then cached in
+    ~/.cache/torch_extensions): build it here, so the runs' timeouts measure training, not the compiler."""
+    from deepspeed.ops.op_builder import CPUAdamBuilder
+
+    CPUAdamBuilder().load()
 
 
 def run_args(backbone: Path, out: Path, **flags) -> list[str]:
@@ -105,24 +105,24 @@ def scalars(out: Path) -> dict[str, list[tuple[int, float]]]:
     return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
 
 
-def test_ranks_and_zero_stages_follow_the_same_losses(backbone, zero3_torch_adam, tmp_path):
-    """1 rank x batch 4, 2 ranks x batch 2 (no ZeRO) and 2 ranks x batch 2 (ZeRO-3, offload, checkpointing)
-    see the same samples and must give the same losses; the ZeRO-3 run's logs, checkpoints and export are
-    then read back."""
+def test_ranks_and_zero_stages_follow_the_same_losses(backbone, cpu_adam_built, tmp_path):
+    """1 rank x batch 4, 2 ranks x batch 2 (no ZeRO) and 2 ranks x batch 2 (the shipped zero3.json, unchanged:
+    offload, checkpointing, DeepSpeed CPU Adam) see the same samples and must give the same losses; the
+    ZeRO-3 run's logs, checkpoints and export are then read back."""
     one = tmp_path / "one"
     launch(run_args(backbone, one, micro_batch_size=4, ds_config=ROOT / "ds_configs" / "ddp.json"), ranks=1)
     two = tmp_path / "two"
     launch(run_args(backbone, two, ds_config=ROOT / "ds_configs" / "ddp.json"), ranks=2)
     zero3 = tmp_path / "zero3"
-    launch(run_args(backbone, zero3, ds_config=zero3_torch_adam, save_every=2), ranks=2)
+    launch(run_args(backbone, zero3, ds_config=ROOT / "ds_configs" / "zero3.json", save_every=2), ranks=2)
 
     reference = losses(one)
     assert sorted(reference) == [1, 2, 3, 4]
     assert reference[4] < reference[1]  # it trains
     for other in (two, zero3):
         observed = losses(other)
-        for step in (1, 2, 3):
-            assert abs(observed[step] - reference[step]) < 1e-5, (other.name, step, observed, reference)
+        difference = max(abs(observed[step] - reference[step]) for step in reference)
+        assert difference < LOSS_TOLERANCE, (other.name, observed, reference)
 
     # TensorBoard: every scalar the issue lists, at every step, readable by tensorboard's own reader
     logged = scalars(zero3)

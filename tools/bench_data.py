@@ -33,14 +33,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def best_rate(run, passes: int) -> float:
-    """Tokens per second of the fastest pass (the others include cold caches and noise)."""
-    rates = []
+def best_rate(run, passes: int) -> tuple[float, int]:
+    """Tokens per second of the fastest pass (the others include cold caches and noise), and the tokens
+    one pass delivered."""
+    rates, counts = [], set()
     for _ in range(passes):
         start = time.perf_counter()
         tokens = run()
         rates.append(tokens / (time.perf_counter() - start))
-    return max(rates)
+        counts.add(tokens)
+    if len(counts) != 1:
+        raise RuntimeError(f"passes over the same shards delivered different token counts: {sorted(counts)}")
+    return max(rates), counts.pop()
 
 
 def bench(args, shard_dir: str) -> dict:
@@ -63,16 +67,17 @@ def bench(args, shard_dir: str) -> dict:
 
     def into_segments():
         batches = SegmentBatches(ShardStream(shard_dir), args.batch_size, args.segment_size)
-        # Every sample has exactly args.tokens real tokens; count them without touching the tensors.
-        return sum(args.batch_size * args.tokens for _ in batches)
+        return sum(int(batch["attention_mask"].sum()) for batch in batches)  # real tokens, padding excluded
 
+    read_rate, read_tokens = best_rate(read_only, args.passes)
+    segment_rate, segment_tokens = best_rate(into_segments, args.passes)
     return {
         "task": args.task, "tokens_per_sample": args.tokens, "samples": args.samples,
         "segment_size": args.segment_size, "batch_size": args.batch_size,
         "background_tokenize_s": background_s,
         "generate_sample_s": generate_s, "write_sample_s": write_s,
-        "read_tokens_per_s": best_rate(read_only, args.passes),
-        "segment_batch_tokens_per_s": best_rate(into_segments, args.passes),
+        "read_tokens": read_tokens, "read_tokens_per_s": read_rate,
+        "segment_batch_tokens": segment_tokens, "segment_batch_tokens_per_s": segment_rate,
     }
 
 

@@ -4,7 +4,7 @@
 Each configuration runs in a fresh subprocess so that its peak RSS is its own. Throughput counts input
 tokens (memory tokens excluded) per second of forward+backward, batch size 1, loss on every token.
 
-    python tools/bench_memory.py                       # tiny OPT of FIELD_NOTES §1, 1..256 segments
+    python tools/bench_memory.py                       # tiny OPT (docs/background.md), 1..256 segments
     python tools/bench_memory.py --segments 1 4 --modes replay --out bench.json
 """
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Benchmark ARMT inference: wavefront (diagonal) execution against sequential execution.
 
-Runs the tiny OPT of FIELD_NOTES (d=256, 4 layers) wrapped as an ARMT, forward only under no_grad, on
+Runs the tiny OPT of docs/background.md (d=256, 4 layers) wrapped as an ARMT, forward only under no_grad, on
 random tokens of 8 to 256 segments, and reports tokens/s of both schedules and their ratio. Both schedules
 are checked to give the same logits first. Prints a table and JSON (also written to --out).
 """

@@ -6,7 +6,7 @@ from transformers import OPTConfig, OPTForCausalLM
 
 
 def tiny_opt_config(vocab_size: int = 8192, max_positions: int = 2048, **overrides) -> OPTConfig:
-    """The tiny OPT of FIELD_NOTES §1: d=256, 4 layers, 4 heads, FFN 1024."""
+    """The benchmarks' tiny OPT (docs/background.md): d=256, 4 layers, 4 heads, FFN 1024."""
     settings = dict(
         vocab_size=vocab_size,
         hidden_size=256,

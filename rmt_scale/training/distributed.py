@@ -4,7 +4,7 @@
 - plain ``python launchers/train.py``: a 1-rank group on a free local port, so the same code path runs.
 - no CUDA: ``DS_ACCELERATOR=cpu`` (set before DeepSpeed is imported) and the gloo backend. Unless
   OMP_NUM_THREADS says otherwise, each rank takes its share of the cores minus one: on small machines torch's
-  elementwise ops slow down ~100x when their threads compete with another busy process (FIELD_NOTES).
+  elementwise ops slow down ~100x when their threads compete with another busy process (docs/background.md).
 """
 
 from __future__ import annotations
