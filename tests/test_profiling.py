@@ -61,7 +61,7 @@ def test_rmt_is_linear_and_full_attention_superlinear():
 
 def test_measured_flops_match_the_analytic_terms_flopcounter_sees():
     """FlopCounterMode counts matmuls and SDPA: chinchilla-no-embed without the softmax term."""
-    config = backbone_config("micro-opt", 256)
+    config = backbone_config("opt-micro", 256)
     model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
     input_ids = torch.randint(config.vocab_size, (1, 256))
     with torch.no_grad():
