@@ -4,43 +4,20 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from functools import partial
 from pathlib import Path
 
 import pytest
 import torch
 import transformers
 
+from rmt_scale.model.tiny import TINY_BACKBONES, tiny_config
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-VOCAB = 96
-TINY = {
-    "opt": lambda: transformers.OPTConfig(vocab_size=VOCAB, hidden_size=32, word_embed_proj_dim=32, num_hidden_layers=2,
-                                          ffn_dim=64, num_attention_heads=4, max_position_embeddings=64,
-                                          dropout=0.0, attention_dropout=0.0),
-    "gpt2": lambda: transformers.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64,
-                                            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0),
-    "llama": lambda: transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
-                                              num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                              max_position_embeddings=64),
-    "mistral": lambda: transformers.MistralConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
-                                                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                                  max_position_embeddings=64),
-    "gpt_neox": lambda: transformers.GPTNeoXConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
-                                                   num_hidden_layers=2, num_attention_heads=4,
-                                                   max_position_embeddings=64, hidden_dropout=0.0,
-                                                   attention_dropout=0.0),
-    "bert": lambda: transformers.BertConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                            num_attention_heads=4, max_position_embeddings=64, num_labels=3,
-                                            hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0),
-    # pad_token_id=0 keeps the tests' CLS/SEP ids (1, 2) from being read as padding; positions still start at
-    # padding_idx + 1, as in every RoBERTa
-    "roberta": lambda: transformers.RobertaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
-                                                  num_hidden_layers=2, num_attention_heads=4,
-                                                  max_position_embeddings=65, num_labels=3, pad_token_id=0,
-                                                  bos_token_id=1, eos_token_id=2, hidden_dropout_prob=0.0,
-                                                  attention_probs_dropout_prob=0.0),
-}
+TINY = {name.removeprefix("test-"): partial(tiny_config, name) for name in TINY_BACKBONES if name.startswith("test-")}
+VOCAB = tiny_config("test-opt").vocab_size
 DECODERS = ["opt", "gpt2", "llama", "mistral", "gpt_neox"]
 ENCODERS = ["bert", "roberta"]
 CLS_ID, SEP_ID = 1, 2

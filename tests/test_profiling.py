@@ -70,11 +70,11 @@ def test_rmt_is_linear_and_full_attention_superlinear():
     assert analytic.training_flops(10, "replay") == 40 and analytic.training_flops(10, "bptt") == 30
 
 
-@pytest.mark.parametrize("embed_dim", [64, 32], ids=["micro-opt", "projected-embeddings"])
+@pytest.mark.parametrize("embed_dim", [64, 32], ids=["opt-micro", "projected-embeddings"])
 def test_measured_flops_match_the_analytic_terms_flopcounter_sees(embed_dim):
     """FlopCounterMode counts matmuls and SDPA: chinchilla-no-embed without the softmax term. The second case
     has OPT-350M's layout (embeddings narrower than the model, projected in and out)."""
-    config = backbone_config("micro-opt", 256)
+    config = backbone_config("opt-micro", 256)
     config.word_embed_proj_dim = embed_dim
     model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
     input_ids = torch.randint(config.vocab_size, (1, 256))

@@ -1,10 +1,11 @@
 #!/usr/bin/env python
 """Training throughput and peak memory of the RMT against its backbone and against full attention.
 
-Each configuration runs in a fresh subprocess so that its peak RSS is its own. Throughput counts input
-tokens (memory tokens excluded) per second of forward+backward, batch size 1, loss on every token.
+Each configuration runs in a fresh process of the profiler's measuring core (rmt_scale/profiling/measure.py),
+so that its peak RSS is its own. Throughput counts input tokens (memory tokens excluded) per second of
+forward+backward (the fastest step), batch size 1, loss on every token.
 
-    python tools/bench_memory.py                       # tiny OPT (docs/background.md), 1..256 segments
+    python tools/bench_memory.py                       # the opt-bench backbone, 1..256 segments
     python tools/bench_memory.py --segments 1 4 --modes replay --out bench.json
 """
 
@@ -13,9 +14,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
-import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from tqdm import tqdm  # noqa: E402
+
+from rmt_scale.allocator import ALLOCATORS  # noqa: E402
+from rmt_scale.profiling.measure import FULL_ATTENTION, Measurer, Variant  # noqa: E402
 
 DEFAULT_SEGMENTS = [1, 4, 16, 64, 256]
 
@@ -36,64 +43,26 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "about 12 GB with the defaults)")
     parser.add_argument("--min_seconds", type=float, default=3.0,
                         help="repeat short measurements until they last this long (default: 3)")
-    parser.add_argument("--allocator", default="auto", choices=["auto", "jemalloc", "glibc"],
+    parser.add_argument("--allocator", default="auto", choices=ALLOCATORS,
                         help="CPU allocator of the measured processes; auto = jemalloc when installed, which keeps "
                              "RSS from growing through glibc fragmentation (see rmt_scale/allocator.py)")
     parser.add_argument("--out", default="bench_memory.json", help="where to write the JSON results")
-    parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one measurement, print JSON
     return parser.parse_args(argv)
 
 
-def measure(kind: str, mode: str, segments: int, args: argparse.Namespace) -> dict:
-    """One measurement in this process. kind: 'backbone', 'rmt' or 'full' train one step;
-    'stream' is RMT inference (no grad) over the whole input."""
-    import resource
-
-    import torch
-
-    from rmt_scale import RecurrentMemoryModel, RMTConfig
-    from rmt_scale.model.presets import tiny_opt
-
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
+def measure(measurer: Measurer, kind: str, mode: str, segments: int, args: argparse.Namespace) -> dict | None:
+    """One training step of kind 'backbone' (the plain backbone), 'full' (the same, on the whole input) or 'rmt'."""
     length = args.segment_size * segments
-    # only full attention needs positions for the whole input; a bigger table would inflate the RMT's memory
-    backbone = tiny_opt(max_positions=max(2048, length) if kind == "full" else 2048)
-    if kind in ("rmt", "stream"):
-        model = RecurrentMemoryModel(backbone, RMTConfig(args.num_mem_tokens, args.segment_size,
-                                                         backprop=mode if kind == "rmt" else "bptt"))
-        run = lambda ids: model(ids, labels=ids).loss  # noqa: E731
-    else:
-        run = lambda ids: backbone(ids, labels=ids).loss  # noqa: E731
-
-    def train_step(tokens: int) -> None:
-        ids = torch.randint(3, backbone.config.vocab_size, (1, tokens))
-        if kind == "stream":
-            with torch.no_grad():
-                run(ids)
-            return
-        run(ids).backward()
-        backbone.zero_grad(set_to_none=True)
-
-    train_step(args.segment_size)  # warm-up on one segment
-    steps, start = 0, time.perf_counter()
-    while steps == 0 or time.perf_counter() - start < args.min_seconds:
-        train_step(length)
-        steps += 1
-    seconds = (time.perf_counter() - start) / steps
-    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"kind": kind, "mode": mode, "segments": segments, "tokens": length,
-            "tokens_per_s": round(length / seconds, 1), "peak_rss_mb": round(peak_mb, 1),
-            "seconds_per_step": round(seconds, 3)}
-
-
-def run_isolated(kind: str, mode: str, segments: int, argv: list[str], env: dict[str, str]) -> dict | None:
-    cmd = [sys.executable, __file__, *argv, "--one", f"{kind}:{mode}:{segments}"]
-    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    if done.returncode != 0:
-        print(f"  {kind}/{mode}/{segments}: failed ({done.stderr.strip().splitlines()[-1:]})", file=sys.stderr)
+    variant = (Variant("rmt", mode, args.segment_size, args.num_mem_tokens) if kind == "rmt"
+               else Variant(FULL_ATTENTION, FULL_ATTENTION))
+    result = measurer.measure(variant, length)
+    if not result.ok:
+        print(f"  {kind}/{mode}/{segments}: failed ({result.error})", file=sys.stderr)
         return None
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return {"kind": kind, "mode": mode, "segments": segments, "tokens": length,
+            "tokens_per_s": round(length / result.train_seconds, 1),
+            "peak_rss_mb": round(result.rss_before_mb + result.train_peak_mb, 1),
+            "seconds_per_step": round(result.train_seconds, 3)}
 
 
 def plan(args: argparse.Namespace) -> list[tuple[str, str, int]]:
@@ -117,32 +86,24 @@ def table(results: list[dict], bound: float) -> str:
 
 
 def main(argv=None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
-    if args.one:
-        kind, mode, segments = args.one.split(":")
-        print(json.dumps(measure(kind, mode, int(segments), args)))
-        return
-    from tqdm import tqdm
-
-    from rmt_scale.allocator import allocator_env
-
-    env, allocator = allocator_env(args.allocator)
+    measurer = Measurer("opt-bench", threads=args.threads, repeats=1, min_seconds=args.min_seconds,
+                        allocator=args.allocator, count_flops=False)
     results = []
     for kind, mode, segments in tqdm(plan(args), desc="bench_memory", unit="run"):
-        result = run_isolated(kind, mode, segments, argv, env)
+        result = measure(measurer, kind, mode, segments, args)
         if result:
             results.append(result)
     backbone = next(r for r in results if r["kind"] == "backbone")
     # the RMT processes 2*M memory tokens per segment that are not counted as input tokens
     bound = backbone["tokens_per_s"] * args.segment_size / (args.segment_size + 2 * args.num_mem_tokens)
-    summary = {"settings": {k: v for k, v in vars(args).items() if k != "one"}, "allocator_used": allocator,
+    summary = {"settings": vars(args), "allocator_used": measurer.allocator,
                "throughput_bound_tokens_per_s": round(bound, 1), "results": results}
     with open(args.out, "w") as f:
         json.dump(summary, f, indent=2)
     print(json.dumps(summary))
-    print(f"\nallocator: {allocator}; bound = backbone {backbone['tokens_per_s']:.0f} tok/s x {args.segment_size}/"
+    print(f"\nallocator: {measurer.allocator}; bound = backbone {backbone['tokens_per_s']:.0f} tok/s x {args.segment_size}/"
           f"{args.segment_size + 2 * args.num_mem_tokens} = {bound:.0f} tok/s")
     print(table(results, bound))
 

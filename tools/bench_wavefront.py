@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Benchmark ARMT inference: wavefront (diagonal) execution against sequential execution.
 
-Runs the tiny OPT of docs/background.md (d=256, 4 layers) wrapped as an ARMT, forward only under no_grad, on
+Runs the opt-bench tiny backbone (d=256, 4 layers) wrapped as an ARMT, forward only under no_grad, on
 random tokens of 8 to 256 segments, and reports tokens/s of both schedules and their ratio. Both schedules
 are checked to give the same logits first. Prints a table and JSON (also written to --out).
 """
@@ -18,9 +18,10 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
+from transformers import OPTForCausalLM  # noqa: E402
 
 from rmt_scale import ARMTConfig, RecurrentMemoryModel  # noqa: E402
-from rmt_scale.model.presets import tiny_opt  # noqa: E402
+from rmt_scale.model.tiny import tiny_config  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -42,8 +43,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def build(args) -> RecurrentMemoryModel:
     torch.manual_seed(0)
-    backbone = tiny_opt(max_positions=args.segment_size + args.mem_tokens, num_hidden_layers=args.layers,
-                        attn_implementation=args.attention).eval()
+    backbone = OPTForCausalLM(tiny_config("opt-bench", max_position_embeddings=args.segment_size + args.mem_tokens,
+                                          num_hidden_layers=args.layers, attn_implementation=args.attention)).eval()
     config = ARMTConfig(num_mem_tokens=args.mem_tokens, segment_size=args.segment_size, d_mem=64)
     model = RecurrentMemoryModel(backbone, config).eval()
     with torch.no_grad():  # a memory that stores something, as after training

@@ -25,15 +25,16 @@ import psutil
 from tqdm import tqdm
 
 from rmt_scale.profiling import report
-from rmt_scale.profiling.measure import (FULL_ATTENTION, MEMORY_KINDS, PRESETS, RMT_MODES, Measurer, Variant,
+from rmt_scale.model.tiny import TINY_BACKBONES
+from rmt_scale.profiling.measure import (FULL_ATTENTION, MEMORY_KINDS, RMT_MODES, Measurer, Variant,
                                         backbone_config, sweep)
 
 # --quick: a micro backbone and short inputs, so the whole run stays well under two minutes on CPU.
 # One thread: on a small shared box, two OpenMP threads fighting other processes for two cores made
 # a 0.05 s step take 9 s.
-QUICK = dict(backbone="micro-opt", lengths=[256, 512, 1024, 2048], segment_size=128, mem_tokens=4, repeats=1,
+QUICK = dict(backbone="opt-micro", lengths=[256, 512, 1024, 2048], segment_size=128, mem_tokens=4, repeats=1,
              threads=1)
-FULL = dict(backbone="tiny-opt", lengths=[512 * 2**k for k in range(7)], segment_size=512, mem_tokens=16,
+FULL = dict(backbone="opt-bench", lengths=[512 * 2**k for k in range(7)], segment_size=512, mem_tokens=16,
             repeats=3, threads=None)
 
 
@@ -44,8 +45,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=Path("profile_out"),
                         help="directory for report.md, report.json, *.png (and tensorboard/); default: %(default)s")
     parser.add_argument("--backbone",
-                        help=f"measured backbone: a preset ({', '.join(PRESETS)}), an OPT size such as opt-125m "
-                             f"(random weights), or a local Hugging Face model directory (its config only); "
+                        help=f"measured backbone: a tiny one ({', '.join(TINY_BACKBONES)}), an OPT size such as "
+                             f"opt-125m (random weights), or a local Hugging Face model directory (its config only); "
                              f"default: {FULL['backbone']}, with --quick {QUICK['backbone']}")
     parser.add_argument("--lengths", type=int, nargs="+",
                         help=f"input lengths in tokens; default: {FULL['lengths']}, with --quick {QUICK['lengths']}")
@@ -101,8 +102,7 @@ def main(argv=None) -> int:
     started = time.perf_counter()
     variants = [] if args.no_full else [Variant(FULL_ATTENTION, FULL_ATTENTION)]
     variants += [Variant(kind, mode, args.segment_size, args.mem_tokens) for kind in args.memory for mode in args.modes]
-    measurer = Measurer(args.backbone, max_positions=max(args.lengths), threads=args.threads,
-                        repeats=args.repeats)
+    measurer = Measurer(args.backbone, threads=args.threads, repeats=args.repeats)
 
     with tqdm(total=len(variants) * len(set(args.lengths)), desc="measuring", unit="run") as bar:
         def on_done(m):

@@ -1,4 +1,5 @@
-"""Measured cost of one training step and one forward pass: FLOPs, wall time and peak memory.
+"""Measured cost of one training step and one forward pass: FLOPs, wall time and peak memory. The
+profiler (tools/profile_flops.py) and the memory benchmark (tools/bench_memory.py) both measure here.
 
 Each (variant, length) runs in its own process, forked from a server that has already imported
 torch and transformers, so that the peak-memory high-water mark (`ru_maxrss`) belongs to that
@@ -6,16 +7,18 @@ configuration alone and a crash or an out-of-memory kill ends only that measurem
 
 Peak memory is `ru_maxrss` after the step minus the resident set size just before it: the extra
 memory the step needed (activations, saved tensors, gradients), not the weights. The measuring
-processes run with glibc's mmap threshold fixed at 128 KiB, so every large tensor is its own mapping,
-returned to the OS when freed; otherwise the heap glibc keeps after freeing reads as growth (RMT in
-checkpoint mode seemed to grow 220 -> 491 MB from 4 to 32 segments; with the threshold: 143 -> 151 MB).
+processes use the allocator of `rmt_scale.allocator` (jemalloc when installed, else glibc with a 128 KiB
+mmap threshold); otherwise the heap glibc keeps after freeing reads as growth (RMT in checkpoint mode
+seemed to grow 220 -> 491 MB from 4 to 32 segments; with the threshold: 143 -> 151 MB).
 FLOPs come from `torch.utils.flop_counter.FlopCounterMode` (matmuls and SDPA, forward and
-backward). Wall time is the fastest of `repeats` runs after one warm-up run, because other processes
-on a small CPU box only ever make a run slower. Weights are random: cost does not depend on them.
+backward). Wall time is the fastest of at least `repeats` runs lasting at least `min_seconds` together,
+after one warm-up run, because other processes on a small CPU box only ever make a run slower. Weights
+are random: cost does not depend on them.
 """
 
 import math
 import multiprocessing
+import multiprocessing.forkserver
 import os
 import resource
 import time
@@ -30,16 +33,8 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, 
 
 from rmt_scale import ARMTConfig, RecurrentMemoryModel, RMTConfig
 from rmt_scale.allocator import allocator_env
-from rmt_scale.model.presets import tiny_opt_config
+from rmt_scale.model.tiny import TINY_BACKBONES, tiny_config
 from rmt_scale.profiling.opt_configs import OPT_NAMES, opt_config
-
-# Overrides of the library's tiny OPT (d=256, 4 layers, vocab 8192): "tiny-opt" is that model,
-# "micro-opt" one small enough for `--quick` and the tests.
-PRESETS = {
-    "tiny-opt": {},
-    "micro-opt": dict(hidden_size=64, word_embed_proj_dim=64, num_hidden_layers=2, num_attention_heads=2,
-                      ffn_dim=256, vocab_size=512),
-}
 
 FULL_ATTENTION = "full"
 FULL_ATTENTION_LABEL = "full attention"
@@ -71,7 +66,12 @@ class Measurement:
     forward_seconds: float
     train_peak_mb: float
     forward_peak_mb: float
+    rss_before_mb: float = 0.0  # resident memory before the first pass (runtime and weights), for absolute peaks
     error: str = ""  # set when the run failed (e.g. out of memory); the numbers are then 0
+
+    @classmethod
+    def failed(cls, variant: Variant, length: int, error: str) -> "Measurement":
+        return cls(variant.label, length, 0, 0, 0.0, 0.0, 0.0, 0.0, error=error)
 
     @property
     def ok(self) -> bool:
@@ -82,17 +82,17 @@ class Measurement:
 
 
 def backbone_config(backbone: str, max_positions: int) -> transformers.PretrainedConfig:
-    """Config for a preset name, a published OPT size, or a local Hugging Face model directory;
-    positions are widened to `max_positions` so the full-attention baseline can see the whole input."""
-    if backbone in PRESETS:
-        config = tiny_opt_config(**PRESETS[backbone])
+    """Config for a tiny backbone's name, a published OPT size, or a local Hugging Face model directory;
+    positions are widened to `max_positions` so that one forward pass can see its whole input."""
+    if backbone in TINY_BACKBONES:
+        config = tiny_config(backbone)
     elif backbone.lower().removeprefix("facebook/") in OPT_NAMES:
         config = opt_config(backbone)
     elif os.path.isdir(backbone):
         config = transformers.AutoConfig.from_pretrained(backbone)
     else:
         raise ValueError(
-            f"unknown backbone {backbone!r}: expected one of {', '.join(PRESETS)}, an OPT size "
+            f"unknown backbone {backbone!r}: expected a tiny backbone ({', '.join(TINY_BACKBONES)}), an OPT size "
             f"({', '.join(OPT_NAMES)}) or a local Hugging Face model directory"
         )
     if getattr(config, "max_position_embeddings", max_positions) < max_positions:
@@ -115,6 +115,12 @@ def _peak_mb_since(rss_before: int) -> float:
     return max(0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss_before) / 2**20
 
 
+def _positions(variant: Variant, length: int) -> int:
+    """Positions one forward pass sees. Only full attention needs the whole input: a bigger table would
+    inflate the memory wrappers' weights."""
+    return length if variant.name == FULL_ATTENTION else variant.segment_size + 2 * variant.num_mem_tokens
+
+
 def _train_step(model, input_ids) -> None:
     model.zero_grad(set_to_none=True)
     model(input_ids, labels=input_ids).loss.backward()
@@ -126,10 +132,10 @@ def _forward(model, input_ids) -> None:
         model(input_ids, labels=input_ids)
 
 
-def _fastest_of(repeats: int, fn, *args) -> float:
+def _fastest_of(repeats: int, min_seconds: float, fn, *args) -> float:
     fn(*args)  # warm-up: pays one-off allocation and kernel setup
     times = []
-    for _ in range(repeats):
+    while len(times) < repeats or sum(times) < min_seconds:
         start = time.perf_counter()
         fn(*args)
         times.append(time.perf_counter() - start)
@@ -160,64 +166,90 @@ def counted_flops(fn, *args) -> int:
     return counter.get_total_flops()
 
 
-def _measure_in_this_process(variant: Variant, backbone: str, length: int, max_positions: int,
-                             threads: int, repeats: int) -> Measurement:
+def _measure_in_this_process(variant: Variant, length: int, train: bool, backbone: str, threads: int,
+                             repeats: int, min_seconds: float, count_flops: bool) -> Measurement:
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    config = backbone_config(backbone, max_positions)
+    config = backbone_config(backbone, _positions(variant, length))
     model = _build_model(variant, config)
     model.train()
     input_ids = torch.randint(config.vocab_size, (1, length))
 
     rss_before = psutil.Process().memory_info().rss
     # The forward pass runs first so that its peak is read before training raises the high-water mark.
-    forward_seconds = _fastest_of(repeats, _forward, model, input_ids)
+    forward_seconds = _fastest_of(repeats, min_seconds, _forward, model, input_ids)
     forward_peak = _peak_mb_since(rss_before)
-    train_seconds = _fastest_of(repeats, _train_step, model, input_ids)
-    train_peak = _peak_mb_since(rss_before)
+    train_seconds = _fastest_of(repeats, min_seconds, _train_step, model, input_ids) if train else 0.0
+    train_peak = _peak_mb_since(rss_before) if train else 0.0
     return Measurement(
         variant=variant.label,
         length=length,
-        train_flops=counted_flops(_train_step, model, input_ids),
-        forward_flops=counted_flops(_forward, model, input_ids),
+        train_flops=counted_flops(_train_step, model, input_ids) if train and count_flops else 0,
+        forward_flops=counted_flops(_forward, model, input_ids) if count_flops else 0,
         train_seconds=train_seconds,
         forward_seconds=forward_seconds,
         train_peak_mb=train_peak,
         forward_peak_mb=forward_peak,
+        rss_before_mb=rss_before / 2**20,
     )
 
 
 class Measurer:
-    """Runs each measurement in a fresh process forked from a server with torch already imported."""
+    """Runs each measurement in a fresh process forked from a server with torch already imported.
 
-    def __init__(self, backbone: str, max_positions: int, threads: int | None = None, repeats: int = 2):
+    The allocator is chosen when a process starts: the fork server, started here, and its children get
+    `allocator` (see rmt_scale.allocator), so ru_maxrss tracks live tensors rather than heap fragmentation.
+    There is one fork server per process, so every Measurer of a process must use the same allocator.
+    """
+
+    def __init__(self, backbone: str, threads: int | None = None, repeats: int = 2, min_seconds: float = 0.0,
+                 allocator: str = "auto", count_flops: bool = True):
         if repeats <= 0:
             raise ValueError(f"repeats must be positive, got {repeats}")
-        backbone_config(backbone, max_positions)  # fail fast on a bad backbone, in this process
+        backbone_config(backbone, 0)  # fail fast on a bad backbone, in this process
         self.backbone = backbone
         self.repeats = repeats
-        self.max_positions = max_positions
+        self.min_seconds = min_seconds
+        self.count_flops = count_flops
         self.threads = threads or torch.get_num_threads()
-        # The allocator is chosen when a process starts: the fork server, started on first use, and its
-        # children inherit this environment, so ru_maxrss tracks live tensors rather than heap fragmentation.
-        environment, self.allocator = allocator_env("auto")
-        os.environ.update(environment)
-        context = multiprocessing.get_context("forkserver")
-        # "__main__" too, so that no child re-imports the calling script (and matplotlib with it).
-        context.set_forkserver_preload(["__main__", "torch", "transformers", "rmt_scale.profiling.measure"])
-        self._context = context
+        self._context, self.allocator = _fork_server(allocator)
 
-    def measure(self, variant: Variant, length: int) -> Measurement:
+    def measure(self, variant: Variant, length: int, train: bool = True) -> Measurement:
+        """One forward pass (and one training step unless `train` is False) at `length` tokens."""
         if length <= 0:
             raise ValueError(f"length must be positive, got {length}")
         with ProcessPoolExecutor(max_workers=1, mp_context=self._context) as pool:
-            future = pool.submit(_measure_in_this_process, variant, self.backbone, length,
-                                 self.max_positions, self.threads, self.repeats)
+            future = pool.submit(_measure_in_this_process, variant, length, train, self.backbone, self.threads,
+                                 self.repeats, self.min_seconds, self.count_flops)
             try:
                 return future.result()
             except Exception as error:  # an OOM kill surfaces as BrokenProcessPool
-                return Measurement(variant.label, length, 0, 0, 0.0, 0.0, 0.0, 0.0,
-                                   error=f"{type(error).__name__}: {error}")
+                return Measurement.failed(variant, length, f"{type(error).__name__}: {error}")
+
+
+_fork_server_allocator: dict[str, str] = {}  # the choice the fork server was started with -> the allocator it got
+
+
+def _fork_server(choice: str) -> tuple[multiprocessing.context.BaseContext, str]:
+    """The forkserver context, its server started with allocator `choice` (this process keeps its own
+    environment), and the allocator the server really got."""
+    context = multiprocessing.get_context("forkserver")
+    if not _fork_server_allocator:
+        environment, allocator = allocator_env(choice)
+        # "__main__" too, so that no child re-imports the calling script (and matplotlib with it).
+        context.set_forkserver_preload(["__main__", "torch", "transformers", "rmt_scale.profiling.measure"])
+        saved = dict(os.environ)
+        os.environ.update(environment)
+        try:
+            multiprocessing.forkserver.ensure_running()
+        finally:
+            os.environ.clear()
+            os.environ.update(saved)
+        _fork_server_allocator[choice] = allocator
+    if choice not in _fork_server_allocator:
+        raise RuntimeError(f"allocator {choice!r} asked for, but this process's fork server already runs with "
+                           f"{next(iter(_fork_server_allocator))!r}: measure with one allocator per process.")
+    return context, _fork_server_allocator[choice]
 
 
 def _predicted_peak_mb(done: list[Measurement], length: int) -> float:
@@ -246,7 +278,7 @@ def sweep(measurer: Measurer, variants: list[Variant], lengths: list[int], memor
             if not stop_reason and (peak := _predicted_peak_mb(done, length)) > memory_budget_mb:
                 stop_reason = f"skipped: predicted peak {peak:.0f} MB > budget {memory_budget_mb:.0f} MB"
             if stop_reason:
-                result = Measurement(variant.label, length, 0, 0, 0.0, 0.0, 0.0, 0.0, error=stop_reason)
+                result = Measurement.failed(variant, length, stop_reason)
             else:
                 result = measurer.measure(variant, length)
                 if result.ok:

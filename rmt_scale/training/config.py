@@ -15,9 +15,6 @@ from ..data import TASKS
 from ..model.config import BACKPROP_MODES
 
 BUILTIN_BACKBONE = "tiny"
-# The embedded default backbone: a small OPT sized so that the quick start trains in minutes on one CPU core.
-TINY_BACKBONE = dict(hidden_size=128, word_embed_proj_dim=128, num_hidden_layers=2, num_attention_heads=4,
-                     ffn_dim=512, max_positions=128)
 
 
 @dataclass

@@ -21,9 +21,9 @@ import torch.distributed as dist
 
 from ..data import ShardStream, TaskGenerator, TextTokenizer, build_word_tokenizer
 from ..model import RecurrentMemoryModel, RMTConfig
-from ..model.presets import tiny_opt_config
+from ..model.tiny import tiny_config
 from . import checkpoint, signals
-from .config import BUILTIN_BACKBONE, TINY_BACKBONE, TrainConfig
+from .config import BUILTIN_BACKBONE, TrainConfig
 from .curriculum import Curriculum
 from .data import EVAL_SEED_OFFSET, TrainBatches
 from .distributed import DistInfo
@@ -70,9 +70,8 @@ def build_model(config: TrainConfig, tokenizer: TextTokenizer, backprop: str) ->
 
     torch.manual_seed(config.seed)
     if config.backbone == BUILTIN_BACKBONE:
-        sizes = dict(TINY_BACKBONE)
-        backbone_config = tiny_opt_config(tokenizer.vocab_size, sizes.pop("max_positions"), **sizes,
-                                          pad_token_id=tokenizer.pad_id, eos_token_id=tokenizer.eos_id)
+        backbone_config = tiny_config("opt-quickstart", vocab_size=tokenizer.vocab_size,
+                                      pad_token_id=tokenizer.pad_id, eos_token_id=tokenizer.eos_id)
         backbone = AutoModelForCausalLM.from_config(backbone_config)
     else:
         backbone = AutoModelForCausalLM.from_pretrained(config.backbone)
