@@ -224,7 +224,7 @@ def test_wavefront_equals_sequential_execution(load_backbone, family, dtype, tol
 def test_with_gradients_on_wavefront_falls_back_to_the_backprop_mode(load_backbone, monkeypatch):
     """Wavefront is inference-only. Run under grad, its vmap over stacked copies of the weights would send
     no gradient to the layers; the documented fallback trains them."""
-    import rmt_scale.model.modeling as modeling
+    import rmt_scale.model.steps as steps
 
     wavefront_runs = []
 
@@ -232,8 +232,8 @@ def test_with_gradients_on_wavefront_falls_back_to_the_backprop_mode(load_backbo
         wavefront_runs.append(torch.is_grad_enabled())
         return run_wavefront(*args)
 
-    run_wavefront = modeling.run_wavefront
-    monkeypatch.setattr(modeling, "run_wavefront", counting_run_wavefront)
+    run_wavefront = steps.run_wavefront
+    monkeypatch.setattr(steps, "run_wavefront", counting_run_wavefront)
     model = armt(load_backbone, "opt", execution="wavefront", backprop="checkpoint")
     x = ids(2, 30)
     model(x, labels=x).loss.backward()
