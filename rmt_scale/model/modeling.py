@@ -54,9 +54,7 @@ class RecurrentMemoryModel(GenerationMixin, nn.Module):
     def __init__(self, backbone: nn.Module, config: RMTConfig):
         super().__init__()
         config.validate()
-        self.backbone = backbone
-        self.config = config
-        self.spec = describe_backbone(backbone)
+        self.backbone, self.config, self.spec = backbone, config, describe_backbone(backbone)
         self.associative = None
         if isinstance(config, ARMTConfig):
             # the width of the residual stream inside the layers (OPT-350m projects its embeddings in)

@@ -1,6 +1,5 @@
-"""One segment step per model variant. A step lays a segment out for the backbone, runs it and carries the
-state on (the ``Step`` of ``recurrence.py``); it builds the initial state, turns the final state into the
-outputs and makes the segment decoder for generation."""
+"""One segment step per model variant: it lays a segment out, runs it and carries the state on (a ``Step`` of
+``recurrence.py``); it builds the initial state, the model's outputs and the segment decoder for generation."""
 
 from __future__ import annotations
 
@@ -110,10 +109,9 @@ class DecoderStep(MemoryTokenStep):
         return F.cross_entropy(logits.float(), targets[selected], reduction="sum"), None
 
     def outputs(self, state: State, loss_sum, logits: list, labels, targets):
-        """``(loss, memory, logits)`` of the model: the mean loss over every labelled token."""
+        """``(loss, memory, logits)``: the mean loss over every labelled token; logits with return_logits."""
         num_targets = int((targets != IGNORE_INDEX).sum()) if targets is not None else 0
         loss = loss_sum / num_targets if num_targets else None
-        # the segments' logits are None unless return_logits was set
         return loss, self.final_memory(state), None if logits[0] is None else torch.cat(logits, dim=1)
 
     def segment_decoder(self, state: State, first_segment_size: int) -> SegmentDecoder:
