@@ -1,56 +1,19 @@
-"""ARMT: associative memory in every layer of real small backbones, through the RecurrentMemoryModel API."""
+"""ARMT's own behaviour: the associative memory, the backbone at init, truncation, wavefront execution and its
+errors. What ARMT shares with RMT is tested on both in test_model.py, generation in test_generation.py."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from test_model import gradients, ids
+from test_model import armt, assert_states_close, ids
 
-from rmt_scale import ARMTConfig, AssociativeState, ConfigError, RecurrentMemoryModel, RMTConfig
+from rmt_scale import ARMTConfig, RecurrentMemoryModel
 from rmt_scale.model import AssociativeMemory, UnsupportedBackboneError, dpfp
 
 ARMT_FAMILIES = ["opt", "gpt2", "llama", "mistral", "gpt_neox"]
 
 
-def armt(load_backbone, family: str, trained: bool = True, **config) -> RecurrentMemoryModel:
-    """An ARMT on a tiny backbone. ``trained`` gives W_v random values, as training would: at init W_v is
-    zero, the memory stores nothing and most tests would pass vacuously."""
-    torch.manual_seed(0)
-    config = {"num_mem_tokens": 3, "segment_size": 8, "d_mem": 4, "num_heads": 2, **config}
-    model = RecurrentMemoryModel(load_backbone(family), ARMTConfig(**config))
-    if trained:
-        with torch.no_grad():
-            for memory in model.associative.memories:
-                memory.value.weight.normal_(std=0.3)
-    return model
-
-
-def assert_states_close(a: AssociativeState, b: AssociativeState, tol: float = 1e-5) -> None:
-    for x, y in zip(a.to_tuple(), b.to_tuple(), strict=True):
-        torch.testing.assert_close(x, y, atol=tol * max(1.0, y.abs().max().item()), rtol=1e-4)
-
-
-# ---------------------------------------------------------------- config and the memory module
-def test_config_round_trips_and_dispatches_by_model_type(tmp_path):
-    config = ARMTConfig(num_mem_tokens=4, segment_size=64, d_mem=8, num_heads=2, dpfp_nu=2, gating=False,
-                        correction=False, execution="wavefront", backprop="replay")
-    config.save_pretrained(tmp_path)
-    loaded = RMTConfig.from_pretrained(tmp_path)
-    assert isinstance(loaded, ARMTConfig) and loaded == config
-
-
-@pytest.mark.parametrize("field, value, words", [
-    ("num_mem_tokens", 0, "at least 1.*RMTConfig\\(num_mem_tokens=0\\)"),
-    ("d_mem", 0, "d_mem=0"),
-    ("dpfp_nu", -1, "dpfp_nu=-1"),
-    ("gating", "yes", "true or false"),
-    ("execution", "diagonal", "sequential, wavefront"),
-])
-def test_config_rejects_bad_values(field, value, words):
-    with pytest.raises(ConfigError, match=words):
-        ARMTConfig(**{field: value})
-
-
+# ---------------------------------------------------------------- the memory module
 def test_dpfp_is_the_products_of_relu_features_with_their_rolls():
     x = torch.tensor([[1.0, -2.0, 3.0]])
     r = torch.tensor([[1.0, 0.0, 3.0, 0.0, 2.0, 0.0]])  # [relu(x), relu(-x)]
@@ -92,13 +55,12 @@ def test_at_init_every_segment_gives_the_backbone_logits_on_that_segment_alone(l
     assert all(z.abs().max() > 0 for z in ours.memory.normalisers)
 
 
-def test_the_associative_state_carries_information_between_segments(load_backbone):
+def test_the_first_segment_reads_an_empty_memory(load_backbone):
+    """Trained or not, nothing has been written before the first segment: it computes what the backbone does."""
     model = armt(load_backbone, "llama")
-    a, b = ids(1, 16, seed=1), ids(1, 16, seed=2)
-    b[:, 8:] = a[:, 8:]  # same second segment, different first one
-    out_a, out_b = model(a, return_logits=True), model(b, return_logits=True)
-    assert (out_a.logits[:, 8:] - out_b.logits[:, 8:]).abs().max() > 1e-3
-    torch.testing.assert_close(out_a.logits[:, :8], model.backbone(a[:, :8]).logits, atol=1e-5, rtol=1e-5)
+    x = ids(1, 16)
+    torch.testing.assert_close(model(x, return_logits=True).logits[:, :8], model.backbone(x[:, :8]).logits,
+                               atol=1e-5, rtol=1e-5)
 
 
 def test_the_state_belongs_to_the_sample_not_to_the_module(load_backbone):
@@ -112,29 +74,7 @@ def test_the_state_belongs_to_the_sample_not_to_the_module(load_backbone):
     assert_states_close(again.memory, first.memory)
 
 
-# ---------------------------------------------------------------- backprop modes
-@pytest.mark.parametrize("family", ["opt", "gpt2", "llama"])
-@pytest.mark.parametrize("bptt_depth", [-1, 2])
-def test_checkpoint_and_replay_give_the_bptt_gradients(load_backbone, family, bptt_depth):
-    x = ids(2, 37)
-    results = {}
-    for mode in ("bptt", "checkpoint", "replay"):
-        model = armt(load_backbone, family, backprop=mode, bptt_depth=bptt_depth)
-        out = model(x, labels=x)
-        out.loss.backward()
-        results[mode] = (out.loss.detach(), out.memory.detach(), gradients(model))
-    loss, memory, grads = results["bptt"]
-    assert grads["associative.memories.0.value.weight"].abs().sum() > 0
-    assert grads["associative.memories.1.gate.weight"].abs().sum() > 0
-    for mode in ("checkpoint", "replay"):
-        other_loss, other_memory, other_grads = results[mode]
-        torch.testing.assert_close(other_loss, loss, atol=1e-6, rtol=1e-6)
-        assert_states_close(other_memory, memory)
-        assert other_grads.keys() == grads.keys()
-        for name in grads:
-            torch.testing.assert_close(other_grads[name], grads[name], atol=1e-5, rtol=1e-4, msg=f"{mode} {name}")
-
-
+# ---------------------------------------------------------------- truncation
 def test_bptt_depth_stops_gradients_from_reaching_early_segments(load_backbone):
     x = ids(1, 32)  # four segments of 8
     labels = torch.full_like(x, -100)
@@ -148,57 +88,6 @@ def test_bptt_depth_stops_gradients_from_reaching_early_segments(load_backbone):
     # was written before the cut: no gradient; with depth 3 it reaches every write
     assert key_grad[0] is None or key_grad[0].abs().max() == 0
     assert key_grad[3].abs().max() > 0
-
-
-# ---------------------------------------------------------------- padding, streaming, generation
-@pytest.mark.parametrize("family", ["opt", "llama"])
-@pytest.mark.parametrize("side", ["right", "left"])
-def test_a_padded_sample_behaves_as_if_alone(load_backbone, family, side):
-    model = armt(load_backbone, family, segment_size=6, segment_alignment="left" if side == "right" else "right")
-    long, short = ids(1, 20, seed=3), ids(1, 9, seed=4)
-    pad = torch.zeros(1, 11, dtype=torch.long)
-    real = torch.cat([torch.ones(1, 9), torch.zeros(1, 11)], 1)
-    if side == "left":
-        real = real.flip(1)
-    padded = torch.cat([short, pad], 1) if side == "right" else torch.cat([pad, short], 1)
-    batch = model(torch.cat([long, padded]), attention_mask=torch.cat([torch.ones(1, 20), real]).long(),
-                  return_logits=True)
-    alone = model(short, return_logits=True)
-    assert_states_close(AssociativeState.from_tuple([t[1:] for t in batch.memory.to_tuple()]), alone.memory)
-    torch.testing.assert_close(batch.logits[1, real[0].bool()], alone.logits[0], atol=1e-5, rtol=1e-4)
-
-
-def test_streaming_in_chunks_equals_one_call(load_backbone):
-    model = armt(load_backbone, "llama")
-    x = ids(2, 48)
-    whole = model(x, return_logits=True)
-    memory, logits = None, []
-    for chunk in x.split(16, dim=1):
-        out = model(chunk, memory=memory, return_logits=True)
-        memory = out.memory
-        logits.append(out.logits)
-    assert_states_close(memory, whole.memory)
-    torch.testing.assert_close(torch.cat(logits, 1), whole.logits, atol=1e-5, rtol=1e-4)
-
-
-@pytest.mark.parametrize("family, alignment", [("opt", "left"), ("gpt2", "left"), ("llama", "left"),
-                                               ("opt", "right"), ("llama", "right")])
-@pytest.mark.parametrize("context", [1, 5, 21])
-def test_greedy_generation_matches_the_segmented_forward(load_backbone, family, alignment, context):
-    model = armt(load_backbone, family, segment_alignment=alignment)
-    prompt = ids(2, context)
-    generated = model.generate(prompt, max_new_tokens=14)
-    assert generated.shape == (2, context + 14) and torch.equal(generated[:, :context], prompt)
-    logits = model(generated, return_logits=True).logits
-    torch.testing.assert_close(logits[:, context - 1 : -1].argmax(-1), generated[:, context:])
-
-
-def test_generation_continues_from_a_given_state(load_backbone):
-    model = armt(load_backbone, "opt")
-    prompt = ids(1, 12)
-    memory = model(prompt[:, :8]).memory
-    torch.testing.assert_close(model.generate(prompt[:, 8:], max_new_tokens=6, memory=memory),
-                               torch.cat([prompt[:, 8:], model.generate(prompt, max_new_tokens=6)[:, 12:]], 1))
 
 
 # ---------------------------------------------------------------- wavefront execution
@@ -224,7 +113,7 @@ def test_wavefront_equals_sequential_execution(load_backbone, family, dtype, tol
 def test_with_gradients_on_wavefront_falls_back_to_the_backprop_mode(load_backbone, monkeypatch):
     """Wavefront is inference-only. Run under grad, its vmap over stacked copies of the weights would send
     no gradient to the layers; the documented fallback trains them."""
-    import rmt_scale.model.modeling as modeling
+    import rmt_scale.model.steps as steps
 
     wavefront_runs = []
 
@@ -232,8 +121,8 @@ def test_with_gradients_on_wavefront_falls_back_to_the_backprop_mode(load_backbo
         wavefront_runs.append(torch.is_grad_enabled())
         return run_wavefront(*args)
 
-    run_wavefront = modeling.run_wavefront
-    monkeypatch.setattr(modeling, "run_wavefront", counting_run_wavefront)
+    run_wavefront = steps.run_wavefront
+    monkeypatch.setattr(steps, "run_wavefront", counting_run_wavefront)
     model = armt(load_backbone, "opt", execution="wavefront", backprop="checkpoint")
     x = ids(2, 30)
     model(x, labels=x).loss.backward()
@@ -265,17 +154,7 @@ def test_wavefront_in_train_mode_draws_dropout_per_cell(load_backbone):
     assert torch.isfinite(dropped) and (dropped - evaluated).abs() > 1e-3  # dropout was applied
 
 
-# ---------------------------------------------------------------- persistence and errors
-def test_save_and_load_round_trip(load_backbone, tmp_path):
-    model = armt(load_backbone, "gpt2", backprop="replay")
-    model.save_pretrained(tmp_path / "armt")
-    loaded = RecurrentMemoryModel.from_pretrained(tmp_path / "armt").eval()
-    assert loaded.config == model.config and isinstance(loaded.config, ARMTConfig)
-    x = ids(2, 30)
-    torch.testing.assert_close(loaded(x, return_logits=True).logits, model(x, return_logits=True).logits)
-    assert_states_close(loaded(x).memory, model(x).memory)
-
-
+# ---------------------------------------------------------------- errors
 def test_unsupported_backbones_and_bad_inputs_raise_clear_errors(load_backbone):
     with pytest.raises(UnsupportedBackboneError, match="ARMT needs a decoder.*'bert'"):
         RecurrentMemoryModel(load_backbone("bert"), ARMTConfig(segment_size=8, cls_token_id=1, sep_token_id=2))

@@ -1,19 +1,9 @@
-from .associative import ARMT_DECODER_TYPES, AssociativeMemory, AssociativeState, dpfp
+from .associative import AssociativeMemory, AssociativeState, dpfp
 from .backbones import DECODER_TYPES, ENCODER_TYPES, UnsupportedBackboneError
 from .config import ARMTConfig, ConfigError, RMTConfig
 from .modeling import RecurrentMemoryModel, RMTOutput
 
 __all__ = [
-    "ARMTConfig",
-    "ARMT_DECODER_TYPES",
-    "AssociativeMemory",
-    "AssociativeState",
-    "dpfp",
-    "ConfigError",
-    "DECODER_TYPES",
-    "ENCODER_TYPES",
-    "RMTConfig",
-    "RMTOutput",
-    "RecurrentMemoryModel",
-    "UnsupportedBackboneError",
+    "ARMTConfig", "AssociativeMemory", "AssociativeState", "dpfp", "ConfigError", "DECODER_TYPES", "ENCODER_TYPES",
+    "RMTConfig", "RMTOutput", "RecurrentMemoryModel", "UnsupportedBackboneError"
 ]

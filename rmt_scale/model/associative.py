@@ -21,10 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .backbones import UnsupportedBackboneError, decoder_layers
+from .backbones import DECODER_TYPES, UnsupportedBackboneError, decoder_layers
 from .config import ARMTConfig
 
-ARMT_DECODER_TYPES = ("opt", "gpt2", "llama", "mistral", "qwen2", "gpt_neox")
 EPS = 1e-5
 
 
@@ -138,11 +137,9 @@ class AssociativeLayers(nn.Module):
 
     def __init__(self, backbone: nn.Module, model_type: str, hidden_size: int, config: ARMTConfig):
         super().__init__()
-        if model_type not in ARMT_DECODER_TYPES:
-            raise UnsupportedBackboneError(
-                f"ARMT needs a decoder backbone; {model_type!r} is not one. Supported: "
-                f"{', '.join(ARMT_DECODER_TYPES)}."
-            )
+        if model_type not in DECODER_TYPES:
+            raise UnsupportedBackboneError(f"ARMT needs a decoder backbone; {model_type!r} is not one. Supported: "
+                                           f"{', '.join(DECODER_TYPES)}.")
         layers = decoder_layers(backbone)
         self._layers = list(layers)  # a plain list: the layers belong to the backbone, not to this module
         self.memories = nn.ModuleList(AssociativeMemory(hidden_size, config) for _ in layers)

@@ -91,14 +91,8 @@ def decoder_final_norm(backbone: nn.Module) -> Callable[[torch.Tensor], torch.Te
     return apply
 
 
-def run_decoder(
-    backbone: nn.Module,
-    embeds: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    position_ids: torch.Tensor,
-    past_key_values=None,
-    use_cache: bool = False,
-):
+def run_decoder(backbone: nn.Module, embeds: torch.Tensor, attention_mask: torch.Tensor | None,
+                position_ids: torch.Tensor, past_key_values=None, use_cache: bool = False):
     """Final hidden states (after the final norm) of a decoder's base model, plus its KV cache."""
     out = backbone.base_model(
         inputs_embeds=embeds,

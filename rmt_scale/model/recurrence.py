@@ -20,6 +20,8 @@ from typing import Any, Callable, Sequence
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from ..rng import restored_torch_rng, torch_rng_state
+
 State = tuple[torch.Tensor, ...]
 Step = Callable[[State, Any], tuple[State, torch.Tensor, Any]]
 
@@ -29,13 +31,8 @@ def keeps_gradient(index: int, num_segments: int, bptt_depth: int) -> bool:
     return bptt_depth < 0 or index >= num_segments - bptt_depth
 
 
-def _cut(state: State) -> State:
-    return tuple(t.detach() for t in state)
-
-
-def run_segments(
-    step: Step, state: State, segments: Sequence[Any], mode: str, bptt_depth: int = -1
-) -> tuple[torch.Tensor, State, list[Any]]:
+def run_segments(step: Step, state: State, segments: Sequence[Any], mode: str,
+                 bptt_depth: int = -1) -> tuple[torch.Tensor, State, list[Any]]:
     """Runs ``step`` over ``segments``; returns the summed loss, the final state and each segment's extra."""
     if not torch.is_grad_enabled():
         mode = "bptt"  # nothing to backpropagate: the plain loop already keeps nothing
@@ -45,7 +42,7 @@ def run_segments(
     extras = []
     for index, segment in enumerate(segments):
         if index > 0 and not keeps_gradient(index, len(segments), bptt_depth):
-            state = _cut(state)
+            state = tuple(t.detach() for t in state)
         if mode == "checkpoint":
             state, loss, extra = _checkpointed_step(step, state, segment)
         else:
@@ -89,7 +86,7 @@ class _MemoryReplay(torch.autograd.Function):
         with torch.no_grad():
             for index, segment in enumerate(segments):
                 inputs.append(state)
-                rng_states.append(_rng_state())
+                rng_states.append(torch_rng_state())
                 state, loss, extra = step(state, segment)
                 total = loss if total is None else total + loss
                 extras.append(extra)
@@ -102,7 +99,7 @@ class _MemoryReplay(torch.autograd.Function):
         grad_state = list(grad_state)
         for index in reversed(range(num_segments)):
             state_in = tuple(t.detach().requires_grad_(t.is_floating_point()) for t in ctx.inputs[index])
-            with torch.enable_grad(), _restored_rng(ctx.rng_states[index]):
+            with torch.enable_grad(), restored_torch_rng(ctx.rng_states[index]):
                 new_state, loss, _ = ctx.step(state_in, ctx.segments[index])
             outputs, grads = [], []
             if loss.requires_grad and grad_loss is not None:
@@ -121,24 +118,3 @@ class _MemoryReplay(torch.autograd.Function):
                 grad_state = [None] * len(grad_state)
         return (None, None, None, None, None, *grad_state)
 
-
-def _rng_state():
-    return torch.get_rng_state(), (torch.cuda.get_rng_state() if torch.cuda.is_available() else None)
-
-
-class _restored_rng:
-    """Runs a block with the RNG state a segment saw in forward, so dropout masks match; restores after."""
-
-    def __init__(self, saved):
-        self.saved = saved
-
-    def __enter__(self):
-        self.outer = _rng_state()
-        torch.set_rng_state(self.saved[0])
-        if self.saved[1] is not None:
-            torch.cuda.set_rng_state(self.saved[1])
-
-    def __exit__(self, *exc):
-        torch.set_rng_state(self.outer[0])
-        if self.outer[1] is not None:
-            torch.cuda.set_rng_state(self.outer[1])

@@ -1,6 +1,20 @@
-"""Cutting a batch into segments."""
+"""Cutting a batch into segments, and laying a segment out for the backbone."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+IGNORE_INDEX = -100  # label value that no loss counts
+
+
+@dataclass
+class Segment:
+    input_ids: torch.Tensor  # (batch, tokens)
+    attention_mask: torch.Tensor  # (batch, tokens), 1 for real tokens
+    targets: torch.Tensor | None  # decoders: already shifted next-token labels, (batch, tokens)
+    return_logits: bool
 
 
 def segment_bounds(length: int, segment_size: int, alignment: str = "left") -> list[tuple[int, int]]:
@@ -15,3 +29,51 @@ def segment_bounds(length: int, segment_size: int, alignment: str = "left") -> l
         return [(start, min(start + segment_size, length)) for start in range(0, length, segment_size)]
     bounds = [(max(end - segment_size, 0), end) for end in range(length, 0, -segment_size)]
     return bounds[::-1]
+
+
+def positions(mask: torch.Tensor) -> torch.Tensor:
+    """Positions restart at 0 every segment and skip padding, so a padded sample is placed exactly as the
+    same sample alone."""
+    return (mask.long().cumsum(dim=1) - 1).clamp(min=0)
+
+
+def padding_mask(mask: torch.Tensor) -> torch.Tensor | None:
+    # None lets attention take its causal fast path when nothing is padded
+    return None if bool(mask.all()) else mask
+
+
+def keep_if_empty(new: torch.Tensor, old: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:
+    """Samples with no token in this segment keep their previous value."""
+    has_tokens = token_mask.any(dim=1)
+    if bool(has_tokens.all()):
+        return new
+    shape = (-1,) + (1,) * (new.dim() - 1)
+    return torch.where(has_tokens.view(shape), new, old.to(new.dtype))
+
+
+def check_inputs(input_ids, attention_mask: torch.Tensor | None, labels: torch.Tensor | None = None,
+                 per_token_labels: bool = True) -> torch.Tensor:
+    """Checks a ``(batch, length)`` batch; returns its attention mask (all ones when none is given)."""
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+        shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
+        raise ValueError(f"input_ids must be a (batch, length) tensor, got {shape}: add a batch dimension.")
+    if input_ids.numel() == 0:
+        raise ValueError(f"input_ids is empty (shape {tuple(input_ids.shape)}): pass at least one token.")
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    elif attention_mask.shape != input_ids.shape:
+        raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)} but input_ids has "
+                         f"{tuple(input_ids.shape)}: give one mask value per token.")
+    else:
+        other = attention_mask[(attention_mask != 0) & (attention_mask != 1)].unique()[:5].tolist()
+        if other:
+            raise ValueError(f"attention_mask holds values other than 0 and 1 ({', '.join(map(str, other))}): "
+                             "pass 1 for tokens and 0 for padding.")
+    empty = (attention_mask.sum(dim=1) == 0).nonzero().flatten().tolist()
+    if empty:
+        raise ValueError(f"samples {empty} have no tokens (their attention_mask is all zero): drop them.")
+    expected = input_ids.shape if per_token_labels else input_ids.shape[:1]
+    if labels is not None and labels.shape != expected:
+        raise ValueError(f"labels have shape {tuple(labels.shape)} but must have {tuple(expected)} "
+                         f"({'one per token' if per_token_labels else 'one class per sample'}).")
+    return attention_mask

@@ -7,7 +7,7 @@ so the call is ``torch.func.vmap`` of one layer (plus its associative memory) ov
 weights and the cells' stacked inputs: every matmul becomes one batched matmul over the diagonal.
 
 A run takes ``num_segments + num_layers - 1`` calls instead of ``num_segments * num_layers``. It is an
-inference schedule: ``RecurrentMemoryModel.forward`` uses it when ``ARMTConfig.execution == "wavefront"``
+inference schedule: ``steps.AssociativeStep`` uses it when ``ARMTConfig.execution == "wavefront"``
 and gradients are off. Outputs equal sequential execution up to float round-off. In train mode, dropout
 stays on and each cell of a diagonal draws its own mask, so the masks (not their distribution) differ from
 sequential execution's.
@@ -24,6 +24,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .associative import AssociativeMemory
 from .backbones import decoder_final_norm, decoder_layers, run_decoder
+from .segments import keep_if_empty, padding_mask, positions
 
 
 class _Cell(nn.Module):
@@ -79,22 +80,20 @@ class _LayerCall:
         return str(self.spec), constants, shapes
 
 
-def run_wavefront(model, state: tuple[torch.Tensor, ...], segments: list):
+def run_wavefront(step, state: tuple[torch.Tensor, ...], segments: list):
     """Same contract as ``recurrence.run_segments`` (summed loss, final state, per-segment logits) for an
-    ARMT decoder, computed diagonal by diagonal."""
-    from .modeling import _keep_if_empty, _padding_mask, _positions
-
-    backbone = model.backbone
+    ARMT decoder's ``step`` (``steps.AssociativeStep``), computed diagonal by diagonal."""
+    backbone = step.backbone
     layers = decoder_layers(backbone)
     num_layers, num_segments = len(layers), len(segments)
-    num_mem = model.config.num_mem_tokens
+    num_mem = step.config.num_mem_tokens
 
     # a segment's inputs are built when its first cell runs and freed after its last one, so at most
     # num_layers segments are in flight
     hidden: list = [None] * num_segments
     calls: list = [None] * num_segments
 
-    cells = [_Cell(layer, memory) for layer, memory in zip(layers, model.associative.memories)]
+    cells = [_Cell(layer, memory) for layer, memory in zip(layers, step.associative.memories)]
     params, buffers = stack_module_state(cells)
     template = copy.deepcopy(cells[0]).to("meta")
     layer_state = [state[2 * index : 2 * index + 2] for index in range(num_layers)]
@@ -105,9 +104,9 @@ def run_wavefront(model, state: tuple[torch.Tensor, ...], segments: list):
         on_diagonal = [(s, diagonal - s) for s in range(min(num_segments - 1, diagonal), -1, -1)
                        if diagonal - s < num_layers]  # by layer, ascending
         if diagonal < num_segments:
-            embeds, mask = model._associative_inputs(segments[diagonal])
-            hidden[diagonal], args, kwargs = _first_layer_call(backbone, layers[0], embeds, _padding_mask(mask),
-                                                               _positions(mask))
+            embeds, mask = step.inputs(segments[diagonal])
+            hidden[diagonal], args, kwargs = _first_layer_call(backbone, layers[0], embeds, padding_mask(mask),
+                                                               positions(mask))
             calls[diagonal] = _LayerCall(args, kwargs)
         groups: dict = {}
         for s, l in on_diagonal:
@@ -117,15 +116,15 @@ def run_wavefront(model, state: tuple[torch.Tensor, ...], segments: list):
             for (s, l), (out, matrix, normaliser) in zip(cells_of_group, outputs):
                 token_mask = segments[s].attention_mask
                 old_matrix, old_normaliser = layer_state[l]
-                layer_state[l] = (_keep_if_empty(matrix, old_matrix, token_mask),
-                                  _keep_if_empty(normaliser, old_normaliser, token_mask))
+                layer_state[l] = (keep_if_empty(matrix, old_matrix, token_mask),
+                                  keep_if_empty(normaliser, old_normaliser, token_mask))
                 if l < num_layers - 1:
                     hidden[s] = out
                     continue
                 hidden[s] = calls[s] = None  # the segment is done
                 length = segments[s].input_ids.shape[1]
-                loss, extras[s] = model._lm_loss(final_norm(out)[:, :length], segments[s].targets,
-                                                 segments[s].return_logits)
+                loss, extras[s] = step.lm_loss(final_norm(out)[:, :length], segments[s].targets,
+                                                segments[s].return_logits)
                 loss_sum = loss if loss_sum is None else loss_sum + loss
     new_state = tuple(t for pair in layer_state for t in pair)
     return loss_sum, new_state, extras

@@ -14,13 +14,13 @@ data position and the Python/NumPy/torch RNG states, so ``--resume`` continues t
 from __future__ import annotations
 
 import os
-import random
 import shutil
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
+
+from ..rng import rng_state, set_rng_state
 
 LATEST = "latest"
 TMP_PREFIX = ".tmp-"
@@ -28,19 +28,6 @@ TMP_PREFIX = ".tmp-"
 
 def tag_for(step: int) -> str:
     return f"step{step:06d}"
-
-
-def rng_state() -> dict:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
-
-
-def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def _barrier() -> None:

@@ -1,0 +1,232 @@
+"""One segment step per model variant: it lays a segment out, runs it and carries the state on (a ``Step`` of
+``recurrence.py``); it builds the initial state, the model's outputs and the segment decoder for generation."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .associative import AssociativeLayers, AssociativeState
+from .backbones import BackboneSpec, run_decoder, run_encoder
+from .config import RMTConfig
+from .generation import AssociativeSegmentDecoder, SegmentDecoder
+from .recurrence import State, run_segments
+from .segments import IGNORE_INDEX, Segment, keep_if_empty, padding_mask, positions
+from .wavefront import run_wavefront
+
+
+class MemoryTokenStep:
+    """What the RMT variants share: memory tokens, learned or passed in, carried from segment to segment."""
+
+    layout = "memory"  # what takes positions besides the segment, for the error message
+
+    def __init__(self, backbone: nn.Module, spec: BackboneSpec, config: RMTConfig, memory: nn.Parameter | None):
+        self.backbone, self.spec, self.config, self.memory = backbone, spec, config, memory
+        extra = self.extra_positions()
+        needed = config.segment_size + extra
+        if needed > spec.max_positions:
+            raise ValueError(f"a segment needs {needed} positions (segment_size={config.segment_size} plus {extra} "
+                             f"for {self.layout}) but the {spec.model_type} backbone has {spec.max_positions}: "
+                             f"lower segment_size to at most {spec.max_positions - extra}.")
+
+    def extra_positions(self) -> int:
+        return 2 * self.config.num_mem_tokens
+
+    def initial_state(self, batch: int, memory=None) -> State:
+        """The learned memory, or ``memory`` (a previous ``RMTOutput.memory``) after checking it fits."""
+        if memory is None:
+            return () if self.memory is None else (self.memory.unsqueeze(0).expand(batch, -1, -1),)
+        if not isinstance(memory, torch.Tensor):
+            raise ValueError(f"memory must be a tensor, the RMTOutput.memory of this model, but got "
+                             f"{type(memory).__name__}.")
+        expected = (batch, self.config.num_mem_tokens, self.spec.hidden_size)
+        if self.memory is None or tuple(memory.shape) != expected:
+            raise ValueError(f"memory has shape {tuple(memory.shape)} but this model's memory is {expected}: "
+                             "pass the memory returned by this model for the same batch.")
+        return (memory,)
+
+    def final_memory(self, state: State):
+        return state[0] if self.memory is not None else None
+
+    def run(self, state: State, segments: list[Segment]):
+        return run_segments(self, state, segments, self.config.backprop, self.config.bptt_depth)
+
+
+class DecoderStep(MemoryTokenStep):
+    """RMT decoder: ``[read memory | segment | write memory]``; the hidden states at the write positions
+    become the next segment's memory."""
+
+    def targets(self, labels: torch.Tensor | None, attention_mask: torch.Tensor) -> torch.Tensor | None:
+        """Labels shifted once over the whole input, so every segment's last token predicts the next
+        segment's first token, exactly as the backbone's own loss on the unsegmented input. Padding is
+        neither a target nor a predictor: the last position of left padding would otherwise predict the
+        first token, which nothing predicts when the sample is alone."""
+        if labels is None:
+            return None
+        targets = torch.full_like(labels, IGNORE_INDEX)
+        targets[:, :-1] = labels[:, 1:]
+        targets[:, :-1][attention_mask[:, 1:] == 0] = IGNORE_INDEX
+        targets[attention_mask == 0] = IGNORE_INDEX
+        return targets
+
+    def __call__(self, state: State, segment: Segment):
+        num_mem = self.config.num_mem_tokens
+        tokens = self.backbone.get_input_embeddings()(segment.input_ids)
+        ones = segment.attention_mask.new_ones(tokens.shape[0], num_mem)
+        if num_mem:
+            (memory,) = state
+            memory = memory.to(tokens.dtype)
+            embeds = torch.cat([memory, tokens, memory], dim=1)
+            mask = torch.cat([ones, segment.attention_mask, ones], dim=1)
+        else:
+            embeds, mask = tokens, segment.attention_mask
+        hidden, _ = run_decoder(self.backbone, embeds, padding_mask(mask), positions(mask))
+        length = tokens.shape[1]
+        loss, logits = self.lm_loss(hidden[:, num_mem : num_mem + length], segment.targets, segment.return_logits)
+        if not num_mem:
+            return (), loss, logits
+        # a copy, not a view: a view would keep the segment's whole hidden state alive in the chain
+        written = hidden[:, num_mem + length :].clone()
+        return (keep_if_empty(written, memory, segment.attention_mask),), loss, logits
+
+    def lm_loss(self, token_hidden: torch.Tensor, targets: torch.Tensor | None, return_logits: bool):
+        """Summed next-token loss of a segment's tokens, and their logits with ``return_logits``."""
+        head = self.backbone.get_output_embeddings()
+        if return_logits:
+            logits = head(token_hidden)
+            if targets is None:
+                return token_hidden.new_zeros(()), logits
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="sum")
+            return loss, logits
+        if targets is None:
+            return token_hidden.new_zeros(()), None
+        # the LM head runs only where there is a label: for question answering that is a handful of tokens
+        selected = targets != IGNORE_INDEX
+        if not selected.any():
+            return token_hidden.new_zeros(()), None
+        logits = head(token_hidden[selected])
+        return F.cross_entropy(logits.float(), targets[selected], reduction="sum"), None
+
+    def outputs(self, state: State, loss_sum, logits: list, labels, targets):
+        """``(loss, memory, logits)``: the mean loss over every labelled token; logits with return_logits."""
+        num_targets = int((targets != IGNORE_INDEX).sum()) if targets is not None else 0
+        loss = loss_sum / num_targets if num_targets else None
+        return loss, self.final_memory(state), None if logits[0] is None else torch.cat(logits, dim=1)
+
+    def segment_decoder(self, state: State, first_segment_size: int) -> SegmentDecoder:
+        return SegmentDecoder(self, state, first_segment_size)
+
+
+class EncoderStep(MemoryTokenStep):
+    """RMT encoder: ``[CLS] memory [SEP] segment [SEP]``, memory read and written in place (``[CLS] segment
+    [SEP]`` without memory). The state ends with the logits of each sample's last non-empty segment."""
+
+    layout = "memory and special tokens"
+
+    def __init__(self, backbone: nn.Module, spec: BackboneSpec, config: RMTConfig, memory: nn.Parameter | None):
+        super().__init__(backbone, spec, config, memory)
+        if config.cls_token_id is None or config.sep_token_id is None:
+            raise ValueError("encoder backbones need cls_token_id and sep_token_id in the RMTConfig: set them from "
+                             "your tokenizer, or load with RecurrentMemoryModel.from_backbone(path) where path has "
+                             "a tokenizer.")
+
+    def extra_positions(self) -> int:
+        num_mem = self.config.num_mem_tokens
+        return num_mem + (3 if num_mem else 2)
+
+    def initial_state(self, batch: int, memory=None) -> State:
+        logits = torch.zeros(batch, self.backbone.config.num_labels, device=self.backbone.device, dtype=torch.float32)
+        return (*super().initial_state(batch, memory), logits)
+
+    def targets(self, labels: torch.Tensor | None, attention_mask: torch.Tensor) -> None:
+        return None  # the labels are the classes, used as they are by `outputs`
+
+    def __call__(self, state: State, segment: Segment):
+        num_mem = self.config.num_mem_tokens
+        batch = segment.input_ids.shape[0]
+        embed = self.backbone.get_input_embeddings()
+        special = torch.tensor([self.config.cls_token_id, self.config.sep_token_id], device=segment.input_ids.device)
+        cls, sep = embed(special).unsqueeze(0).expand(batch, -1, -1).unbind(1)
+        tokens = embed(segment.input_ids)
+        # without memory the frame is the plain [CLS] text [SEP] the backbone was trained on
+        head = [cls[:, None]]
+        if num_mem:
+            memory = state[0].to(tokens.dtype)
+            head += [memory, sep[:, None]]
+        embeds = torch.cat([*head, tokens, sep[:, None]], dim=1)
+        head_size = sum(part.shape[1] for part in head)
+        ones = segment.attention_mask.new_ones(batch, head_size + 1)
+        mask = torch.cat([ones[:, :head_size], segment.attention_mask, ones[:, head_size:]], dim=1)
+        logits, hidden = run_encoder(self.backbone, embeds, mask, positions(mask))
+        new_state = (keep_if_empty(logits.float(), state[-1], segment.attention_mask),)
+        if num_mem:
+            written = hidden[:, 1 : 1 + num_mem].clone()
+            new_state = (keep_if_empty(written, memory, segment.attention_mask), *new_state)
+        return new_state, logits.new_zeros(()), None
+
+    def outputs(self, state: State, loss_sum, logits: list, labels, targets):
+        """``(loss, memory, logits)`` of the model: the classification at each sample's last segment."""
+        logits = state[-1]
+        if labels is None:
+            loss = None
+        elif self.backbone.config.num_labels == 1:
+            loss = F.mse_loss(logits.squeeze(-1), labels.float())
+        else:
+            loss = F.cross_entropy(logits, labels)
+        return loss, self.final_memory(state), logits
+
+
+class AssociativeStep(DecoderStep):
+    """ARMT decoder: ``[segment | memory]``, the memory tokens being the same learned embeddings every
+    segment. The state is each layer's associative (A, z), flat, read and written by the layer hooks."""
+
+    def __init__(self, backbone: nn.Module, spec: BackboneSpec, config: RMTConfig, memory: nn.Parameter,
+                 associative: AssociativeLayers):
+        super().__init__(backbone, spec, config, memory)
+        self.associative = associative
+
+    def extra_positions(self) -> int:
+        return self.config.num_mem_tokens
+
+    def initial_state(self, batch: int, memory=None) -> State:
+        if memory is None:
+            return self.associative.empty_state(batch, self.backbone.device)
+        expected = [tuple(t.shape) for t in self.associative.empty_state(batch, "meta")]
+        if not isinstance(memory, AssociativeState) or [tuple(t.shape) for t in memory.to_tuple()] != expected:
+            raise ValueError(f"memory must be the AssociativeState returned by this ARMT for a batch of {batch} "
+                             "samples.")
+        return memory.to_tuple()
+
+    def final_memory(self, state: State) -> AssociativeState:
+        return AssociativeState.from_tuple(state)
+
+    def run(self, state: State, segments: list[Segment]):
+        if self.associative.layers_checkpointed():
+            raise ValueError("the backbone's own activation checkpointing would recompute its layers outside the "
+                             "ARMT segment step, without the associative state: disable it and set "
+                             "backprop='checkpoint' or 'replay' in the ARMTConfig instead.")
+        if self.config.execution == "wavefront" and not torch.is_grad_enabled():
+            return run_wavefront(self, state, segments)
+        return super().run(state, segments)
+
+    def inputs(self, segment: Segment) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ``[segment | memory tokens]`` embeddings and mask."""
+        tokens = self.backbone.get_input_embeddings()(segment.input_ids)
+        batch = tokens.shape[0]
+        memory = self.memory.unsqueeze(0).expand(batch, -1, -1).to(tokens.dtype)
+        mask = torch.cat([segment.attention_mask, segment.attention_mask.new_ones(batch, memory.shape[1])], dim=1)
+        return torch.cat([tokens, memory], dim=1), mask
+
+    def __call__(self, state: State, segment: Segment):
+        embeds, mask = self.inputs(segment)
+        with self.associative.session(state, write_from_last=self.config.num_mem_tokens) as session:
+            hidden, _ = run_decoder(self.backbone, embeds, padding_mask(mask), positions(mask))
+        # under causal attention the tokens do not see the memory tokens after them
+        loss, logits = self.lm_loss(hidden[:, : segment.input_ids.shape[1]], segment.targets, segment.return_logits)
+        new_state = tuple(keep_if_empty(new, old, segment.attention_mask)
+                          for new, old in zip(session.new_state(), state))
+        return new_state, loss, logits
+
+    def segment_decoder(self, state: State, first_segment_size: int) -> AssociativeSegmentDecoder:
+        return AssociativeSegmentDecoder(self, state, first_segment_size)

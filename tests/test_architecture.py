@@ -1,0 +1,108 @@
+"""The package's shape: no import cycles (function-local imports included) and no private names imported
+across modules. Read from the source with ``ast``, so a cycle hidden inside a function still counts."""
+
+from __future__ import annotations
+
+import ast
+import sys
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[1] / "rmt_scale"
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def package_modules() -> dict[str, Path]:
+    return {module_name(path): path for path in PACKAGE.rglob("*.py")}
+
+
+def resolve(importer: str, is_package: bool, level: int, target: str | None) -> str:
+    """The absolute module name a (possibly relative) ``from ... import`` refers to."""
+    if level == 0:
+        return target or ""
+    base = importer.split(".")
+    if not is_package:
+        base = base[:-1]
+    base = base[: len(base) - (level - 1)]
+    return ".".join(base + ([target] if target else []))
+
+
+def imports_of(name: str, path: Path, modules: dict[str, Path]) -> list[tuple[str, list[str]]]:
+    """``(module, imported names)`` for every import of a package module anywhere in the file."""
+    found = []
+    is_package = path.name == "__init__.py"
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found += [(alias.name, []) for alias in node.names if alias.name in modules]
+        elif isinstance(node, ast.ImportFrom):
+            source = resolve(name, is_package, node.level, node.module)
+            if source not in modules:
+                continue
+            names = [alias.name for alias in node.names]
+            submodules = [f"{source}.{n}" for n in names if f"{source}.{n}" in modules]
+            found += [(module, []) for module in submodules]
+            plain = [n for n in names if f"{source}.{n}" not in modules]
+            if plain:
+                found.append((source, plain))
+    return found
+
+
+def test_the_package_has_no_import_cycle():
+    modules = package_modules()
+    graph = {name: sorted({target for target, _ in imports_of(name, path, modules) if target != name})
+             for name, path in modules.items()}
+    visiting, done, cycles = [], set(), []
+
+    def visit(node: str) -> None:
+        if node in done:
+            return
+        if node in visiting:
+            cycles.append(visiting[visiting.index(node):] + [node])
+            return
+        visiting.append(node)
+        for target in graph[node]:
+            visit(target)
+        visiting.pop()
+        done.add(node)
+
+    for node in sorted(graph):
+        visit(node)
+    assert not cycles, "import cycles: " + "; ".join(" -> ".join(cycle) for cycle in cycles)
+
+
+def test_no_private_name_is_imported_from_another_module():
+    modules = package_modules()
+    private = [f"{name} imports {source}.{imported}"
+               for name, path in modules.items()
+               for source, names in imports_of(name, path, modules)
+               for imported in names if imported.startswith("_")]
+    assert not private, "private names crossing modules: " + "; ".join(private)
+
+
+def test_the_checker_sees_function_local_and_relative_imports(tmp_path, monkeypatch):
+    """The detector itself: a cycle closed by a function-local relative import is found."""
+    package = tmp_path / "rmt_scale"
+    (package / "sub").mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / "sub" / "__init__.py").write_text("")
+    (package / "sub" / "a.py").write_text("from .b import thing\n")
+    (package / "sub" / "b.py").write_text("def thing():\n    from . import a\n    from .a import _hidden\n")
+    monkeypatch.setattr(sys.modules[__name__], "PACKAGE", package)
+    modules = package_modules()
+    assert [t for t, _ in imports_of("rmt_scale.sub.b", modules["rmt_scale.sub.b"], modules)] == [
+        "rmt_scale.sub.a", "rmt_scale.sub.a"]
+    try:
+        test_the_package_has_no_import_cycle()
+    except AssertionError as error:
+        assert "rmt_scale.sub.a -> rmt_scale.sub.b -> rmt_scale.sub.a" in str(error)
+    else:
+        raise AssertionError("the cycle a -> b -> a was not found")
+    try:
+        test_no_private_name_is_imported_from_another_module()
+    except AssertionError as error:
+        assert "rmt_scale.sub.b imports rmt_scale.sub.a._hidden" in str(error)
+    else:
+        raise AssertionError("the private import was not found")
