@@ -5,8 +5,9 @@
     deepspeed --num_gpus 2 launchers/train.py --ds_config ds_configs/zero3.json ...
     srun python launchers/train.py ...   # with RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT exported
 
-Exit codes: 0 done; 2 bad configuration (nothing was started); 75 stopped by SIGUSR1/SIGTERM after writing a
-checkpoint (rerun with --resume auto).
+Exit codes: 0 done; 2 bad configuration or path (nothing was started); 65 corrupt training data (a checkpoint
+was written if a step trained since the last one); 75 stopped by SIGUSR1/SIGTERM after writing a checkpoint
+(rerun with --resume auto).
 """
 
 import os
@@ -21,13 +22,16 @@ from rmt_scale.training.distributed import select_accelerator  # noqa: E402
 signals.install()  # before the slow start-up, so an early SIGUSR1/SIGTERM is kept, not fatal
 select_accelerator()  # DS_ACCELERATOR=cpu without CUDA, before anything imports deepspeed
 
-from rmt_scale.training import EXIT_PREEMPTED, Preempted, parse_args, run  # noqa: E402
+from rmt_scale.training import EXIT_DATA_ERROR, EXIT_PREEMPTED, DataError, Preempted, parse_args, run  # noqa: E402
 
 
 def main() -> int:
     try:
         config = parse_args()
         run(config)
+    except DataError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_DATA_ERROR
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -73,9 +73,12 @@ RMT_STOP_SIGNAL=""
 # Runs the command once per task under srun, with torch.distributed's variables taken from SLURM's
 # per-task ones. srun runs in the background so that the batch shell stays free to take signals
 # (bash runs a trap only between commands) and to pass them on; srun relays them to every task.
+# --kill-on-bad-exit: once a task fails, srun ends the others; a rank blocked in a collective only
+# records SIGTERM, so without it the job would wait for the dead peer until its time limit. (A rank that
+# hangs without exiting is ended by the trainer's --collective_timeout_s in its peers.)
 # Sets RMT_SRUN_STATUS to srun's exit status and RMT_STOP_SIGNAL to the signal that arrived, if any.
 rmt_srun() {
-    srun "$RMT_REPO/slurm/task_env.sh" "$@" &
+    srun --kill-on-bad-exit=1 "$RMT_REPO/slurm/task_env.sh" "$@" &
     local srun_pid=$!
     # shellcheck disable=SC2064  # the pid is fixed now, on purpose
     trap "rmt_forward USR1 $srun_pid" USR1

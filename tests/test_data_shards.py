@@ -172,6 +172,7 @@ def test_corrupt_shard_names_shard_and_member(shard_dir, tmp_path, how):
     with pytest.raises(CorruptShardError, match=rf"shard-000001\.tar at member '{member}'") as info:
         list(ShardStream(str(damaged), shuffle=False))
     assert isinstance(info.value, ValueError) and "skip_corrupt=True" in str(info.value)
+    assert "--skip_corrupt_samples N in launchers/train.py" in str(info.value)
 
 
 @pytest.mark.parametrize("how,lost", [("truncate", [4, 5]), ("garble", [4])])
@@ -188,6 +189,34 @@ def test_skip_corrupt_counts_and_keeps_the_epoch_length(shard_dir, tmp_path, how
     assert "skipping corrupt sample" in caplog.text
 
 
+def test_token_ids_outside_the_vocabulary_name_shard_member_and_value(shard_dir, tmp_path, tok):
+    """Bytes overwritten inside a token payload leave a valid tar holding a valid array; only the id check
+    finds them (the embedding would fail with an anonymous index error, or a device-side assert on GPU)."""
+    import shutil
+
+    damaged = tmp_path / "damaged"
+    shutil.copytree(shard_dir, damaged)
+    path = damaged / "shard-000001.tar"
+    data = bytearray(path.read_bytes())
+    with tarfile.open(path) as tar:
+        info = tar.getmember("000000004.tokens.npy")
+        tokens = np.load(io.BytesIO(tar.extractfile(info).read()))
+    offset = info.offset_data + info.size - tokens.nbytes + 7 * tokens.itemsize  # the 8th token id
+    data[offset:offset + 4] = np.array([70_000], dtype=tokens.dtype).tobytes()
+    path.write_bytes(bytes(data))
+
+    with tarfile.open(path) as tar:  # still a valid tar of valid arrays
+        assert np.load(io.BytesIO(tar.extractfile(info).read()))[7] == 70_000
+    assert len(list(ShardStream(str(damaged), shuffle=False))) == NUM_SAMPLES  # without the vocabulary size
+    with pytest.raises(CorruptShardError) as info:
+        list(ShardStream(str(damaged), shuffle=False, vocab_size=tok.vocab_size))
+    assert str(info.value).startswith(
+        f"corrupt shard {damaged}/shard-000001.tar at member '000000004.tokens.npy': token id 70000 at position 7 "
+        f"is outside the vocabulary of {tok.vocab_size} ids (0..{tok.vocab_size - 1})")
+    stream = ShardStream(str(damaged), shuffle=False, vocab_size=tok.vocab_size, skip_corrupt=True)
+    assert len(list(stream)) == NUM_SAMPLES and stream.corrupt_count == 1
+
+
 def test_never_unpickles(tmp_path):
     import webdataset as wds
 
@@ -202,8 +231,16 @@ def test_never_unpickles(tmp_path):
     with wds.TarWriter(str(tmp_path / "evil.tar"), encoder=False) as writer:
         writer.write({"__key__": "000", "tokens.npy": buf.getvalue(), "answer.npy": buf.getvalue(),
                       "meta.json": json.dumps(meta).encode(), "extra.pickle": pickle.dumps(Bomb())})
-    with pytest.raises(CorruptShardError, match="000.answer.npy|000.tokens.npy"):
+    with pytest.raises(CorruptShardError, match="000.answer.npy|000.tokens.npy") as info:
         list(ShardStream(str(tmp_path / "evil.tar"), shuffle=False))
+    assert "pickled (object) data, which is never loaded" in str(info.value)
+    # a raw pickle instead of a .npy: numpy's own message advises loading it unsafely; ours does not
+    with wds.TarWriter(str(tmp_path / "raw.tar"), encoder=False) as writer:
+        writer.write({"__key__": "000", "tokens.npy": pickle.dumps(Bomb()), "answer.npy": pickle.dumps(Bomb()),
+                      "meta.json": json.dumps(meta).encode()})
+    with pytest.raises(CorruptShardError, match="pickled \\(object\\) data, which is never loaded") as info:
+        list(ShardStream(str(tmp_path / "raw.tar"), shuffle=False))
+    assert "unsafely" not in str(info.value) and "allow_pickle" not in str(info.value)
     assert not (tmp_path / "pwned").exists()
     assert isinstance(next(iter_tar_samples(str(tmp_path / "evil.tar")))["extra.pickle"], bytes)
 

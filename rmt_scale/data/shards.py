@@ -8,6 +8,8 @@ plus ``index.json`` next to the shards: the shard names in order and their sampl
 needs those counts to give every rank exactly the same number of samples without reading ahead.
 
 Reading never unpickles: ``.npy`` goes through ``np.load(allow_pickle=False)`` and metadata is JSON.
+Given the vocabulary size, the reader also checks every token id, so a damaged payload (which leaves the
+tar valid) is named here rather than failing as an index error inside the embedding.
 
 Splitting: each epoch, all ranks shuffle the shard order with the same seed, lay the samples out in that
 order and cut them into ``world_size`` equal contiguous ranges (the last ``total % world_size`` samples
@@ -50,8 +52,9 @@ class CorruptShardError(ValueError):
 
     def __init__(self, url: str, member: str, reason: str):
         self.url, self.member, self.reason = url, member, reason
-        super().__init__(f"corrupt shard {url} at member {member!r}: {reason}. Re-create the shard, or pass "
-                         "skip_corrupt=True to skip such samples (they are counted and logged)")
+        super().__init__(f"corrupt shard {url} at member {member!r}: {reason}. Re-create the shard, or skip "
+                         "such samples (they are counted and logged): --skip_corrupt_samples N in "
+                         "launchers/train.py, skip_corrupt=True in ShardStream")
 
 
 # ----------------------------------------------------------------------------------------------- writing
@@ -177,18 +180,26 @@ def count_tar_samples(url: str) -> int:
     return seen
 
 
-def _load_array(data: bytes, url: str, member: str) -> np.ndarray:
+def _load_array(data: bytes, url: str, member: str, vocab_size: int | None) -> np.ndarray:
     try:
         array = np.load(io.BytesIO(data), allow_pickle=False)
     except Exception as e:  # numpy raises several types for bad headers and object arrays
-        raise CorruptShardError(url, member, f"not a plain .npy array ({e})") from e
+        # numpy's own message for pickled data advises loading it unsafely; it is never loaded here
+        reason = "it holds pickled (object) data, which is never loaded" if "pickle" in str(e) else str(e)
+        raise CorruptShardError(url, member, f"not a plain .npy integer array ({reason})") from e
     if array.ndim != 1 or array.dtype.kind not in "iu":
         raise CorruptShardError(url, member, f"expected a 1-d integer array, got {array.dtype} {array.shape}")
+    if vocab_size is not None:
+        bad = np.flatnonzero((array < 0) | (array >= vocab_size))
+        if bad.size:
+            raise CorruptShardError(url, member, f"token id {array[bad[0]]} at position {bad[0]} is outside the "
+                                    f"vocabulary of {vocab_size} ids (0..{vocab_size - 1})")
     return array.astype(np.int32, copy=False)
 
 
-def decode_sample(record: dict, url: str) -> TaskSample:
-    """A :class:`TaskSample` from a raw record; only ``.npy`` arrays and JSON are decoded."""
+def decode_sample(record: dict, url: str, vocab_size: int | None = None) -> TaskSample:
+    """A :class:`TaskSample` from a raw record; only ``.npy`` arrays and JSON are decoded. With
+    ``vocab_size``, token ids outside ``0..vocab_size-1`` raise :class:`CorruptShardError`."""
     key = record["__key__"]
     for field in ("tokens.npy", "answer.npy", "meta.json"):
         if field not in record:
@@ -197,12 +208,27 @@ def decode_sample(record: dict, url: str) -> TaskSample:
         meta = json.loads(record["meta.json"])
     except ValueError as e:
         raise CorruptShardError(url, f"{key}.meta.json", f"invalid JSON ({e})") from e
-    return TaskSample(task=meta["task"], tokens=_load_array(record["tokens.npy"], url, f"{key}.tokens.npy"),
-                      answer=_load_array(record["answer.npy"], url, f"{key}.answer.npy"),
+    tokens = _load_array(record["tokens.npy"], url, f"{key}.tokens.npy", vocab_size)
+    answer = _load_array(record["answer.npy"], url, f"{key}.answer.npy", vocab_size)
+    return TaskSample(task=meta["task"], tokens=tokens, answer=answer,
                       question=meta["question"], answer_text=meta["answer_text"], facts=meta["facts"],
                       fact_positions=np.asarray(meta["fact_positions"], dtype=np.int64),
                       fact_lengths=np.asarray(meta["fact_lengths"], dtype=np.int64),
                       num_tokens=meta["num_tokens"], meta={**meta["meta"], "shard": url, "key": key})
+
+
+def _index_url(source: str | Sequence[str]) -> str | None:
+    """The index ``source`` names (an index .json, or a directory holding ``index.json``), or None for shard URLs."""
+    if isinstance(source, str) and not _TAR_NAME.search(source) and "{" not in source:
+        return source if source.endswith(".json") else f"{source.rstrip('/')}/{INDEX_NAME}"
+    return None
+
+
+def _read_index(index_url: str) -> tuple[list[str], list[int]]:
+    with fsspec.open(index_url, "r") as f:
+        index = json.load(f)
+    base = index_url.rpartition("/")[0]
+    return [f"{base}/{s['name']}" for s in index["shards"]], [s["samples"] for s in index["shards"]]
 
 
 def resolve_shards(source: str | Sequence[str], counts: Sequence[int] | None = None) -> tuple[list[str], list[int]]:
@@ -210,18 +236,61 @@ def resolve_shards(source: str | Sequence[str], counts: Sequence[int] | None = N
 
     Without an index and without ``counts``, every shard is read once to count its samples.
     """
-    if isinstance(source, str) and not _TAR_NAME.search(source) and "{" not in source:
-        index_url = source if source.endswith(".json") else f"{source.rstrip('/')}/{INDEX_NAME}"
-        with fsspec.open(index_url, "r") as f:
-            index = json.load(f)
-        base = index_url.rpartition("/")[0]
-        return [f"{base}/{s['name']}" for s in index["shards"]], [s["samples"] for s in index["shards"]]
+    index_url = _index_url(source)
+    if index_url is not None:
+        return _read_index(index_url)
     urls = expand_urls(source)
     if counts is None:
         counts = [count_tar_samples(u) for u in urls]
     if len(counts) != len(urls):
         raise ValueError(f"got {len(counts)} counts for {len(urls)} shards; give one count per shard")
     return urls, list(counts)
+
+
+def check_shard_source(source: str) -> None:
+    """Raises ValueError, in one line that names the fix, when ``source`` cannot be read: a directory without
+    an index, a file that is neither a shard nor an index, a bad index, a missing shard or an unreachable
+    URL. Reads the index and looks up each shard (one stat or HTTP HEAD each); reads no sample."""
+    index_url = _index_url(source)
+    if index_url is None:
+        urls = expand_urls(source)
+    else:
+        fs, path = fsspec.core.url_to_fs(source)
+        if index_url != source and fs.isfile(path):
+            raise ValueError(f"--shards {source} is a file, but neither a .tar/.tar.gz/.tgz shard nor an index .json: "
+                             f"pass shards, an {INDEX_NAME}, or a directory holding one.")
+        problem = _unreadable(index_url)
+        if problem == _MISSING:
+            raise ValueError(f"--shards {source}: {index_url} does not exist. Write shards with tools/make_shards.py "
+                             "(it writes the index), or name the shards, e.g. "
+                             f"'{source.rstrip('/')}/shard-{{000000..000009}}.tar'.")
+        if problem:
+            raise ValueError(f"--shards {source}: {index_url} {problem}.")
+        try:
+            urls, _ = _read_index(index_url)
+        except (ValueError, KeyError, TypeError) as error:
+            raise ValueError(f"--shards {source}: {index_url} is not a shard index ({type(error).__name__}: {error}); "
+                             "write it again with tools/make_shards.py.") from None
+    for url in urls:
+        problem = _unreadable(url)
+        if problem:
+            raise ValueError(f"--shards: shard {url} {problem}.")
+
+
+_MISSING = "does not exist"
+
+
+def _unreadable(url: str) -> str | None:
+    """Why ``url`` cannot be opened as a file, or None."""
+    fs, path = fsspec.core.url_to_fs(url)
+    try:
+        info = fs.info(path)
+    except FileNotFoundError as error:  # fsspec's HTTP filesystem reports an unreachable host as this too
+        cause = error.__cause__
+        return f"cannot be reached ({type(cause).__name__}: {cause})" if cause else _MISSING
+    except Exception as error:  # each filesystem raises its own types
+        return f"cannot be reached ({type(error).__name__}: {error})"
+    return None if info["type"] == "file" else "is not a file"
 
 
 def _dist_rank_world() -> tuple[int, int]:
@@ -239,7 +308,8 @@ class ShardStream(IterableDataset):
     """
 
     def __init__(self, source: str | Sequence[str], *, counts: Sequence[int] | None = None, rank: int | None = None,
-                 world_size: int | None = None, shuffle: bool = True, seed: int = 0, skip_corrupt: bool = False):
+                 world_size: int | None = None, shuffle: bool = True, seed: int = 0, skip_corrupt: bool = False,
+                 vocab_size: int | None = None):
         self.urls, self.counts = resolve_shards(source, counts)
         default_rank, default_world = _dist_rank_world()
         self.rank = default_rank if rank is None else rank
@@ -250,7 +320,7 @@ class ShardStream(IterableDataset):
         if self.total_samples < self.world_size:
             raise ValueError(f"{self.total_samples} samples cannot give each of {self.world_size} ranks one "
                              "sample per epoch; write more samples")
-        self.shuffle, self.seed, self.skip_corrupt = shuffle, seed, skip_corrupt
+        self.shuffle, self.seed, self.skip_corrupt, self.vocab_size = shuffle, seed, skip_corrupt, vocab_size
         self.epoch, self.position, self.corrupt_count = 0, 0, 0
 
     def __len__(self) -> int:
@@ -318,7 +388,7 @@ class ShardStream(IterableDataset):
         try:
             for record in iter_tar_samples(url, select=lambda o: None if o > final else o in wanted_set):
                 try:
-                    yield decode_sample(record, url)
+                    yield decode_sample(record, url, self.vocab_size)
                 except CorruptShardError as e:
                     yield e
                 done += 1

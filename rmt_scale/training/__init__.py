@@ -9,7 +9,9 @@ from .curriculum import Curriculum
 from .ds_config import build_ds_config, load_ds_config
 from .evaluation import evaluate_by_length, streaming_correct
 from .run import format_table, run
-from .trainer import EXIT_PREEMPTED, Preempted, Trainer
+from .data import DataError
+from .trainer import EXIT_DATA_ERROR, EXIT_PREEMPTED, Preempted, Trainer
 
-__all__ = ["Curriculum", "EXIT_PREEMPTED", "Preempted", "TrainConfig", "Trainer", "build_ds_config", "build_parser",
-           "evaluate_by_length", "format_table", "load_ds_config", "parse_args", "run", "streaming_correct"]
+__all__ = ["Curriculum", "DataError", "EXIT_DATA_ERROR", "EXIT_PREEMPTED", "Preempted", "TrainConfig", "Trainer",
+           "build_ds_config", "build_parser", "evaluate_by_length", "format_table", "load_ds_config", "parse_args",
+           "run", "streaming_correct"]

@@ -1,18 +1,28 @@
-"""Checkpoints: DeepSpeed's engine state plus each rank's trainer state, written atomically.
+"""Checkpoints: DeepSpeed's engine state plus each rank's trainer state, written atomically and verified on resume.
 
 Layout under ``OUT/checkpoints``::
 
     step000200/            engine files (model, optimizer, ZeRO partitions) + trainer_state_rank{r}.pt
+                           + manifest.json: the world size, and every file's size and SHA-256
     latest                 the tag of the newest complete checkpoint
 
-Every rank writes into ``.tmp-<tag>``; after a barrier rank 0 renames it to ``<tag>`` and then replaces
-``latest``. A run killed at any moment leaves either the previous checkpoint or the new one as ``latest``,
-never a half-written one. Each rank's trainer state holds the step, the curriculum (stage and its RNG), the
-data position and the Python/NumPy/torch RNG states, so ``--resume`` continues the exact same run.
+Every rank writes into ``.tmp-<tag>``; after a barrier the ranks hash the files (each rank a share), rank 0
+writes the manifest last, renames the directory to ``<tag>`` and then replaces ``latest``. A run killed at
+any moment leaves either the previous checkpoint or the new one as ``latest``, never a half-written one.
+Each rank's trainer state holds the step, the curriculum (stage and its RNG), the data position and the
+Python/NumPy/torch RNG states, so ``--resume`` continues the exact same run.
+
+Files can still be damaged afterwards (a full disk, a copy cut short, a bad block). ``--resume auto``
+therefore checks the manifest before loading and falls back to the newest older checkpoint that matches
+it, saying which ones it skipped and why. Checkpoints written before manifests existed are checked only
+for one trainer state per rank.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -21,9 +31,13 @@ import torch
 import torch.distributed as dist
 
 from ..rng import rng_state, set_rng_state
+from .distributed import all_gather_objects
 
+log = logging.getLogger(__name__)
 LATEST = "latest"
 TMP_PREFIX = ".tmp-"
+MANIFEST = "manifest.json"
+STATE_FILE = "trainer_state_rank{}.pt"
 
 
 def tag_for(step: int) -> str:
@@ -33,6 +47,17 @@ def tag_for(step: int) -> str:
 def _barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
+
+
+def _rank_and_world() -> tuple[int, int]:
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+
+
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def save(engine, directory: Path, step: int, trainer_state: dict, keep: int) -> Path:
@@ -45,16 +70,34 @@ def save(engine, directory: Path, step: int, trainer_state: dict, keep: int) -> 
         shutil.rmtree(directory / tmp_tag, ignore_errors=True)  # left by a run killed while saving
     _barrier()
     engine.save_checkpoint(str(directory), tag=tmp_tag, save_latest=False)
-    torch.save({**trainer_state, "rng": rng_state()}, directory / tmp_tag / f"trainer_state_rank{rank}.pt")
+    torch.save({**trainer_state, "rng": rng_state()}, directory / tmp_tag / STATE_FILE.format(rank))
     _barrier()
+    _write_manifest(directory / tmp_tag)
     if rank == 0:
         final = directory / tag
         shutil.rmtree(final, ignore_errors=True)
         os.replace(directory / tmp_tag, final)
         _write_atomically(directory / LATEST, tag)
-        _prune(directory, keep)
+        _prune(directory, step, keep)
     _barrier()
     return directory / tag
+
+
+def _write_manifest(checkpoint: Path) -> None:
+    """Every file's size and SHA-256 (rank r hashes every world_size-th file), written by rank 0 last."""
+    rank, world_size = _rank_and_world()
+    # all ranks hash shares of rank 0's listing: another node may not list others' new files yet
+    names = all_gather_objects(sorted(str(p.relative_to(checkpoint)) for p in checkpoint.rglob("*") if p.is_file())
+                               if rank == 0 else None)[0]
+    mine = {name: {"size": (checkpoint / name).stat().st_size, "sha256": _sha256(checkpoint / name)}
+            for name in names[rank::world_size]}
+    files = {name: entry for share in all_gather_objects(mine) for name, entry in share.items()}
+    if rank == 0:
+        manifest = {"world_size": world_size, "files": dict(sorted(files.items()))}
+        with open(checkpoint / MANIFEST, "w") as f:
+            json.dump(manifest, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
 
 
 def _write_atomically(path: Path, text: str) -> None:
@@ -66,35 +109,109 @@ def _write_atomically(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _prune(directory: Path, keep: int) -> None:
+def _prune(directory: Path, step: int, keep: int) -> None:
+    """Keeps the ``keep`` newest checkpoints up to ``step``. Newer ones belong to the run that a resume went
+    back from (past a damaged checkpoint, or to an older ``--resume`` tag); ``latest`` no longer leads to
+    them, so they go too."""
     tags = sorted(p for p in directory.iterdir() if p.is_dir() and p.name.startswith("step"))
-    for old in tags[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+    kept = [p for p in tags if p.name <= tag_for(step)][-keep:]
+    for old in tags:
+        if old not in kept:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def find(out_dir: Path, resume: str) -> Path | None:
-    """The checkpoint directory that ``--resume`` names (``auto``: the latest in ``OUT``, if any)."""
+    """The checkpoint directory that ``--resume`` names, checked against its manifest.
+
+    ``auto``: the latest in ``OUT`` that checks out, going back from ``latest`` past damaged ones (each is
+    logged with the reason); None when there is none yet. A named tag or directory is used only if it checks
+    out. Raises ValueError when nothing usable is left, or the checkpoint was written by another number of
+    ranks. Under torch.distributed every rank must call this: they check a share of the files each and agree.
+    """
     directory = out_dir / "checkpoints"
-    if resume == "auto":
-        latest = directory / LATEST
-        return directory / latest.read_text().strip() if latest.is_file() else None
-    candidate = Path(resume)
-    if not candidate.is_dir():
-        candidate = directory / resume
-    if not (candidate.is_dir() and any(candidate.glob("trainer_state_rank*.pt"))):
-        raise ValueError(f"--resume={resume!r} is not a complete checkpoint (no {candidate}/trainer_state_rank*.pt): "
-                         f"pass 'auto' or a tag listed in {directory}.")
-    return candidate
+    if resume != "auto":
+        candidate = Path(resume)
+        if not candidate.is_dir():
+            candidate = directory / resume
+        if not candidate.is_dir():
+            raise ValueError(f"--resume={resume!r} is not a checkpoint directory: pass 'auto' or a tag listed in "
+                             f"{directory}.")
+        problem = _problem(candidate)
+        if problem:
+            raise ValueError(f"--resume={resume!r} is not a complete checkpoint: {problem}. Pass 'auto' (it falls "
+                             f"back to the newest intact checkpoint) or another tag listed in {directory}.")
+        return candidate
+    latest = directory / LATEST
+    if not latest.is_file():
+        return None
+    newest = latest.read_text().strip()
+    candidates = sorted((p for p in directory.iterdir() if p.is_dir() and p.name.startswith("step")
+                         and p.name <= newest), reverse=True)
+    skipped = []
+    for candidate in candidates:
+        problem = _problem(candidate)
+        if problem is None:
+            return candidate
+        skipped.append(f"{candidate.name} ({problem})")
+        if _rank_and_world()[0] == 0:
+            log.warning("--resume auto: skipping checkpoint %s: %s", candidate, problem)
+    raise ValueError(f"--resume auto found no intact checkpoint in {directory}: skipped {'; '.join(skipped)}. "
+                     "Start again with a new --out_dir (or remove the checkpoints directory).")
+
+
+def _problem(checkpoint: Path) -> str | None:
+    """Why ``checkpoint`` cannot be loaded (a missing, short or changed file), or None. Raises ValueError
+    when it was written by another number of ranks: no older checkpoint of the run can help then."""
+    rank, world_size = _rank_and_world()
+    manifest_file = checkpoint / MANIFEST
+    if not manifest_file.is_file():  # written before manifests: only the trainer states can be counted
+        states = sorted(p.name for p in checkpoint.glob(STATE_FILE.format("*")))
+        if states:
+            _check_world_size(checkpoint, len(states), world_size)
+        missing = [STATE_FILE.format(r) for r in range(world_size) if STATE_FILE.format(r) not in states]
+        if missing:
+            return f"{', '.join(missing)} missing (no {MANIFEST})"
+        if rank == 0:
+            log.warning("checkpoint %s has no %s (written by an older version): its files are not verified",
+                        checkpoint, MANIFEST)
+        return None
+    try:
+        manifest = json.loads(manifest_file.read_text())
+    except (OSError, ValueError) as error:
+        manifest = {"world_size": world_size, "files": {}}
+        mine = f"{MANIFEST} is unreadable ({error})"
+    else:
+        _check_world_size(checkpoint, manifest["world_size"], world_size)
+        mine = None
+    for index, (name, expected) in enumerate(sorted(manifest["files"].items())):
+        path = checkpoint / name
+        if not path.is_file():
+            mine = f"{name} is missing"
+        elif path.stat().st_size != expected["size"]:
+            mine = f"{name} has {path.stat().st_size} bytes, the manifest says {expected['size']}"
+        elif index % world_size == rank and _sha256(path) != expected["sha256"]:
+            mine = f"{name} does not match its SHA-256 in the manifest"
+        if mine:
+            break
+    return next((problem for problem in all_gather_objects(mine) if problem), None)
+
+
+def _check_world_size(checkpoint: Path, saved: int, world_size: int) -> None:
+    if saved != world_size:
+        raise ValueError(
+            f"cannot resume {checkpoint}: it was written by {saved} ranks and this run has {world_size}. Another "
+            "rank count changes the global batch and which samples each rank reads, so the run would not "
+            f"continue the same way; resume with {saved} ranks, or start a new --out_dir.")
 
 
 def read_state(checkpoint: Path) -> dict:
     """This rank's trainer state, read before anything is built (to check the run matches)."""
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    state_file = checkpoint / f"trainer_state_rank{rank}.pt"
-    if not state_file.is_file():
-        raise ValueError(f"{state_file} is missing: the checkpoint was written by fewer ranks; resume with the "
-                         "same number of ranks.")
-    return torch.load(state_file, weights_only=False)
+    state_file = checkpoint / STATE_FILE.format(_rank_and_world()[0])
+    try:
+        return torch.load(state_file, weights_only=False)  # written by this code, and checked against the manifest
+    except Exception as error:  # torch raises several types for a damaged file
+        raise ValueError(f"cannot read {state_file} ({type(error).__name__}: {error}); resume from another "
+                         "checkpoint with --resume TAG.") from error
 
 
 def load(engine, checkpoint: Path, state: dict) -> None:

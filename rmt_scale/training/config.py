@@ -8,10 +8,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..data import TASKS
+from ..data.shards import check_shard_source
 from ..model.config import BACKPROP_MODES
 
 BUILTIN_BACKBONE = "tiny"
@@ -38,6 +40,10 @@ class TrainConfig:
         "shard URLs (brace patterns, index.json or a directory with one) to train on instead of generated "
         "samples; their lengths replace the curriculum. Evaluation still uses --task.")})
     data_seed: int = field(default=0, metadata={"help": "seed of the training samples (evaluation uses another)."})
+    skip_corrupt_samples: int = field(default=0, metadata={"help": (
+        "with --shards: skip up to N corrupt samples over all ranks (unreadable, or token ids outside the "
+        "vocabulary; each is logged and counted in data/corrupt_samples) and stop past N. 0: stop at the "
+        "first. A stop writes a checkpoint first and exits with 65.")})
     # ---- curriculum
     curriculum: str = field(default="1,2,4", metadata={"help": (
         "comma-separated segment counts of the stages; a step in stage n draws its length from 1..n segments.")})
@@ -76,6 +82,9 @@ class TrainConfig:
     export: bool = field(default=True, metadata={"help": (
         "write OUT/export, a save_pretrained directory for RecurrentMemoryModel.from_pretrained.")})
     log_every: int = field(default=1, metadata={"help": "write training scalars every N steps."})
+    collective_timeout_s: int = field(default=600, metadata={"help": (
+        "a rank waiting longer than this in a collective (its peer hangs or died) fails instead of blocking "
+        "the job; raise it if one rank can legitimately work alone longer, e.g. exporting a very large model.")})
 
     # ------------------------------------------------------------------ parsed views
     @property
@@ -93,11 +102,11 @@ class TrainConfig:
     def validate(self) -> None:
         """Raises ValueError naming the bad flag and the fix; runs before anything is built."""
         positive = ("segment_size", "micro_batch_size", "grad_accum", "max_steps", "eval_samples", "eval_every",
-                    "eval_batch_size", "log_every", "keep_checkpoints")
+                    "eval_batch_size", "log_every", "keep_checkpoints", "collective_timeout_s")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name}={getattr(self, name)} must be at least 1.")
-        for name in ("num_mem_tokens", "save_every", "warmup_steps", "stage_steps"):
+        for name in ("num_mem_tokens", "save_every", "warmup_steps", "stage_steps", "skip_corrupt_samples"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name}={getattr(self, name)} must be 0 or more.")
         if self.backprop not in BACKPROP_MODES:
@@ -110,6 +119,25 @@ class TrainConfig:
         if stages != sorted(set(stages)):
             raise ValueError(f"--curriculum={self.curriculum!r} must be increasing, e.g. 1,2,4,8.")
         self.eval_lengths  # parses, raising on a bad list
+
+    def check_paths(self) -> None:
+        """Raises ValueError naming the path and the fix when the backbone, tokenizer, output directory or
+        shards cannot be used; runs before any work (it creates ``out_dir``, to try writing a file there)."""
+        if self.backbone != BUILTIN_BACKBONE:
+            _check_pretrained("backbone", self.backbone, "config.json")
+        if self.tokenizer not in ("", "builtin"):
+            _check_pretrained("tokenizer", self.tokenizer, None)  # tokenizers are saved in several layouts
+        out = Path(self.out_dir)
+        if out.exists() and not out.is_dir():
+            raise ValueError(f"--out_dir {out} is a file: pass a directory (it is created if missing).")
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            tempfile.TemporaryFile(dir=out).close()
+        except OSError as error:
+            raise ValueError(f"--out_dir {out} is not a writable directory ({error.strerror}): pass one you can "
+                             "write to.") from error
+        if self.shards:
+            check_shard_source(self.shards)
 
     def check_resumable(self, saved: dict) -> None:
         """Refuses to resume a checkpoint written with a different model, data, batch or DeepSpeed config
@@ -133,6 +161,27 @@ class TrainConfig:
 # flags a resumed run must share with its checkpoint: they shape the weights, the data order or the engine state
 RESUME_MUST_MATCH = ("backbone", "tokenizer", "num_mem_tokens", "segment_size", "task", "shards", "data_seed",
                      "curriculum", "micro_batch_size", "grad_accum", "seed", "ds_config")
+
+
+def _check_pretrained(flag: str, name: str, required_file: str | None) -> None:
+    """A local directory must exist (and hold ``required_file``); a Hugging Face id must hold
+    ``required_file`` in the local cache when downloads are off."""
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if required_file and not (path / required_file).is_file():
+            raise ValueError(f"--{flag} {name} has no {required_file}: pass a directory saved with save_pretrained.")
+        return
+    if path.exists():
+        raise ValueError(f"--{flag} {name} is a file: pass a directory saved with save_pretrained, or a Hugging "
+                         "Face id.")
+    if name.startswith(("/", ".", "~")) or name.count("/") > 1:  # a Hugging Face id is "name" or "owner/name"
+        raise ValueError(f"--{flag} {name}: no such directory.")
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if required_file and constants.HF_HUB_OFFLINE and not isinstance(try_to_load_from_cache(name, required_file), str):
+        raise ValueError(f"--{flag} {name} is neither a local directory nor in the Hugging Face cache, and "
+                         "HF_HUB_OFFLINE=1 (the launcher's default) forbids downloading it: run once with "
+                         "HF_HUB_OFFLINE=0, or pass a local directory.")
 
 
 def _int_list(flag: str, text: str) -> list[int]:

@@ -6,7 +6,10 @@ advances by the global batch each step); rank ``r`` takes, for micro-batch ``m``
 and the data position is one integer saved in every checkpoint.
 
 Shards: each rank streams its own share (``ShardStream``); a batch is padded on the right to the longest
-sample on any rank, so every rank runs the same number of segments.
+sample on any rank, so every rank runs the same number of segments. Corrupt samples (unreadable, or token
+ids outside the vocabulary) stop the run, or with ``max_corrupt`` the first ``max_corrupt`` of them over all
+ranks are skipped. A step's batches are all read before its forward, so a data error leaves the model as
+the last step left it.
 """
 
 from __future__ import annotations
@@ -15,8 +18,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ..data import ShardStream, TaskGenerator, build_lm_example
+from ..data import CorruptShardError, ShardStream, TaskGenerator, build_lm_example
 from ..data.tasks import IGNORE_INDEX, TaskSample
+from .distributed import all_gather_objects
 
 EVAL_SEED_OFFSET = 1_000_003  # evaluation samples come from another seed than any training sample
 
@@ -34,23 +38,36 @@ def collate(samples: list[TaskSample], pad_id: int, length: int | None = None) -
             "attention_mask": torch.from_numpy(mask)}
 
 
+class DataError(Exception):
+    """The training data stops the run: a corrupt sample, or more than ``max_corrupt`` of them, on some rank.
+    Every rank raises it at the same micro-batch, so all of them can still write a checkpoint together."""
+
+
 class TrainBatches:
     """Yields each step's micro-batches for this rank; ``state_dict`` is the data position."""
 
     def __init__(self, generator: TaskGenerator | None, shards: ShardStream | None, *, micro_batch: int,
-                 grad_accum: int, rank: int, world_size: int, segment_size: int, pad_id: int):
+                 grad_accum: int, rank: int, world_size: int, segment_size: int, pad_id: int, max_corrupt: int = 0):
         self.generator, self.shards = generator, shards
         self.micro_batch, self.grad_accum, self.rank, self.world_size = micro_batch, grad_accum, rank, world_size
-        self.segment_size, self.pad_id = segment_size, pad_id
+        self.segment_size, self.pad_id, self.max_corrupt = segment_size, pad_id, max_corrupt
         self.position = 0  # global sample index of the next step's first sample (generated tasks)
         self._shard_iter = None
         self._shard_position = None  # the stream position right after the last sample taken
+        self.corrupt_samples = 0  # skipped so far, all ranks, since the start of the run
+        self._corrupt_before_resume = 0
 
     def step(self, num_segments: int) -> list[dict[str, torch.Tensor]]:
         """The ``grad_accum`` micro-batches of one step; with generated tasks every sample has exactly
         ``num_segments`` segments."""
         if self.shards is not None:
-            return [self._shard_batch() for _ in range(self.grad_accum)]
+            before = self.state_dict()
+            try:
+                return [self._shard_batch() for _ in range(self.grad_accum)]
+            except DataError:  # a checkpoint written now must start this step again
+                self._shard_position = {name: before["shards"][name] for name in ("epoch", "position")}
+                self.corrupt_samples = before["corrupt_samples"]
+                raise
         batches = []
         for micro in range(self.grad_accum):
             first = self.position + (micro * self.world_size + self.rank) * self.micro_batch
@@ -61,28 +78,43 @@ class TrainBatches:
         return batches
 
     def _shard_batch(self) -> dict[str, torch.Tensor]:
-        samples = []
-        while len(samples) < self.micro_batch:
-            if self._shard_iter is None:
-                self._shard_iter = iter(self.shards)
-            sample = next(self._shard_iter, None)
-            if sample is None:  # end of epoch: the stream moved to the next one
-                self._shard_iter = None
-                continue
-            samples.append(sample)
-            self._shard_position = ShardStream.state_after(sample)
-        longest = max(len(s.tokens) + len(s.answer) for s in samples)
-        # every rank must run the same number of segments: pad to the longest sample of any rank
-        segments = torch.tensor(-(-longest // self.segment_size))
+        samples, error = [], None
+        try:
+            while len(samples) < self.micro_batch:
+                if self._shard_iter is None:
+                    self._shard_iter = iter(self.shards)
+                sample = next(self._shard_iter, None)
+                if sample is None:  # end of epoch: the stream moved to the next one
+                    self._shard_iter = None
+                    continue
+                samples.append(sample)
+                self._shard_position = ShardStream.state_after(sample)
+        except CorruptShardError as corrupt:
+            error = f"rank {self.rank}: {corrupt}"
+        longest = max((len(s.tokens) + len(s.answer) for s in samples), default=0)
+        # One exchange per micro-batch. Every rank must run the same number of segments (pad to the longest
+        # sample of any rank), and all must stop together on a data error, so that they can checkpoint.
+        mine = torch.tensor([-(-longest // self.segment_size), self.shards.corrupt_count, error is not None])
+        ranks = [mine]
         if dist.is_initialized() and self.world_size > 1:
-            dist.all_reduce(segments, op=dist.ReduceOp.MAX)
-        return collate(samples, self.pad_id, int(segments) * self.segment_size)
+            ranks = [torch.empty_like(mine) for _ in range(self.world_size)]
+            dist.all_gather(ranks, mine)
+        segments, corrupt, failed = torch.stack(ranks).T
+        self.corrupt_samples = self._corrupt_before_resume + int(corrupt.sum())
+        if failed.any():
+            raise DataError(next(e for e in all_gather_objects(error) if e))
+        if self.corrupt_samples > self.max_corrupt:
+            raise DataError(f"{self.corrupt_samples} corrupt samples, more than --skip_corrupt_samples "
+                            f"{self.max_corrupt} (each was logged with its shard and member): re-create those "
+                            "shards, or allow more with --skip_corrupt_samples")
+        return collate(samples, self.pad_id, int(segments.max()) * self.segment_size)
 
     def state_dict(self) -> dict:
         state = {"position": self.position}
         if self.shards is not None:
             # the stream's own position lags while its generator is suspended; the last sample's is exact
             state["shards"] = {**self.shards.state_dict(), **(self._shard_position or {})}
+            state["corrupt_samples"] = self.corrupt_samples
         return state
 
     def load_state_dict(self, state: dict) -> None:
@@ -90,6 +122,7 @@ class TrainBatches:
         if self.shards is not None:
             self.shards.load_state_dict(state["shards"])
             self._shard_iter, self._shard_position = None, None
+            self.corrupt_samples = self._corrupt_before_resume = state.get("corrupt_samples", 0)
 
 
 def eval_samples(generator: TaskGenerator, num_segments: int, segment_size: int, count: int, rank: int,

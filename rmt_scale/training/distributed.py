@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import datetime
 import os
 import socket
 from dataclasses import dataclass
@@ -22,6 +23,15 @@ class DistInfo:
     world_size: int
     local_rank: int
     device: torch.device
+
+
+def all_gather_objects(value) -> list:
+    """``value`` of every rank, in rank order, on every rank (just ``[value]`` without a process group)."""
+    if not torch.distributed.is_initialized():
+        return [value]
+    values = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(values, value)
+    return values
 
 
 def free_port() -> int:
@@ -38,14 +48,17 @@ def select_accelerator() -> bool:
     return has_cuda
 
 
-def init_distributed() -> DistInfo:
+def init_distributed(timeout_s: float = 600) -> DistInfo:
+    """Joins (or creates) the process group. A collective that waits ``timeout_s`` for a peer that hangs or
+    died raises instead of blocking, so the job ends (under srun, ``--kill-on-bad-exit`` then stops the rest)."""
     has_cuda = select_accelerator()
     if "RANK" not in os.environ and not any(k in os.environ for k in ("OMPI_COMM_WORLD_RANK", "PMI_RANK")):
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=os.environ.get("MASTER_PORT", str(free_port())))
     import deepspeed
 
-    deepspeed.init_distributed(dist_backend="nccl" if has_cuda else "gloo")
+    deepspeed.init_distributed(dist_backend="nccl" if has_cuda else "gloo",
+                               timeout=datetime.timedelta(seconds=timeout_s))
     rank, world_size = torch.distributed.get_rank(), torch.distributed.get_world_size()
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if not has_cuda and "OMP_NUM_THREADS" not in os.environ:

@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 # TensorBoard tags, documented in docs/training.md
 TAGS = ("train/loss", "train/lr", "train/grad_norm", "train/segments", "curriculum/stage_segments",
-        "perf/tokens_per_s", "perf/peak_memory_mb", "memory/state_norm")
+        "perf/tokens_per_s", "perf/peak_memory_mb", "memory/state_norm", "data/corrupt_samples")
 
 
 class MetricsLogger:

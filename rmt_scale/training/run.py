@@ -27,8 +27,10 @@ def format_table(results: dict[str, dict[int, float]], segment_size: int, traine
 
 def run(config: TrainConfig) -> dict:
     """Trains (and evaluates) as configured; returns ``{"rmt": {segments: accuracy}, "baseline": ...}``.
-    Raises ``Preempted`` when a stop signal ended the run early (a checkpoint was written)."""
-    dist_info = init_distributed()
+    Raises ``Preempted`` when a stop signal ended the run early, ``DataError`` when corrupt data did (both
+    after writing a checkpoint), and ValueError, before any work, for flags or paths that cannot work."""
+    config.check_paths()
+    dist_info = init_distributed(config.collective_timeout_s)
     started = time.perf_counter()
     results = {}
     runs = [config] + ([config.baseline_twin()] if config.baseline and config.num_mem_tokens else [])

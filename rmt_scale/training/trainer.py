@@ -25,7 +25,7 @@ from ..model.tiny import tiny_config
 from . import checkpoint, signals
 from .config import BUILTIN_BACKBONE, TrainConfig
 from .curriculum import Curriculum
-from .data import EVAL_SEED_OFFSET, TrainBatches
+from .data import EVAL_SEED_OFFSET, DataError, TrainBatches
 from .distributed import DistInfo
 from .ds_config import build_ds_config, load_ds_config, zero_stage
 from .evaluation import evaluate_by_length
@@ -33,6 +33,8 @@ from .metrics import MetricsLogger
 
 # Exit code after a SIGUSR1/SIGTERM stop with a checkpoint written: "requeue me" (BSD EX_TEMPFAIL).
 EXIT_PREEMPTED = 75
+# Exit code after corrupt training data stopped the run (BSD EX_DATAERR): rerunning alone does not help.
+EXIT_DATA_ERROR = 65
 
 
 class Preempted(Exception):
@@ -122,11 +124,12 @@ class Trainer:
         self.eval_generator = TaskGenerator(config.task, self.tokenizer, generator.background,
                                             seed=config.data_seed + EVAL_SEED_OFFSET)
         shards = (ShardStream(config.shards, rank=dist_info.rank, world_size=dist_info.world_size,
-                              seed=config.data_seed) if config.shards else None)
+                              seed=config.data_seed, skip_corrupt=config.skip_corrupt_samples > 0,
+                              vocab_size=self.tokenizer.vocab_size) if config.shards else None)
         self.batches = TrainBatches(None if shards else generator, shards, micro_batch=config.micro_batch_size,
                                     grad_accum=config.grad_accum, rank=dist_info.rank,
                                     world_size=dist_info.world_size, segment_size=config.segment_size,
-                                    pad_id=self.tokenizer.pad_id)
+                                    pad_id=self.tokenizer.pad_id, max_corrupt=config.skip_corrupt_samples)
         self.step = 0
         self.saved_step = -1
         self.accuracy: dict[int, float] = {}
@@ -165,7 +168,11 @@ class Trainer:
             logger.write(f"[{self.label}] resumed from {self.resume_from} at step {self.step}")
         try:
             while self.step < config.max_steps:
-                self._train_step(logger)
+                try:
+                    self._train_step(logger)
+                except DataError:
+                    self._save_on_data_error(logger)
+                    raise
                 if self.step % config.eval_every == 0 or self.step == config.max_steps:
                     self._evaluate(logger)
                 else:
@@ -187,9 +194,26 @@ class Trainer:
             logger.close()
         return self.accuracy
 
+    def _save_on_data_error(self, logger: MetricsLogger) -> None:
+        """The step's data was read before its forward, so the model is as the last step left it: worth a
+        checkpoint (unless nothing has been trained since the start or the resume)."""
+        if self.step == 0 or self.saved_step == self.step:
+            logger.write(f"[{self.label}] stopped at step {self.step} on a data error (no new checkpoint: no step "
+                         "trained since the last one)")
+            return
+        self._save()
+        logger.write(f"[{self.label}] stopped at step {self.step} on a data error; checkpoint written, exit code "
+                     f"{EXIT_DATA_ERROR}; once the data is fixed (or --skip_corrupt_samples raised), --resume auto "
+                     "continues")
+
     def _train_step(self, logger: MetricsLogger) -> None:
+        curriculum_before = self.curriculum.state_dict()
         num_segments = self.curriculum.draw()
-        batches = self.batches.step(num_segments)
+        try:
+            batches = self.batches.step(num_segments)
+        except DataError:
+            self.curriculum.load_state_dict(curriculum_before)  # a checkpoint written now redoes this step
+            raise
         started = time.perf_counter()
         losses, memory_norms, tokens = [], [], 0
         for batch in batches:
@@ -227,6 +251,8 @@ class Trainer:
                       "perf/tokens_per_s": tokens_per_s, "perf/peak_memory_mb": peak_memory_mb()}
             if memory_norms:
                 values["memory/state_norm"] = memory_norm
+            if self.config.shards:
+                values["data/corrupt_samples"] = self.batches.corrupt_samples
             logger.scalars(self.step, values)
         logger.progress(loss, self.accuracy.get(self.curriculum.max_segments), tokens_per_s)
 
