@@ -9,6 +9,7 @@
 #   RMT_VENV        virtual environment whose bin/ is put first on PATH
 #   MASTER_PORT     rendezvous port (default: 20000 + job id mod 20000, so jobs sharing a node differ)
 #   OMP_NUM_THREADS threads per task (default: the CPUs SLURM gives each task)
+#   RMT_TASK_WAIT_S once a task has ended, seconds the others get to end before srun ends them (default 60)
 #   RMT_SWEEP       for job arrays: space-separated values; array task i replaces every "{}" in the
 #                   script's arguments with the i-th value (sbatch --array=0-<count-1>)
 
@@ -73,12 +74,13 @@ RMT_STOP_SIGNAL=""
 # Runs the command once per task under srun, with torch.distributed's variables taken from SLURM's
 # per-task ones. srun runs in the background so that the batch shell stays free to take signals
 # (bash runs a trap only between commands) and to pass them on; srun relays them to every task.
-# --kill-on-bad-exit: once a task fails, srun ends the others; a rank blocked in a collective only
-# records SIGTERM, so without it the job would wait for the dead peer until its time limit. (A rank that
-# hangs without exiting is ended by the trainer's --collective_timeout_s in its peers.)
+# --wait: once a task has ended, srun ends the others RMT_TASK_WAIT_S seconds later. A rank blocked in a
+# collective (its peer died, or timed out on a hung peer: --collective_timeout_s) only records SIGTERM,
+# so without this the job would wait for it until its time limit. Not --kill-on-bad-exit: the ranks'
+# status 75 after a checkpointed stop counts as a bad exit, and it would cut the others' exit short.
 # Sets RMT_SRUN_STATUS to srun's exit status and RMT_STOP_SIGNAL to the signal that arrived, if any.
 rmt_srun() {
-    srun --kill-on-bad-exit=1 "$RMT_REPO/slurm/task_env.sh" "$@" &
+    srun --wait="${RMT_TASK_WAIT_S:-60}" "$RMT_REPO/slurm/task_env.sh" "$@" &
     local srun_pid=$!
     # shellcheck disable=SC2064  # the pid is fixed now, on purpose
     trap "rmt_forward USR1 $srun_pid" USR1

@@ -254,11 +254,11 @@ def task_pid(out: Path, rank: int) -> int | None:
 @pytest.mark.slow
 def test_job_with_a_hung_rank_ends_in_bounded_time(slurm_env, tmp_path):
     """Rank 1 of a 2-task job stops (SIGSTOP: alive, but silent). Rank 0's next collective times out
-    (--collective_timeout_s) and it exits with an error; srun's --kill-on-bad-exit then ends rank 1 and the
-    job fails instead of waiting for its time limit."""
+    (--collective_timeout_s) and it exits with an error; srun (--wait=RMT_TASK_WAIT_S) then ends rank 1 and
+    the job fails instead of waiting for its time limit."""
     out, log = tmp_path / "run", tmp_path / "job.out"
-    timeout_s = 10
-    job = submit(slurm_env, log, "--nodes=1", "--ntasks-per-node=2", str(ROOT / "slurm" / "train.sbatch"),
+    timeout_s = wait_s = 10
+    job = submit({**slurm_env, "RMT_TASK_WAIT_S": str(wait_s)}, log, "--nodes=1", "--ntasks-per-node=2", str(ROOT / "slurm" / "train.sbatch"),
                  "--out_dir", str(out), "--max_steps", "100000", "--save_every", "0", "--eval_every", "100000",
                  "--collective_timeout_s", str(timeout_s), *QUICK_FLAGS)
     wait_for(lambda: len(logged_steps(out)) >= 2, timeout=180, what="the first training steps")
@@ -274,5 +274,5 @@ def test_job_with_a_hung_rank_ends_in_bounded_time(slurm_env, tmp_path):
             os.kill(pid, signal.SIGKILL)
     text = log.read_text()
     assert info["JobState"] == "FAILED", text
-    assert timeout_s <= elapsed < timeout_s + 60, (elapsed, text)
+    assert timeout_s + wait_s <= elapsed < timeout_s + wait_s + 60, (elapsed, text)
     assert f"Timed out waiting {timeout_s * 1000}ms" in text and "task 0: Exited with exit code 1" in text, text

@@ -34,6 +34,16 @@ def all_gather_objects(value) -> list:
     return values
 
 
+def set_collective_timeout(timeout_s: float) -> None:
+    """Gives every process group of this rank the timeout of :func:`init_distributed`. DeepSpeed makes its own
+    groups (data parallelism runs in a copy of the world group), and torch gives a new group its default
+    timeout (30 min on gloo), not the world group's."""
+    from torch.distributed import distributed_c10d
+
+    for group in list(distributed_c10d._world.pg_map):
+        distributed_c10d._set_pg_timeout(datetime.timedelta(seconds=timeout_s), group)
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -50,7 +60,7 @@ def select_accelerator() -> bool:
 
 def init_distributed(timeout_s: float = 600) -> DistInfo:
     """Joins (or creates) the process group. A collective that waits ``timeout_s`` for a peer that hangs or
-    died raises instead of blocking, so the job ends (under srun, ``--kill-on-bad-exit`` then stops the rest)."""
+    died raises instead of blocking, so the job ends (under srun, ``--wait`` then stops the rest)."""
     has_cuda = select_accelerator()
     if "RANK" not in os.environ and not any(k in os.environ for k in ("OMPI_COMM_WORLD_RANK", "PMI_RANK")):
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",

@@ -26,7 +26,7 @@ from . import checkpoint, signals
 from .config import BUILTIN_BACKBONE, TrainConfig
 from .curriculum import Curriculum
 from .data import EVAL_SEED_OFFSET, DataError, TrainBatches
-from .distributed import DistInfo
+from .distributed import DistInfo, set_collective_timeout
 from .ds_config import build_ds_config, load_ds_config, zero_stage
 from .evaluation import evaluate_by_length
 from .metrics import MetricsLogger
@@ -115,6 +115,7 @@ class Trainer:
 
         self.engine, _, _, _ = deepspeed.initialize(
             model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=self.ds_config)
+        set_collective_timeout(config.collective_timeout_s)
         self.model = self.engine.module
 
         stages = [1] if config.shards else config.curriculum_stages
