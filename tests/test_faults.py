@@ -258,9 +258,9 @@ def test_job_with_a_hung_rank_ends_in_bounded_time(slurm_env, tmp_path):
     the job fails instead of waiting for its time limit."""
     out, log = tmp_path / "run", tmp_path / "job.out"
     timeout_s = wait_s = 10
-    job = submit({**slurm_env, "RMT_TASK_WAIT_S": str(wait_s)}, log, "--nodes=1", "--ntasks-per-node=2", str(ROOT / "slurm" / "train.sbatch"),
-                 "--out_dir", str(out), "--max_steps", "100000", "--save_every", "0", "--eval_every", "100000",
-                 "--collective_timeout_s", str(timeout_s), *QUICK_FLAGS)
+    job = submit({**slurm_env, "RMT_TASK_WAIT_S": str(wait_s)}, log, "--nodes=1", "--ntasks-per-node=2",
+                 str(ROOT / "slurm" / "train.sbatch"), "--out_dir", str(out), "--max_steps", "100000",
+                 "--save_every", "0", "--eval_every", "100000", "--collective_timeout_s", str(timeout_s), *QUICK_FLAGS)
     wait_for(lambda: len(logged_steps(out)) >= 2, timeout=180, what="the first training steps")
     pid = task_pid(out, rank=1)
     assert pid is not None

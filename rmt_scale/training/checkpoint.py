@@ -62,7 +62,7 @@ def _sha256(path: Path) -> str:
 
 def save(engine, directory: Path, step: int, trainer_state: dict, keep: int) -> Path:
     """Saves on every rank (DeepSpeed needs all of them); returns the final checkpoint directory."""
-    rank = dist.get_rank() if dist.is_initialized() else 0
+    rank = _rank_and_world()[0]
     tag = tag_for(step)
     tmp_tag = TMP_PREFIX + tag
     if rank == 0:
@@ -87,8 +87,10 @@ def _write_manifest(checkpoint: Path) -> None:
     """Every file's size and SHA-256 (rank r hashes every world_size-th file), written by rank 0 last."""
     rank, world_size = _rank_and_world()
     # all ranks hash shares of rank 0's listing: another node may not list others' new files yet
-    names = all_gather_objects(sorted(str(p.relative_to(checkpoint)) for p in checkpoint.rglob("*") if p.is_file())
-                               if rank == 0 else None)[0]
+    listing = None
+    if rank == 0:
+        listing = sorted(str(p.relative_to(checkpoint)) for p in checkpoint.rglob("*") if p.is_file())
+    names = all_gather_objects(listing)[0]
     mine = {name: {"size": (checkpoint / name).stat().st_size, "sha256": _sha256(checkpoint / name)}
             for name in names[rank::world_size]}
     files = {name: entry for share in all_gather_objects(mine) for name, entry in share.items()}
