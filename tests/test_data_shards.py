@@ -11,11 +11,10 @@ import threading
 
 import numpy as np
 import pytest
-import torch
 from torch.utils.data import DataLoader
 
-from rmt_scale.data import (CorruptShardError, SegmentBatches, ShardStream, TaskGenerator, build_word_tokenizer,
-                            collate_segments, iter_segments, iter_tar_samples, write_shards)
+from rmt_scale.data import (CorruptShardError, ShardStream, TaskGenerator, build_word_tokenizer, iter_tar_samples,
+                            write_shards)
 
 NUM_SAMPLES = 11
 
@@ -243,23 +242,3 @@ def test_never_unpickles(tmp_path):
     assert "unsafely" not in str(info.value) and "allow_pickle" not in str(info.value)
     assert not (tmp_path / "pwned").exists()
     assert isinstance(next(iter_tar_samples(str(tmp_path / "evil.tar")))["extra.pickle"], bytes)
-
-
-def test_segment_batches_cut_samples_into_segments(shard_dir, samples):
-    batch = collate_segments(samples[:2], segment_size=64, pad_id=0)
-    lengths = [len(s.tokens) + 1 for s in samples[:2]]  # 200 and 237 tokens
-    assert batch["input_ids"].shape == (2, 4, 64) and batch["input_ids"].dtype == torch.int64
-    flat = {k: v.reshape(2, -1) for k, v in batch.items()}
-    assert flat["attention_mask"].sum(1).tolist() == lengths
-    for row, (sample, length) in enumerate(zip(samples[:2], lengths)):
-        assert flat["input_ids"][row, :length - 1].tolist() == sample.tokens.tolist()
-        assert (flat["labels"][row] != -100).nonzero().flatten().tolist() == [length - 1]
-        assert flat["labels"][row, length - 1] == sample.answer[0]
-    segments = list(iter_segments(batch))
-    assert len(segments) == 4 and segments[1]["input_ids"].shape == (2, 64)
-    assert torch.equal(segments[1]["input_ids"], batch["input_ids"][:, 1])
-
-    batches = list(SegmentBatches(ShardStream(str(shard_dir), shuffle=False), batch_size=3, segment_size=128))
-    assert len(batches) == NUM_SAMPLES // 3 and all(b["input_ids"].shape[:1] == (3,) for b in batches)
-    with pytest.raises(ValueError, match="segment_size must be positive"):
-        collate_segments(samples[:1], 0)

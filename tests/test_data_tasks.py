@@ -6,9 +6,8 @@ import numpy as np
 import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from rmt_scale.data import (ACTORS, LOCATIONS, OBJECTS, IGNORE_INDEX, Background, TaskGenerator, build_lm_example,
-                            build_word_tokenizer, default_background, filler_sentences, load_tokenizer, make_sample,
-                            make_story)
+from rmt_scale.data import (ACTORS, LOCATIONS, OBJECTS, Background, TaskGenerator, build_word_tokenizer,
+                            default_background, filler_sentences, load_tokenizer, make_sample, make_story)
 
 
 @pytest.fixture(scope="module")
@@ -75,6 +74,8 @@ def test_builtin_tokenizer_covers_everything_and_round_trips(tok, tmp_path):
     assert load_tokenizer(str(tmp_path)).encode(text).tolist() == tok.encode(text).tolist()
     with pytest.raises(ValueError, match="does not exist"):
         load_tokenizer(str(tmp_path / "missing"))
+    for builtin in ("builtin", None):
+        assert load_tokenizer(builtin).hf.get_vocab() == tok.hf.get_vocab()
 
 
 def test_builtin_background_never_mentions_babi_entities():
@@ -165,14 +166,6 @@ def test_ten_million_token_sample_wraps_the_background(tok):
 def _contains(haystack: np.ndarray, needle: np.ndarray) -> bool:
     windows = np.lib.stride_tricks.sliding_window_view(haystack, len(needle))
     return bool((windows == needle).all(axis=1).any())
-
-
-def test_build_lm_example_masks_everything_but_the_answer(tok):
-    sample = make_sample("detect", 300, 1, tok)
-    input_ids, labels = build_lm_example(sample)
-    assert input_ids.dtype == labels.dtype == np.int64 and len(input_ids) == 300
-    assert input_ids[:-1].tolist() == sample.tokens.tolist() and input_ids[-1] == sample.answer[0]
-    assert (labels[:-1] == IGNORE_INDEX).all() and labels[-1] == sample.answer[0]
 
 
 def test_user_text_files_and_any_hf_tokenizer(tmp_path):

@@ -54,4 +54,4 @@ def test_bench_streams_every_token_and_reports_it(tmp_path):
     rows = [line.split("|")[1].strip() for line in stdout.splitlines() if line.startswith("| ")][1:]
     assert rows == ["built-in background, tokenize once", "generate one 20,000-token sample",
                     "encode + write one sample to a shard", "stream shards -> samples",
-                    "stream shards -> [2, n, 512] segment batches"]
+                    "stream shards -> batches of 2, padded to 512-token segments"]

@@ -13,9 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from rmt_scale.data import TaskGenerator, build_word_tokenizer
+from rmt_scale.data import TaskGenerator, build_word_tokenizer, collate
 from rmt_scale.training import Curriculum, TrainConfig, build_ds_config, build_parser, load_ds_config, parse_args
-from rmt_scale.training.data import TrainBatches, collate
 from rmt_scale.training.trainer import activation_settings, build_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -172,17 +171,6 @@ def test_curriculum_promotes_on_accuracy_or_budget():
     assert not curriculum.maybe_promote({4: 1.0})  # the last stage stays
 
 
-def test_ranks_split_the_global_batch():
-    tokenizer = build_word_tokenizer()
-    generator = TaskGenerator("memorize", tokenizer, seed=0)
-    make = lambda rank, world, micro: TrainBatches(generator, None, micro_batch=micro, grad_accum=1, rank=rank,
-                                                   world_size=world, segment_size=16, pad_id=tokenizer.pad_id)
-    whole = make(0, 1, 4).step(2)[0]["input_ids"]
-    halves = [make(r, 2, 2).step(2)[0]["input_ids"] for r in range(2)]
-    assert whole.shape == (4, 32)
-    assert torch.equal(torch.cat(halves), whole)
-
-
 def test_checkpoint_mapping_acts_and_keeps_gradients():
     """The activation_checkpointing block switches the model to per-segment recomputation, which gives the
     gradients of plain BPTT; each segment's layers run twice (forward, then recomputed in backward)."""
@@ -205,30 +193,6 @@ def test_checkpoint_mapping_acts_and_keeps_gradients():
     assert (calls["bptt"], calls["checkpoint"]) == (3, 6)
     for plain, checkpointed in zip(grads["bptt"], grads["checkpoint"]):
         torch.testing.assert_close(checkpointed, plain, rtol=1e-5, atol=1e-7)
-
-
-def test_shard_batches_pad_to_whole_segments_and_resume(tmp_path):
-    from rmt_scale.data import ShardStream, write_shards
-
-    tokenizer = build_word_tokenizer()
-    generator = TaskGenerator("memorize", tokenizer, seed=0)
-    write_shards((generator.sample(i, 20 + 7 * i) for i in range(6)), str(tmp_path / "shards"), max_samples=2)
-    make = lambda: TrainBatches(None, ShardStream(str(tmp_path / "shards"), rank=0, world_size=1, seed=3),
-                                micro_batch=2, grad_accum=1, rank=0, world_size=1, segment_size=16,
-                                pad_id=tokenizer.pad_id)
-    batches = make()
-    first = batches.step(num_segments=1)[0]
-    state = batches.state_dict()
-    later = [batches.step(num_segments=1)[0] for _ in range(4)]  # runs past the end of the first epoch
-    for batch in (first, *later):
-        assert batch["input_ids"].shape[1] % 16 == 0
-        lengths = batch["attention_mask"].sum(dim=1)
-        assert batch["input_ids"].shape[1] == -(-int(lengths.max()) // 16) * 16
-        assert ((batch["labels"] != -100).sum(dim=1) == 1).all()  # one answer token per sample
-    resumed = make()
-    resumed.load_state_dict(state)
-    for expected in later:
-        assert torch.equal(resumed.step(num_segments=1)[0]["input_ids"], expected["input_ids"])
 
 
 def test_resume_names_a_complete_checkpoint(tmp_path):

@@ -17,8 +17,8 @@ import torch
 import transformers
 
 from rmt_scale import RecurrentMemoryModel
-from rmt_scale.data import TaskGenerator, build_word_tokenizer
-from rmt_scale.training.data import EVAL_SEED_OFFSET, collate, eval_samples
+from rmt_scale.data import TaskGenerator, build_word_tokenizer, collate
+from rmt_scale.training.data import EVAL_SEED_OFFSET, eval_samples
 from rmt_scale.training.distributed import free_port
 from rmt_scale.training.evaluation import streaming_correct
 from rmt_scale.training.trainer import EXIT_PREEMPTED

@@ -20,6 +20,8 @@ from typing import Iterable, Sequence
 import fsspec
 import numpy as np
 
+from .tars import expand_urls, iter_tar_samples
+
 _NAMES = ("Elena", "Tomas", "Ravi", "Ingrid", "Omar", "Lucia", "Peter", "Aiko", "Nadia", "Hugo", "the old man",
           "the captain", "the girl", "the stranger", "the doctor", "the farmer", "her brother", "his mother")
 _ADJECTIVES = ("quiet", "old", "bright", "narrow", "distant", "cold", "warm", "heavy", "pale", "green", "dark",
@@ -120,8 +122,6 @@ class Background:
     @classmethod
     def from_text_shards(cls, urls, tokenizer, field: str = "txt", max_chars: int | None = None) -> "Background":
         """Text stored in webdataset shards (one ``.txt`` member per book/document), e.g. PG19 as shards."""
-        from .shards import iter_tar_samples, expand_urls  # shards imports torch; only load it when used
-
         texts, total = [], 0
         for url in expand_urls(urls):
             for sample in iter_tar_samples(url):

@@ -6,7 +6,7 @@
 
 Length semantics: ``len(sample.tokens) + len(sample.answer) == num_tokens`` exactly, so asking for
 ``k * segment_size`` gives exactly ``k`` full segments once the answer is appended
-(:func:`build_lm_example`). Background fills whatever the facts, question and answer leave; the last
+(:func:`.batching.collate`). Background fills whatever the facts, question and answer leave; the last
 background sentence may be cut short right before the question. Facts are never split and keep their
 order.
 """
@@ -23,7 +23,6 @@ from .tokenizer import TextTokenizer
 
 TASKS = ("memorize", "detect", "reason")
 _DEFAULT_STORY = {"memorize": "qa1", "detect": "qa1", "reason": "qa2"}
-IGNORE_INDEX = -100  # label value that HF losses skip
 
 
 @dataclass
@@ -113,16 +112,3 @@ class TaskGenerator:
         sample.meta.update(seed=self.seed, index=index)
         return sample
 
-
-def build_lm_example(sample: TaskSample) -> tuple[np.ndarray, np.ndarray]:
-    """``(input_ids, labels)`` as int64: context + answer, labels -100 except on the answer tokens.
-
-    Labels are not shifted: like HF causal LMs, the model predicts token t+1 from position t itself.
-    """
-    n_context, n_answer = len(sample.tokens), len(sample.answer)
-    input_ids = np.empty(n_context + n_answer, dtype=np.int64)
-    input_ids[:n_context] = sample.tokens
-    input_ids[n_context:] = sample.answer
-    labels = np.full_like(input_ids, IGNORE_INDEX)
-    labels[n_context:] = sample.answer
-    return input_ids, labels

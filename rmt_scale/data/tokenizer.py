@@ -81,13 +81,16 @@ def build_word_tokenizer(extra_words: Sequence[str] = ()) -> TextTokenizer:
     return TextTokenizer(hf)
 
 
-def load_tokenizer(name_or_dir: str | None = None) -> TextTokenizer:
-    """The built-in tokenizer (``None`` or ``"builtin"``) or ``AutoTokenizer.from_pretrained(name_or_dir)``."""
-    if name_or_dir in (None, "builtin"):
+def load_tokenizer(name: str | None = None) -> TextTokenizer:
+    """The built-in tokenizer (``None`` or ``"builtin"``), or ``AutoTokenizer.from_pretrained(name)``: a
+    directory saved by ``save_pretrained`` / :meth:`TextTokenizer.save`, or a Hugging Face id."""
+    if name in (None, "builtin"):
         return build_word_tokenizer()
     from transformers import AutoTokenizer
 
-    if not os.path.isdir(name_or_dir):
-        raise ValueError(f"tokenizer directory {name_or_dir!r} does not exist; give a directory saved by "
-                         "save_pretrained / TextTokenizer.save, or 'builtin'")
-    return TextTokenizer(AutoTokenizer.from_pretrained(name_or_dir))
+    if os.path.isdir(os.path.expanduser(name)):
+        name = os.path.expanduser(name)
+    elif name.startswith(("/", ".", "~")) or name.count("/") > 1:  # a Hugging Face id is "name" or "owner/name"
+        raise ValueError(f"tokenizer directory {name!r} does not exist; give a directory saved by "
+                         "save_pretrained / TextTokenizer.save, a Hugging Face id, or 'builtin'")
+    return TextTokenizer(AutoTokenizer.from_pretrained(name))

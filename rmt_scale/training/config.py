@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..data import TASKS
-from ..data.shards import check_shard_source
+from ..data.tars import check_shard_source
 from ..model.config import BACKPROP_MODES
 
 BUILTIN_BACKBONE = "tiny"

@@ -14,28 +14,13 @@ the last step left it.
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
-from ..data import CorruptShardError, ShardStream, TaskGenerator, build_lm_example
-from ..data.tasks import IGNORE_INDEX, TaskSample
+from ..data import CorruptShardError, ShardStream, TaskGenerator, TaskSample, collate, whole_segments
 from .distributed import all_gather_objects
 
 EVAL_SEED_OFFSET = 1_000_003  # evaluation samples come from another seed than any training sample
-
-
-def collate(samples: list[TaskSample], pad_id: int, length: int | None = None) -> dict[str, torch.Tensor]:
-    """Right-padded ``input_ids``, ``labels`` (the answer only) and ``attention_mask``, ``(batch, length)``."""
-    examples = [build_lm_example(s) for s in samples]
-    length = length or max(len(ids) for ids, _ in examples)
-    input_ids = np.full((len(samples), length), pad_id, dtype=np.int64)
-    labels = np.full((len(samples), length), IGNORE_INDEX, dtype=np.int64)
-    mask = np.zeros((len(samples), length), dtype=np.int64)
-    for row, (ids, lab) in enumerate(examples):
-        input_ids[row, : len(ids)], labels[row, : len(ids)], mask[row, : len(ids)] = ids, lab, 1
-    return {"input_ids": torch.from_numpy(input_ids), "labels": torch.from_numpy(labels),
-            "attention_mask": torch.from_numpy(mask)}
 
 
 class DataError(Exception):
@@ -91,10 +76,9 @@ class TrainBatches:
                 self._shard_position = ShardStream.state_after(sample)
         except CorruptShardError as corrupt:
             error = f"rank {self.rank}: {corrupt}"
-        longest = max((len(s.tokens) + len(s.answer) for s in samples), default=0)
         # One exchange per micro-batch. Every rank must run the same number of segments (pad to the longest
         # sample of any rank), and all must stop together on a data error, so that they can checkpoint.
-        mine = torch.tensor([-(-longest // self.segment_size), self.shards.corrupt_count, error is not None])
+        mine = torch.tensor([whole_segments(samples, self.segment_size), self.shards.corrupt_count, error is not None])
         ranks = [mine]
         if dist.is_initialized() and self.world_size > 1:
             ranks = [torch.empty_like(mine) for _ in range(self.world_size)]

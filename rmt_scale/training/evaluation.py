@@ -11,9 +11,9 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from ..data import TaskGenerator
-from ..data.tasks import IGNORE_INDEX
-from .data import collate, eval_samples
+from ..data import TaskGenerator, collate
+from ..model.segments import IGNORE_INDEX
+from .data import eval_samples
 
 
 @torch.no_grad()
