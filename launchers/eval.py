@@ -43,7 +43,7 @@ def main(argv=None) -> int:
     from rmt_scale import RecurrentMemoryModel
     from rmt_scale.data import TaskGenerator, load_tokenizer
     from rmt_scale.training.data import EVAL_SEED_OFFSET
-    from rmt_scale.training.distributed import init_distributed
+    from rmt_scale.training.engine import init_distributed
     from rmt_scale.training.evaluation import evaluate_by_length
     from rmt_scale.training.run import format_table
 

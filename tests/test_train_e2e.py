@@ -226,7 +226,7 @@ def test_baseline_twin_and_accuracy_table(backbone, tmp_path):
     assert "| segments | tokens | rmt | baseline |" in result.stdout
     assert "| 4 (extrapolation) | 64 |" in result.stdout
     twin = json.loads((out / "baseline" / "train_config.json").read_text())
-    assert twin["num_mem_tokens"] == 0 and twin["max_steps"] == 2
+    assert twin["model"]["num_mem_tokens"] == 0 and twin["max_steps"] == 2
     assert (out / "baseline" / "checkpoints" / "latest").read_text() == "step000002"
     assert "memory/state_norm" not in scalars(out / "baseline")
     assert RecurrentMemoryModel.from_pretrained(out / "baseline" / "export").memory is None

@@ -32,6 +32,7 @@ import torch.distributed as dist
 
 from ..rng import rng_state, set_rng_state
 from .distributed import all_gather_objects
+from .engine import DataParallelEngine
 
 log = logging.getLogger(__name__)
 LATEST = "latest"
@@ -53,14 +54,12 @@ def _rank_and_world() -> tuple[int, int]:
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
 
-
-
 def _sha256(path: Path) -> str:
     with open(path, "rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
-def save(engine, directory: Path, step: int, trainer_state: dict, keep: int) -> Path:
+def save(engine: DataParallelEngine, directory: Path, step: int, trainer_state: dict, keep: int) -> Path:
     """Saves on every rank (DeepSpeed needs all of them); returns the final checkpoint directory."""
     rank = _rank_and_world()[0]
     tag = tag_for(step)
@@ -69,7 +68,7 @@ def save(engine, directory: Path, step: int, trainer_state: dict, keep: int) -> 
         directory.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(directory / tmp_tag, ignore_errors=True)  # left by a run killed while saving
     _barrier()
-    engine.save_checkpoint(str(directory), tag=tmp_tag, save_latest=False)
+    engine.save(directory, tmp_tag)
     torch.save({**trainer_state, "rng": rng_state()}, directory / tmp_tag / STATE_FILE.format(rank))
     _barrier()
     _write_manifest(directory / tmp_tag)
@@ -216,9 +215,8 @@ def read_state(checkpoint: Path) -> dict:
                          "checkpoint with --resume TAG.") from error
 
 
-def load(engine, checkpoint: Path, state: dict) -> None:
+def load(engine: DataParallelEngine, checkpoint: Path, state: dict) -> None:
     """Loads the engine state, then restores this rank's RNGs from its trainer ``state``."""
-    path, _ = engine.load_checkpoint(str(checkpoint.parent), tag=checkpoint.name)
-    if path is None:
+    if not engine.load(checkpoint.parent, checkpoint.name):
         raise ValueError(f"DeepSpeed could not load {checkpoint}: it holds no engine state for this config.")
     set_rng_state(state["rng"])

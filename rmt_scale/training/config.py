@@ -1,6 +1,7 @@
 """The training configuration: one typed dataclass, its command line, and the checks that run before any work.
 
-Every field is a flag of ``launchers/train.py`` with the same name; ``--help`` prints the field docs below.
+Every field is a flag of ``launchers/train.py`` with the same name, except ``model``, whose flags are the
+fields in ``MODEL_FLAGS``; ``--help`` prints the docs below. The model config checks its own fields.
 """
 
 from __future__ import annotations
@@ -14,9 +15,20 @@ from pathlib import Path
 
 from ..data import TASKS
 from ..data.tars import check_shard_source
-from ..model.config import BACKPROP_MODES
+from ..model.config import BACKPROP_MODES, RMTConfig
 
 BUILTIN_BACKBONE = "tiny"
+
+# the model config's fields that are flags of the launcher: (default, help)
+MODEL_FLAGS = {
+    "num_mem_tokens": (8, "memory tokens per segment (0 = no memory)."),
+    "segment_size": (32, "input tokens per segment, memory not included."),
+    "backprop": ("bptt", f"gradient through segments: {', '.join(BACKPROP_MODES)}. An 'activation_checkpointing' "
+                 "block in the DeepSpeed config switches 'bptt' to 'checkpoint'; 'replay' is refused with ZeRO-2/3."),
+    "bptt_depth": (-1, "truncate BPTT to the last k memory transitions (-1: all)."),
+}
+# model fields a resumed run may change: they change how gradients are computed, not what is trained
+MODEL_MAY_CHANGE_ON_RESUME = ("backprop", "bptt_depth")
 
 
 @dataclass
@@ -28,12 +40,7 @@ class TrainConfig:
     tokenizer: str = field(default="", metadata={"help": (
         "'builtin' (word-level, a few hundred words) or a tokenizer directory/id; default: 'builtin' for the "
         "tiny backbone, else the backbone's own tokenizer.")})
-    num_mem_tokens: int = field(default=8, metadata={"help": "memory tokens per segment (0 = no memory)."})
-    segment_size: int = field(default=32, metadata={"help": "input tokens per segment, memory not included."})
-    backprop: str = field(default="bptt", metadata={"help": (
-        f"gradient through segments: {', '.join(BACKPROP_MODES)}. An 'activation_checkpointing' block in the "
-        "DeepSpeed config switches 'bptt' to 'checkpoint'; 'replay' is refused with ZeRO-2/3.")})
-    bptt_depth: int = field(default=-1, metadata={"help": "truncate BPTT to the last k memory transitions (-1: all)."})
+    model: RMTConfig = field(default_factory=lambda: RMTConfig(**{n: d for n, (d, _) in MODEL_FLAGS.items()}))
     # ---- data
     task: str = field(default="memorize", metadata={"help": f"generated task: {', '.join(TASKS)}."})
     shards: str = field(default="", metadata={"help": (
@@ -100,17 +107,16 @@ class TrainConfig:
         return self.tokenizer or ("builtin" if self.backbone == BUILTIN_BACKBONE else self.backbone)
 
     def validate(self) -> None:
-        """Raises ValueError naming the bad flag and the fix; runs before anything is built."""
-        positive = ("segment_size", "micro_batch_size", "grad_accum", "max_steps", "eval_samples", "eval_every",
+        """Raises ValueError naming the bad flag and the fix; runs before anything is built (the model's
+        fields are checked by its config class)."""
+        positive = ("micro_batch_size", "grad_accum", "max_steps", "eval_samples", "eval_every",
                     "eval_batch_size", "log_every", "keep_checkpoints", "collective_timeout_s")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name}={getattr(self, name)} must be at least 1.")
-        for name in ("num_mem_tokens", "save_every", "warmup_steps", "stage_steps", "skip_corrupt_samples"):
+        for name in ("save_every", "warmup_steps", "stage_steps", "skip_corrupt_samples"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name}={getattr(self, name)} must be 0 or more.")
-        if self.backprop not in BACKPROP_MODES:
-            raise ValueError(f"--backprop={self.backprop!r} is unknown: choose one of {', '.join(BACKPROP_MODES)}.")
         if self.task not in TASKS:
             raise ValueError(f"--task={self.task!r} is unknown: choose one of {', '.join(TASKS)}.")
         if self.lr <= 0:
@@ -141,9 +147,14 @@ class TrainConfig:
 
     def check_resumable(self, saved: dict) -> None:
         """Refuses to resume a checkpoint written with a different model, data, batch or DeepSpeed config
-        (budget, evaluation and output flags may change)."""
-        changed = [f"--{name} {saved.get(name)!r} -> {getattr(self, name)!r}" for name in RESUME_MUST_MATCH
-                   if saved.get(name) != getattr(self, name)]
+        (budget, evaluation and output flags, and how gradients are computed, may change)."""
+        model = self.model.to_dict()
+        # train_config.json written before TrainConfig held the model config has the model flags at the top
+        saved_model = saved.get("model") or RMTConfig(**{name: saved[name] for name in MODEL_FLAGS}).to_dict()
+        pairs = [(name, saved.get(name), getattr(self, name)) for name in RESUME_MUST_MATCH]
+        pairs += [(name, saved_model.get(name), value) for name, value in model.items()
+                  if name not in MODEL_MAY_CHANGE_ON_RESUME]
+        changed = [f"--{name} {old!r} -> {new!r}" for name, old, new in pairs if old != new]
         if changed:
             raise ValueError(f"cannot resume: the checkpoint was written with other settings ({'; '.join(changed)}); "
                              "use the checkpoint's flags (OUT/train_config.json) or a new --out_dir.")
@@ -151,16 +162,18 @@ class TrainConfig:
     def baseline_twin(self) -> "TrainConfig":
         """The no-memory baseline trained with the same data, curriculum and budget, in ``OUT/baseline``
         (a resumed run resumes its baseline from that directory's latest checkpoint, if it has one)."""
-        return dataclasses.replace(self, num_mem_tokens=0, baseline=False, out_dir=str(Path(self.out_dir) / "baseline"),
-                                   resume="auto" if self.resume else "")
+        rmt_fields = {spec.name: getattr(self.model, spec.name) for spec in dataclasses.fields(RMTConfig)}
+        return dataclasses.replace(self, model=RMTConfig(**{**rmt_fields, "num_mem_tokens": 0}), baseline=False,
+                                   out_dir=str(Path(self.out_dir) / "baseline"), resume="auto" if self.resume else "")
 
     def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True) + "\n"
+        return json.dumps({**dataclasses.asdict(self), "model": self.model.to_dict()}, indent=2, sort_keys=True) + "\n"
 
 
 # flags a resumed run must share with its checkpoint: they shape the weights, the data order or the engine state
-RESUME_MUST_MATCH = ("backbone", "tokenizer", "num_mem_tokens", "segment_size", "task", "shards", "data_seed",
-                     "curriculum", "micro_batch_size", "grad_accum", "seed", "ds_config")
+# (and so do the model's fields, but MODEL_MAY_CHANGE_ON_RESUME)
+RESUME_MUST_MATCH = ("backbone", "tokenizer", "task", "shards", "data_seed", "curriculum", "micro_batch_size",
+                     "grad_accum", "seed", "ds_config")
 
 
 def _check_pretrained(flag: str, name: str, required_file: str | None) -> None:
@@ -203,14 +216,16 @@ def build_parser() -> argparse.ArgumentParser:
                      "or under srun/torchrun with RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT set."),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
+    defaults = TrainConfig()
     for spec in dataclasses.fields(TrainConfig):
-        flag = f"--{spec.name}"
-        if spec.type in ("bool", bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=spec.default,
-                                help=spec.metadata["help"])
-        else:
-            kind = {"int": int, "float": float, "str": str}[spec.type]
-            parser.add_argument(flag, type=kind, default=spec.default, help=spec.metadata["help"])
+        flags = (MODEL_FLAGS.items() if spec.name == "model" else
+                 [(spec.name, (getattr(defaults, spec.name), spec.metadata["help"]))])
+        for name, (default, help) in flags:
+            names = [f"--{name}"] + (["--output_dir"] if name == "out_dir" else [])
+            if isinstance(default, bool):
+                parser.add_argument(*names, action=argparse.BooleanOptionalAction, default=default, help=help)
+            else:
+                parser.add_argument(*names, type=type(default), default=default, help=help)
     # the deepspeed launcher passes --local_rank; LOCAL_RANK in the environment says the same
     parser.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)
     return parser
@@ -219,6 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv: list[str] | None = None) -> TrainConfig:
     namespace = vars(build_parser().parse_args(argv))
     namespace.pop("local_rank")
-    config = TrainConfig(**namespace)
+    model = RMTConfig(**{name: namespace.pop(name) for name in MODEL_FLAGS})
+    config = TrainConfig(model=model, **namespace)
     config.validate()
     return config

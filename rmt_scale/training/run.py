@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 from .config import TrainConfig
-from .distributed import init_distributed
+from .engine import init_distributed
 from .trainer import Trainer
 
 
@@ -33,7 +33,7 @@ def run(config: TrainConfig) -> dict:
     dist_info = init_distributed(config.collective_timeout_s)
     started = time.perf_counter()
     results = {}
-    runs = [config] + ([config.baseline_twin()] if config.baseline and config.num_mem_tokens else [])
+    runs = [config] + ([config.baseline_twin()] if config.baseline and config.model.num_mem_tokens else [])
     for run_config in runs:
         trainer = Trainer(run_config, dist_info)
         results[trainer.label] = trainer.fit()
@@ -43,13 +43,13 @@ def run(config: TrainConfig) -> dict:
     if dist_info.rank == 0:
         summary = {
             "accuracy": {name: {str(k): v for k, v in accuracy.items()} for name, accuracy in results.items()},
-            "segment_size": config.segment_size, "train_segments": trained,
+            "segment_size": config.model.segment_size, "train_segments": trained,
             "max_steps": config.max_steps, "world_size": dist_info.world_size,
             "wall_time_s": time.perf_counter() - started,
         }
         Path(config.out_dir, "results.json").write_text(json.dumps(summary, indent=2) + "\n")
         trained_on = f"shards {config.shards}" if config.shards else f"up to {trained} segments"
         print(f"\nexact-answer accuracy by input length (trained on {trained_on}, "
-              f"{config.segment_size}-token segments):")
-        print(format_table(results, config.segment_size, trained), flush=True)
+              f"{config.model.segment_size}-token segments):")
+        print(format_table(results, config.model.segment_size, trained), flush=True)
     return results

@@ -1,19 +1,20 @@
-"""The training loop: one DeepSpeed engine call per micro-batch, with the whole segment loop inside the
-model's forward (ZeRO-3 traces parameter prefetch per call; one call per segment would break the trace).
+"""The training loop: one engine call per micro-batch, with the whole segment loop inside the model's forward
+(ZeRO-3 traces parameter prefetch per call; one call per segment would break the trace). Everything
+DeepSpeed is in ``engine.py``.
 
-    config -> DeepSpeed config -> tokenizer, model -> engine -> [resume] -> loop:
+    config -> DeepSpeed config -> tokenizer -> engine (builds the model) -> [resume] -> loop:
         draw the step's segment count (same on all ranks) -> forward/backward/step per micro-batch
         -> log -> evaluate by length -> promote the curriculum -> checkpoint -> stop on a signal
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import resource
 import shutil
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -26,8 +27,8 @@ from . import checkpoint, signals
 from .config import BUILTIN_BACKBONE, TrainConfig
 from .curriculum import Curriculum
 from .data import EVAL_SEED_OFFSET, DataError, TrainBatches
-from .distributed import DistInfo, set_collective_timeout
-from .ds_config import build_ds_config, load_ds_config, zero_stage
+from .distributed import DistInfo
+from .engine import build_ds_config, build_engine, load_ds_config
 from .evaluation import evaluate_by_length
 from .metrics import MetricsLogger
 
@@ -41,7 +42,9 @@ class Preempted(Exception):
     """Training stopped on a signal after writing a checkpoint; the launcher exits with EXIT_PREEMPTED."""
 
 
-def load_text_tokenizer(name: str) -> TextTokenizer:
+def load_tokenizer(name: str) -> TextTokenizer:
+    """TEMPORARY until branch data11 is merged (its rmt_scale.data.load_tokenizer accepts Hugging Face ids):
+    revert this commit then, and the trainer imports load_tokenizer from ..data again."""
     if name == "builtin":
         return build_word_tokenizer()
     from transformers import AutoTokenizer
@@ -49,43 +52,26 @@ def load_text_tokenizer(name: str) -> TextTokenizer:
     return TextTokenizer(AutoTokenizer.from_pretrained(name))
 
 
-def activation_settings(config: TrainConfig, ds_config: dict) -> tuple[str, bool]:
-    """Maps DeepSpeed's ``activation_checkpointing`` block onto what works for a recurrent model.
-
-    The block does nothing by itself, and DeepSpeed's (reentrant) checkpoint breaks ZeRO-3 recurrence, so
-    its presence turns on the RMT's per-segment non-reentrant checkpointing (``backprop="checkpoint"``),
-    and ``cpu_checkpointing`` keeps the tensors saved for backward in CPU memory
-    (``torch.autograd.graph.save_on_cpu``; on a CPU-only machine they are there already).
-    Returns ``(backprop mode, offload saved activations)``.
-    """
-    block = ds_config.get("activation_checkpointing")
-    if block is None:
-        return config.backprop, False
-    backprop = "checkpoint" if config.backprop == "bptt" else config.backprop
-    return backprop, bool(block.get("cpu_checkpointing", False))
-
-
-def build_model(config: TrainConfig, tokenizer: TextTokenizer, backprop: str) -> RecurrentMemoryModel:
-    """The backbone (built-in tiny OPT, or ``from_pretrained``) wrapped with memory. Under ZeRO-3 the caller
+def build_model(backbone_name: str, tokenizer: TextTokenizer, seed: int,
+                model_config: RMTConfig) -> RecurrentMemoryModel:
+    """The backbone (built-in tiny OPT, or ``from_pretrained``) wrapped with memory. Under ZeRO-3 the engine
     has created an ``HfDeepSpeedConfig``, so ``from_config``/``from_pretrained`` build it partitioned."""
     from transformers import AutoModelForCausalLM
 
-    torch.manual_seed(config.seed)
-    if config.backbone == BUILTIN_BACKBONE:
+    torch.manual_seed(seed)
+    if backbone_name == BUILTIN_BACKBONE:
         backbone_config = tiny_config("opt-quickstart", vocab_size=tokenizer.vocab_size,
                                       pad_token_id=tokenizer.pad_id, eos_token_id=tokenizer.eos_id)
         backbone = AutoModelForCausalLM.from_config(backbone_config)
     else:
-        backbone = AutoModelForCausalLM.from_pretrained(config.backbone)
+        backbone = AutoModelForCausalLM.from_pretrained(backbone_name)
     # the memory's initial value must not depend on how the backbone was built (partitioned or not)
-    torch.manual_seed(config.seed + 1)
+    torch.manual_seed(seed + 1)
     rows = backbone.get_input_embeddings().num_embeddings
     if tokenizer.vocab_size > rows:
         raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but the backbone embeds only {rows}: "
                          "pass the backbone's own tokenizer with --tokenizer (or resize the backbone's embeddings).")
-    rmt = RMTConfig(num_mem_tokens=config.num_mem_tokens, segment_size=config.segment_size,
-                    bptt_depth=config.bptt_depth, backprop=backprop)
-    return RecurrentMemoryModel(backbone, rmt)
+    return RecurrentMemoryModel(backbone, model_config)
 
 
 class Trainer:
@@ -93,29 +79,16 @@ class Trainer:
         self.config, self.dist = config, dist_info
         self.out_dir = Path(config.out_dir)
         self.is_main = dist_info.rank == 0
-        self.label = "rmt" if config.num_mem_tokens else "baseline"
+        self.label = "rmt" if config.model.num_mem_tokens else "baseline"
         # everything that can be wrong with the flags is found before the model is built
         self.ds_config = build_ds_config(load_ds_config(config.ds_config), config, dist_info.world_size)
         self.resume_from = self._find_resume()
-        self.resume_state = None
-        if self.resume_from is not None:
-            self.resume_state = checkpoint.read_state(self.resume_from)
+        self.resume_state = checkpoint.read_state(self.resume_from) if self.resume_from is not None else None
+        if self.resume_state is not None:
             config.check_resumable(json.loads(self.resume_state["config"]))
-        self.backprop, self.offload_activations = activation_settings(config, self.ds_config)
-        self.tokenizer = load_text_tokenizer(config.tokenizer_name)
-
-        self._hf_ds_config = None
-        if zero_stage(self.ds_config) == 3:
-            from transformers.integrations import HfDeepSpeedConfig
-
-            self._hf_ds_config = HfDeepSpeedConfig(self.ds_config)  # must stay alive while models are built
-        model = build_model(config, self.tokenizer, self.backprop)
-
-        import deepspeed
-
-        self.engine, _, _, _ = deepspeed.initialize(
-            model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=self.ds_config)
-        set_collective_timeout(config.collective_timeout_s)
+        self.tokenizer = load_tokenizer(config.tokenizer_name)
+        self.engine = build_engine(partial(build_model, config.backbone, self.tokenizer, config.seed), config.model,
+                                   self.ds_config, config.collective_timeout_s)
         self.model = self.engine.module
 
         stages = [1] if config.shards else config.curriculum_stages
@@ -129,7 +102,7 @@ class Trainer:
                               vocab_size=self.tokenizer.vocab_size) if config.shards else None)
         self.batches = TrainBatches(None if shards else generator, shards, micro_batch=config.micro_batch_size,
                                     grad_accum=config.grad_accum, rank=dist_info.rank,
-                                    world_size=dist_info.world_size, segment_size=config.segment_size,
+                                    world_size=dist_info.world_size, segment_size=config.model.segment_size,
                                     pad_id=self.tokenizer.pad_id, max_corrupt=config.skip_corrupt_samples)
         self.step = 0
         self.saved_step = -1
@@ -219,35 +192,26 @@ class Trainer:
         losses, memory_norms, tokens = [], [], 0
         for batch in batches:
             batch = {name: tensor.to(self.dist.device) for name, tensor in batch.items()}
-            offload = (torch.autograd.graph.save_on_cpu(pin_memory=torch.cuda.is_available())
-                       if self.offload_activations else contextlib.nullcontext())
-            with offload:
-                output = self.engine(**batch)
+            output = self.engine.forward(batch)
             self.engine.backward(output.loss)
-            if self.engine.is_gradient_accumulation_boundary():
-                grad_norm = self._grad_norm()
-            self.engine.step()
+            grad_norm = self.engine.step()  # the step's last micro-batch ends the accumulation: its norm counts
             losses.append(output.loss.detach().float())
             if output.memory is not None:
                 memory_norms.append(output.memory.detach().float().norm(dim=-1).mean())
             tokens += int(batch["attention_mask"].sum())
-        if grad_norm < 0:
-            grad_norm = float(self.engine.get_global_grad_norm() or 0.0)
         self.step += 1
         # loss and tokens over all ranks; each rank's loss is a mean over the same number of answer tokens
-        summary = torch.stack([torch.stack(losses).mean(), torch.tensor(float(tokens)),
-                               torch.stack(memory_norms).mean() if memory_norms else torch.tensor(0.0)])
+        memory_norm = torch.stack(memory_norms).mean() if memory_norms else torch.tensor(0.0)
+        summary = torch.stack([torch.stack(losses).mean(), torch.tensor(float(tokens)), memory_norm])
         summary = summary.to(self.dist.device)
         if self.dist.world_size > 1:
             dist.all_reduce(summary)
             summary[0] /= self.dist.world_size
             summary[2] /= self.dist.world_size
         loss, total_tokens, memory_norm = summary.tolist()
-        elapsed = max(time.perf_counter() - started, 1e-9)
-        tokens_per_s = total_tokens / elapsed
+        tokens_per_s = total_tokens / max(time.perf_counter() - started, 1e-9)
         if self.step % self.config.log_every == 0 or self.step == self.config.max_steps:
-            values = {"train/loss": loss, "train/lr": self.engine.get_lr()[0],
-                      "train/grad_norm": grad_norm,
+            values = {"train/loss": loss, "train/lr": self.engine.lr, "train/grad_norm": grad_norm,
                       "train/segments": num_segments, "curriculum/stage_segments": self.curriculum.max_segments,
                       "perf/tokens_per_s": tokens_per_s, "perf/peak_memory_mb": peak_memory_mb()}
             if memory_norms:
@@ -257,17 +221,9 @@ class Trainer:
             logger.scalars(self.step, values)
         logger.progress(loss, self.accuracy.get(self.curriculum.max_segments), tokens_per_s)
 
-    def _grad_norm(self) -> float:
-        """The global gradient norm before clipping. ZeRO stages compute it while reducing their partitions; without
-        ZeRO every rank holds the whole (already averaged) gradient after backward."""
-        if zero_stage(self.ds_config) >= 1:
-            return -1.0  # filled after the step by the engine, see _train_step
-        grads = [p.grad.detach().float().norm() for p in self.model.parameters() if p.grad is not None]
-        return torch.stack(grads).norm().item() if grads else 0.0
-
     def _evaluate(self, logger: MetricsLogger) -> None:
         self.accuracy = evaluate_by_length(
-            self.model, self.eval_generator, self.config.eval_lengths, segment_size=self.config.segment_size,
+            self.model, self.eval_generator, self.config.eval_lengths, segment_size=self.config.model.segment_size,
             samples=self.config.eval_samples, batch_size=self.config.eval_batch_size, pad_id=self.tokenizer.pad_id,
             rank=self.dist.rank, world_size=self.dist.world_size)
         logger.scalars(self.step, {f"eval/accuracy_{k}seg": acc for k, acc in self.accuracy.items()})
@@ -294,12 +250,7 @@ class Trainer:
     def export(self, directory: Path) -> None:
         """A plain ``save_pretrained`` directory (with the tokenizer) for ``RecurrentMemoryModel.from_pretrained``;
         under ZeRO-3 the partitioned weights are gathered first (on every rank, as DeepSpeed requires)."""
-        gather = contextlib.nullcontext()
-        if zero_stage(self.ds_config) == 3:
-            import deepspeed
-
-            gather = deepspeed.zero.GatheredParameters(list(self.model.parameters()), modifier_rank=None)
-        with gather:
+        with self.engine.gathered_parameters():
             if self.is_main:
                 tmp = directory.with_name(".tmp-" + directory.name)
                 shutil.rmtree(tmp, ignore_errors=True)
