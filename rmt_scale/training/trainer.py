@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from ..data import ShardStream, TaskGenerator, TextTokenizer, build_word_tokenizer
+from ..data import ShardStream, TaskGenerator, TextTokenizer, load_tokenizer
 from ..model import RecurrentMemoryModel, RMTConfig
 from ..model.tiny import tiny_config
 from . import checkpoint, signals
@@ -40,16 +40,6 @@ EXIT_DATA_ERROR = 65
 
 class Preempted(Exception):
     """Training stopped on a signal after writing a checkpoint; the launcher exits with EXIT_PREEMPTED."""
-
-
-def load_tokenizer(name: str) -> TextTokenizer:
-    """TEMPORARY until branch data11 is merged (its rmt_scale.data.load_tokenizer accepts Hugging Face ids):
-    revert this commit then, and the trainer imports load_tokenizer from ..data again."""
-    if name == "builtin":
-        return build_word_tokenizer()
-    from transformers import AutoTokenizer
-
-    return TextTokenizer(AutoTokenizer.from_pretrained(name))
 
 
 def build_model(backbone_name: str, tokenizer: TextTokenizer, seed: int,
