@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from rmt_scale.data import build_word_tokenizer
 from rmt_scale.model import ConfigError, RMTConfig
