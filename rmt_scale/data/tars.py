@@ -1,6 +1,6 @@
 """Reading tar shards from any fsspec URL: URL and brace expansion, the ``index.json`` of sample counts,
-samples through webdataset's tar stages, and errors that name the shard and member. Imports nothing else from the package, so
-sample decoding (``shards``) and background text (``background``) both build on it.
+samples through webdataset's tar stages, and errors that name the shard and member. Imports nothing else
+from the package, so sample decoding (``shards``) and background text (``background``) both build on it.
 
 ``index.json`` lists the shard names in order and their sample counts; the streaming reader needs the
 counts to give every rank exactly the same number of samples without reading ahead.
