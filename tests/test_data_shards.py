@@ -278,3 +278,19 @@ def test_selection_ends_the_tar_early_and_skips_unselected_data(shard_dir):
                                                                 "tokens.npy"}
     assert asked == [0, 1, 2]  # the third sample ended the read; the tar holds three
 
+
+
+def test_background_text_shards_read_through_the_same_reader(tok, tmp_path):
+    import webdataset as wds
+
+    from rmt_scale.data import Background, filler_sentences
+
+    books = [" ".join(filler_sentences(5, seed=s)) for s in range(3)]
+    for shard, part in enumerate((books[:2], books[2:])):
+        with wds.TarWriter(str(tmp_path / f"books-{shard}.tar"), encoder=False) as writer:
+            for i, text in enumerate(part):
+                writer.write({"__key__": f"{shard}{i}", "txt": text.encode(), "cover.pyd": b"not read"})
+    background = Background.from_text_shards(str(tmp_path / "books-{0..1}.tar"), tok)
+    assert np.array_equal(background.tokens, Background.from_text("\n".join(books), tok).tokens)
+    cut = Background.from_text_shards(str(tmp_path / "books-{0..1}.tar"), tok, max_chars=len(books[0]))
+    assert np.array_equal(cut.tokens, Background.from_text(books[0], tok).tokens)
