@@ -242,3 +242,55 @@ def test_never_unpickles(tmp_path):
     assert "unsafely" not in str(info.value) and "allow_pickle" not in str(info.value)
     assert not (tmp_path / "pwned").exists()
     assert isinstance(next(iter_tar_samples(str(tmp_path / "evil.tar")))["extra.pickle"], bytes)
+
+
+def test_pickle_members_stay_bytes_where_webdatasets_default_decoder_would_run_them(samples, tmp_path):
+    import webdataset as wds
+
+    from rmt_scale.data import encode_sample
+
+    class Bomb:
+        def __reduce__(self):
+            return (open, (str(tmp_path / "pwned"), "w"))
+
+    record = {**encode_sample(samples[0], "000"), "extra.pyd": pickle.dumps(Bomb()),
+              "extra.pickle": pickle.dumps(Bomb())}
+    with wds.TarWriter(str(tmp_path / "extra.tar"), encoder=False) as writer:
+        writer.write(record)
+    [got] = ShardStream(str(tmp_path / "extra.tar"), shuffle=False)
+    assert np.array_equal(got.tokens, samples[0].tokens) and not (tmp_path / "pwned").exists()
+    [raw] = iter_tar_samples(str(tmp_path / "extra.tar"))
+    assert raw["extra.pyd"] == record["extra.pyd"] and raw["extra.pickle"] == record["extra.pickle"]
+    wds.autodecode.default_decoder(raw)  # the bomb is live: webdataset's defaults unpickle it
+    assert (tmp_path / "pwned").exists()
+
+
+def test_selection_ends_the_tar_early_and_skips_unselected_data(shard_dir):
+    url = str(shard_dir / "shard-000000.tar")
+    asked = []
+
+    def second_only(ordinal):
+        asked.append(ordinal)
+        return None if ordinal > 1 else ordinal == 1
+
+    [record] = iter_tar_samples(url, select=second_only)
+    assert record["__key__"] == "000000001" and set(record) == {"__key__", "__url__", "answer.npy", "meta.json",
+                                                                "tokens.npy"}
+    assert asked == [0, 1, 2]  # the third sample ended the read; the tar holds three
+
+
+
+def test_background_text_shards_read_through_the_same_reader(tok, tmp_path):
+    import webdataset as wds
+
+    from rmt_scale.data import Background, filler_sentences
+
+    books = [" ".join(filler_sentences(5, seed=s)) for s in range(3)]
+    for shard, part in enumerate((books[:2], books[2:])):
+        with wds.TarWriter(str(tmp_path / f"books-{shard}.tar"), encoder=False) as writer:
+            for i, text in enumerate(part):
+                writer.write({"__key__": f"{shard}{i}", "txt": text.encode(), "cover.pyd": b"not read"})
+    background = Background.from_text_shards(str(tmp_path / "books-{0..1}.tar"), tok)
+    assert np.array_equal(background.tokens, Background.from_text("\n".join(books), tok).tokens)
+    cut = Background.from_text_shards(str(tmp_path / "books-{0..1}.tar"), tok, max_chars=len(books[0]))
+    assert np.array_equal(cut.tokens, Background.from_text(books[0], tok).tokens)

@@ -6,9 +6,16 @@ Shard format (standard webdataset; sample keys have no dots):
     <key>.meta.json    task, question, answer_text, facts, fact_positions, fact_lengths, num_tokens, meta
 plus ``index.json`` next to the shards (see :mod:`.tars`, which reads both).
 
-Reading never unpickles: ``.npy`` goes through ``np.load(allow_pickle=False)`` and metadata is JSON.
-Given the vocabulary size, the reader also checks every token id, so a damaged payload (which leaves the
-tar valid) is named here rather than failing as an index error inside the embedding.
+Reading is a chain of webdataset's stages and small ones of ours. Per shard, :func:`.tars.iter_tar_samples`
+opens it with fsspec and runs webdataset's ``tar_file_expander`` and ``group_by_keys``; webdataset's
+``Decoder`` then decodes each record with our two handlers only. Ours: which shards and samples each rank
+and worker reads (below), the token id check, and filling the slots of corrupt samples. webdataset's
+``split_by_node``/``split_by_worker`` split whole shards and its shuffle is a sample buffer, so neither gives
+equal steps per rank or an exact resume.
+
+Reading never unpickles: ``.npy`` goes through ``np.load(allow_pickle=False)``, metadata is JSON, and every
+other member stays bytes. Given the vocabulary size, the reader also checks every token id, so a damaged
+payload (which leaves the tar valid) is named here rather than failing as an index error inside the embedding.
 
 Splitting: each epoch, all ranks shuffle the shard order with the same seed, lay the samples out in that
 order and cut them into ``world_size`` equal contiguous ranges (the last ``total % world_size`` samples
@@ -26,12 +33,15 @@ import json
 import logging
 import os
 from collections import deque
+from functools import partial
 from typing import Iterable, Iterator, Sequence
 
 import fsspec
 import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
+from webdataset import TarWriter
+from webdataset.autodecode import Decoder, DecodingError, handle_extension
 
 from .tars import INDEX_NAME, CorruptShardError, iter_tar_samples, resolve_shards
 from .tasks import TaskSample
@@ -67,8 +77,6 @@ def write_shards(samples: Iterable[TaskSample], out: str, *, max_samples: int = 
 
     A new shard starts after ``max_samples`` samples or once a shard holds ``max_bytes``.
     """
-    import webdataset as wds
-
     out = out.rstrip("/")
     fs, root = fsspec.core.url_to_fs(out)
     fs.makedirs(root, exist_ok=True)
@@ -83,7 +91,7 @@ def write_shards(samples: Iterable[TaskSample], out: str, *, max_samples: int = 
                     stream.close()
                 name = SHARD_PATTERN.format(len(shards))
                 stream = fsspec.open(f"{out}/{name}", "wb").open()
-                writer = wds.TarWriter(stream, encoder=False, mtime=0)  # fixed mtime: same bytes every run
+                writer = TarWriter(stream, encoder=False, mtime=0)  # fixed mtime: same bytes every run
                 shards.append({"name": name, "samples": 0})
                 size = 0
             size += writer.write(encode_sample(sample, f"{i:09d}"))
@@ -100,21 +108,35 @@ def write_shards(samples: Iterable[TaskSample], out: str, *, max_samples: int = 
 
 # ----------------------------------------------------------------------------------------------- reading
 
-def _load_array(data: bytes, url: str, member: str, vocab_size: int | None) -> np.ndarray:
+def _token_ids(data: bytes, vocab_size: int | None) -> np.ndarray:
     try:
         array = np.load(io.BytesIO(data), allow_pickle=False)
     except Exception as e:  # numpy raises several types for bad headers and object arrays
         # numpy's own message for pickled data advises loading it unsafely; it is never loaded here
         reason = "it holds pickled (object) data, which is never loaded" if "pickle" in str(e) else str(e)
-        raise CorruptShardError(url, member, f"not a plain .npy integer array ({reason})") from e
+        raise ValueError(f"not a plain .npy integer array ({reason})") from e
     if array.ndim != 1 or array.dtype.kind not in "iu":
-        raise CorruptShardError(url, member, f"expected a 1-d integer array, got {array.dtype} {array.shape}")
+        raise ValueError(f"expected a 1-d integer array, got {array.dtype} {array.shape}")
     if vocab_size is not None:
         bad = np.flatnonzero((array < 0) | (array >= vocab_size))
         if bad.size:
-            raise CorruptShardError(url, member, f"token id {array[bad[0]]} at position {bad[0]} is outside the "
-                                    f"vocabulary of {vocab_size} ids (0..{vocab_size - 1})")
+            raise ValueError(f"token id {array[bad[0]]} at position {bad[0]} is outside the vocabulary of "
+                             f"{vocab_size} ids (0..{vocab_size - 1})")
     return array.astype(np.int32, copy=False)
+
+
+def _meta(data: bytes) -> dict:
+    try:
+        return json.loads(data)
+    except ValueError as e:
+        raise ValueError(f"invalid JSON ({e})") from e
+
+
+def _decoder(vocab_size: int | None) -> Decoder:
+    """webdataset's Decoder with only our two handlers. Its defaults (``pre``/``post``) would unpickle
+    ``.pyd``/``.pickle`` members and ``torch.load`` ``.pth``; here every other member stays bytes."""
+    return Decoder([handle_extension("tokens.npy answer.npy", partial(_token_ids, vocab_size=vocab_size)),
+                    handle_extension("meta.json", _meta)], pre=[], post=[])
 
 
 def decode_sample(record: dict, url: str, vocab_size: int | None = None) -> TaskSample:
@@ -125,12 +147,11 @@ def decode_sample(record: dict, url: str, vocab_size: int | None = None) -> Task
         if field not in record:
             raise CorruptShardError(url, f"{key}.{field}", "member missing")
     try:
-        meta = json.loads(record["meta.json"])
-    except ValueError as e:
-        raise CorruptShardError(url, f"{key}.meta.json", f"invalid JSON ({e})") from e
-    tokens = _load_array(record["tokens.npy"], url, f"{key}.tokens.npy", vocab_size)
-    answer = _load_array(record["answer.npy"], url, f"{key}.answer.npy", vocab_size)
-    return TaskSample(task=meta["task"], tokens=tokens, answer=answer,
+        fields = _decoder(vocab_size)(record)
+    except DecodingError as e:  # names the field; the handler's error holds the reason
+        raise CorruptShardError(url, f"{key}.{e.k}", str(e.__cause__)) from e.__cause__
+    meta = fields["meta.json"]
+    return TaskSample(task=meta["task"], tokens=fields["tokens.npy"], answer=fields["answer.npy"],
                       question=meta["question"], answer_text=meta["answer_text"], facts=meta["facts"],
                       fact_positions=np.asarray(meta["fact_positions"], dtype=np.int64),
                       fact_lengths=np.asarray(meta["fact_lengths"], dtype=np.int64),

@@ -1,6 +1,6 @@
 """Reading tar shards from any fsspec URL: URL and brace expansion, the ``index.json`` of sample counts,
-the tar member loop, and errors that name the shard and member. Imports nothing else from the package, so
-sample decoding (``shards``) and background text (``background``) both build on it.
+samples through webdataset's tar stages, and errors that name the shard and member. Imports nothing else
+from the package, so sample decoding (``shards``) and background text (``background``) both build on it.
 
 ``index.json`` lists the shard names in order and their sample counts; the streaming reader needs the
 counts to give every rank exactly the same number of samples without reading ahead.
@@ -17,6 +17,7 @@ from typing import Iterator, Sequence
 
 import fsspec
 from braceexpand import braceexpand
+from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_expander
 
 INDEX_NAME = "index.json"
 _TAR_NAME = re.compile(r"\.(tar|tar\.gz|tgz)$")
@@ -39,48 +40,54 @@ def expand_urls(urls: str | Sequence[str]) -> list[str]:
     return [u for pattern in urls for u in braceexpand(pattern)]
 
 
-def _split_name(name: str) -> tuple[str, str]:
-    """``dir/000000001.tokens.npy`` -> (``dir/000000001``, ``tokens.npy``), the webdataset convention."""
-    dirname, _, base = name.rpartition("/")
-    stem, _, field = base.partition(".")
-    return (f"{dirname}/{stem}" if dirname else stem), field
+class _SelectionDone(Exception):
+    """Raised by the member filter once ``select`` accepts no more samples: the rest of the tar is not read."""
+
+
+def _end_when_selection_done(error: Exception) -> bool:
+    """webdataset's error handler protocol: False ends the tar quietly; anything else is raised."""
+    if isinstance(error, _SelectionDone):
+        return False
+    raise error
+
+
+def _own_message(error: Exception, stream) -> str:
+    """The message the error was raised with: webdataset's tar stages append the stream and URL to its args,
+    and ``" @ <stream>"`` to its message; the shard is named by :class:`CorruptShardError` already."""
+    return " ".join(str(arg) for arg in error.args[:-2]).removesuffix(f" @ {stream}")
 
 
 def iter_tar_samples(url: str, select=None) -> Iterator[dict]:
-    """Yields ``{"__key__", field: bytes...}`` per sample of a tar, streamed from any fsspec URL.
+    """Yields ``{"__key__", "__url__", field: bytes...}`` per sample of a tar, streamed from any fsspec URL.
 
-    ``select(ordinal)`` (0-based sample number in the shard) decides which samples are read; the others
-    are streamed past without being read into memory. Stops early once ``select`` can accept no more
-    (it returns ``None``). Read failures raise :class:`CorruptShardError` naming the shard and member.
-    The reader never seeks, so plain HTTP servers work.
+    The shard is opened with fsspec and read by webdataset's own stages: ``tar_file_expander`` reads the
+    members, ``group_by_keys`` groups them into samples. ``select(ordinal)`` (0-based sample number in the
+    shard) decides which samples are read: it filters members before their data is read, so the others are
+    streamed past. Reading ends early once ``select`` can accept no more (it returns ``None``). Read failures
+    raise :class:`CorruptShardError` naming the shard and member. Nothing seeks, so plain HTTP servers work.
     """
-    member = "<tar header>"
-    try:
-        with fsspec.open(url, "rb") as f:
-            with tarfile.open(fileobj=f, mode="r|*") as tar:
-                ordinal, current = -1, None
-                for info in tar:
-                    member = info.name
-                    if not info.isfile():
-                        continue
-                    key, field = _split_name(info.name)
-                    if current is None or key != current["__key__"]:
-                        if current is not None and wanted:
-                            yield current
-                        ordinal += 1
-                        wanted = True if select is None else select(ordinal)
-                        if wanted is None:
-                            return
-                        current = {"__key__": key}
-                    if wanted:
-                        data = tar.extractfile(info).read()
-                        if len(data) != info.size:
-                            raise EOFError(f"member has {len(data)} of {info.size} bytes")
-                        current[field] = data
-                if current is not None and wanted:
-                    yield current
-    except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as e:  # I/O errors pass: not corruption
-        raise CorruptShardError(url, member, f"{type(e).__name__}: {e}") from e
+    member, key, ordinal, wanted = "<tar header>", None, -1, True
+
+    def select_member(name: str) -> bool:
+        nonlocal member, key, ordinal, wanted
+        member = name
+        prefix, _ = base_plus_ext(name)  # the key group_by_keys will give this member
+        if prefix is None:  # no field extension: group_by_keys drops it, so it is no sample
+            return False
+        if prefix != key:
+            key, ordinal = prefix, ordinal + 1
+            wanted = True if select is None else select(ordinal)
+            if wanted is None:
+                raise _SelectionDone
+        return wanted
+
+    with fsspec.open(url, "rb") as stream:
+        files = tar_file_expander([{"url": url, "stream": stream}], handler=_end_when_selection_done,
+                                  select_files=select_member)
+        try:
+            yield from group_by_keys(files)
+        except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as e:  # I/O errors pass: not corruption
+            raise CorruptShardError(url, member, f"{type(e).__name__}: {_own_message(e, stream)}") from e
 
 
 def count_tar_samples(url: str) -> int:
