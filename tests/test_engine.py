@@ -3,18 +3,22 @@ the recurrent model (measured on the real model). The engine itself runs in test
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from rmt_scale.data import TaskGenerator, build_word_tokenizer
-from rmt_scale.model import RMTConfig
+from rmt_scale.model import ARMTConfig, RMTConfig
+from rmt_scale.model.tiny import tiny_config
 from rmt_scale.training import TrainConfig
 from rmt_scale.training.data import collate
+from rmt_scale.training.activations import LayerOffload, SavedTensorBytes, checkpoint_layers
 from rmt_scale.training.engine import activation_settings, build_ds_config, load_ds_config
 from rmt_scale.training.trainer import build_model
 
@@ -63,56 +67,108 @@ def test_replay_with_zero_is_refused():
     build_ds_config(load_ds_config(str(CONFIGS / "ddp.json")), replay, world_size=1)
 
 
-class CountingSaveOnCpu(torch.autograd.graph.save_on_cpu):
-    """torch's save_on_cpu, as the trainer enters it, recording each tensor it packs for backward."""
-
-    def __init__(self):
-        super().__init__(pin_memory=torch.cuda.is_available())
-        self.packed = []
-        pack = self.pack_hook
-
-        def counting_pack(tensor):
-            device, stored = pack(tensor)
-            self.packed.append(stored)
-            return device, stored
-
-        self.pack_hook = counting_pack
+def memorize_batch(tokenizer, batch_size: int, segments: int, segment_size: int = 16) -> dict:
+    generator = TaskGenerator("memorize", tokenizer, seed=0)
+    return collate([generator.sample(i, segments * segment_size) for i in range(batch_size)], tokenizer.pad_id)
 
 
-def test_cpu_checkpointing_offloads_each_segments_input_memory_and_keeps_gradients():
-    """zero3.json's cpu_checkpointing puts the forward under save_on_cpu, around per-segment checkpoints: what
-    it moves to host memory is each segment's input memory, (batch, memory tokens, hidden) floats per segment,
-    and nothing else (the layers' activations are recomputed in backward, never saved). Gradients are those
-    of the same model without the offload."""
+def test_layer_checkpointing_and_offload_keep_gradients():
+    """zero3.json's block: per-segment checkpointing, the backbone's layers checkpointed inside each segment,
+    their inputs offloaded. The checkpoints nest; the gradients are those of plain BPTT, bit for bit, and the
+    offload moves each layer's input once per segment, in the segment's recomputation (its first forward keeps
+    nothing, so moves nothing): segments x layers x (batch, memory + segment + memory, hidden) floats."""
     tokenizer = build_word_tokenizer()
     config = RMTConfig(segment_size=16, num_mem_tokens=4)
-    mapped, offload = activation_settings(config, load_ds_config(str(CONFIGS / "zero3.json")))
-    assert (mapped.backprop, offload) == ("checkpoint", True)
-    assert activation_settings(config, load_ds_config(str(CONFIGS / "ddp.json"))) == (config, False)
-    backprop = mapped.backprop
+    mapped, layers, offload = activation_settings(config, load_ds_config(str(CONFIGS / "zero3.json")))
+    assert (mapped.backprop, layers, offload) == ("checkpoint", True, True)
+    assert activation_settings(config, load_ds_config(str(CONFIGS / "ddp.json"))) == (config, False, False)
     batch_size, segments = 3, 3
-    generator = TaskGenerator("memorize", tokenizer, seed=0)
-    batch = collate([generator.sample(i, segments * 16) for i in range(batch_size)], tokenizer.pad_id)
+    batch = memorize_batch(tokenizer, batch_size, segments)
 
-    grads, packed = {}, {}
-    for mode, offloaded in ((backprop, False), (backprop, True), ("bptt", True)):
+    grads, offloaded = {}, {}
+    for mode, layers, offload in (("bptt", False, False), ("checkpoint", True, False), ("checkpoint", True, True)):
         model = tiny_model(tokenizer, dataclasses.replace(config, backprop=mode))
-        counting = CountingSaveOnCpu()
-        with counting if offloaded else contextlib.nullcontext():
-            loss = model(**batch).loss
-        loss.backward()
-        grads[mode, offloaded] = [p.grad.clone() for p in model.parameters()]
-        packed[mode, offloaded] = counting.packed
+        layer_offload = LayerOffload() if offload else None
+        if layers:
+            checkpoint_layers(model.backbone, layer_offload)
+        model(**batch).loss.backward()
+        grads[mode, layers, offload] = [p.grad.clone() for p in model.parameters()]
+        offloaded[mode, layers, offload] = layer_offload and layer_offload.offloaded_bytes
+    for variant in (("checkpoint", True, False), ("checkpoint", True, True)):
+        for plain, checkpointed in zip(grads["bptt", False, False], grads[variant]):
+            torch.testing.assert_close(checkpointed, plain, rtol=0, atol=1e-6)
+    shapes = model.backbone.config
+    layer_input = batch_size * (config.segment_size + 2 * config.num_mem_tokens) * shapes.hidden_size * 4
+    assert offloaded["checkpoint", True, True] == segments * shapes.num_hidden_layers * layer_input == 221_184
 
-    memory_bytes = batch_size * config.num_mem_tokens * model.backbone.config.hidden_size * 4
-    offloaded = packed[backprop, True]
-    assert [tuple(t.shape) for t in offloaded] == [(batch_size, 4, 128)] * segments
-    assert all(t.device.type == "cpu" for t in offloaded)
-    assert sum(t.nbytes for t in offloaded) == segments * memory_bytes == 18_432
-    # the counter sees activations where there are any: plain BPTT would offload every layer's
-    assert sum(t.nbytes for t in packed["bptt", True]) > 100 * segments * memory_bytes
-    for plain, with_offload in zip(grads[backprop, False], grads[backprop, True]):
-        torch.testing.assert_close(with_offload, plain, rtol=0, atol=0)
+
+def test_layer_offload_cuts_what_a_segment_keeps_on_the_device():
+    """What one segment keeps for backward (all a checkpointed segment's recomputation holds at once), counted
+    with saved-tensor hooks. Without the block: every layer's activations. With it, each layer keeps only its
+    input, which goes to host memory; on the device stays what lies outside the layers. Per OPT layer (pre-norm,
+    SDPA attention) over N = batch x (memory + segment + memory) positions, hidden H, FFN F, heads h, the
+    activations are 4N(8H + F + h + 4) bytes: the layer input, the normed inputs of q/k/v and of fc1, the
+    attention output before out_proj, SDPA's q, k, v and output (4NH), fc1's ReLU output (NF), SDPA's log-sum-exp
+    (Nh) and both layer norms' mean and rstd (4N)."""
+    tokenizer = build_word_tokenizer()
+    config = RMTConfig(segment_size=16, num_mem_tokens=4, backprop="bptt")
+    batch_size = 3
+    batch = memorize_batch(tokenizer, batch_size, segments=1)
+    counted = {}
+    for offload in (None, LayerOffload()):
+        model = tiny_model(tokenizer, config)
+        if offload is not None:
+            checkpoint_layers(model.backbone, offload)
+        with SavedTensorBytes(model, offload) as saved:
+            model(**batch)
+        counted[offload is not None] = saved.kept, saved.offloaded
+
+    shapes = model.backbone.config
+    hidden, ffn, heads, layers = (shapes.hidden_size, shapes.ffn_dim, shapes.num_attention_heads,
+                                  shapes.num_hidden_layers)
+    positions = batch_size * (config.segment_size + 2 * config.num_mem_tokens)
+    layer_activations = 4 * positions * (8 * hidden + ffn + heads + 4)
+    (kept_without, _), (kept_with, offloaded_with) = counted[False], counted[True]
+    assert counted[False][1] == 0
+    assert offloaded_with == layers * positions * hidden * 4 == 73_728
+    assert kept_with == kept_without - layers * layer_activations
+    expected_factor = kept_without / (kept_without - layers * layer_activations)
+    assert kept_without / kept_with == pytest.approx(expected_factor) == pytest.approx(21.78, abs=0.01)
+
+
+def test_armt_refuses_the_block_before_building():
+    with pytest.raises(ValueError, match="activation_checkpointing block checkpoints the backbone's layers, which "
+                                         "ARMT cannot do.*Remove the block"):
+        activation_settings(ARMTConfig(segment_size=16), load_ds_config(str(CONFIGS / "zero3.json")))
+
+
+@pytest.mark.slow
+def test_zero3_run_logs_the_offloaded_bytes(tmp_path):
+    """A real launcher run on the shipped zero3.json: TensorBoard's memory/offloaded_bytes is, at every step,
+    what the step's segments moved: segments x layers x (batch, memory + segment + memory, hidden) floats."""
+    out = tmp_path / "run"
+    segment_size, num_mem, batch_size = 16, 4, 2
+    command = [sys.executable, str(ROOT / "launchers" / "train.py"), "--ds_config", str(CONFIGS / "zero3.json"),
+               "--segment_size", str(segment_size), "--num_mem_tokens", str(num_mem), "--micro_batch_size",
+               str(batch_size), "--curriculum", "1,3", "--stage_steps", "2", "--max_steps", "4", "--eval_every", "4",
+               "--eval_segments", "1", "--eval_samples", "2", "--out_dir", str(out), "--no-baseline"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(name, None)
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    offloaded = [(e.step, e.value) for e in events.Scalars("memory/offloaded_bytes")]
+    segments = [(e.step, e.value) for e in events.Scalars("train/segments")]
+    shapes = tiny_config("opt-quickstart")
+    layer_input = batch_size * (segment_size + 2 * num_mem) * shapes.hidden_size * 4
+    assert [step for step, _ in offloaded] == [1, 2, 3, 4]
+    assert [count for _, count in segments][:2] == [1, 1] and max(count for _, count in segments) > 1, segments
+    assert offloaded == [(step, count * shapes.num_hidden_layers * layer_input) for step, count in segments]
 
 
 def test_checkpoint_mapping_acts_and_keeps_gradients():
@@ -122,8 +178,7 @@ def test_checkpoint_mapping_acts_and_keeps_gradients():
     ds = load_ds_config(str(CONFIGS / "zero3.json"))
     config = RMTConfig(segment_size=16, num_mem_tokens=4)
     backprop = activation_settings(config, ds)[0].backprop
-    generator = TaskGenerator("memorize", tokenizer, seed=0)
-    batch = collate([generator.sample(i, 48) for i in range(3)], tokenizer.pad_id)
+    batch = memorize_batch(tokenizer, 3, segments=3)
     grads, calls = {}, {}
     for mode in ("bptt", backprop):
         model = tiny_model(tokenizer, dataclasses.replace(config, backprop=mode))

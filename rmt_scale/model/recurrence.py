@@ -15,6 +15,7 @@ Truncated BPTT (``bptt_depth=k``) cuts the state gradient on all but the last ``
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Callable, Sequence
 
 import torch
@@ -52,6 +53,25 @@ def run_segments(step: Step, state: State, segments: Sequence[Any], mode: str,
     return total, state, extras
 
 
+_first_forwards = 0  # checkpointed segments now in their first forward
+
+
+def saves_are_dropped() -> bool:
+    """Whether a checkpointed segment is in its first forward, where what is saved for backward is dropped
+    (the backward recomputes the segment): a layer checkpoint nested inside need not offload its inputs then."""
+    return _first_forwards > 0
+
+
+@contextlib.contextmanager
+def _first_forward():
+    global _first_forwards
+    _first_forwards += 1
+    try:
+        yield
+    finally:
+        _first_forwards -= 1
+
+
 def _checkpointed_step(step: Step, state: State, segment: Any):
     extra_box = []
 
@@ -61,7 +81,12 @@ def _checkpointed_step(step: Step, state: State, segment: Any):
             extra_box.append(extra)
         return (*new_state, loss)
 
-    *new_state, loss = checkpoint(tensors_only, *state, use_reentrant=False, preserve_rng_state=True)
+    # A nested layer checkpoint that offloads keeps its inputs on the device in the first forward and on the
+    # host in the recomputation, so the two runs save the same tensors on different devices: torch's check of
+    # their metadata would refuse that (it still checks their number).
+    *new_state, loss = checkpoint(tensors_only, *state, use_reentrant=False, preserve_rng_state=True,
+                                  context_fn=lambda: (_first_forward(), contextlib.nullcontext()),
+                                  determinism_check="none")
     return tuple(new_state), loss, extra_box[0]
 
 

@@ -17,7 +17,8 @@ from typing import Callable
 
 import torch
 
-from ..model import RMTConfig
+from ..model import ARMTConfig, RMTConfig
+from .activations import LayerOffload, checkpoint_layers
 from .config import TrainConfig
 from .distributed import DistInfo, free_port, select_accelerator
 
@@ -159,19 +160,25 @@ def _check_zero_section(ds: dict) -> None:
         raise ValueError(f"bad zero_optimization section in the DeepSpeed config: {problems}.") from None
 
 
-def activation_settings(model_config: RMTConfig, ds_config: dict) -> tuple[RMTConfig, bool]:
+def activation_settings(model_config: RMTConfig, ds_config: dict) -> tuple[RMTConfig, bool, bool]:
     """Maps DeepSpeed's ``activation_checkpointing`` block onto what works for a recurrent model.
 
     The block does nothing by itself, and DeepSpeed's (reentrant) checkpoint breaks ZeRO-3 recurrence, so its
-    presence turns on the RMT's per-segment non-reentrant checkpointing (``backprop="checkpoint"``), and
-    ``cpu_checkpointing`` keeps the tensors saved for backward in CPU memory (``save_on_cpu``; on a CPU-only
-    machine they are there already). Returns ``(the model config to build, offload saved activations)``."""
+    presence turns on the RMT's per-segment non-reentrant checkpointing (``backprop="checkpoint"``) and, inside
+    a segment, the backbone's own non-reentrant layer checkpointing; ``cpu_checkpointing`` holds the layers'
+    inputs in host memory (``activations.py``). Returns ``(the model config to build, checkpoint the layers,
+    offload their inputs)``."""
     block = ds_config.get("activation_checkpointing")
     if block is None:
-        return model_config, False
+        return model_config, False, False
+    if isinstance(model_config, ARMTConfig):
+        raise ValueError("the DeepSpeed config's activation_checkpointing block checkpoints the backbone's layers, "
+                         "which ARMT cannot do: its associative memory is read and written by hooks around each "
+                         "layer, inside the segment step. Remove the block (ARMT's backprop='checkpoint' or "
+                         "'replay' still recomputes each segment).")
     if model_config.backprop == "bptt":
         model_config = dataclasses.replace(model_config, backprop="checkpoint")
-    return model_config, bool(block.get("cpu_checkpointing", False))
+    return model_config, True, bool(block.get("cpu_checkpointing", False))
 
 
 # ---------------------------------------------------------------------- the engine
@@ -182,13 +189,16 @@ def build_engine(build_model: Callable[[RMTConfig], torch.nn.Module], model_conf
     partitioned (``deepspeed.zero.Init()`` around OPT crashes with transformers 5)."""
     import deepspeed
 
-    model_config, offload_activations = activation_settings(model_config, ds_config)
+    model_config, layers_checkpointed, offload_layers = activation_settings(model_config, ds_config)
     hf_ds_config = None
     if zero_stage(ds_config) == 3:
         from transformers.integrations import HfDeepSpeedConfig
 
         hf_ds_config = HfDeepSpeedConfig(ds_config)  # read through a weak reference: it must stay alive
     model = build_model(model_config)
+    offload = LayerOffload() if offload_layers else None
+    if layers_checkpointed:
+        checkpoint_layers(model.backbone, offload)
     engine, _, _, _ = deepspeed.initialize(
         model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=ds_config)
     # DeepSpeed makes its own groups (data parallelism runs in a copy of the world group), and torch gives a
@@ -197,22 +207,23 @@ def build_engine(build_model: Callable[[RMTConfig], torch.nn.Module], model_conf
 
     for group in list(distributed_c10d._world.pg_map):
         distributed_c10d._set_pg_timeout(datetime.timedelta(seconds=collective_timeout_s), group)
-    return DataParallelEngine(engine, zero_stage(ds_config), offload_activations, hf_ds_config)
+    return DataParallelEngine(engine, zero_stage(ds_config), offload, hf_ds_config)
 
 
 class DataParallelEngine:
     """DeepSpeed's engine for ZeRO stages 0-3: a micro-batch is ``forward``, ``backward``, ``step``."""
 
-    def __init__(self, engine, stage: int, offload_activations: bool, hf_ds_config):
-        self.engine, self.zero_stage, self.offload_activations = engine, stage, offload_activations
+    def __init__(self, engine, stage: int, offload: LayerOffload | None, hf_ds_config):
+        self.engine, self.zero_stage, self.offload = engine, stage, offload
         self._hf_ds_config = hf_ds_config
         self.module = engine.module
+        self._step_begins = True
 
     def forward(self, batch: dict):
-        offload = (torch.autograd.graph.save_on_cpu(pin_memory=torch.cuda.is_available())
-                   if self.offload_activations else contextlib.nullcontext())
-        with offload:
-            return self.engine(**batch)
+        if self.offload is not None and self._step_begins:
+            self.offload.offloaded_bytes = 0
+        self._step_begins = False
+        return self.engine(**batch)
 
     def backward(self, loss: torch.Tensor) -> None:
         self.engine.backward(loss)
@@ -224,12 +235,18 @@ class DataParallelEngine:
         if not self.engine.is_gradient_accumulation_boundary():
             self.engine.step()
             return None
+        self._step_begins = True
         norm = None
         if self.zero_stage == 0:
             grads = [p.grad.detach().float().norm() for p in self.module.parameters() if p.grad is not None]
             norm = torch.stack(grads).norm().item() if grads else 0.0
         self.engine.step()
         return norm if norm is not None else float(self.engine.get_global_grad_norm() or 0.0)
+
+    @property
+    def offloaded_bytes(self) -> int | None:
+        """Bytes of layer inputs moved to host memory in the last step (None without ``cpu_checkpointing``)."""
+        return None if self.offload is None else self.offload.offloaded_bytes
 
     @property
     def lr(self) -> float:

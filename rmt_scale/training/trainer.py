@@ -206,6 +206,8 @@ class Trainer:
                       "perf/tokens_per_s": tokens_per_s, "perf/peak_memory_mb": peak_memory_mb()}
             if memory_norms:
                 values["memory/state_norm"] = memory_norm
+            if self.engine.offloaded_bytes is not None:
+                values["memory/offloaded_bytes"] = self.engine.offloaded_bytes
             if self.config.shards:
                 values["data/corrupt_samples"] = self.batches.corrupt_samples
             logger.scalars(self.step, values)
