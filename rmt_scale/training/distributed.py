@@ -1,6 +1,6 @@
 """What a rank knows about itself and its peers, without DeepSpeed: the accelerator choice (which must run
-before ``import deepspeed``), the rank's place, whether an MPI launcher started it, and object exchange. The process group itself is joined by
-:func:`rmt_scale.training.engine.init_distributed`.
+before ``import deepspeed``), the rank's place, whether an MPI launcher started it, and object exchange. The
+process group itself is joined by :func:`rmt_scale.training.engine.init_distributed`.
 """
 
 from __future__ import annotations
