@@ -4,6 +4,7 @@
     python launchers/train.py                                   # 1 process, embedded default
     deepspeed --num_gpus 2 launchers/train.py --ds_config ds_configs/zero3.json ...
     srun python launchers/train.py ...   # with RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT exported
+    mpirun -np 2 python launchers/train.py ...   # or srun --mpi=pmi2: ranks found through MPI (mpi4py)
 
 Exit codes: 0 done; 2 bad configuration or path (nothing was started); 65 corrupt training data (a checkpoint
 was written if a step trained since the last one); 75 stopped by SIGUSR1/SIGTERM after writing a checkpoint

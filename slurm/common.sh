@@ -10,6 +10,9 @@
 #   MASTER_PORT     rendezvous port (default: 20000 + job id mod 20000, so jobs sharing a node differ)
 #   OMP_NUM_THREADS threads per task (default: the CPUs SLURM gives each task)
 #   RMT_TASK_WAIT_S once a task has ended, seconds the others get to end before srun ends them (default 60)
+#   RMT_LAUNCH      how the tasks learn their ranks: "srun" (default) exports RANK, WORLD_SIZE and LOCAL_RANK
+#                   from SLURM's variables (slurm/task_env.sh); "mpi" runs srun --mpi=pmi2 and the ranks are
+#                   found through MPI (mpi4py over SLURM's PMI2), as under mpirun
 #   RMT_SWEEP       for job arrays: space-separated values; array task i replaces every "{}" in the
 #                   script's arguments with the i-th value (sbatch --array=0-<count-1>)
 
@@ -40,8 +43,18 @@ rmt_setup() {
     # Oversubscribed OpenMP threads slow CPU runs down a hundredfold; one team per task's CPUs.
     OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}
     export MASTER_ADDR MASTER_PORT OMP_NUM_THREADS
+    RMT_LAUNCH=${RMT_LAUNCH:-srun}
+    case $RMT_LAUNCH in
+        srun) RMT_SRUN_LAUNCH=("$RMT_REPO/slurm/task_env.sh") ;;
+        # MASTER_PORT still applies; MPI discovery takes rank 0's host as the master address.
+        mpi) RMT_SRUN_LAUNCH=(--mpi=pmi2) ;;
+        *)
+            echo "rmt: RMT_LAUNCH=$RMT_LAUNCH is not a launch mode: use srun (the default) or mpi" >&2
+            exit 2
+            ;;
+    esac
     echo "rmt: job ${SLURM_JOB_ID} restart ${SLURM_RESTART_COUNT:-0} on ${SLURM_JOB_NODELIST}:" \
-        "${SLURM_NTASKS:-1} tasks, master ${MASTER_ADDR}:${MASTER_PORT}, python ${RMT_PYTHON}"
+        "${SLURM_NTASKS:-1} tasks, master ${MASTER_ADDR}:${MASTER_PORT}, launch ${RMT_LAUNCH}, python ${RMT_PYTHON}"
 }
 
 # Sets RMT_ARGS to the arguments, with "{}" replaced by this array task's value of RMT_SWEEP.
@@ -72,15 +85,16 @@ rmt_has_flag() {
 RMT_STOP_SIGNAL=""
 
 # Runs the command once per task under srun, with torch.distributed's variables taken from SLURM's
-# per-task ones. srun runs in the background so that the batch shell stays free to take signals
-# (bash runs a trap only between commands) and to pass them on; srun relays them to every task.
+# per-task ones, or (RMT_LAUNCH=mpi) with SLURM's PMI2 server, through which MPI finds the ranks.
+# srun runs in the background so that the batch shell stays free to take signals (bash runs a trap
+# only between commands) and to pass them on; srun relays them to every task.
 # --wait: once a task has ended, srun ends the others RMT_TASK_WAIT_S seconds later. A rank blocked in a
 # collective (its peer died, or timed out on a hung peer: --collective_timeout_s) only records SIGTERM,
 # so without this the job would wait for it until its time limit. Not --kill-on-bad-exit: the ranks'
 # status 75 after a checkpointed stop counts as a bad exit, and it would cut the others' exit short.
 # Sets RMT_SRUN_STATUS to srun's exit status and RMT_STOP_SIGNAL to the signal that arrived, if any.
 rmt_srun() {
-    srun --wait="${RMT_TASK_WAIT_S:-60}" "$RMT_REPO/slurm/task_env.sh" "$@" &
+    srun --wait="${RMT_TASK_WAIT_S:-60}" "${RMT_SRUN_LAUNCH[@]}" "$@" &
     local srun_pid=$!
     # shellcheck disable=SC2064  # the pid is fixed now, on purpose
     trap "rmt_forward USR1 $srun_pid" USR1

@@ -139,6 +139,31 @@ def test_train_job_two_tasks_writes_checkpoint_and_tensorboard(slurm_env, tmp_pa
     assert evaluated == {k: pytest.approx(trained[k]) for k in ("1", "2")}
 
 
+def test_train_job_launched_through_mpi(slurm_env, tmp_path):
+    """RMT_LAUNCH=mpi: srun --mpi=pmi2 starts the tasks with no RANK/WORLD_SIZE/LOCAL_RANK; MPICH (the venv's,
+    from PyPI) reaches SLURM's PMI2 server, and the 2 tasks find each other through mpi4py and train as one
+    2-rank run."""
+    out, log = tmp_path / "run", tmp_path / "job.out"
+    job = submit({**slurm_env, "RMT_LAUNCH": "mpi"}, log, "--nodes=1", "--ntasks-per-node=2",
+                 str(REPO / "slurm" / "train.sbatch"), "--out_dir", str(out), "--max_steps", "3", "--save_every", "3",
+                 "--eval_every", "3", *QUICK_FLAGS)
+    info = wait_until_final(slurm_env, job, log, timeout=240)
+    text = log.read_text()
+    assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), text
+    assert "2 tasks" in text and "launch mpi" in text
+    checkpoint = out / "checkpoints" / "step000003"
+    manifest = json.loads((checkpoint / "manifest.json").read_text())
+    assert manifest["world_size"] == 2  # not two 1-rank runs: each task alone would write world size 1
+    assert {"trainer_state_rank0.pt", "trainer_state_rank1.pt"} <= set(manifest["files"])
+    assert logged_steps(out) == [1, 2, 3]
+
+    bad_log = tmp_path / "bad.out"
+    job = submit({**slurm_env, "RMT_LAUNCH": "mpirun"}, bad_log, "--ntasks=1", str(REPO / "slurm" / "train.sbatch"))
+    info = wait_until_final(slurm_env, job, bad_log, timeout=60)
+    assert (info["JobState"], info["ExitCode"]) == ("FAILED", "2:0")
+    assert "RMT_LAUNCH=mpirun is not a launch mode: use srun (the default) or mpi" in bad_log.read_text()
+
+
 def test_signalled_job_checkpoints_requeues_and_resumes(slurm_env, tmp_path):
     """SIGUSR1 to the batch shell (what --signal=B:USR1@120 sends before the time limit) mid-run: the
     trainer checkpoints at the end of its step, the script requeues the job, and the restarted job

@@ -1,6 +1,6 @@
 """What a rank knows about itself and its peers, without DeepSpeed: the accelerator choice (which must run
-before ``import deepspeed``), the rank's place, and object exchange. The process group itself is joined by
-:func:`rmt_scale.training.engine.init_distributed`.
+before ``import deepspeed``), the rank's place, whether an MPI launcher started it, and object exchange. The
+process group itself is joined by :func:`rmt_scale.training.engine.init_distributed`.
 """
 
 from __future__ import annotations
@@ -10,6 +10,11 @@ import socket
 from dataclasses import dataclass
 
 import torch
+
+
+# Set for every process by MPI launchers, which set none of torch.distributed's variables: PMI_RANK by MPICH's
+# mpirun and by ``srun --mpi=pmi2``, OMPI_COMM_WORLD_RANK by Open MPI's mpirun, PMIX_RANK by PMIx launchers.
+MPI_RANK_VARIABLES = ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK")
 
 
 @dataclass
@@ -41,3 +46,21 @@ def select_accelerator() -> bool:
     if not has_cuda:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     return has_cuda
+
+
+def launched_by_mpi() -> bool:
+    """Whether an MPI launcher started this process without torch.distributed's variables, so that the ranks
+    must be found through MPI (DeepSpeed's MPI discovery, with mpi4py)."""
+    return "RANK" not in os.environ and any(name in os.environ for name in MPI_RANK_VARIABLES)
+
+
+def mpi_master_port() -> int:
+    """The rendezvous port of an MPI-launched job: MASTER_PORT if set (slurm/common.sh sets one per job), else a
+    port that is free on rank 0's host, which rank 0 sends to the others through MPI. DeepSpeed's MPI discovery
+    would otherwise use 29500 for every job, and a second job on the same node would fail to bind it."""
+    if "MASTER_PORT" in os.environ:
+        return int(os.environ["MASTER_PORT"])
+    from mpi4py import MPI
+
+    world = MPI.COMM_WORLD
+    return world.bcast(free_port() if world.Get_rank() == 0 else None, root=0)

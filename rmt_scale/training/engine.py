@@ -20,7 +20,7 @@ import torch
 from ..model import ARMTConfig, RMTConfig
 from .activations import LayerOffload, checkpoint_layers
 from .config import TrainConfig
-from .distributed import DistInfo, free_port, select_accelerator
+from .distributed import DistInfo, free_port, launched_by_mpi, mpi_master_port, select_accelerator
 
 # Top-level keys DeepSpeed 0.16-0.19 reads (its docs' config reference).
 KNOWN_KEYS = frozenset("""
@@ -41,19 +41,24 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 # ---------------------------------------------------------------------- the process group
 def init_distributed(timeout_s: float = 600) -> DistInfo:
     """Joins the process group of ``deepspeed --num_gpus N``, ``torchrun`` or ``srun`` (RANK, WORLD_SIZE,
-    MASTER_ADDR, MASTER_PORT set), or, under plain ``python``, creates a 1-rank group on a free local port so
-    the same code path runs. Without CUDA: gloo, and unless OMP_NUM_THREADS says otherwise each rank takes its
-    share of the cores minus one (torch's elementwise ops slow down ~100x when their threads compete with
-    another busy process, docs/background.md). A collective that waits ``timeout_s`` for a peer that hangs or
-    died raises instead of blocking, so the job ends (under srun, ``--wait`` then stops the rest)."""
+    MASTER_ADDR, MASTER_PORT set), of ``mpirun`` or ``srun --mpi=pmi2`` (ranks found through MPI), or, under
+    plain ``python``, creates a 1-rank group on a free local port so the same code path runs. Without CUDA:
+    gloo, and unless OMP_NUM_THREADS says otherwise each rank takes its share of the cores minus one (torch's
+    elementwise ops slow down ~100x when their threads compete with another busy process, docs/background.md).
+    A collective that waits ``timeout_s`` for a peer that hangs or died raises instead of blocking, so the job
+    ends (under srun, ``--wait`` then stops the rest)."""
     has_cuda = select_accelerator()
-    if "RANK" not in os.environ and not any(k in os.environ for k in ("OMPI_COMM_WORLD_RANK", "PMI_RANK")):
+    mpi = launched_by_mpi()
+    if "RANK" not in os.environ and not mpi:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=os.environ.get("MASTER_PORT", str(free_port())))
     import deepspeed
 
+    # under mpirun or srun --mpi=pmi2, DeepSpeed's MPI discovery (mpi4py) sets RANK, WORLD_SIZE, LOCAL_RANK,
+    # MASTER_ADDR (rank 0's host) and MASTER_PORT, the last to distributed_port
+    discovery = dict(distributed_port=mpi_master_port()) if mpi else {}
     deepspeed.init_distributed(dist_backend="nccl" if has_cuda else "gloo",
-                               timeout=datetime.timedelta(seconds=timeout_s))
+                               timeout=datetime.timedelta(seconds=timeout_s), **discovery)
     rank, world_size = torch.distributed.get_rank(), torch.distributed.get_world_size()
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if not has_cuda and "OMP_NUM_THREADS" not in os.environ:
