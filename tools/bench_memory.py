@@ -55,7 +55,7 @@ def measure(measurer: Measurer, kind: str, mode: str, segments: int, args: argpa
     length = args.segment_size * segments
     variant = (Variant("rmt", mode, args.segment_size, args.num_mem_tokens) if kind == "rmt"
                else Variant(FULL_ATTENTION, FULL_ATTENTION))
-    result = measurer.measure(variant, length)
+    result = measurer.measure(variant, length, forward=False)
     if not result.ok:
         print(f"  {kind}/{mode}/{segments}: failed ({result.error})", file=sys.stderr)
         return None

@@ -166,7 +166,7 @@ def counted_flops(fn, *args) -> int:
     return counter.get_total_flops()
 
 
-def _measure_in_this_process(variant: Variant, length: int, train: bool, backbone: str, threads: int,
+def _measure_in_this_process(variant: Variant, length: int, forward: bool, train: bool, backbone: str, threads: int,
                              repeats: int, min_seconds: float, count_flops: bool) -> Measurement:
     torch.set_num_threads(threads)
     torch.manual_seed(0)
@@ -177,15 +177,15 @@ def _measure_in_this_process(variant: Variant, length: int, train: bool, backbon
 
     rss_before = psutil.Process().memory_info().rss
     # The forward pass runs first so that its peak is read before training raises the high-water mark.
-    forward_seconds = _fastest_of(repeats, min_seconds, _forward, model, input_ids)
-    forward_peak = _peak_mb_since(rss_before)
+    forward_seconds = _fastest_of(repeats, min_seconds, _forward, model, input_ids) if forward else 0.0
+    forward_peak = _peak_mb_since(rss_before) if forward else 0.0
     train_seconds = _fastest_of(repeats, min_seconds, _train_step, model, input_ids) if train else 0.0
     train_peak = _peak_mb_since(rss_before) if train else 0.0
     return Measurement(
         variant=variant.label,
         length=length,
         train_flops=counted_flops(_train_step, model, input_ids) if train and count_flops else 0,
-        forward_flops=counted_flops(_forward, model, input_ids) if count_flops else 0,
+        forward_flops=counted_flops(_forward, model, input_ids) if forward and count_flops else 0,
         train_seconds=train_seconds,
         forward_seconds=forward_seconds,
         train_peak_mb=train_peak,
@@ -214,12 +214,14 @@ class Measurer:
         self.threads = threads or torch.get_num_threads()
         self._context, self.allocator = _fork_server(allocator)
 
-    def measure(self, variant: Variant, length: int, train: bool = True) -> Measurement:
-        """One forward pass (and one training step unless `train` is False) at `length` tokens."""
+    def measure(self, variant: Variant, length: int, forward: bool = True, train: bool = True) -> Measurement:
+        """A forward pass and a training step at `length` tokens; `forward=False` or `train=False` skips one."""
         if length <= 0:
             raise ValueError(f"length must be positive, got {length}")
+        if not (forward or train):
+            raise ValueError("nothing to measure: pass forward=True, train=True or both")
         with ProcessPoolExecutor(max_workers=1, mp_context=self._context) as pool:
-            future = pool.submit(_measure_in_this_process, variant, length, train, self.backbone, self.threads,
+            future = pool.submit(_measure_in_this_process, variant, length, forward, train, self.backbone, self.threads,
                                  self.repeats, self.min_seconds, self.count_flops)
             try:
                 return future.result()
