@@ -41,7 +41,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     from rmt_scale import RecurrentMemoryModel
-    from rmt_scale.data import TaskGenerator, load_tokenizer
+    from rmt_scale.data import AnswerClasses, TaskGenerator, load_tokenizer
     from rmt_scale.training.data import EVAL_SEED_OFFSET
     from rmt_scale.training.engine import init_distributed
     from rmt_scale.training.evaluation import evaluate_by_length
@@ -58,9 +58,11 @@ def main(argv=None) -> int:
         tokenizer = load_tokenizer(str(model_dir / "tokenizer"))
         generator = TaskGenerator(args.task, tokenizer, seed=args.data_seed + EVAL_SEED_OFFSET)
         segment_size = model.config.segment_size
+        classes = AnswerClasses(tokenizer) if model.spec.kind == "encoder" else None
         accuracy = evaluate_by_length(model, generator, sorted(args.eval_segments), segment_size=segment_size,
                                       samples=args.eval_samples, batch_size=args.batch_size,
-                                      pad_id=tokenizer.pad_id, rank=dist_info.rank, world_size=dist_info.world_size)
+                                      pad_id=tokenizer.pad_id, rank=dist_info.rank, world_size=dist_info.world_size,
+                                      classes=classes)
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -70,7 +72,8 @@ def main(argv=None) -> int:
         (out / "eval.json").write_text(json.dumps({
             "model": str(model_dir), "task": args.task, "segment_size": segment_size,
             "accuracy": {str(k): v for k, v in accuracy.items()}}, indent=2) + "\n")
-        print(format_table({"rmt": accuracy}, segment_size, None), flush=True)
+        label = model.config.model_type if model.config.num_mem_tokens else "baseline"
+        print(format_table({label: accuracy}, segment_size, None), flush=True)
     return 0
 
 

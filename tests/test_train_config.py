@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from rmt_scale.data import build_word_tokenizer
-from rmt_scale.model import ConfigError, RMTConfig
+from rmt_scale.model import ARMTConfig, ConfigError, RMTConfig
 from rmt_scale.training import TrainConfig, build_parser, parse_args
 from rmt_scale.training.trainer import build_model
 
@@ -23,7 +23,8 @@ def test_help_documents_every_flag():
     text = build_parser().format_help()
     for flag in ("--backbone", "--num_mem_tokens", "--segment_size", "--task", "--shards", "--curriculum",
                  "--eval_segments", "--out_dir", "--max_steps", "--resume", "--ds_config", "--save_every",
-                 "--baseline", "--no-baseline"):
+                 "--baseline", "--no-baseline", "--memory {rmt,armt}", "--d_mem", "--num_heads", "--dpfp_nu",
+                 "--gating, --no-gating", "--correction, --no-correction", "--execution", "'tiny-bert'"):
         assert flag in text
     assert text.count("%(") == 0  # every help string rendered
 
@@ -36,6 +37,12 @@ def test_help_documents_every_flag():
     (["--num_mem_tokens", "-1"], "num_mem_tokens=-1 is invalid: it must be an integer >= 0"),
     (["--backprop", "nope"], "backprop='nope' is unknown: choose one of bptt, checkpoint, replay"),
     (["--bptt_depth", "-2"], "bptt_depth=-2 is invalid"),
+    (["--memory", "armt", "--num_mem_tokens", "0"], "num_mem_tokens=0 is invalid for ARMT: .* use at least 1"),
+    (["--memory", "armt", "--d_mem", "0"], "d_mem=0 is invalid: it must be an integer >= 1"),
+    (["--memory", "armt", "--num_heads", "0"], "num_heads=0 is invalid: it must be an integer >= 1"),
+    (["--memory", "armt", "--dpfp_nu", "-1"], "dpfp_nu=-1 is invalid: it must be an integer >= 1"),
+    (["--memory", "armt", "--execution", "nope"], "execution='nope' is unknown: choose one of sequential, wavefront"),
+    (["--d_mem", "32", "--no-gating"], r"--d_mem, --gating only apply to --memory armt: add --memory armt, or drop"),
 ])
 def test_bad_flags_are_refused(argv, message):
     with pytest.raises(ValueError, match=message):
@@ -50,6 +57,59 @@ def test_model_flags_fill_the_model_config():
     assert config.out_dir == "runs/x"  # --output_dir is Hugging Face's name of --out_dir
     with pytest.raises(ConfigError, match="segment_size=0 is invalid"):
         TrainConfig(model=RMTConfig(segment_size=0))
+
+
+def test_unknown_memory_kind_is_an_argparse_error(capsys):
+    with pytest.raises(SystemExit) as stop:
+        parse_args(["--memory", "lstm"])
+    assert stop.value.code == 2
+    assert "argument --memory: invalid choice: 'lstm' (choose from 'rmt', 'armt')" in capsys.readouterr().err
+
+
+def test_armt_flags_fill_an_armt_config_that_round_trips_through_train_config_json():
+    config = parse_args(["--memory", "armt", "--num_mem_tokens", "4", "--d_mem", "16", "--num_heads", "2",
+                         "--dpfp_nu", "2", "--no-gating", "--no-correction", "--execution", "wavefront"])
+    assert config.memory == "armt"
+    assert config.model == ARMTConfig(num_mem_tokens=4, segment_size=32, d_mem=16, num_heads=2, dpfp_nu=2,
+                                      gating=False, correction=False, execution="wavefront")
+    saved = json.loads(config.to_json())
+    assert saved["model"]["model_type"] == "armt" and saved["model"]["d_mem"] == 16
+    restored = RMTConfig.from_dict(saved["model"])
+    assert type(restored) is ARMTConfig and restored == config.model
+    assert type(parse_args([]).model) is RMTConfig  # --memory rmt is the default
+    config.check_resumable(saved)
+
+
+def test_resume_checks_the_memory_kind_and_the_armt_fields():
+    armt = TrainConfig(model=ARMTConfig(num_mem_tokens=8, segment_size=32))
+    saved = json.loads(armt.to_json())
+    with pytest.raises(ValueError, match=r"cannot resume: .*\(--memory 'armt' -> 'rmt'\)"):
+        TrainConfig().check_resumable(saved)
+    with pytest.raises(ValueError, match=r"--d_mem 64 -> 32; --gating True -> False"):
+        TrainConfig(model=ARMTConfig(num_mem_tokens=8, segment_size=32, d_mem=32, gating=False)).check_resumable(saved)
+    # the inference schedule and how gradients are computed may change
+    TrainConfig(model=ARMTConfig(num_mem_tokens=8, segment_size=32, execution="wavefront",
+                                 backprop="checkpoint")).check_resumable(saved)
+
+
+def test_baseline_twin_of_armt_is_a_plain_rmt_without_memory(tmp_path):
+    config = TrainConfig(model=ARMTConfig(num_mem_tokens=4, segment_size=16, d_mem=8, backprop="replay"),
+                         out_dir=str(tmp_path))
+    twin = config.baseline_twin()
+    assert type(twin.model) is RMTConfig
+    assert twin.model == RMTConfig(num_mem_tokens=0, segment_size=16, backprop="replay")
+    assert twin.memory == "rmt" and twin.out_dir == str(tmp_path / "baseline")
+
+
+def test_launcher_refuses_a_bad_armt_flag_with_exit_code_2(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    env.pop("RANK", None)
+    result = subprocess.run([sys.executable, str(ROOT / "launchers" / "train.py"), "--memory", "armt",
+                             "--num_mem_tokens", "0", "--out_dir", str(tmp_path / "out")], env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "error: num_mem_tokens=0 is invalid for ARMT" in result.stderr
+    assert not (tmp_path / "out").exists()
 
 
 def test_launcher_stops_before_work_on_a_segment_that_does_not_fit(tmp_path):
@@ -100,5 +160,25 @@ def test_tokenizer_larger_than_the_backbone_is_refused(tmp_path):
     small = transformers.OPTConfig(vocab_size=50, hidden_size=16, word_embed_proj_dim=16, num_hidden_layers=1,
                                    num_attention_heads=2, ffn_dim=32, max_position_embeddings=64)
     transformers.OPTForCausalLM(small).save_pretrained(tmp_path / "opt")
-    with pytest.raises(ValueError, match="the tokenizer has 232 tokens but the backbone embeds only 50"):
+    with pytest.raises(ValueError, match="the tokenizer has 233 tokens but the backbone embeds only 50"):
         build_model(str(tmp_path / "opt"), build_word_tokenizer(), 0, RMTConfig(segment_size=16))
+
+
+def test_encoder_backbones_become_classifiers_over_the_answers(tmp_path):
+    """tiny-bert and a saved BERT (whose own 3-class head is replaced) classify into the 6 locations, their
+    segments framed with the built-in tokenizer's [CLS] and [SEP]."""
+    import transformers
+
+    tokenizer = build_word_tokenizer()
+    model = build_model("tiny-bert", tokenizer, 0, RMTConfig(num_mem_tokens=4, segment_size=16))
+    assert type(model.backbone).__name__ == "BertForSequenceClassification"
+    assert (model.spec.kind, model.backbone.config.num_labels, model.backbone.config.vocab_size) == ("encoder", 6, 233)
+    assert (model.config.cls_token_id, model.config.sep_token_id) == (tokenizer.cls_id, tokenizer.sep_id) == (232, 3)
+
+    saved = transformers.BertConfig(vocab_size=240, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                    intermediate_size=32, max_position_embeddings=64, num_labels=3)
+    transformers.BertForSequenceClassification(saved).save_pretrained(tmp_path / "bert")
+    model = build_model(str(tmp_path / "bert"), tokenizer, 0, RMTConfig(num_mem_tokens=2, segment_size=16))
+    assert model.backbone.classifier.out_features == 6
+    with pytest.raises(ValueError, match="--memory armt needs a decoder backbone, and tiny-bert is a bert encoder"):
+        build_model("tiny-bert", tokenizer, 0, ARMTConfig(num_mem_tokens=4, segment_size=16))

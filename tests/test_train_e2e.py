@@ -1,6 +1,6 @@
 """Real DeepSpeed runs on CPU (gloo, 2 ranks where it matters, a few steps of a tiny model): loss
 equivalence across rank counts and ZeRO stages, TensorBoard events, checkpoints, exact resume after
-SIGKILL, a graceful stop on SIGUSR1, and the exported model."""
+SIGKILL, a graceful stop on SIGUSR1, the exported model, and ARMT and encoder runs with their baselines."""
 
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ import pytest
 import torch
 import transformers
 
-from rmt_scale import RecurrentMemoryModel
-from rmt_scale.data import TaskGenerator, build_word_tokenizer, collate
+from rmt_scale import ARMTConfig, RecurrentMemoryModel, RMTConfig
+from rmt_scale.data import AnswerClasses, TaskGenerator, build_word_tokenizer, collate, load_tokenizer
 from rmt_scale.training.data import EVAL_SEED_OFFSET, eval_samples
 from rmt_scale.training.distributed import free_port
 from rmt_scale.training.evaluation import streaming_correct
@@ -230,3 +230,65 @@ def test_baseline_twin_and_accuracy_table(backbone, tmp_path):
     assert (out / "baseline" / "checkpoints" / "latest").read_text() == "step000002"
     assert "memory/state_norm" not in scalars(out / "baseline")
     assert RecurrentMemoryModel.from_pretrained(out / "baseline" / "export").memory is None
+
+
+def exported_accuracy(export: Path, segments: int, classes: bool = False) -> float:
+    """Streaming accuracy of an export on the run's own evaluation samples at one length."""
+    model = RecurrentMemoryModel.from_pretrained(export).eval()
+    tokenizer = load_tokenizer(str(export / "tokenizer"))
+    generator = TaskGenerator("memorize", tokenizer, seed=EVAL_SEED_OFFSET)
+    batch = collate(eval_samples(generator, segments, SEGMENT, 8, 0, 1), tokenizer.pad_id,
+                    classes=AnswerClasses(tokenizer) if classes else None)
+    return streaming_correct(model, batch["input_ids"], batch["labels"], SEGMENT).float().mean().item()
+
+
+def test_launcher_trains_armt_and_its_baseline(backbone, tmp_path):
+    """--memory armt trains an ARMT with the flags' settings and its no-memory twin; the export loads as an
+    ARMT whose streaming accuracy is the run's own."""
+    out = tmp_path / "run"
+    # steps of 1..4 segments: the memory is written, and read by the next segment, from the first steps
+    args = run_args(backbone, out, memory="armt", d_mem=8, num_heads=2, dpfp_nu=2, curriculum="4", max_steps=4,
+                    eval_every=4)
+    result = launch(args + ["--baseline"], ranks=1)
+    summary = json.loads((out / "results.json").read_text())["accuracy"]
+    assert sorted(summary) == ["armt", "baseline"]
+    assert sorted(summary["armt"]) == sorted(summary["baseline"]) == ["1", "2", "4"]
+    assert "| segments | tokens | armt | baseline |" in result.stdout
+    assert json.loads((out / "train_config.json").read_text())["model"]["model_type"] == "armt"
+
+    model = RecurrentMemoryModel.from_pretrained(out / "export")
+    assert type(model.config) is ARMTConfig and model.associative is not None
+    assert (model.config.d_mem, model.config.num_heads, model.config.dpfp_nu) == (8, 2, 2)
+    baseline = RecurrentMemoryModel.from_pretrained(out / "baseline" / "export")
+    assert type(baseline.config) is RMTConfig and baseline.memory is None and baseline.associative is None
+    for segments in (1, 4):
+        assert exported_accuracy(out / "export", segments) == pytest.approx(summary["armt"][str(segments)])
+    # the associative matrices stay zero until W_v, zero at init (the model is then its backbone), is trained
+    # (the first step's learning rate is 0)
+    norms = [value for _, value in scalars(out)["memory/state_norm"]]
+    assert len(norms) == 4 and norms[0] == 0 and norms[-1] > 0
+
+
+def test_launcher_trains_an_encoder_classifier_and_its_baseline(tmp_path):
+    """--backbone tiny-bert: a BERT sequence classifier over the 6 answers, [CLS] memory [SEP] segment [SEP],
+    with its no-memory twin; the exports load as encoders whose streaming accuracy is the run's own."""
+    out = tmp_path / "run"
+    result = launch(run_args("tiny-bert", out, max_steps=3, eval_every=3) + ["--baseline"], ranks=1)
+    summary = json.loads((out / "results.json").read_text())["accuracy"]
+    assert sorted(summary) == ["baseline", "rmt"]
+    assert sorted(summary["rmt"]) == sorted(summary["baseline"]) == ["1", "2", "4"]
+    assert "| segments | tokens | rmt | baseline |" in result.stdout
+    losses_logged = losses(out)
+    assert sorted(losses_logged) == [1, 2, 3] and all(value > 0 for value in losses_logged.values())
+
+    tokenizer = load_tokenizer(str(out / "export" / "tokenizer"))
+    for export, memory in ((out / "export", 4), (out / "baseline" / "export", 0)):
+        model = RecurrentMemoryModel.from_pretrained(export)
+        assert type(model.backbone).__name__ == "BertForSequenceClassification"
+        assert model.backbone.config.num_labels == 6 and model.config.num_mem_tokens == memory
+        assert (model.config.cls_token_id, model.config.sep_token_id) == (tokenizer.cls_id, tokenizer.sep_id)
+    for segments in (1, 4):
+        assert exported_accuracy(out / "export", segments, classes=True) == \
+            pytest.approx(summary["rmt"][str(segments)])
+        assert exported_accuracy(out / "baseline" / "export", segments, classes=True) == \
+            pytest.approx(summary["baseline"][str(segments)])

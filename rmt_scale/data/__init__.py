@@ -3,7 +3,7 @@ collate that turns samples into model batches."""
 
 from .babi import ACTORS, LOCATIONS, OBJECTS, STORY_KINDS, Story, make_story
 from .background import Background, default_background, filler_sentences, split_sentences
-from .batching import collate, whole_segments
+from .batching import AnswerClasses, collate, whole_segments
 from .shards import ShardStream, decode_sample, encode_sample, write_shards
 from .tars import CorruptShardError, check_shard_source, expand_urls, iter_tar_samples, resolve_shards
 from .tasks import TASKS, TaskGenerator, TaskSample, make_sample
@@ -12,7 +12,7 @@ from .tokenizer import TextTokenizer, build_word_tokenizer, load_tokenizer
 __all__ = [
     "ACTORS", "LOCATIONS", "OBJECTS", "STORY_KINDS", "Story", "make_story",
     "Background", "default_background", "filler_sentences", "split_sentences",
-    "collate", "whole_segments",
+    "AnswerClasses", "collate", "whole_segments",
     "ShardStream", "decode_sample", "encode_sample", "write_shards",
     "CorruptShardError", "check_shard_source", "expand_urls", "iter_tar_samples", "resolve_shards",
     "TASKS", "TaskGenerator", "TaskSample", "make_sample",

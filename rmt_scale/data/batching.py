@@ -4,6 +4,10 @@ A batch is ``input_ids``, ``labels`` and ``attention_mask``, int64 ``(batch, len
 then its answer, padded on the right. Labels are ``IGNORE_INDEX`` except on the answer tokens and are not
 shifted: like Hugging Face causal LMs, the model predicts token t+1 from position t. The model cuts a batch
 into segments itself, so a sample of ``k * segment_size`` tokens is exactly ``k`` segments.
+
+Encoders classify, as in the 1M-token RMT paper: with :class:`AnswerClasses`, ``input_ids`` hold the context
+alone (the answer is not appended, so the last segment is short by the answer's length) and ``labels`` are
+the answers' class ids, ``(batch,)``.
 """
 
 from __future__ import annotations
@@ -14,7 +18,29 @@ import numpy as np
 import torch
 
 from ..model.segments import IGNORE_INDEX
+from .babi import LOCATIONS
 from .tasks import TaskSample
+from .tokenizer import TextTokenizer
+
+
+class AnswerClasses:
+    """The classes of an encoder: class ``i`` is ``LOCATIONS[i]``, as every task's answer is a bAbI location.
+    A sample's class is found from its answer's token ids under the run's tokenizer, so shard samples, which
+    carry ids, map the same way as generated ones."""
+
+    def __init__(self, tokenizer: TextTokenizer):
+        self.names = LOCATIONS
+        self._by_ids = {tuple(ids.tolist()): index for index, ids in enumerate(tokenizer.encode_batch(LOCATIONS))}
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __call__(self, answer: np.ndarray) -> int:
+        ids = tuple(np.asarray(answer).tolist())
+        if ids not in self._by_ids:
+            raise ValueError(f"answer ids {list(ids)} are none of the encoder's classes ({', '.join(self.names)}, "
+                             "each under this tokenizer): encoders are trained on tasks answered by a location.")
+        return self._by_ids[ids]
 
 
 def whole_segments(samples: Sequence[TaskSample], segment_size: int) -> int:
@@ -22,10 +48,12 @@ def whole_segments(samples: Sequence[TaskSample], segment_size: int) -> int:
     return -(-max((len(s.tokens) + len(s.answer) for s in samples), default=0) // segment_size)
 
 
-def collate(samples: Sequence[TaskSample], pad_id: int, length: int | None = None) -> dict[str, torch.Tensor]:
+def collate(samples: Sequence[TaskSample], pad_id: int, length: int | None = None,
+            classes: AnswerClasses | None = None) -> dict[str, torch.Tensor]:
     """Right-padded ``input_ids``, ``labels`` (the answer only) and ``attention_mask``, ``(batch, length)``;
-    ``length`` defaults to the longest sample's."""
-    lengths = [len(s.tokens) + len(s.answer) for s in samples]
+    ``length`` defaults to the longest sample's. With ``classes``: the context only, and class labels."""
+    with_answer = classes is None  # a decoder reads the answer too, to be trained or scored on it
+    lengths = [len(s.tokens) + (len(s.answer) if with_answer else 0) for s in samples]
     length = length or max(lengths)
     input_ids = np.full((len(samples), length), pad_id, dtype=np.int64)
     labels = np.full((len(samples), length), IGNORE_INDEX, dtype=np.int64)
@@ -33,7 +61,10 @@ def collate(samples: Sequence[TaskSample], pad_id: int, length: int | None = Non
     for row, (sample, end) in enumerate(zip(samples, lengths)):
         context = len(sample.tokens)
         input_ids[row, :context] = sample.tokens
-        input_ids[row, context:end] = labels[row, context:end] = sample.answer
+        if with_answer:
+            input_ids[row, context:end] = labels[row, context:end] = sample.answer
         mask[row, :end] = 1
+    if not with_answer:
+        labels = np.array([classes(sample.answer) for sample in samples], dtype=np.int64)
     return {"input_ids": torch.from_numpy(input_ids), "labels": torch.from_numpy(labels),
             "attention_mask": torch.from_numpy(mask)}

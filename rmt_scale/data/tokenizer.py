@@ -24,7 +24,7 @@ from tokenizers.models import WordLevel
 from .babi import VOCABULARY as BABI_VOCABULARY
 from .background import FILLER_VOCABULARY
 
-PAD, UNK, EOS, SEP = "[PAD]", "[UNK]", "[EOS]", "[SEP]"
+PAD, UNK, EOS, SEP, CLS = "[PAD]", "[UNK]", "[EOS]", "[SEP]", "[CLS]"
 SPECIAL_TOKENS = (PAD, UNK, EOS, SEP)
 PUNCTUATION = tuple(".,;:!?'\"-()")
 
@@ -36,6 +36,8 @@ class TextTokenizer:
         self.hf = hf_tokenizer
         self.vocab_size = len(hf_tokenizer)
         self.eos_id = hf_tokenizer.eos_token_id
+        # encoders frame every segment as [CLS] memory [SEP] segment [SEP]
+        self.cls_id, self.sep_id = hf_tokenizer.cls_token_id, hf_tokenizer.sep_token_id
         # Padding never reaches the loss (labels are -100 there), so any id works if none is defined.
         pad = hf_tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else (self.eos_id if self.eos_id is not None else 0)
@@ -67,17 +69,18 @@ class TextTokenizer:
 
 
 def build_word_tokenizer(extra_words: Sequence[str] = ()) -> TextTokenizer:
-    """The built-in word-level tokenizer: specials, punctuation, bAbI words, background words, extras."""
+    """The built-in word-level tokenizer: specials, punctuation, bAbI words, background words, extras, [CLS]."""
     from transformers import PreTrainedTokenizerFast
 
     words = [w.lower() for w in (*BABI_VOCABULARY, *FILLER_VOCABULARY, *extra_words)]
-    vocab = {tok: i for i, tok in enumerate(dict.fromkeys((*SPECIAL_TOKENS, *PUNCTUATION, *words)))}
+    # [CLS] (for encoders) came later than the rest: last, so every other token keeps the id it had
+    vocab = {tok: i for i, tok in enumerate(dict.fromkeys((*SPECIAL_TOKENS, *PUNCTUATION, *words, CLS)))}
     tok = Tokenizer(WordLevel(vocab, unk_token=UNK))
     tok.normalizer = normalizers.Lowercase()
     tok.pre_tokenizer = pre_tokenizers.Whitespace()  # words and runs of punctuation
     tok.decoder = decoders.WordPiece(prefix="##")  # joins word-level tokens with spaces, tidies punctuation
     hf = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token=UNK, pad_token=PAD, eos_token=EOS,
-                                 sep_token=SEP)
+                                 sep_token=SEP, cls_token=CLS)
     return TextTokenizer(hf)
 
 

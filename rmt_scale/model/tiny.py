@@ -15,6 +15,10 @@ TINY_BACKBONES: dict[str, tuple[type[PretrainedConfig], dict]] = {
     # the launcher's default: the quick start trains it in minutes on one CPU core
     "opt-quickstart": (OPTConfig, dict(_OPT, hidden_size=128, word_embed_proj_dim=128, num_hidden_layers=2,
                                        num_attention_heads=4, ffn_dim=512, max_position_embeddings=128)),
+    # `--backbone tiny-bert`: the quick-start model as an encoder, a sequence classifier over the answers
+    "bert-quickstart": (BertConfig, dict(vocab_size=8192, hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                         intermediate_size=512, max_position_embeddings=128, pad_token_id=0,
+                                         hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)),
     # the benchmarks and the profiler's full run
     "opt-bench": (OPTConfig, dict(_OPT, hidden_size=256, word_embed_proj_dim=256, num_hidden_layers=4,
                                   num_attention_heads=4, ffn_dim=1024)),
@@ -36,6 +40,9 @@ TINY_BACKBONES: dict[str, tuple[type[PretrainedConfig], dict]] = {
                                          pad_token_id=0, bos_token_id=1, eos_token_id=2, hidden_dropout_prob=0.0,
                                          attention_probs_dropout_prob=0.0)),
 }
+
+# the launcher's built-in `--backbone` names, and their entries above
+BUILTIN_BACKBONES = {"tiny": "opt-quickstart", "tiny-bert": "bert-quickstart"}
 
 
 def tiny_config(name: str, **overrides) -> PretrainedConfig:

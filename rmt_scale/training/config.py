@@ -1,7 +1,8 @@
 """The training configuration: one typed dataclass, its command line, and the checks that run before any work.
 
-Every field is a flag of ``launchers/train.py`` with the same name, except ``model``, whose flags are the
-fields in ``MODEL_FLAGS``; ``--help`` prints the docs below. The model config checks its own fields.
+Every field is a flag of ``launchers/train.py`` with the same name, except ``model``, whose flags are
+``--memory`` (which config class: ``MEMORY_KINDS``) and the fields in ``MODEL_FLAGS`` and, for ARMT,
+``ARMT_FLAGS``; ``--help`` prints the docs below. The model config checks its own fields.
 """
 
 from __future__ import annotations
@@ -15,9 +16,11 @@ from pathlib import Path
 
 from ..data import TASKS
 from ..data.tars import check_shard_source
-from ..model.config import BACKPROP_MODES, RMTConfig
+from ..model.config import BACKPROP_MODES, EXECUTION_MODES, ARMTConfig, RMTConfig
+from ..model.tiny import BUILTIN_BACKBONES
 
-BUILTIN_BACKBONE = "tiny"
+# what --memory builds around the backbone
+MEMORY_KINDS = {"rmt": RMTConfig, "armt": ARMTConfig}
 
 # the model config's fields that are flags of the launcher: (default, help)
 MODEL_FLAGS = {
@@ -27,19 +30,32 @@ MODEL_FLAGS = {
                  "block in the DeepSpeed config switches 'bptt' to 'checkpoint'; 'replay' is refused with ZeRO-2/3."),
     "bptt_depth": (-1, "truncate BPTT to the last k memory transitions (-1: all)."),
 }
-# model fields a resumed run may change: they change how gradients are computed, not what is trained
-MODEL_MAY_CHANGE_ON_RESUME = ("backprop", "bptt_depth")
+_ARMT = ARMTConfig()
+# ARMTConfig's own fields, flags of `--memory armt` only: (default, help)
+ARMT_FLAGS = {
+    "d_mem": (_ARMT.d_mem, "ARMT: size of keys and queries per associative head, before the DPFP feature map."),
+    "num_heads": (_ARMT.num_heads, "ARMT: associative heads per layer, each with its own memory (not the "
+                  "backbone's attention heads); the hidden size must divide by it."),
+    "dpfp_nu": (_ARMT.dpfp_nu, "ARMT: order of the DPFP feature map (features: 2 x dpfp_nu x d_mem)."),
+    "gating": (_ARMT.gating, "ARMT: scale each memory write by a learned gate."),
+    "correction": (_ARMT.correction, "ARMT: delta-rule writes (store what the memory does not already return)."),
+    "execution": (_ARMT.execution, f"ARMT inference schedule for evaluation: {', '.join(EXECUTION_MODES)} "
+                  "(training always runs segment after segment)."),
+}
+# model fields a resumed run may change: how gradients are computed, or the inference schedule, not what is trained
+MODEL_MAY_CHANGE_ON_RESUME = ("backprop", "bptt_depth", "execution")
 
 
 @dataclass
 class TrainConfig:
     # ---- model
-    backbone: str = field(default=BUILTIN_BACKBONE, metadata={"help": (
-        f"Hugging Face id or local directory of a causal LM, or '{BUILTIN_BACKBONE}' for the built-in tiny OPT "
-        "(d=128, 2 layers, randomly initialised).")})
+    backbone: str = field(default="tiny", metadata={"help": (
+        "Hugging Face id or local directory of a causal LM (OPT, GPT-2, Llama, ...) or of a BERT/RoBERTa "
+        "encoder (trained as a sequence classifier whose classes are the answers), or a built-in randomly "
+        "initialised one: 'tiny' (OPT, d=128, 2 layers) or 'tiny-bert' (BERT encoder, d=128, 2 layers).")})
     tokenizer: str = field(default="", metadata={"help": (
         "'builtin' (word-level, a few hundred words) or a tokenizer directory/id; default: 'builtin' for the "
-        "tiny backbone, else the backbone's own tokenizer.")})
+        "built-in backbones, else the backbone's own tokenizer.")})
     model: RMTConfig = field(default_factory=lambda: RMTConfig(**{n: d for n, (d, _) in MODEL_FLAGS.items()}))
     # ---- data
     task: str = field(default="memorize", metadata={"help": f"generated task: {', '.join(TASKS)}."})
@@ -104,7 +120,12 @@ class TrainConfig:
 
     @property
     def tokenizer_name(self) -> str:
-        return self.tokenizer or ("builtin" if self.backbone == BUILTIN_BACKBONE else self.backbone)
+        return self.tokenizer or ("builtin" if self.backbone in BUILTIN_BACKBONES else self.backbone)
+
+    @property
+    def memory(self) -> str:
+        """``--memory``: the kind of the model config."""
+        return self.model.model_type
 
     def validate(self) -> None:
         """Raises ValueError naming the bad flag and the fix; runs before anything is built (the model's
@@ -129,7 +150,7 @@ class TrainConfig:
     def check_paths(self) -> None:
         """Raises ValueError naming the path and the fix when the backbone, tokenizer, output directory or
         shards cannot be used; runs before any work (it creates ``out_dir``, to try writing a file there)."""
-        if self.backbone != BUILTIN_BACKBONE:
+        if self.backbone not in BUILTIN_BACKBONES:
             _check_pretrained("backbone", self.backbone, "config.json")
         if self.tokenizer not in ("", "builtin"):
             _check_pretrained("tokenizer", self.tokenizer, None)  # tokenizers are saved in several layouts
@@ -148,12 +169,14 @@ class TrainConfig:
     def check_resumable(self, saved: dict) -> None:
         """Refuses to resume a checkpoint written with a different model, data, batch or DeepSpeed config
         (budget, evaluation and output flags, and how gradients are computed, may change)."""
-        model = self.model.to_dict()
         # train_config.json written before TrainConfig held the model config has the model flags at the top
-        saved_model = saved.get("model") or RMTConfig(**{name: saved[name] for name in MODEL_FLAGS}).to_dict()
+        saved_model = (RMTConfig.from_dict(saved["model"]) if "model" in saved
+                       else RMTConfig(**{name: saved[name] for name in MODEL_FLAGS}))
         pairs = [(name, saved.get(name), getattr(self, name)) for name in RESUME_MUST_MATCH]
-        pairs += [(name, saved_model.get(name), value) for name, value in model.items()
-                  if name not in MODEL_MAY_CHANGE_ON_RESUME]
+        pairs.append(("memory", saved_model.model_type, self.memory))
+        old_model, new_model = saved_model.to_dict(), self.model.to_dict()
+        pairs += [(name, old_model.get(name), new_model.get(name)) for name in sorted(new_model.keys() & old_model)
+                  if name not in (*MODEL_MAY_CHANGE_ON_RESUME, "model_type")]
         changed = [f"--{name} {old!r} -> {new!r}" for name, old, new in pairs if old != new]
         if changed:
             raise ValueError(f"cannot resume: the checkpoint was written with other settings ({'; '.join(changed)}); "
@@ -162,6 +185,7 @@ class TrainConfig:
     def baseline_twin(self) -> "TrainConfig":
         """The no-memory baseline trained with the same data, curriculum and budget, in ``OUT/baseline``
         (a resumed run resumes its baseline from that directory's latest checkpoint, if it has one)."""
+        # an ARMT's twin too is a plain RMTConfig: ARMTConfig needs memory tokens to write from
         rmt_fields = {spec.name: getattr(self.model, spec.name) for spec in dataclasses.fields(RMTConfig)}
         return dataclasses.replace(self, model=RMTConfig(**{**rmt_fields, "num_mem_tokens": 0}), baseline=False,
                                    out_dir=str(Path(self.out_dir) / "baseline"), resume="auto" if self.resume else "")
@@ -218,8 +242,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     defaults = TrainConfig()
     for spec in dataclasses.fields(TrainConfig):
-        flags = (MODEL_FLAGS.items() if spec.name == "model" else
-                 [(spec.name, (getattr(defaults, spec.name), spec.metadata["help"]))])
+        if spec.name == "model":
+            parser.add_argument("--memory", choices=list(MEMORY_KINDS), default=defaults.memory, help=(
+                "rmt: memory tokens carried from segment to segment; armt: an associative memory in every "
+                "layer, written from the memory tokens (decoder backbones only; its settings are the ARMT "
+                "flags below)."))
+            flags = [*MODEL_FLAGS.items(), *ARMT_FLAGS.items()]
+        else:
+            flags = [(spec.name, (getattr(defaults, spec.name), spec.metadata["help"]))]
         for name, (default, help) in flags:
             names = [f"--{name}"] + (["--output_dir"] if name == "out_dir" else [])
             if isinstance(default, bool):
@@ -234,7 +264,15 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv: list[str] | None = None) -> TrainConfig:
     namespace = vars(build_parser().parse_args(argv))
     namespace.pop("local_rank")
-    model = RMTConfig(**{name: namespace.pop(name) for name in MODEL_FLAGS})
-    config = TrainConfig(model=model, **namespace)
+    model_class = MEMORY_KINDS[namespace.pop("memory")]
+    model_fields = {name: namespace.pop(name) for name in MODEL_FLAGS}
+    armt_fields = {name: namespace.pop(name) for name in ARMT_FLAGS}
+    if model_class is ARMTConfig:
+        model_fields |= armt_fields
+    else:
+        ignored = [f"--{name}" for name, value in armt_fields.items() if value != ARMT_FLAGS[name][0]]
+        if ignored:
+            raise ValueError(f"{', '.join(ignored)} only apply to --memory armt: add --memory armt, or drop them.")
+    config = TrainConfig(model=model_class(**model_fields), **namespace)
     config.validate()
     return config

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from ..data import CorruptShardError, ShardStream, TaskGenerator, TaskSample, collate, whole_segments
+from ..data import AnswerClasses, CorruptShardError, ShardStream, TaskGenerator, TaskSample, collate, whole_segments
 from .distributed import all_gather_objects
 
 EVAL_SEED_OFFSET = 1_000_003  # evaluation samples come from another seed than any training sample
@@ -32,10 +32,12 @@ class TrainBatches:
     """Yields each step's micro-batches for this rank; ``state_dict`` is the data position."""
 
     def __init__(self, generator: TaskGenerator | None, shards: ShardStream | None, *, micro_batch: int,
-                 grad_accum: int, rank: int, world_size: int, segment_size: int, pad_id: int, max_corrupt: int = 0):
+                 grad_accum: int, rank: int, world_size: int, segment_size: int, pad_id: int, max_corrupt: int = 0,
+                 classes: AnswerClasses | None = None):
         self.generator, self.shards = generator, shards
         self.micro_batch, self.grad_accum, self.rank, self.world_size = micro_batch, grad_accum, rank, world_size
         self.segment_size, self.pad_id, self.max_corrupt = segment_size, pad_id, max_corrupt
+        self.classes = classes  # an encoder's: batches carry class labels
         self.position = 0  # global sample index of the next step's first sample (generated tasks)
         self._shard_iter = None
         self._shard_position = None  # the stream position right after the last sample taken
@@ -58,7 +60,7 @@ class TrainBatches:
             first = self.position + (micro * self.world_size + self.rank) * self.micro_batch
             samples = [self.generator.sample(i, num_segments * self.segment_size)
                        for i in range(first, first + self.micro_batch)]
-            batches.append(collate(samples, self.pad_id))
+            batches.append(collate(samples, self.pad_id, classes=self.classes))
         self.position += self.micro_batch * self.grad_accum * self.world_size
         return batches
 
@@ -91,7 +93,7 @@ class TrainBatches:
             raise DataError(f"{self.corrupt_samples} corrupt samples, more than --skip_corrupt_samples "
                             f"{self.max_corrupt} (each was logged with its shard and member): re-create those "
                             "shards, or allow more with --skip_corrupt_samples")
-        return collate(samples, self.pad_id, int(segments.max()) * self.segment_size)
+        return collate(samples, self.pad_id, int(segments.max()) * self.segment_size, self.classes)
 
     def state_dict(self) -> dict:
         state = {"position": self.position}

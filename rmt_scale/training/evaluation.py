@@ -1,9 +1,11 @@
 """Exact-answer accuracy by input length, with streaming inference.
 
-The model reads each evaluation sample one segment per call, passing its memory on, under ``no_grad``:
-what is kept is one segment's activations and the memory, whatever the length, so lengths far beyond
-training cost only time. A sample counts as correct when every answer token is the argmax prediction.
-Every rank evaluates its share and the counts are summed, so all ranks see the same accuracies.
+The model reads each evaluation sample one segment per call, passing its memory on (RMT: the memory
+tokens; ARMT: every layer's associative state; encoders: the memory tokens), under ``no_grad``: what is
+kept is one segment's activations and the memory, whatever the length, so lengths far beyond training
+cost only time. A decoder's sample counts as correct when every answer token is the argmax prediction, an
+encoder's when the argmax class of its last segment is the answer's class. Every rank evaluates its share
+and the counts are summed, so all ranks see the same accuracies.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from ..data import TaskGenerator, collate
+from ..data import AnswerClasses, TaskGenerator, collate
 from ..model.segments import IGNORE_INDEX
 from .data import eval_samples
 
@@ -19,12 +21,15 @@ from .data import eval_samples
 @torch.no_grad()
 def streaming_correct(model, input_ids: torch.Tensor, labels: torch.Tensor, segment_size: int) -> torch.Tensor:
     """Per-sample exact match, reading ``input_ids`` (``(batch, length)``, same length, no padding) segment
-    by segment. The answer must lie in the last segment (true for task samples of whole segments)."""
+    by segment. ``labels``: a decoder's per-token labels, whose answer must lie in the last segment (true
+    for task samples of whole segments), or an encoder's classes, ``(batch,)``."""
     length = input_ids.shape[1]
     last_start = (length - 1) // segment_size * segment_size
     memory = None
     for start in range(0, last_start, segment_size):
         memory = model(input_ids[:, start : start + segment_size], memory=memory).memory
+    if labels.dim() == 1:  # an encoder's logits are already its last segment's classification
+        return model(input_ids[:, last_start:], memory=memory).logits.argmax(dim=-1) == labels
     logits = model(input_ids[:, last_start:], memory=memory, return_logits=True).logits
     # the token at position p is predicted from position p - 1
     targets = labels[:, last_start + 1 :]
@@ -36,8 +41,10 @@ def streaming_correct(model, input_ids: torch.Tensor, labels: torch.Tensor, segm
 
 
 def evaluate_by_length(model, generator: TaskGenerator, lengths: list[int], *, segment_size: int, samples: int,
-                       batch_size: int, pad_id: int, rank: int, world_size: int) -> dict[int, float]:
-    """``{num_segments: accuracy}`` over ``samples`` fixed evaluation samples per length."""
+                       batch_size: int, pad_id: int, rank: int, world_size: int,
+                       classes: AnswerClasses | None = None) -> dict[int, float]:
+    """``{num_segments: accuracy}`` over ``samples`` fixed evaluation samples per length; ``classes`` for
+    an encoder."""
     was_training = model.training
     model.eval()
     results = {}
@@ -46,7 +53,7 @@ def evaluate_by_length(model, generator: TaskGenerator, lengths: list[int], *, s
         mine = eval_samples(generator, num_segments, segment_size, samples, rank, world_size)
         counts = torch.zeros(2, dtype=torch.float64)
         for start in range(0, len(mine), batch_size):
-            batch = collate(mine[start : start + batch_size], pad_id)
+            batch = collate(mine[start : start + batch_size], pad_id, classes=classes)
             correct = streaming_correct(model, batch["input_ids"].to(device), batch["labels"].to(device),
                                         segment_size)
             counts += torch.tensor([correct.sum().item(), correct.numel()], dtype=torch.float64)

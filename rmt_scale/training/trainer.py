@@ -9,6 +9,7 @@ DeepSpeed is in ``engine.py``.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import resource
@@ -20,11 +21,12 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from ..data import ShardStream, TaskGenerator, TextTokenizer, load_tokenizer
-from ..model import RecurrentMemoryModel, RMTConfig
-from ..model.tiny import tiny_config
+from ..data import AnswerClasses, ShardStream, TaskGenerator, TextTokenizer, load_tokenizer
+from ..model import ARMTConfig, AssociativeState, RecurrentMemoryModel, RMTConfig
+from ..model.backbones import ENCODER_TYPES
+from ..model.tiny import BUILTIN_BACKBONES, tiny_config
 from . import checkpoint, signals
-from .config import BUILTIN_BACKBONE, TrainConfig
+from .config import TrainConfig
 from .curriculum import Curriculum
 from .data import EVAL_SEED_OFFSET, DataError, TrainBatches
 from .distributed import DistInfo
@@ -44,17 +46,33 @@ class Preempted(Exception):
 
 def build_model(backbone_name: str, tokenizer: TextTokenizer, seed: int,
                 model_config: RMTConfig) -> RecurrentMemoryModel:
-    """The backbone (built-in tiny OPT, or ``from_pretrained``) wrapped with memory. Under ZeRO-3 the engine
-    has created an ``HfDeepSpeedConfig``, so ``from_config``/``from_pretrained`` build it partitioned."""
-    from transformers import AutoModelForCausalLM
+    """The backbone (built-in, or ``from_pretrained``) wrapped with memory: a causal LM, or for BERT/RoBERTa a
+    sequence classifier with one class per answer (``AnswerClasses``), its segments framed with the
+    tokenizer's [CLS] and [SEP]. Under ZeRO-3 the engine has created an ``HfDeepSpeedConfig``, so
+    ``from_config``/``from_pretrained`` build it partitioned."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
     torch.manual_seed(seed)
-    if backbone_name == BUILTIN_BACKBONE:
-        backbone_config = tiny_config("opt-quickstart", vocab_size=tokenizer.vocab_size,
+    if backbone_name in BUILTIN_BACKBONES:
+        backbone_config = tiny_config(BUILTIN_BACKBONES[backbone_name], vocab_size=tokenizer.vocab_size,
                                       pad_token_id=tokenizer.pad_id, eos_token_id=tokenizer.eos_id)
-        backbone = AutoModelForCausalLM.from_config(backbone_config)
     else:
-        backbone = AutoModelForCausalLM.from_pretrained(backbone_name)
+        backbone_config = AutoConfig.from_pretrained(backbone_name)
+    encoder = backbone_config.model_type in ENCODER_TYPES
+    if encoder:
+        if isinstance(model_config, ARMTConfig):
+            raise ValueError(f"--memory armt needs a decoder backbone, and {backbone_name} is a "
+                             f"{backbone_config.model_type} encoder: use --memory rmt, or a decoder backbone.")
+        if tokenizer.cls_id is None or tokenizer.sep_id is None:
+            raise ValueError(f"the tokenizer has no [CLS] or [SEP] token, which the {backbone_config.model_type} "
+                             "encoder's segments need: pass the backbone's own tokenizer with --tokenizer.")
+        model_config = dataclasses.replace(model_config, cls_token_id=tokenizer.cls_id, sep_token_id=tokenizer.sep_id)
+        backbone_config.num_labels = len(AnswerClasses(tokenizer))
+    auto = AutoModelForSequenceClassification if encoder else AutoModelForCausalLM
+    if backbone_name in BUILTIN_BACKBONES:
+        backbone = auto.from_config(backbone_config)
+    else:  # a pretrained encoder's own classification head, if any, is replaced by one over the answers
+        backbone = auto.from_pretrained(backbone_name, config=backbone_config, ignore_mismatched_sizes=encoder)
     # the memory's initial value must not depend on how the backbone was built (partitioned or not)
     torch.manual_seed(seed + 1)
     rows = backbone.get_input_embeddings().num_embeddings
@@ -69,7 +87,7 @@ class Trainer:
         self.config, self.dist = config, dist_info
         self.out_dir = Path(config.out_dir)
         self.is_main = dist_info.rank == 0
-        self.label = "rmt" if config.model.num_mem_tokens else "baseline"
+        self.label = config.memory if config.model.num_mem_tokens else "baseline"
         # everything that can be wrong with the flags is found before the model is built
         self.ds_config = build_ds_config(load_ds_config(config.ds_config), config, dist_info.world_size)
         self.resume_from = self._find_resume()
@@ -80,6 +98,8 @@ class Trainer:
         self.engine = build_engine(partial(build_model, config.backbone, self.tokenizer, config.seed), config.model,
                                    self.ds_config, config.collective_timeout_s)
         self.model = self.engine.module
+        # an encoder is trained and scored on the answer's class; a decoder on the answer's tokens
+        self.classes = AnswerClasses(self.tokenizer) if self.model.spec.kind == "encoder" else None
 
         stages = [1] if config.shards else config.curriculum_stages
         stage_steps = config.stage_steps or -(-config.max_steps // len(stages))
@@ -93,7 +113,8 @@ class Trainer:
         self.batches = TrainBatches(None if shards else generator, shards, micro_batch=config.micro_batch_size,
                                     grad_accum=config.grad_accum, rank=dist_info.rank,
                                     world_size=dist_info.world_size, segment_size=config.model.segment_size,
-                                    pad_id=self.tokenizer.pad_id, max_corrupt=config.skip_corrupt_samples)
+                                    pad_id=self.tokenizer.pad_id, max_corrupt=config.skip_corrupt_samples,
+                                    classes=self.classes)
         self.step = 0
         self.saved_step = -1
         self.accuracy: dict[int, float] = {}
@@ -187,7 +208,7 @@ class Trainer:
             grad_norm = self.engine.step()  # the step's last micro-batch ends the accumulation: its norm counts
             losses.append(output.loss.detach().float())
             if output.memory is not None:
-                memory_norms.append(output.memory.detach().float().norm(dim=-1).mean())
+                memory_norms.append(state_norm(output.memory))
             tokens += int(batch["attention_mask"].sum())
         self.step += 1
         # loss and tokens over all ranks; each rank's loss is a mean over the same number of answer tokens
@@ -217,7 +238,7 @@ class Trainer:
         self.accuracy = evaluate_by_length(
             self.model, self.eval_generator, self.config.eval_lengths, segment_size=self.config.model.segment_size,
             samples=self.config.eval_samples, batch_size=self.config.eval_batch_size, pad_id=self.tokenizer.pad_id,
-            rank=self.dist.rank, world_size=self.dist.world_size)
+            rank=self.dist.rank, world_size=self.dist.world_size, classes=self.classes)
         logger.scalars(self.step, {f"eval/accuracy_{k}seg": acc for k, acc in self.accuracy.items()})
         stage = self.curriculum.max_segments
         if self.curriculum.maybe_promote(self.accuracy):
@@ -252,6 +273,13 @@ class Trainer:
                 os.replace(tmp, directory)
         if dist.is_initialized():
             dist.barrier()
+
+
+def state_norm(memory: torch.Tensor | AssociativeState) -> torch.Tensor:
+    """Mean L2 norm of the memory tokens, or for ARMT of each layer's associative matrix A."""
+    if isinstance(memory, AssociativeState):
+        return torch.stack([a.detach().float().flatten(1).norm(dim=1).mean() for a in memory.matrices]).mean()
+    return memory.detach().float().norm(dim=-1).mean()
 
 
 def peak_memory_mb() -> float:

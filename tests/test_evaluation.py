@@ -1,0 +1,86 @@
+"""Evaluation for every model the launcher trains: batches with class labels for encoders, and streaming
+inference (one segment per call, the memory passed on) that predicts exactly what one forward over the
+whole input predicts, for RMT, ARMT and an RMT encoder."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+from rmt_scale import ARMTConfig, RecurrentMemoryModel, RMTConfig
+from rmt_scale.data import LOCATIONS, AnswerClasses, TaskGenerator, build_word_tokenizer, collate
+from rmt_scale.model.segments import IGNORE_INDEX
+from rmt_scale.model.tiny import tiny_config
+from rmt_scale.training.data import eval_samples
+from rmt_scale.training.evaluation import streaming_correct
+
+SEGMENT = 16
+SEGMENTS = 5
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return build_word_tokenizer()
+
+
+def test_encoder_batches_hold_the_context_and_the_answer_class(tokenizer):
+    classes = AnswerClasses(tokenizer)
+    samples = [TaskGenerator("reason", tokenizer, seed=3).sample(i, n) for i, n in ((0, 64), (1, 50))]
+    batch = collate(samples, tokenizer.pad_id, classes=classes)
+    assert batch["labels"].tolist() == [LOCATIONS.index(s.answer_text) for s in samples]
+    assert batch["attention_mask"].sum(dim=1).tolist() == [63, 49]  # the answer is not read
+    assert batch["input_ids"][0].tolist() == samples[0].tokens.tolist()
+    assert len(classes) == 6
+    with pytest.raises(ValueError, match=r"answer ids \[5\] are none of the encoder's classes \(bathroom, bedroom"):
+        classes(np.array([5]))
+
+
+def build(variant: str, vocab_size: int, tokenizer) -> RecurrentMemoryModel:
+    torch.manual_seed(0)
+    if variant == "encoder":
+        backbone = AutoModelForSequenceClassification.from_config(
+            tiny_config("test-bert", vocab_size=vocab_size, num_labels=6, max_position_embeddings=64))
+        config = RMTConfig(num_mem_tokens=4, segment_size=SEGMENT, cls_token_id=tokenizer.cls_id,
+                           sep_token_id=tokenizer.sep_id)
+    else:
+        backbone = AutoModelForCausalLM.from_config(tiny_config("test-opt", vocab_size=vocab_size))
+        config_class = ARMTConfig if variant == "armt" else RMTConfig
+        config = config_class(num_mem_tokens=4, segment_size=SEGMENT)
+    model = RecurrentMemoryModel(backbone, config).eval()
+    if model.associative is not None:  # a fresh ARMT reads an empty memory: give it something to read
+        for parameter in model.associative.parameters():
+            parameter.data.normal_(0, 0.5)
+    return model
+
+
+@pytest.mark.parametrize("variant", ["rmt", "armt", "encoder"])
+def test_streaming_predicts_what_the_whole_input_predicts(variant, tokenizer):
+    model = build(variant, tokenizer.vocab_size, tokenizer)
+    encoder = variant == "encoder"
+    classes = AnswerClasses(tokenizer) if encoder else None
+    generator = TaskGenerator("detect", tokenizer, seed=11)
+    batch = collate(eval_samples(generator, SEGMENTS, SEGMENT, 6, 0, 1), tokenizer.pad_id, classes=classes)
+    input_ids, labels = batch["input_ids"], batch["labels"]
+    with torch.no_grad():
+        whole = model(input_ids, return_logits=not encoder).logits
+    # labels that are the whole-input predictions: streaming must match every one of them, and none of the others
+    if encoder:
+        predicted = whole.argmax(dim=-1)
+        matching, other = predicted, (predicted + 1) % 6
+    else:
+        answer = labels != IGNORE_INDEX
+        predicted = torch.full_like(labels, IGNORE_INDEX)
+        predicted[:, 1:][answer[:, 1:]] = whole[:, :-1].argmax(dim=-1)[answer[:, 1:]]
+        matching = predicted
+        other = torch.where(answer, (predicted + 1) % tokenizer.vocab_size, predicted)
+
+    lengths = []
+    hook = model.register_forward_pre_hook(lambda module, args, kwargs: lengths.append(args[0].shape[1]),
+                                           with_kwargs=True)
+    assert streaming_correct(model, input_ids, matching, SEGMENT).tolist() == [True] * 6
+    hook.remove()
+    assert not streaming_correct(model, input_ids, other, SEGMENT).any()
+    # one call per segment: what is held is one segment and the memory, whatever the length
+    assert lengths == [SEGMENT] * (SEGMENTS - 1) + [SEGMENT - 1 if encoder else SEGMENT]
