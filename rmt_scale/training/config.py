@@ -167,8 +167,9 @@ class TrainConfig:
             check_shard_source(self.shards)
 
     def check_resumable(self, saved: dict) -> None:
-        """Refuses to resume a checkpoint written with a different model, data, batch or DeepSpeed config
-        (budget, evaluation and output flags, and how gradients are computed, may change)."""
+        """Refuses to resume a checkpoint written with a different model (``--memory`` included), data, batch or
+        DeepSpeed config (budget, evaluation and output flags, how gradients are computed and the ARMT's
+        inference schedule may change)."""
         # train_config.json written before TrainConfig held the model config has the model flags at the top
         saved_model = (RMTConfig.from_dict(saved["model"]) if "model" in saved
                        else RMTConfig(**{name: saved[name] for name in MODEL_FLAGS}))
