@@ -62,3 +62,8 @@ def test_quick_run_writes_reports_and_passes_the_gate(tmp_path):
     for mode in ("bptt", "checkpoint", "replay"):
         assert data["slopes"][f"armt-{mode}"]["train_flops"] <= 1.05
     assert all(not m["error"] for m in data["measurements"])
+    # DeepSpeed's FlopsProfiler saw the same forward matmuls (2 x MACs) as FlopCounterMode, for every run
+    agreement = data["counter_agreement"]
+    assert len(agreement) == len(data["measurements"])
+    assert all(abs(row["matmul_ratio"] - 1) < 1e-3 and 1 < row["flops_ratio"] < 1.02 for row in agreement)
+    assert "FlopCounterMode vs DeepSpeed" in (tmp_path / "report.md").read_text()

@@ -2,14 +2,16 @@
 """FLOP, time and memory scaling report: RMT against full attention.
 
 Prints analytic FLOP savings for the nine OPT sizes (reproducing the 1M-token paper's 29x / 295x),
-measures small OPT-class backbones at increasing lengths, writes report.md, report.json and log-log
-PNG plots into --out, and ends with
+measures small OPT-class backbones at increasing lengths (FLOPs counted by torch's FlopCounterMode,
+cross-checked against DeepSpeed's FlopsProfiler on the same forward pass), writes report.md, report.json
+and log-log PNG plots into --out, and ends with
 
     RMT FLOP slope: X
     full attention FLOP slope: Y
 
 Exit status 1 when RMT's measured FLOP slope exceeds --flop-slope-limit or its peak memory grows with
-length (forward in every mode, training in the checkpoint and replay modes), so CI can gate on it.
+length (forward in every mode, training in the checkpoint and replay modes), or when DeepSpeed's forward
+MACs x 2 differ from FlopCounterMode's forward FLOPs by more than 1%, so CI can gate on it.
 
     python tools/profile_flops.py --quick --out /tmp/profile
 """

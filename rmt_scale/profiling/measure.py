@@ -11,7 +11,8 @@ processes use the allocator of `rmt_scale.allocator` (jemalloc when installed, e
 mmap threshold); otherwise the heap glibc keeps after freeing reads as growth (RMT in checkpoint mode
 seemed to grow 220 -> 491 MB from 4 to 32 segments; with the threshold: 143 -> 151 MB).
 FLOPs come from `torch.utils.flop_counter.FlopCounterMode` (matmuls and SDPA, forward and
-backward). Wall time is the fastest of at least `repeats` runs lasting at least `min_seconds` together,
+backward); DeepSpeed's `FlopsProfiler` counts the same forward pass as a cross-check (it patches
+`torch.nn.functional` and tensor methods, and counts elementwise operations too). Wall time is the fastest of at least `repeats` runs lasting at least `min_seconds` together,
 after one warm-up run, because other processes on a small CPU box only ever make a run slower. Weights
 are random: cost does not depend on them.
 """
@@ -34,6 +35,7 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, 
 from rmt_scale import ARMTConfig, RecurrentMemoryModel, RMTConfig
 from rmt_scale.allocator import allocator_env
 from rmt_scale.model.tiny import TINY_BACKBONES, tiny_config
+from rmt_scale.training.distributed import select_accelerator
 from rmt_scale.profiling.opt_configs import OPT_NAMES, opt_config
 
 FULL_ATTENTION = "full"
@@ -67,6 +69,8 @@ class Measurement:
     train_peak_mb: float
     forward_peak_mb: float
     rss_before_mb: float = 0.0  # resident memory before the first pass (runtime and weights), for absolute peaks
+    deepspeed_forward_flops: int = 0  # DeepSpeed's FlopsProfiler: matmuls as 2 x MACs, plus elementwise ops
+    deepspeed_forward_macs: int = 0
     error: str = ""  # set when the run failed (e.g. out of memory); the numbers are then 0
 
     @classmethod
@@ -158,12 +162,26 @@ _CPU_SDPA_FLOPS = {
 }
 
 
-def counted_flops(fn, *args) -> int:
-    """FLOPs of `fn(*args)` as FlopCounterMode sees them, the CPU SDPA kernel included."""
+def counted_flops(fn, *args, **kwargs) -> int:
+    """FLOPs of `fn(*args, **kwargs)` as FlopCounterMode sees them, the CPU SDPA kernel included."""
     counter = FlopCounterMode(display=False, custom_mapping=_CPU_SDPA_FLOPS)
     with counter:
-        fn(*args)
+        fn(*args, **kwargs)
     return counter.get_total_flops()
+
+
+def deepspeed_counts(fn, model, *args) -> tuple[int, int]:
+    """``(FLOPs, MACs)`` of ``fn(model, *args)`` as DeepSpeed's FlopsProfiler counts them: what its engine's
+    ``flops_profiler`` block reports for a forward call."""
+    from deepspeed.profiling.flops_profiler import FlopsProfiler
+
+    profiler = FlopsProfiler(model)
+    profiler.start_profile()
+    try:
+        fn(model, *args)
+        return profiler.get_total_flops(), profiler.get_total_macs()
+    finally:
+        profiler.end_profile()
 
 
 def _measure_in_this_process(variant: Variant, length: int, forward: bool, train: bool, backbone: str, threads: int,
@@ -181,6 +199,7 @@ def _measure_in_this_process(variant: Variant, length: int, forward: bool, train
     forward_peak = _peak_mb_since(rss_before) if forward else 0.0
     train_seconds = _fastest_of(repeats, min_seconds, _train_step, model, input_ids) if train else 0.0
     train_peak = _peak_mb_since(rss_before) if train else 0.0
+    deepspeed_flops, deepspeed_macs = deepspeed_counts(_forward, model, input_ids) if count_flops else (0, 0)
     return Measurement(
         variant=variant.label,
         length=length,
@@ -191,6 +210,8 @@ def _measure_in_this_process(variant: Variant, length: int, forward: bool, train
         train_peak_mb=train_peak,
         forward_peak_mb=forward_peak,
         rss_before_mb=rss_before / 2**20,
+        deepspeed_forward_flops=deepspeed_flops,
+        deepspeed_forward_macs=deepspeed_macs,
     )
 
 
@@ -239,9 +260,11 @@ def _fork_server(choice: str) -> tuple[multiprocessing.context.BaseContext, str]
     if not _fork_server_allocator:
         environment, allocator = allocator_env(choice)
         # "__main__" too, so that no child re-imports the calling script (and matplotlib with it).
-        context.set_forkserver_preload(["__main__", "torch", "transformers", "rmt_scale.profiling.measure"])
+        context.set_forkserver_preload(["__main__", "torch", "transformers", "rmt_scale.profiling.measure",
+                                        "deepspeed.profiling.flops_profiler"])
         saved = dict(os.environ)
         os.environ.update(environment)
+        select_accelerator()  # DeepSpeed, imported by the server, must not look for a GPU that is not there
         try:
             multiprocessing.forkserver.ensure_running()
         finally:

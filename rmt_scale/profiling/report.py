@@ -27,6 +27,9 @@ COSTS = {
 }
 # Backprop modes built to hold training memory flat; bptt keeps every segment's activations by design.
 FLAT_MEMORY_MODES = ("checkpoint", "replay")
+# DeepSpeed's forward MACs x 2 against FlopCounterMode's forward FLOPs: both count the same matmuls and SDPA
+# (equal to the FLOP on the measured backbones); a larger gap means one of them misses an operation.
+COUNTER_TOLERANCE = 0.01
 # The analytic sweep: 512 to 2,097,152 tokens by doubling, plus the paper's 2,048,000, for RMT with
 # the library's default segments (512 tokens, read and write memory of 16 tokens each).
 ANALYTIC_LENGTHS = sorted({512 * 2**k for k in range(13)} | {analytic.PAPER_LENGTH})
@@ -94,6 +97,24 @@ def judge(slopes: dict[str, dict[str, float]], flop_slope_limit: float, memory_s
                 verdict.failures.append(
                     f"{variant} {COSTS[cost]} grows with length (slope {s[cost]:.3f} > {memory_slope_limit})")
     return verdict
+
+
+def counter_agreement(measurements: list[Measurement]) -> list[dict]:
+    """FlopCounterMode against DeepSpeed's FlopsProfiler on the same forward pass, per measurement."""
+    rows = []
+    for m in measurements:
+        if m.ok and m.forward_flops and m.deepspeed_forward_macs:
+            rows.append(dict(variant=m.variant, length=m.length, flopcounter=m.forward_flops,
+                             deepspeed_macs_x2=2 * m.deepspeed_forward_macs, deepspeed_flops=m.deepspeed_forward_flops,
+                             matmul_ratio=2 * m.deepspeed_forward_macs / m.forward_flops,
+                             flops_ratio=m.deepspeed_forward_flops / m.forward_flops,
+                             train_over_forward=m.train_flops / m.deepspeed_forward_flops))
+    return rows
+
+
+def counter_failures(rows: list[dict], tolerance: float = COUNTER_TOLERANCE) -> list[str]:
+    return [f"{r['variant']} @ {r['length']}: DeepSpeed's forward MACs x 2 are {r['matmul_ratio']:.4f} x "
+            f"FlopCounterMode's FLOPs (tolerance {tolerance})" for r in rows if abs(r["matmul_ratio"] - 1) > tolerance]
 
 
 # ---------------------------------------------------------------------------------------- analytic
@@ -182,6 +203,17 @@ def markdown(report: dict) -> str:
     lines += ["### Log-log slopes against length", ""]
     lines += _table(["variant", *COSTS.values()],
                     [[variant, *(s[c] for c in COSTS)] for variant, s in report["slopes"].items()])
+    lines += ["### FlopCounterMode vs DeepSpeed's FlopsProfiler (the same forward pass)", "",
+              "DeepSpeed counts a matmul as 2 x MACs and adds LayerNorms, activations, softmax and additions; "
+              "FlopCounterMode counts matmuls and SDPA only. DeepSpeed counts the forward pass only and takes a "
+              "training step as 3 x forward (4 x with `recompute_fwd_factor` 1); the last column is what "
+              "FlopCounterMode counted for the training step. See docs/profiling.md.", ""]
+    lines += _table(
+        ["variant", "length", "FlopCounterMode fwd", "DeepSpeed 2 x MACs", "DeepSpeed flops", "2 x MACs / FCM",
+         "flops / FCM", "FCM train / DeepSpeed fwd"],
+        [[r["variant"], str(r["length"]), r["flopcounter"], r["deepspeed_macs_x2"], r["deepspeed_flops"],
+          f"{r['matmul_ratio']:.4f}", f"{r['flops_ratio']:.4f}", r["train_over_forward"]]
+         for r in report["counter_agreement"]])
     lines += [f"RMT FLOP slope: {verdict['rmt_flop_slope']:.3f} (limit {settings['flop_slope_limit']}), "
               f"full attention FLOP slope: {verdict['full_flop_slope']:.3f}. "
               + ("**PASS**" if not verdict["failures"] else "**FAIL**: " + "; ".join(verdict["failures"])), ""]
@@ -257,6 +289,8 @@ def build(settings: dict, measurements: list[Measurement]) -> dict:
     """Everything the writers need, as plain JSON-able data."""
     slopes = measured_slopes(measurements)
     verdict = judge(slopes, settings["flop_slope_limit"], settings["memory_slope_limit"])
+    agreement = counter_agreement(measurements)
+    verdict.failures += counter_failures(agreement)
     paper = paper_reproduction()
     return {
         "settings": settings,
@@ -267,5 +301,6 @@ def build(settings: dict, measurements: list[Measurement]) -> dict:
         "analytic_sweep": analytic_sweep(),
         "measurements": [m.as_dict() for m in measurements],
         "slopes": slopes,
+        "counter_agreement": agreement,
         "verdict": {**asdict(verdict), "passed": verdict.passed},
     }

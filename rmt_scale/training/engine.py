@@ -110,6 +110,7 @@ def build_ds_config(raw: dict, config: TrainConfig, world_size: int) -> dict:
     }
     for keys, value in fills.items():
         _fill_auto(ds, keys, value)
+    _fill_flops_profiler(ds, config)
     _check_no_auto_left(ds)
     _check_batch_sizes(ds, world_size)
     _check_zero_section(ds)
@@ -128,6 +129,29 @@ def _fill_auto(ds: dict, keys: tuple[str, ...], value) -> None:
             return
     if node.get(keys[-1]) == "auto":
         node[keys[-1]] = value
+
+
+# ---------------------------------------------------------------------- the flops_profiler block
+FLOPS_PROFILE_FILE = "flops_profile.txt"
+
+
+def _fill_flops_profiler(ds: dict, config: TrainConfig) -> None:
+    """DeepSpeed's engine profiles its forward call at ``profile_step`` (counted from 0: 1 is the second step),
+    once per micro-batch of that step, on rank 0. ``"auto"`` puts the report at OUT/flops_profile.txt and sets
+    ``recompute_fwd_factor`` (the forwards the backward repeats) from the checkpointing that will run."""
+    block = ds.get("flops_profiler")
+    if not block or not block.get("enabled", False):
+        return
+    _fill_auto(ds, ("flops_profiler", "output_file"), str(Path(config.out_dir) / FLOPS_PROFILE_FILE))
+    model_config, layers_checkpointed, _ = activation_settings(config.model, ds)
+    # segments recomputed once in backward; checkpointed layers once more inside that recomputation
+    recomputed = (model_config.backprop != "bptt") + layers_checkpointed
+    _fill_auto(ds, ("flops_profiler", "recompute_fwd_factor"), float(recomputed))
+    profile_step = block.get("profile_step", 1)
+    if not 0 <= profile_step < config.max_steps:
+        raise ValueError(f"flops_profiler.profile_step={profile_step} is never reached: DeepSpeed counts steps from "
+                         f"0 and this run trains --max_steps={config.max_steps}; set profile_step between 0 and "
+                         f"{config.max_steps - 1}.")
 
 
 def _check_no_auto_left(ds, path: str = "") -> None:
@@ -215,6 +239,16 @@ def build_engine(build_model: Callable[[RMTConfig], torch.nn.Module], model_conf
     return DataParallelEngine(engine, zero_stage(ds_config), offload, hf_ds_config)
 
 
+@contextlib.contextmanager
+def _replaced(owner, name: str, value):
+    saved = getattr(owner, name)
+    setattr(owner, name, value)
+    try:
+        yield
+    finally:
+        setattr(owner, name, saved)
+
+
 class DataParallelEngine:
     """DeepSpeed's engine for ZeRO stages 0-3: a micro-batch is ``forward``, ``backward``, ``step``."""
 
@@ -228,10 +262,26 @@ class DataParallelEngine:
         if self.offload is not None and self._step_begins:
             self.offload.offloaded_bytes = 0
         self._step_begins = False
-        return self.engine(**batch)
+        with self._plain_linear_while_profiled():
+            return self.engine(**batch)
+
+    def _plain_linear_while_profiled(self):
+        """ZeRO-3 replaces ``F.linear`` with its own function (for good: "this will persist"), which calls
+        ``torch.addmm``/``matmul``; DeepSpeed's flops profiler patches both levels and counts every linear layer
+        twice. The profiled step runs torch's own ``F.linear``; ZeRO-3 supports it (``mem_efficient_linear``
+        off) and still gathers each layer's weights for its backward."""
+        engine = self.engine
+        if not (self.zero_stage == 3 and engine.flops_profiler_enabled() and engine.global_rank == 0
+                and engine.global_steps == engine.flops_profiler_profile_step()):
+            return contextlib.nullcontext()
+        from deepspeed.runtime.zero.partition_parameters import InsertPostInitMethodToModuleSubClasses
+
+        return _replaced(torch.nn.functional, "linear", getattr(InsertPostInitMethodToModuleSubClasses, "linear_bk",
+                                                                torch.nn.functional.linear))
 
     def backward(self, loss: torch.Tensor) -> None:
-        self.engine.backward(loss)
+        with self._plain_linear_while_profiled():  # checkpointed segments recompute with the same function
+            self.engine.backward(loss)
 
     def step(self) -> float | None:
         """The optimizer step at an accumulation boundary (else only DeepSpeed's bookkeeping). Returns the
