@@ -163,16 +163,7 @@ def test_flops_profiler_in_training_matches_flopcountermode(zero, tmp_path):
     raw = load_ds_config(str(CONFIGS / "flops_profiler.json"))
     if zero == "zero3":
         raw = load_ds_config(str(CONFIGS / "zero3.json")) | {"flops_profiler": raw["flops_profiler"]}
-    (tmp_path / "ds.json").write_text(json.dumps(raw))
-    out = tmp_path / "run"
-    flags = ["--backbone", "tiny", "--ds_config", str(tmp_path / "ds.json"), "--out_dir", str(out),
-             "--max_steps", "3", "--micro_batch_size", "2", "--segment_size", "16", "--num_mem_tokens", "4",
-             "--curriculum", "2", "--eval_segments", "1", "--eval_samples", "2", "--eval_every", "100",
-             "--save_every", "0", "--no-baseline"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run([sys.executable, str(ROOT / "launchers" / "train.py"), *flags], env=env,
-                            capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    out = _train(raw, tmp_path / "run")
 
     report = (out / "flops_profile.txt").read_text()
     assert "Profile Summary at step 2:" in report  # profile_step 1, DeepSpeed counting from 0
@@ -196,3 +187,23 @@ def test_flops_profiler_in_training_matches_flopcountermode(zero, tmp_path):
     assert 2 * macs == pytest.approx(counted, rel=1e-3)
     # its flops add LayerNorms, activations and additions: 0.5-1% on this d=32 model (measured 0.54%)
     assert counted < flops < 1.02 * counted
+    if zero == "zero3":  # the profiled step ran torch's own F.linear (engine.py): training is unchanged
+        del raw["flops_profiler"]
+        assert _losses(_train(raw, tmp_path / "unprofiled")) == _losses(out)
+
+
+def _train(ds_config: dict, out: Path) -> Path:
+    (out.parent / f"{out.name}.json").write_text(json.dumps(ds_config))
+    flags = ["--backbone", "tiny", "--ds_config", str(out.parent / f"{out.name}.json"), "--out_dir", str(out),
+             "--max_steps", "3", "--micro_batch_size", "2", "--segment_size", "16", "--num_mem_tokens", "4",
+             "--curriculum", "2", "--eval_segments", "1", "--eval_samples", "2", "--eval_every", "100",
+             "--save_every", "0", "--no-baseline"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, str(ROOT / "launchers" / "train.py"), *flags], env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return out
+
+
+def _losses(out: Path) -> dict[int, float]:
+    return {r["step"]: r["train/loss"] for r in map(json.loads, (out / "metrics.jsonl").open()) if "train/loss" in r}
