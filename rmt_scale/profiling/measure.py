@@ -12,8 +12,8 @@ mmap threshold); otherwise the heap glibc keeps after freeing reads as growth (R
 seemed to grow 220 -> 491 MB from 4 to 32 segments; with the threshold: 143 -> 151 MB).
 FLOPs come from `torch.utils.flop_counter.FlopCounterMode` (matmuls and SDPA, forward and
 backward); DeepSpeed's `FlopsProfiler` counts the same forward pass as a cross-check (it patches
-`torch.nn.functional` and tensor methods, and counts elementwise operations too). Wall time is the fastest of at least `repeats` runs lasting at least `min_seconds` together,
-after one warm-up run, because other processes on a small CPU box only ever make a run slower. Weights
+`torch.nn.functional` and tensor methods, and counts elementwise operations too). Wall time is the
+fastest of at least `repeats` runs lasting at least `min_seconds` together, after one warm-up run, because other processes on a small CPU box only ever make a run slower. Weights
 are random: cost does not depend on them.
 """
 
