@@ -7,6 +7,9 @@ forward+backward (the fastest step), batch size 1, loss on every token.
 
     python tools/bench_memory.py                       # the opt-bench backbone, 1..256 segments
     python tools/bench_memory.py --segments 1 4 --modes replay --out bench.json
+    # the 1M-token row of the launcher's tiny default (8,929 segments of 112 tokens; minutes per mode)
+    python tools/bench_memory.py --backbone opt-quickstart --segment_size 112 --num_mem_tokens 8 --threads 1 \
+        --segments 1 8929 --modes checkpoint replay --min_seconds 0
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from tqdm import tqdm  # noqa: E402
 
 from rmt_scale.allocator import ALLOCATORS  # noqa: E402
+from rmt_scale.model.tiny import TINY_BACKBONES  # noqa: E402
 from rmt_scale.profiling.measure import FULL_ATTENTION, Measurer, Variant  # noqa: E402
 
 DEFAULT_SEGMENTS = [1, 4, 16, 64, 256]
@@ -29,6 +33,8 @@ DEFAULT_SEGMENTS = [1, 4, 16, 64, 256]
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--backbone", default="opt-bench", choices=sorted(TINY_BACKBONES),
+                        help="tiny backbone to measure (default: %(default)s; the launcher's default is opt-quickstart)")
     parser.add_argument("--segments", type=int, nargs="+", default=DEFAULT_SEGMENTS,
                         help="numbers of segments to measure (default: %(default)s)")
     parser.add_argument("--modes", nargs="+", default=["bptt", "checkpoint", "replay"],
@@ -88,7 +94,7 @@ def table(results: list[dict], bound: float) -> str:
 def main(argv=None) -> None:
     args = parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
-    measurer = Measurer("opt-bench", threads=args.threads, repeats=1, min_seconds=args.min_seconds,
+    measurer = Measurer(args.backbone, threads=args.threads, repeats=1, min_seconds=args.min_seconds,
                         allocator=args.allocator, count_flops=False)
     results = []
     for kind, mode, segments in tqdm(plan(args), desc="bench_memory", unit="run"):
