@@ -7,7 +7,7 @@ from .batching import AnswerClasses, collate, whole_segments
 from .shards import ShardStream, decode_sample, encode_sample, write_shards
 from .tars import CorruptShardError, check_shard_source, expand_urls, iter_tar_samples, resolve_shards
 from .tasks import TASKS, TaskGenerator, TaskSample, make_sample
-from .tokenizer import TextTokenizer, build_word_tokenizer, load_tokenizer
+from .tokenizer import TextTokenizer, build_word_tokenizer, could_be_hub_id, load_tokenizer
 
 __all__ = [
     "ACTORS", "LOCATIONS", "OBJECTS", "STORY_KINDS", "Story", "make_story",
@@ -16,5 +16,5 @@ __all__ = [
     "ShardStream", "decode_sample", "encode_sample", "write_shards",
     "CorruptShardError", "check_shard_source", "expand_urls", "iter_tar_samples", "resolve_shards",
     "TASKS", "TaskGenerator", "TaskSample", "make_sample",
-    "TextTokenizer", "build_word_tokenizer", "load_tokenizer",
+    "TextTokenizer", "build_word_tokenizer", "could_be_hub_id", "load_tokenizer",
 ]

@@ -84,6 +84,11 @@ def build_word_tokenizer(extra_words: Sequence[str] = ()) -> TextTokenizer:
     return TextTokenizer(hf)
 
 
+def could_be_hub_id(name: str) -> bool:
+    """Whether ``name`` has the form of a Hugging Face id ("name" or "owner/name") rather than a path."""
+    return not name.startswith(("/", ".", "~")) and name.count("/") <= 1
+
+
 def load_tokenizer(name: str | None = None) -> TextTokenizer:
     """The built-in tokenizer (``None`` or ``"builtin"``), or ``AutoTokenizer.from_pretrained(name)``: a
     directory saved by ``save_pretrained`` / :meth:`TextTokenizer.save`, or a Hugging Face id."""
@@ -93,7 +98,7 @@ def load_tokenizer(name: str | None = None) -> TextTokenizer:
 
     if os.path.isdir(os.path.expanduser(name)):
         name = os.path.expanduser(name)
-    elif name.startswith(("/", ".", "~")) or name.count("/") > 1:  # a Hugging Face id is "name" or "owner/name"
+    elif not could_be_hub_id(name):
         raise ValueError(f"tokenizer directory {name!r} does not exist; give a directory saved by "
                          "save_pretrained / TextTokenizer.save, a Hugging Face id, or 'builtin'")
     return TextTokenizer(AutoTokenizer.from_pretrained(name))

@@ -14,7 +14,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..data import TASKS
+from ..data import TASKS, could_be_hub_id
 from ..data.tars import check_shard_source
 from ..model.config import BACKPROP_MODES, EXECUTION_MODES, ARMTConfig, RMTConfig
 from ..model.tiny import BUILTIN_BACKBONES
@@ -212,14 +212,14 @@ def _check_pretrained(flag: str, name: str, required_file: str | None) -> None:
     if path.exists():
         raise ValueError(f"--{flag} {name} is a file: pass a directory saved with save_pretrained, or a Hugging "
                          "Face id.")
-    if name.startswith(("/", ".", "~")) or name.count("/") > 1:  # a Hugging Face id is "name" or "owner/name"
+    if not could_be_hub_id(name):
         raise ValueError(f"--{flag} {name}: no such directory.")
     from huggingface_hub import constants, try_to_load_from_cache
 
     if required_file and constants.HF_HUB_OFFLINE and not isinstance(try_to_load_from_cache(name, required_file), str):
         raise ValueError(f"--{flag} {name} is neither a local directory nor in the Hugging Face cache, and "
-                         "HF_HUB_OFFLINE=1 (the launcher's default) forbids downloading it: run once with "
-                         "HF_HUB_OFFLINE=0, or pass a local directory.")
+                         "HF_HUB_OFFLINE=1 forbids downloading it: run once without HF_HUB_OFFLINE set, or pass a "
+                         "local directory.")
 
 
 def _int_list(flag: str, text: str) -> list[int]:
