@@ -43,7 +43,7 @@ def main(argv=None) -> int:
     from rmt_scale import RecurrentMemoryModel
     from rmt_scale.data import AnswerClasses, TaskGenerator, load_tokenizer
     from rmt_scale.training.data import EVAL_SEED_OFFSET
-    from rmt_scale.training.engine import init_distributed
+    from rmt_scale.training.engine import close_distributed, init_distributed
     from rmt_scale.training.evaluation import evaluate_by_length
     from rmt_scale.training.run import format_table
 
@@ -65,6 +65,7 @@ def main(argv=None) -> int:
                                       classes=classes)
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
+        close_distributed(wait_for_peers=False)
         return 2
     if dist_info.rank == 0:
         out = Path(args.out or model_dir)
@@ -74,6 +75,7 @@ def main(argv=None) -> int:
             "accuracy": {str(k): v for k, v in accuracy.items()}}, indent=2) + "\n")
         label = model.config.model_type if model.config.num_mem_tokens else "baseline"
         print(format_table({label: accuracy}, segment_size, None), flush=True)
+    close_distributed(wait_for_peers=True)
     return 0
 
 

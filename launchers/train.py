@@ -24,21 +24,24 @@ signals.install()  # before the slow start-up, so an early SIGUSR1/SIGTERM is ke
 select_accelerator()  # DS_ACCELERATOR=cpu without CUDA, before anything imports deepspeed
 
 from rmt_scale.training import EXIT_DATA_ERROR, EXIT_PREEMPTED, DataError, Preempted, parse_args, run  # noqa: E402
+from rmt_scale.training.engine import close_distributed  # noqa: E402
 
 
 def main() -> int:
     try:
         config = parse_args()
         run(config)
+        status = 0
     except DataError as error:
         print(f"error: {error}", file=sys.stderr)
-        return EXIT_DATA_ERROR
+        status = EXIT_DATA_ERROR
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
-        return 2
+        status = 2
     except Preempted:
-        return EXIT_PREEMPTED
-    return 0
+        status = EXIT_PREEMPTED
+    close_distributed(wait_for_peers=status == 0)
+    return status
 
 
 if __name__ == "__main__":

@@ -71,6 +71,18 @@ def init_distributed(timeout_s: float = 600) -> DistInfo:
     return DistInfo(rank, world_size, local_rank, device)
 
 
+def close_distributed(*, wait_for_peers: bool) -> None:
+    """Leaves the process group; launchers call it last. Left to the interpreter's exit, gloo's threads can
+    abort a rank that finished first ("terminate called without an active exception", seen under srun).
+    After a success the ranks first wait for each other, so none tears down connections a peer still uses;
+    after an error they don't (a peer may be gone)."""
+    if not torch.distributed.is_initialized():
+        return
+    if wait_for_peers:
+        torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+
+
 # ---------------------------------------------------------------------- the JSON config
 def load_ds_config(path: str) -> dict:
     """Reads a JSON config; a relative path not found from the working directory is looked up from the
