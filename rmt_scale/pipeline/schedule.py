@@ -1,0 +1,209 @@
+"""The schedule of a chain of segments over pipeline stages: forward segment by segment, then backward from
+the last segment to the first, with exact gradients.
+
+A batch is cut into ``chains`` groups of samples; each group is a chain of segments. Every stage runs the
+items ``(segment t, chain b)`` in the same order, forward in ``(t, b)`` order and backward in the reverse
+order, so a message is always received in the order it was sent and the schedule cannot deadlock.
+
+- Forward runs without autograd. A stage stashes, per item, only what it received, the state it read and
+  the RNG state, and sends its output on: to the next stage or, from the last stage, RMT's written memory
+  back to stage 0 for the chain's next segment.
+- Backward recomputes each item with autograd from its stash (as memory replay does, so dropout draws the
+  same masks) and backpropagates the loss together with the gradients of what the item sent (received from
+  the next stage, or from stage 0 for RMT's memory) and of the state it wrote (kept by the stage itself,
+  from the chain's next segment: ARMT's layer-local memory). It sends the gradients of what it received
+  back to where it came from. ``bptt_depth`` cuts exactly the state gradients the one-process model cuts.
+
+How full the pipeline is depends on what crosses stages. ARMT's memory stays in its stage, so stage p
+runs segment t while stage p+1 runs segment t-1: one chain fills P stages after P-1 steps (ideal busy
+fraction S / (S + P - 1) over S segments). RMT's memory goes from the last stage back to the first, so one
+chain keeps one stage busy at a time; ``chains >= P`` chains in flight fill the pipeline.
+"""
+
+from __future__ import annotations
+
+import collections
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from ..model.recurrence import keeps_gradient
+from ..model.segments import IGNORE_INDEX, Segment
+from ..rng import restored_torch_rng, torch_rng_state
+from .stages import PipelineStage
+
+
+@dataclass
+class PipelineStep:
+    """What :meth:`SegmentPipeline.forward_backward` measured."""
+
+    loss: float  # mean over the batch's labelled tokens, as the one-process model's loss
+    num_segments: int
+    busy_s: float  # time this stage spent computing (forward and recomputation+backward)
+    step_s: float  # wall time of the whole forward-backward
+
+    @property
+    def busy_fraction(self) -> float:
+        return self.busy_s / self.step_s if self.step_s else 0.0
+
+
+def ideal_busy_fraction(num_segments: int, num_stages: int, chains: int, associative: bool) -> float:
+    """The busy fraction of a stage if every item took the same time and messages were free."""
+    items = num_segments * chains
+    if associative:
+        return items / (items + num_stages - 1)
+    # RMT: a chain's next segment waits for a whole trip round the pipe; `chains` chains share the trip
+    rounds = num_segments * max(num_stages, chains) + min(chains, num_stages) - 1
+    return items / rounds
+
+
+class SegmentPipeline:
+    """Runs one stage's part of the segment schedule.
+
+    Args:
+        stage: this rank's :class:`PipelineStage`.
+        stage_ranks: the global ranks of this pipeline's stages, in stage order.
+        chains: how many groups of samples are in flight (at most the batch size).
+        group: the process group of this pipeline's stages (None: the world, for a single pipeline).
+        tied_group: the process group of the first and last stage of this pipeline when they hold a tied
+            head (``PipelineStage.tied_parameters``), else None.
+    """
+
+    def __init__(self, stage: PipelineStage, stage_ranks: list[int], chains: int = 1, group=None, tied_group=None):
+        if len(stage_ranks) != stage.num_stages:
+            raise ValueError(f"{len(stage_ranks)} ranks given for {stage.num_stages} stages.")
+        if chains < 1:
+            raise ValueError(f"chains={chains}: at least one chain of segments must be in flight.")
+        self.stage, self.stage_ranks, self.chains = stage, stage_ranks, chains
+        self.group, self.tied_group = group, tied_group
+        self.rank = stage_ranks[stage.stage]
+        self.memory_turns_around = not stage.associative and stage.num_mem > 0
+        self._loopback: collections.deque = collections.deque()  # one stage: the memory it sends itself
+        self._pending: list = []
+
+    # ------------------------------------------------------------------ messages
+    def _source(self, t: int) -> int | None:
+        if not self.stage.is_first:
+            return self.stage_ranks[self.stage.stage - 1]
+        return self.stage_ranks[-1] if self.memory_turns_around and t > 0 else None
+
+    def _destination(self, t: int, num_segments: int) -> int | None:
+        if not self.stage.is_last:
+            return self.stage_ranks[self.stage.stage + 1]
+        return self.stage_ranks[0] if self.memory_turns_around and t < num_segments - 1 else None
+
+    def _send(self, peer: int, tensors) -> None:
+        if peer == self.rank:
+            self._loopback.append(tuple(tensors))
+            return
+        for tensor in tensors:
+            tensor = tensor.contiguous()
+            self._pending.append((dist.isend(tensor, peer), tensor))
+
+    def _recv(self, peer: int, shapes, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+        if peer == self.rank:
+            return self._loopback.popleft()
+        device = self.stage.model.backbone.device
+        tensors = tuple(torch.empty(shape, dtype=dtype, device=device) for shape in shapes)
+        for tensor in tensors:
+            dist.recv(tensor, peer)
+        return tensors
+
+    # ------------------------------------------------------------------ the step
+    def forward_backward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                         labels: torch.Tensor) -> PipelineStep:
+        """Accumulates into ``.grad`` of this stage's parameters the gradients of the model's loss on the
+        batch (the mean over labelled tokens); returns the loss, the same on every stage."""
+        started = time.perf_counter()
+        model = self.stage.model
+        segments, targets = model.segments(input_ids, attention_mask, labels)
+        num_targets = int((targets != IGNORE_INDEX).sum())
+        if num_targets == 0:
+            raise ValueError("the batch has no labelled token: a pipeline step needs a loss to backpropagate.")
+        chains = _split_chains(segments, min(self.chains, input_ids.shape[0]))
+        num_segments = len(segments)
+        dtype = model.backbone.get_input_embeddings().weight.dtype
+        items = [(t, b) for t in range(num_segments) for b in range(len(chains))]
+        depth = model.config.bptt_depth
+
+        busy = 0.0
+        states = [self.stage.initial_state(chain[0].input_ids.shape[0]) for chain in chains]
+        stash = {}
+        loss_sum = 0.0
+        for t, b in items:
+            segment = chains[b][t]
+            source = self._source(t)
+            received = () if source is None else self._recv(source, self.stage.received_shapes(segment, t), dtype)
+            tick = time.perf_counter()
+            rng = torch_rng_state()
+            with torch.no_grad():
+                out = self.stage(segment, received, states[b])
+            busy += time.perf_counter() - tick
+            stash[t, b] = (received, states[b], rng, [tuple(x.shape) for x in out.sent])
+            states[b] = out.state
+            if out.loss is not None:
+                loss_sum += float(out.loss)
+            destination = self._destination(t, num_segments)
+            if destination is not None:
+                self._send(destination, out.sent)
+
+        state_grads: list = [None] * len(chains)
+        scale = torch.tensor(1.0 / num_targets)
+        for t, b in reversed(items):
+            segment = chains[b][t]
+            received, state, rng, sent_shapes = stash.pop((t, b))
+            destination = self._destination(t, num_segments)
+            gets_memory_grad = not self.stage.is_last or keeps_gradient(t + 1, num_segments, depth)
+            grad_sent = None
+            if destination is not None and gets_memory_grad:
+                grad_sent = self._recv(destination, sent_shapes, dtype)
+            tick = time.perf_counter()
+            received = tuple(_leaf(x) for x in received)
+            state = tuple(_leaf(x) for x in state)
+            with torch.enable_grad(), restored_torch_rng(rng):
+                out = self.stage(segment, received, state)
+            outputs, grads = [], []
+            if out.loss is not None and out.loss.requires_grad:
+                outputs.append(out.loss)
+                grads.append(scale.to(out.loss))
+            for tensors, gradients in ((out.sent, grad_sent), (out.state, state_grads[b])):
+                if gradients is None:
+                    continue
+                for tensor, grad in zip(tensors, gradients):
+                    if tensor.requires_grad and grad is not None:
+                        outputs.append(tensor)
+                        grads.append(grad)
+            if outputs:
+                torch.autograd.backward(outputs, grads)
+            cut = t > 0 and not keeps_gradient(t, num_segments, depth)
+            state_grads[b] = None if cut else [x.grad for x in state]
+            busy += time.perf_counter() - tick
+            source = self._source(t)
+            sends_memory_grad = not self.stage.is_first or not cut
+            if source is not None and sends_memory_grad:
+                self._send(source, [x.grad if x.grad is not None else torch.zeros_like(x) for x in received])
+
+        for work, _ in self._pending:
+            work.wait()
+        self._pending.clear()
+        if self.tied_group is not None:
+            for param in self.stage.tied_parameters():
+                dist.all_reduce(param.grad, group=self.tied_group)
+        loss = torch.tensor([loss_sum / num_targets if self.stage.is_last else 0.0], dtype=torch.float64)
+        dist.broadcast(loss, self.stage_ranks[-1], group=self.group)
+        return PipelineStep(float(loss), num_segments, busy, time.perf_counter() - started)
+
+
+def _leaf(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.detach().requires_grad_(tensor.is_floating_point())
+
+
+def _split_chains(segments: list[Segment], chains: int) -> list[list[Segment]]:
+    """The batch's segments as ``chains`` chains of sample groups (as even as possible)."""
+    batch = segments[0].input_ids.shape[0]
+    bounds = [round(i * batch / chains) for i in range(chains + 1)]
+    return [[Segment(s.input_ids[lo:hi], s.attention_mask[lo:hi], None if s.targets is None else s.targets[lo:hi],
+                     s.return_logits) for s in segments]
+            for lo, hi in zip(bounds, bounds[1:])]
