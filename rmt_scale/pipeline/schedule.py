@@ -29,6 +29,9 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from torch import nn
+
+from ..model.modeling import RMTOutput
 from ..model.recurrence import keeps_gradient
 from ..model.segments import IGNORE_INDEX, Segment
 from ..rng import restored_torch_rng, torch_rng_state
@@ -59,7 +62,7 @@ def ideal_busy_fraction(num_segments: int, num_stages: int, chains: int, associa
     return items / rounds
 
 
-class SegmentPipeline:
+class SegmentPipeline(nn.Module):
     """Runs one stage's part of the segment schedule.
 
     Args:
@@ -76,6 +79,7 @@ class SegmentPipeline:
             raise ValueError(f"{len(stage_ranks)} ranks given for {stage.num_stages} stages.")
         if chains < 1:
             raise ValueError(f"chains={chains}: at least one chain of segments must be in flight.")
+        super().__init__()
         self.stage, self.stage_ranks, self.chains = stage, stage_ranks, chains
         self.group, self.tied_group = group, tied_group
         self.rank = stage_ranks[stage.stage]
@@ -112,53 +116,59 @@ class SegmentPipeline:
         return tensors
 
     # ------------------------------------------------------------------ the step
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None) -> RMTOutput:
+        """Runs the batch forward through the stages; ``loss`` (the mean over the batch's labelled tokens, the
+        same on every stage) backpropagates through them. The memory is not returned: it lives on the stages."""
+        if labels is None:
+            raise ValueError("a pipeline step trains: pass labels (evaluate the exported model instead).")
+        run = _Run(self, input_ids, attention_mask, labels)
+        anchor = torch.zeros((), requires_grad=True)  # the loss depends on parameters autograd cannot see
+        loss = _ChainOfSegments.apply(run, anchor)
+        self.last_run = run
+        return RMTOutput(loss=loss, num_segments=run.num_segments)
+
     def forward_backward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                          labels: torch.Tensor) -> PipelineStep:
-        """Accumulates into ``.grad`` of this stage's parameters the gradients of the model's loss on the
-        batch (the mean over labelled tokens); returns the loss, the same on every stage."""
-        started = time.perf_counter()
-        model = self.stage.model
-        segments, targets = model.segments(input_ids, attention_mask, labels)
-        num_targets = int((targets != IGNORE_INDEX).sum())
-        if num_targets == 0:
-            raise ValueError("the batch has no labelled token: a pipeline step needs a loss to backpropagate.")
-        chains = _split_chains(segments, min(self.chains, input_ids.shape[0]))
-        num_segments = len(segments)
-        dtype = model.backbone.get_input_embeddings().weight.dtype
-        items = [(t, b) for t in range(num_segments) for b in range(len(chains))]
-        depth = model.config.bptt_depth
+        """One forward and backward (gradients accumulate into ``.grad``); what it measured."""
+        output = self(input_ids, attention_mask, labels)
+        output.loss.backward()
+        return self.last_run.measured(float(output.loss))
 
-        busy = 0.0
-        states = [self.stage.initial_state(chain[0].input_ids.shape[0]) for chain in chains]
-        stash = {}
-        loss_sum = 0.0
-        for t, b in items:
-            segment = chains[b][t]
+    def _forward_items(self, run: "_Run") -> float:
+        stash, states, loss_sum = run.stash, run.states, 0.0
+        for t, b in run.items:
+            segment = run.chains[b][t]
             source = self._source(t)
-            received = () if source is None else self._recv(source, self.stage.received_shapes(segment, t), dtype)
+            received = () if source is None else self._recv(source, self.stage.received_shapes(segment, t), run.dtype)
             tick = time.perf_counter()
             rng = torch_rng_state()
             with torch.no_grad():
                 out = self.stage(segment, received, states[b])
-            busy += time.perf_counter() - tick
+            run.busy_s += time.perf_counter() - tick
             stash[t, b] = (received, states[b], rng, [tuple(x.shape) for x in out.sent])
             states[b] = out.state
             if out.loss is not None:
                 loss_sum += float(out.loss)
-            destination = self._destination(t, num_segments)
+            destination = self._destination(t, run.num_segments)
             if destination is not None:
                 self._send(destination, out.sent)
+        loss = torch.tensor([loss_sum / run.num_targets if self.stage.is_last else 0.0], dtype=torch.float64)
+        dist.broadcast(loss, self.stage_ranks[-1], group=self.group)
+        return float(loss)
 
-        state_grads: list = [None] * len(chains)
-        scale = torch.tensor(1.0 / num_targets)
-        for t, b in reversed(items):
-            segment = chains[b][t]
-            received, state, rng, sent_shapes = stash.pop((t, b))
+    def _backward_items(self, run: "_Run", grad_loss: torch.Tensor) -> None:
+        num_segments, depth = run.num_segments, run.bptt_depth
+        state_grads: list = [None] * len(run.chains)
+        scale = grad_loss.detach().float() / run.num_targets
+        for t, b in reversed(run.items):
+            segment = run.chains[b][t]
+            received, state, rng, sent_shapes = run.stash.pop((t, b))
             destination = self._destination(t, num_segments)
             gets_memory_grad = not self.stage.is_last or keeps_gradient(t + 1, num_segments, depth)
             grad_sent = None
             if destination is not None and gets_memory_grad:
-                grad_sent = self._recv(destination, sent_shapes, dtype)
+                grad_sent = self._recv(destination, sent_shapes, run.dtype)
             tick = time.perf_counter()
             received = tuple(_leaf(x) for x in received)
             state = tuple(_leaf(x) for x in state)
@@ -179,21 +189,57 @@ class SegmentPipeline:
                 torch.autograd.backward(outputs, grads)
             cut = t > 0 and not keeps_gradient(t, num_segments, depth)
             state_grads[b] = None if cut else [x.grad for x in state]
-            busy += time.perf_counter() - tick
+            run.busy_s += time.perf_counter() - tick
             source = self._source(t)
-            sends_memory_grad = not self.stage.is_first or not cut
-            if source is not None and sends_memory_grad:
+            if source is not None and (not self.stage.is_first or not cut):
                 self._send(source, [x.grad if x.grad is not None else torch.zeros_like(x) for x in received])
-
         for work, _ in self._pending:
             work.wait()
         self._pending.clear()
         if self.tied_group is not None:
             for param in self.stage.tied_parameters():
                 dist.all_reduce(param.grad, group=self.tied_group)
-        loss = torch.tensor([loss_sum / num_targets if self.stage.is_last else 0.0], dtype=torch.float64)
-        dist.broadcast(loss, self.stage_ranks[-1], group=self.group)
-        return PipelineStep(float(loss), num_segments, busy, time.perf_counter() - started)
+        run.finished = time.perf_counter()
+
+
+class _Run:
+    """One batch on its way through the pipeline: its chains of segments and what the backward needs."""
+
+    def __init__(self, pipeline: SegmentPipeline, input_ids, attention_mask, labels):
+        self.started = time.perf_counter()
+        self.pipeline = pipeline
+        model = pipeline.stage.model
+        segments, targets = model.segments(input_ids, attention_mask, labels)
+        self.num_targets = int((targets != IGNORE_INDEX).sum())
+        if self.num_targets == 0:
+            raise ValueError("the batch has no labelled token: a pipeline step needs a loss to backpropagate.")
+        self.chains = _split_chains(segments, min(pipeline.chains, input_ids.shape[0]))
+        self.num_segments = len(segments)
+        self.items = [(t, b) for t in range(self.num_segments) for b in range(len(self.chains))]
+        self.dtype = model.backbone.get_input_embeddings().weight.dtype
+        self.bptt_depth = model.config.bptt_depth
+        self.states = [pipeline.stage.initial_state(chain[0].input_ids.shape[0]) for chain in self.chains]
+        self.stash: dict = {}
+        self.busy_s = 0.0
+        self.finished = None
+
+    def measured(self, loss: float) -> PipelineStep:
+        return PipelineStep(loss, self.num_segments, self.busy_s, (self.finished or time.perf_counter()) - self.started)
+
+
+class _ChainOfSegments(torch.autograd.Function):
+    """The forward items in forward, the backward items in backward (where ``engine.backward`` puts them)."""
+
+    @staticmethod
+    def forward(ctx, run: _Run, anchor: torch.Tensor):
+        ctx.run = run
+        return torch.tensor(run.pipeline._forward_items(run), dtype=torch.float32)
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        ctx.run.pipeline._backward_items(ctx.run, grad_loss)
+        ctx.run = None
+        return None, None
 
 
 def _leaf(tensor: torch.Tensor) -> torch.Tensor:
