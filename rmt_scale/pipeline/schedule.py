@@ -72,9 +72,13 @@ class SegmentPipeline(nn.Module):
         group: the process group of this pipeline's stages (None: the world, for a single pipeline).
         tied_group: the process group of the first and last stage of this pipeline when they hold a tied
             head (``PipelineStage.tied_parameters``), else None.
+        offload_stash: hold what the stage stashes per item (what it received, the state it read) in host
+            memory, pinned when it comes from CUDA; ``stashed_bytes`` counts it per step (on a CPU-only
+            machine, what would have moved off an accelerator).
     """
 
-    def __init__(self, stage: PipelineStage, stage_ranks: list[int], chains: int = 1, group=None, tied_group=None):
+    def __init__(self, stage: PipelineStage, stage_ranks: list[int], chains: int = 1, group=None, tied_group=None,
+                 offload_stash: bool = False):
         if len(stage_ranks) != stage.num_stages:
             raise ValueError(f"{len(stage_ranks)} ranks given for {stage.num_stages} stages.")
         if chains < 1:
@@ -86,6 +90,8 @@ class SegmentPipeline(nn.Module):
         self.memory_turns_around = not stage.associative and stage.num_mem > 0
         self._loopback: collections.deque = collections.deque()  # one stage: the memory it sends itself
         self._pending: list = []
+        self.offload_stash = offload_stash
+        self.stashed_bytes = 0
 
     # ------------------------------------------------------------------ messages
     def _source(self, t: int) -> int | None:
@@ -135,7 +141,14 @@ class SegmentPipeline(nn.Module):
         output.loss.backward()
         return self.last_run.measured(float(output.loss))
 
+    def _to_host(self, tensors: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        if not self.offload_stash:
+            return tensors
+        self.stashed_bytes += sum(x.numel() * x.element_size() for x in tensors)
+        return tuple(x.to("cpu", non_blocking=True).pin_memory() if x.is_cuda else x for x in tensors)
+
     def _forward_items(self, run: "_Run") -> float:
+        self.stashed_bytes = 0
         stash, states, loss_sum = run.stash, run.states, 0.0
         for t, b in run.items:
             segment = run.chains[b][t]
@@ -146,7 +159,7 @@ class SegmentPipeline(nn.Module):
             with torch.no_grad():
                 out = self.stage(segment, received, states[b])
             run.busy_s += time.perf_counter() - tick
-            stash[t, b] = (received, states[b], rng, [tuple(x.shape) for x in out.sent])
+            stash[t, b] = (self._to_host(received), self._to_host(states[b]), rng, [tuple(x.shape) for x in out.sent])
             states[b] = out.state
             if out.loss is not None:
                 loss_sum += float(out.loss)
@@ -170,8 +183,8 @@ class SegmentPipeline(nn.Module):
             if destination is not None and gets_memory_grad:
                 grad_sent = self._recv(destination, sent_shapes, run.dtype)
             tick = time.perf_counter()
-            received = tuple(_leaf(x) for x in received)
-            state = tuple(_leaf(x) for x in state)
+            received = tuple(_leaf(x.to(run.device, non_blocking=True)) for x in received)
+            state = tuple(_leaf(x.to(run.device, non_blocking=True)) for x in state)
             with torch.enable_grad(), restored_torch_rng(rng):
                 out = self.stage(segment, received, state)
             outputs, grads = [], []
@@ -217,6 +230,7 @@ class _Run:
         self.num_segments = len(segments)
         self.items = [(t, b) for t in range(self.num_segments) for b in range(len(self.chains))]
         self.dtype = model.backbone.get_input_embeddings().weight.dtype
+        self.device = model.backbone.get_input_embeddings().weight.device
         self.bptt_depth = model.config.bptt_depth
         self.states = [pipeline.stage.initial_state(chain[0].input_ids.shape[0]) for chain in self.chains]
         self.stash: dict = {}
