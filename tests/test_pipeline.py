@@ -48,13 +48,10 @@ def run_pipeline(tmp_path: Path, stages: int, family: str, memory: str, bptt_dep
 
 @pytest.mark.parametrize("stages,family,memory,bptt_depth,chains", [
     (2, "opt", "rmt", -1, 1),
-    (2, "opt", "armt", 2, 1),
-    (4, "opt", "rmt", 2, 2),
-    (4, "opt", "armt", -1, 2),
-    (2, "gpt2", "rmt", 2, 2),
-    (2, "llama", "armt", -1, 1),
-    (4, "gpt_neox", "rmt", -1, 1),
-    (2, "gpt_neox", "armt", 2, 2),
+    (2, "gpt2", "armt", 2, 2),
+    (4, "llama", "rmt", 2, 2),
+    (4, "gpt_neox", "armt", -1, 1),
+    (1, "opt", "rmt", 2, 2),  # one stage: RMT's memory loops back to the same rank
 ])
 def test_stages_give_the_one_process_gradients(tmp_path, stages, family, memory, bptt_depth, chains):
     loss, expected = reference(family, memory, bptt_depth)

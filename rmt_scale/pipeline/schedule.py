@@ -74,7 +74,7 @@ class SegmentPipeline(nn.Module):
             head (``PipelineStage.tied_parameters``), else None.
         offload_stash: hold what the stage stashes per item (what it received, the state it read) in host
             memory, pinned when it comes from CUDA; ``stashed_bytes`` counts it per step (on a CPU-only
-            machine, what would have moved off an accelerator).
+            machine, what would have moved off an accelerator), summed over the pipeline's stages.
     """
 
     def __init__(self, stage: PipelineStage, stage_ranks: list[int], chains: int = 1, group=None, tied_group=None,
@@ -212,6 +212,10 @@ class SegmentPipeline(nn.Module):
         if self.tied_group is not None:
             for param in self.stage.tied_parameters():
                 dist.all_reduce(param.grad, group=self.tied_group)
+        if self.offload_stash:  # report the pipeline's total, not one stage's share
+            total = torch.tensor([self.stashed_bytes], dtype=torch.float64)
+            dist.all_reduce(total, group=self.group)
+            self.stashed_bytes = int(total)
         run.finished = time.perf_counter()
 
 
