@@ -46,6 +46,7 @@ class PipelineStep:
     num_segments: int
     busy_s: float  # time this stage spent computing (forward and recomputation+backward)
     step_s: float  # wall time of the whole forward-backward
+    timeline: list[tuple[str, int, int, float, float]]  # ("forward"/"backward", segment, chain, start s, end s)
 
     @property
     def busy_fraction(self) -> float:
@@ -158,7 +159,7 @@ class SegmentPipeline(nn.Module):
             rng = torch_rng_state()
             with torch.no_grad():
                 out = self.stage(segment, received, states[b])
-            run.busy_s += time.perf_counter() - tick
+            run.record("forward", t, b, tick)
             stash[t, b] = (self._to_host(received), self._to_host(states[b]), rng, [tuple(x.shape) for x in out.sent])
             states[b] = out.state
             if out.loss is not None:
@@ -202,7 +203,7 @@ class SegmentPipeline(nn.Module):
                 torch.autograd.backward(outputs, grads)
             cut = t > 0 and not keeps_gradient(t, num_segments, depth)
             state_grads[b] = None if cut else [x.grad for x in state]
-            run.busy_s += time.perf_counter() - tick
+            run.record("backward", t, b, tick)
             source = self._source(t)
             if source is not None and (not self.stage.is_first or not cut):
                 self._send(source, [x.grad if x.grad is not None else torch.zeros_like(x) for x in received])
@@ -240,9 +241,16 @@ class _Run:
         self.stash: dict = {}
         self.busy_s = 0.0
         self.finished = None
+        self.timeline: list[tuple[str, int, int, float, float]] = []
+
+    def record(self, kind: str, t: int, b: int, tick: float) -> None:
+        now = time.perf_counter()
+        self.busy_s += now - tick
+        self.timeline.append((kind, t, b, tick - self.started, now - self.started))
 
     def measured(self, loss: float) -> PipelineStep:
-        return PipelineStep(loss, self.num_segments, self.busy_s, (self.finished or time.perf_counter()) - self.started)
+        return PipelineStep(loss, self.num_segments, self.busy_s, (self.finished or time.perf_counter()) - self.started,
+                            self.timeline)
 
 
 class _ChainOfSegments(torch.autograd.Function):

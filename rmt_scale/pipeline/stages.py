@@ -29,16 +29,35 @@ from ..model.backbones import decoder_final_modules, decoder_layers, layer_input
 from ..model.segments import Segment, keep_if_empty, padding_mask, positions
 
 
-def split_layers(num_layers: int, num_stages: int) -> list[range]:
-    """Contiguous layer ranges, one per stage, as even as possible (earlier stages take the remainder)."""
+def split_layers(num_layers: int, num_stages: int, head_cost: float = 0.0) -> list[range]:
+    """Contiguous layer ranges, one per stage, of at least one layer each, that minimise the largest stage's
+    cost: a layer costs 1, and the last stage also pays ``head_cost`` layers for the LM head and loss.
+    Ties go to the split that puts more layers first."""
     if not 1 <= num_stages <= num_layers:
         raise ValueError(f"cannot split {num_layers} decoder layers over {num_stages} pipeline stages: use at "
                          f"most {num_layers} stages (one layer each at least).")
-    size, extra = divmod(num_layers, num_stages)
-    bounds = [0]
-    for stage in range(num_stages):
-        bounds.append(bounds[-1] + size + (stage < extra))
-    return [range(bounds[s], bounds[s + 1]) for s in range(num_stages)]
+    # best[s][n]: the smallest largest cost of splitting the last n layers over the last s stages
+    best = {(1, n): n + head_cost for n in range(1, num_layers + 1)}
+    first = {}
+    for stages in range(2, num_stages + 1):
+        for n in range(stages, num_layers + 1):
+            options = [(max(k, best[stages - 1, n - k]), -k) for k in range(1, n - stages + 2)]
+            cost, minus_k = min(options)
+            best[stages, n], first[stages, n] = cost, -minus_k
+    bounds, start, remaining = [], 0, num_layers
+    for stages in range(num_stages, 1, -1):
+        size = first[stages, remaining]
+        bounds.append(range(start, start + size))
+        start, remaining = start + size, remaining - size
+    return bounds + [range(start, num_layers)]
+
+
+def head_cost_in_layers(model: RecurrentMemoryModel) -> float:
+    """The LM head's cost per token relative to a decoder layer's (their parameter counts): what
+    :func:`split_layers` should charge the last stage when every token has a label (language modelling)."""
+    layers = decoder_layers(model.backbone)
+    per_layer = sum(p.numel() for p in layers[0].parameters())
+    return sum(p.numel() for p in model.backbone.get_output_embeddings().parameters()) / per_layer
 
 
 @dataclass
@@ -49,12 +68,13 @@ class StageOutput:
 
 
 class PipelineStage(nn.Module):
-    """Stage ``stage`` of ``num_stages`` of an RMT or ARMT decoder. The layers of other stages (and their
+    """Stage ``stage`` of ``num_stages`` of an RMT or ARMT decoder (layers split by :func:`split_layers` with
+    ``head_cost``). The layers of other stages (and their
     associative memories) are replaced by ``nn.Identity`` in ``model``, which the stage takes over, so a rank
     holds only its share of the layers (embeddings, final norm and head stay on every rank: the layer
     arguments are computed by the backbone's own code before its first layer)."""
 
-    def __init__(self, model: RecurrentMemoryModel, stage: int, num_stages: int):
+    def __init__(self, model: RecurrentMemoryModel, stage: int, num_stages: int, head_cost: float = 0.0):
         super().__init__()
         if model.spec.kind != "decoder":
             raise ValueError("pipeline stages split decoder backbones (OPT, GPT-2, Llama family, GPT-NeoX); "
@@ -64,7 +84,7 @@ class PipelineStage(nn.Module):
         self.associative = model.associative is not None
         self.num_mem = model.config.num_mem_tokens
         layers = decoder_layers(model.backbone)
-        self.layer_ids = split_layers(len(layers), num_stages)[stage]
+        self.layer_ids = split_layers(len(layers), num_stages, head_cost)[stage]
         for index in range(len(layers)):
             if index not in self.layer_ids:
                 layers[index] = nn.Identity()

@@ -204,7 +204,15 @@ def pipeline_stages(ds: dict, world_size: int) -> int:
     return stages
 
 
+PARTITIONS = ("uniform", "parameters")
+
+
 def _check_pipeline(ds: dict, config: TrainConfig) -> None:
+    partition = ds["pipeline"].get("partition", "uniform")
+    if partition not in PARTITIONS:
+        raise ValueError(f"pipeline.partition={partition!r}: use 'uniform' (the same number of layers per stage; "
+                         "best when only answers are labelled, as in the tasks) or 'parameters' (the last stage "
+                         "also counts the LM head's parameters; best when every token is labelled).")
     chains = ds["pipeline"].get("chains", 1)
     if not isinstance(chains, int) or not 1 <= chains <= config.micro_batch_size:
         raise ValueError(f"pipeline.chains={chains!r} must be between 1 and the micro-batch size "
@@ -442,18 +450,19 @@ def _build_pipeline_engine(build_model, model_config: RMTConfig, ds_config: dict
     import deepspeed
     import torch.distributed as dist
 
-    from ..pipeline import PipelineStage, SegmentPipeline
+    from ..pipeline import PipelineStage, SegmentPipeline, head_cost_in_layers
 
     topology = StageTopology(dist.get_rank(), dist.get_world_size(), pipeline_stages(ds_config, dist.get_world_size()))
     model = build_model(model_config)  # the same seeds on every rank: the same initial weights
-    stage = PipelineStage(model, topology.stage, topology.stages)
+    block = ds_config["pipeline"]
+    head_cost = head_cost_in_layers(model) if block.get("partition", "uniform") == "parameters" else 0.0
+    stage = PipelineStage(model, topology.stage, topology.stages, head_cost)
     owned = stage.owned_parameters()
     tied = {id(p) for p in stage.tied_parameters()}
     for param in owned.values():
         # DeepSpeed counts a gradient in the norm on every "model parallel" rank that marks it, else on the
         # first stage only: the tied head's copy on the last stage must be counted once
         param.model_parallel = not (stage.is_last and id(param) in tied and not stage.is_first)
-    block = ds_config["pipeline"]
     offload = bool(ds_config.get("activation_checkpointing", {}).get("cpu_checkpointing", False))
     pipeline = SegmentPipeline(stage, topology.stage_ranks, chains=block.get("chains", 1), group=topology.pipe_group,
                                tied_group=topology.tied_group, offload_stash=offload)
