@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -74,6 +75,9 @@ def test_layers_split_evenly_and_bad_splits_are_refused():
     assert split_layers(5, 3) == [range(0, 2), range(2, 4), range(4, 5)]
     with pytest.raises(ValueError, match="at most 4 stages"):
         split_layers(4, 5)
+    # an LM head worth 2.7 layers on the last stage: 3 + 0 vs 1 + 2.7
+    assert split_layers(4, 2, head_cost=2.7) == [range(0, 3), range(3, 4)]
+    assert split_layers(12, 4, head_cost=2.7) == [range(0, 4), range(4, 8), range(8, 11), range(11, 12)]
 
 
 def test_an_encoder_is_refused_with_the_alternative(load_backbone):
@@ -101,3 +105,19 @@ def test_ideal_busy_fraction():
     assert ideal_busy_fraction(16, 2, 1, associative=True) == pytest.approx(16 / 17)
     assert ideal_busy_fraction(16, 4, 1, associative=False) == pytest.approx(16 / 64)
     assert ideal_busy_fraction(16, 4, 4, associative=False) == pytest.approx(64 / 67)
+
+
+def test_bench_reports_busy_fractions_step_times_and_a_schedule_plot(tmp_path):
+    out, png = tmp_path / "bench.json", tmp_path / "schedule.png"
+    subprocess.run([sys.executable, str(Path(__file__).parents[1] / "tools" / "bench_pipeline.py"), "--backbone",
+                    "opt-micro", "--segments", "3", "--stages", "2", "--segment_size", "16", "--steps", "1",
+                    "--out", str(out), "--plot", str(png)], check=True, capture_output=True, timeout=240,
+                   env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    results = json.loads(out.read_text())["results"]
+    assert [(r["memory"], r["stages"], r["segments"], r["chains"]) for r in results] == [
+        ("armt", 2, 3, 1), ("rmt", 2, 3, 2)]
+    for result in results:
+        assert len(result["busy_fraction"]) == 2 and all(0 < b <= 1 for b in result["busy_fraction"])
+        assert result["step_s"] > 0 and result["one_process_s"] > 0
+    assert results[0]["ideal_busy_fraction"] == pytest.approx(3 / 4, abs=1e-3)
+    assert png.read_bytes()[:4] == b"\x89PNG"
