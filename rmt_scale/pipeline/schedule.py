@@ -146,7 +146,7 @@ class SegmentPipeline(nn.Module):
         if not self.offload_stash:
             return tensors
         self.stashed_bytes += sum(x.numel() * x.element_size() for x in tensors)
-        return tuple(x.to("cpu", non_blocking=True).pin_memory() if x.is_cuda else x for x in tensors)
+        return tuple(_pinned_copy(x) if x.is_cuda else x for x in tensors)
 
     def _forward_items(self, run: "_Run") -> float:
         self.stashed_bytes = 0
@@ -167,7 +167,8 @@ class SegmentPipeline(nn.Module):
             destination = self._destination(t, run.num_segments)
             if destination is not None:
                 self._send(destination, out.sent)
-        loss = torch.tensor([loss_sum / run.num_targets if self.stage.is_last else 0.0], dtype=torch.float64)
+        # on the stage's device: NCCL communicates only CUDA tensors
+        loss = torch.tensor([loss_sum / run.num_targets if self.stage.is_last else 0.0], device=run.device)
         dist.broadcast(loss, self.stage_ranks[-1], group=self.group)
         return float(loss)
 
@@ -214,7 +215,7 @@ class SegmentPipeline(nn.Module):
             for param in self.stage.tied_parameters():
                 dist.all_reduce(param.grad, group=self.tied_group)
         if self.offload_stash:  # report the pipeline's total, not one stage's share
-            total = torch.tensor([self.stashed_bytes], dtype=torch.float64)
+            total = torch.tensor([float(self.stashed_bytes)], device=run.device)
             dist.all_reduce(total, group=self.group)
             self.stashed_bytes = int(total)
         run.finished = time.perf_counter()
@@ -266,6 +267,11 @@ class _ChainOfSegments(torch.autograd.Function):
         ctx.run.pipeline._backward_items(ctx.run, grad_loss)
         ctx.run = None
         return None, None
+
+
+def _pinned_copy(tensor: torch.Tensor) -> torch.Tensor:
+    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+    return host.copy_(tensor, non_blocking=True)
 
 
 def _leaf(tensor: torch.Tensor) -> torch.Tensor:
