@@ -55,8 +55,29 @@ def test_unknown_key_is_refused():
 
 def test_batch_sizes_that_do_not_divide_are_refused():
     raw = load_ds_config(str(CONFIGS / "ddp.json")) | {"train_batch_size": 30, "train_micro_batch_size_per_gpu": 4}
-    with pytest.raises(ValueError, match=r"train_batch_size=30 must equal .* x 2 ranks = 8"):
+    with pytest.raises(ValueError, match=r"train_batch_size=30 must equal .* x 2 data-parallel ranks = 8"):
         build_ds_config(raw, TrainConfig(), world_size=2)
+
+
+@pytest.mark.parametrize("name,stages", [("pipeline", 2), ("pipeline4", 4)])
+def test_pipeline_configs_count_replicas_not_ranks(name, stages):
+    config = TrainConfig(micro_batch_size=4, grad_accum=2)
+    ds = build_ds_config(load_ds_config(str(CONFIGS / f"{name}.json")), config, world_size=4)
+    assert ds["pipeline"]["stages"] == stages
+    assert ds["train_batch_size"] == 4 * 2 * (4 // stages)  # the stages of a pipeline share its batch
+    assert ds["zero_optimization"]["stage"] == 1
+
+
+@pytest.mark.parametrize("change,world_size,message", [
+    ({"zero_optimization": {"stage": 3}}, 2, "ZeRO stage 3 cannot run with pipeline stages"),
+    ({"pipeline": {"stages": 2}}, 3, "pipeline.stages=2 does not divide the 3 ranks"),
+    ({"pipeline": {"stages": 0}}, 2, "must be a positive integer"),
+    ({"pipeline": {"stages": 2, "chains": 5}}, 2, r"pipeline.chains=5 must be between 1 and the micro-batch size \(4\)"),
+])
+def test_bad_pipeline_configs_are_refused(change, world_size, message):
+    raw = load_ds_config(str(CONFIGS / "pipeline.json")) | change
+    with pytest.raises(ValueError, match=message):
+        build_ds_config(raw, TrainConfig(micro_batch_size=4), world_size=world_size)
 
 
 def test_replay_with_zero_is_refused():

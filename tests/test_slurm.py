@@ -260,3 +260,17 @@ def test_eval_sweep_array_runs_one_value_per_task_with_ranks(slurm_env, tmp_path
             assert record["cwd"] == str(REPO)
         assert records[0]["MASTER_ADDR"] == records[1]["MASTER_ADDR"]
         assert records[0]["MASTER_PORT"] == records[1]["MASTER_PORT"]
+
+
+def test_train_job_on_pipeline_stages(slurm_env, tmp_path):
+    """slurm/train.sbatch with the shipped pipeline config: the two tasks are the two stages of one pipeline."""
+    out, log = tmp_path / "run", tmp_path / "job.out"
+    job = submit(slurm_env, log, "--nodes=1", "--ntasks-per-node=2", str(REPO / "slurm" / "train.sbatch"),
+                 "--ds_config", str(REPO / "ds_configs" / "pipeline.json"), "--out_dir", str(out),
+                 "--max_steps", "2", "--save_every", "2", "--eval_every", "2", *QUICK_FLAGS)
+    info = wait_until_final(slurm_env, job, log, timeout=240)
+    assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), log.read_text()
+    names = {p.name for p in (out / "checkpoints" / "step000002").iterdir()}
+    assert {"mp_rank_00_model_states.pt", "mp_rank_01_model_states.pt"} <= names
+    assert logged_steps(out) == [1, 2]
+    assert (out / "export" / "memory.safetensors").is_file()

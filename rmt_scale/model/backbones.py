@@ -72,23 +72,62 @@ def decoder_layers(backbone: nn.Module) -> nn.ModuleList:
     raise UnsupportedBackboneError(f"cannot find the decoder layers of {type(backbone).__name__}.")
 
 
-def decoder_final_norm(backbone: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+def decoder_final_modules(backbone: nn.Module) -> list[nn.Module]:
     """What a supported decoder's base model applies after its last layer (final norm, OPT's projection)."""
     base = backbone.base_model
     if backbone.config.model_type == "opt":
-        steps = [base.decoder.final_layer_norm, base.decoder.project_out]
+        modules = [base.decoder.final_layer_norm, base.decoder.project_out]
     else:
-        steps = [getattr(base, name, None) for name in ("norm", "ln_f", "final_layer_norm")]
-    steps = [step for step in steps if step is not None]
-    if not steps and backbone.config.model_type != "opt":
+        modules = [getattr(base, name, None) for name in ("norm", "ln_f", "final_layer_norm")]
+    modules = [module for module in modules if module is not None]
+    if not modules and backbone.config.model_type != "opt":
         raise UnsupportedBackboneError(f"cannot find the final norm of {type(backbone).__name__}.")
+    return modules
+
+
+def decoder_final_norm(backbone: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The function of :func:`decoder_final_modules`."""
+    modules = decoder_final_modules(backbone)
 
     def apply(hidden: torch.Tensor) -> torch.Tensor:
-        for step in steps:
-            hidden = step(hidden)
+        for module in modules:
+            hidden = module(hidden)
         return hidden
 
     return apply
+
+
+class _StopBeforeFirstLayer(Exception):
+    pass
+
+
+def layer_inputs(backbone: nn.Module, embeds: torch.Tensor, attention_mask: torch.Tensor | None,
+                 position_ids: torch.Tensor) -> tuple[torch.Tensor, tuple, dict]:
+    """The hidden states and the other arguments (masks, positions, rotary embeddings) that a decoder's base
+    model hands its first layer; every layer gets the same arguments. Runs only the part before the layers,
+    so callers can run the layers one by one (wavefront cells, pipeline stages)."""
+    captured = {}
+
+    def capture(module, args, kwargs):
+        captured["args"], captured["kwargs"] = args, kwargs
+        raise _StopBeforeFirstLayer
+
+    handle = decoder_layers(backbone)[0].register_forward_pre_hook(capture, with_kwargs=True, prepend=True)
+    try:
+        run_decoder(backbone, embeds, attention_mask, position_ids)
+    except _StopBeforeFirstLayer:
+        pass
+    finally:
+        handle.remove()
+    args = captured["args"]
+    hidden = args[0] if args else captured["kwargs"].pop("hidden_states")
+    return hidden, tuple(args[1:]), captured["kwargs"]
+
+
+def run_layer(layer: nn.Module, hidden: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
+    """One decoder layer's output hidden states (layers return a tuple in some transformers versions)."""
+    out = layer(hidden, *args, **kwargs)
+    return out[0] if isinstance(out, tuple) else out
 
 
 def run_decoder(backbone: nn.Module, embeds: torch.Tensor, attention_mask: torch.Tensor | None,

@@ -139,18 +139,25 @@ class RecurrentMemoryModel(GenerationMixin, nn.Module):
             memory: the memory to start from (``RMTOutput.memory`` of a previous call); default: learned.
             return_logits: decoders only: also return all logits (memory grows with the input length).
         """
+        segments, targets = self.segments(input_ids, attention_mask, labels, return_logits)
+        state = self.step.initial_state(input_ids.shape[0], memory)
+        loss_sum, state, extras = self.step.run(state, segments)
+        loss, memory, logits = self.step.outputs(state, loss_sum, extras, labels, targets)
+        return RMTOutput(loss=loss, memory=memory, logits=logits, num_segments=len(segments))
+
+    def segments(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                 labels: torch.Tensor | None = None, return_logits: bool = False):
+        """The checked batch cut into :class:`Segment` s, and the whole input's targets (decoders: the labels
+        shifted once; None without labels or for encoders)."""
         attention_mask = check_inputs(input_ids, attention_mask, labels, per_token_labels=self.spec.kind == "decoder")
         targets = self.step.targets(labels, attention_mask)
-        state = self.step.initial_state(input_ids.shape[0], memory)
         segments = [
             Segment(input_ids[:, start:end], attention_mask[:, start:end],
                     None if targets is None else targets[:, start:end], return_logits)
             for start, end in segment_bounds(input_ids.shape[1], self.config.segment_size,
                                              self.config.segment_alignment)
         ]
-        loss_sum, state, extras = self.step.run(state, segments)
-        loss, memory, logits = self.step.outputs(state, loss_sum, extras, labels, targets)
-        return RMTOutput(loss=loss, memory=memory, logits=logits, num_segments=len(segments))
+        return segments, targets
 
 
 def _readable(path: Path) -> bool:

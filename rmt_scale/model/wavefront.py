@@ -23,7 +23,7 @@ from torch.func import functional_call, stack_module_state, vmap
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .associative import AssociativeMemory
-from .backbones import decoder_final_norm, decoder_layers, run_decoder
+from .backbones import decoder_final_norm, decoder_layers, layer_inputs, run_layer
 from .segments import keep_if_empty, padding_mask, positions
 
 
@@ -36,34 +36,8 @@ class _Cell(nn.Module):
 
     def forward(self, hidden, matrix, normaliser, num_mem: int, layer_args, layer_kwargs):
         hidden = hidden + self.memory.read(hidden, matrix, normaliser)
-        out = self.layer(hidden, *layer_args, **layer_kwargs)
-        out = out[0] if isinstance(out, tuple) else out
+        out = run_layer(self.layer, hidden, layer_args, layer_kwargs)
         return (out, *self.memory.write(out[:, -num_mem:], matrix, normaliser))
-
-
-class _StopBeforeFirstLayer(Exception):
-    pass
-
-
-def _first_layer_call(backbone: nn.Module, first_layer: nn.Module, embeds, attention_mask, position_ids):
-    """The hidden states and arguments (masks, positions, rotary embeddings) the backbone hands its first
-    layer; every layer gets the same arguments. Runs only the embedding part of the backbone."""
-    captured = {}
-
-    def capture(module, args, kwargs):
-        captured["args"], captured["kwargs"] = args, kwargs
-        raise _StopBeforeFirstLayer
-
-    handle = first_layer.register_forward_pre_hook(capture, with_kwargs=True, prepend=True)
-    try:
-        run_decoder(backbone, embeds, attention_mask, position_ids)
-    except _StopBeforeFirstLayer:
-        pass
-    finally:
-        handle.remove()
-    args = captured["args"]
-    hidden = args[0] if args else captured["kwargs"].pop("hidden_states")
-    return hidden, tuple(args[1:]), captured["kwargs"]
 
 
 class _LayerCall:
@@ -105,8 +79,7 @@ def run_wavefront(step, state: tuple[torch.Tensor, ...], segments: list):
                        if diagonal - s < num_layers]  # by layer, ascending
         if diagonal < num_segments:
             embeds, mask = step.inputs(segments[diagonal])
-            hidden[diagonal], args, kwargs = _first_layer_call(backbone, layers[0], embeds, padding_mask(mask),
-                                                               positions(mask))
+            hidden[diagonal], args, kwargs = layer_inputs(backbone, embeds, padding_mask(mask), positions(mask))
             calls[diagonal] = _LayerCall(args, kwargs)
         groups: dict = {}
         for s, l in on_diagonal:

@@ -109,10 +109,12 @@ def build_ds_config(raw: dict, config: TrainConfig, world_size: int) -> dict:
         raise ValueError(f"unknown DeepSpeed config keys {unknown} in --ds_config={config.ds_config!r}: check their "
                          "spelling against https://www.deepspeed.ai/docs/config-json/.")
     ds = copy.deepcopy(raw)
+    stages = pipeline_stages(ds, world_size)
+    data_parallel = world_size // stages
     fills = {
         ("train_micro_batch_size_per_gpu",): config.micro_batch_size,
         ("gradient_accumulation_steps",): config.grad_accum,
-        ("train_batch_size",): config.micro_batch_size * config.grad_accum * world_size,
+        ("train_batch_size",): config.micro_batch_size * config.grad_accum * data_parallel,
         ("gradient_clipping",): config.grad_clip,
         ("optimizer", "params", "lr"): config.lr,
         ("optimizer", "params", "weight_decay"): config.weight_decay,
@@ -124,8 +126,10 @@ def build_ds_config(raw: dict, config: TrainConfig, world_size: int) -> dict:
         _fill_auto(ds, keys, value)
     _fill_flops_profiler(ds, config)
     _check_no_auto_left(ds)
-    _check_batch_sizes(ds, world_size)
+    _check_batch_sizes(ds, data_parallel)
     _check_zero_section(ds)
+    if stages > 1 or "pipeline" in ds:
+        _check_pipeline(ds, config)
     if config.model.backprop == "replay" and zero_stage(ds) >= 2:
         raise ValueError(f"--backprop=replay cannot run with ZeRO stage {zero_stage(ds)}: replay runs a backward "
                          "per segment inside the step, so ZeRO's gradient hooks reduce each parameter several "
@@ -174,17 +178,56 @@ def _check_no_auto_left(ds, path: str = "") -> None:
         raise ValueError(f"DeepSpeed config key {path!r} is 'auto' but no flag fills it: give it a value.")
 
 
-def _check_batch_sizes(ds: dict, world_size: int) -> None:
+def _check_batch_sizes(ds: dict, data_parallel: int) -> None:
     micro = ds.get("train_micro_batch_size_per_gpu")
     accum = ds.get("gradient_accumulation_steps", 1)
     total = ds.get("train_batch_size")
     if micro is None or total is None:
         raise ValueError("the DeepSpeed config needs train_micro_batch_size_per_gpu and train_batch_size "
                          "(set them to \"auto\" to take --micro_batch_size and --grad_accum).")
-    if total != micro * accum * world_size:
+    if total != micro * accum * data_parallel:
         raise ValueError(f"train_batch_size={total} must equal train_micro_batch_size_per_gpu={micro} x "
-                         f"gradient_accumulation_steps={accum} x {world_size} ranks = {micro * accum * world_size}: "
-                         "fix the numbers or set them to \"auto\".")
+                         f"gradient_accumulation_steps={accum} x {data_parallel} data-parallel ranks = "
+                         f"{micro * accum * data_parallel}: fix the numbers or set them to \"auto\".")
+
+
+# ---------------------------------------------------------------------- the pipeline block
+def pipeline_stages(ds: dict, world_size: int) -> int:
+    """``pipeline.stages`` of the config (1 without the block), checked against the number of ranks."""
+    block = ds.get("pipeline") or {}
+    stages = block.get("stages", 1)
+    if not isinstance(stages, int) or stages < 1:
+        raise ValueError(f"pipeline.stages={stages!r} in the DeepSpeed config must be a positive integer.")
+    if world_size % stages:
+        raise ValueError(f"pipeline.stages={stages} does not divide the {world_size} ranks: start a multiple of "
+                         f"{stages} ranks (stages x data-parallel replicas), or change pipeline.stages.")
+    return stages
+
+
+PARTITIONS = ("uniform", "parameters")
+
+
+def _check_pipeline(ds: dict, config: TrainConfig) -> None:
+    partition = ds["pipeline"].get("partition", "uniform")
+    if partition not in PARTITIONS:
+        raise ValueError(f"pipeline.partition={partition!r}: use 'uniform' (the same number of layers per stage; "
+                         "best when only answers are labelled, as in the tasks) or 'parameters' (the last stage "
+                         "also counts the LM head's parameters; best when every token is labelled).")
+    chains = ds["pipeline"].get("chains", 1)
+    if not isinstance(chains, int) or not 1 <= chains <= config.micro_batch_size:
+        raise ValueError(f"pipeline.chains={chains!r} must be between 1 and the micro-batch size "
+                         f"({config.micro_batch_size}): it is how many groups of samples are in flight.")
+    if zero_stage(ds) > 1:
+        raise ValueError(f"ZeRO stage {zero_stage(ds)} cannot run with pipeline stages: every stage runs a backward "
+                         "per segment, which ZeRO-2/3's gradient hooks would reduce several times (DeepSpeed's own "
+                         "pipeline engine refuses them too). Use ZeRO stage 0 or 1 in a pipeline config (optimizer "
+                         "offload works with 1), or a ZeRO-3 config without a pipeline block.")
+    if ds.get("activation_checkpointing", {}).get("partition_activations"):
+        raise ValueError("activation_checkpointing.partition_activations has no meaning for pipeline stages: "
+                         "remove it (cpu_checkpointing moves what a stage stashes per segment to host memory).")
+    if ds.get("flops_profiler", {}).get("enabled"):
+        raise ValueError("the flops_profiler block is not supported with pipeline stages (it profiles one module "
+                         "call, and a stage's work is spread over the step): profile without the pipeline block.")
 
 
 def _check_zero_section(ds: dict) -> None:
@@ -210,7 +253,7 @@ def activation_settings(model_config: RMTConfig, ds_config: dict) -> tuple[RMTCo
     inputs in host memory (``activations.py``). Returns ``(the model config to build, checkpoint the layers,
     offload their inputs)``."""
     block = ds_config.get("activation_checkpointing")
-    if block is None:
+    if block is None or "pipeline" in ds_config:  # a pipeline stage recomputes each segment from its stash
         return model_config, False, False
     if isinstance(model_config, ARMTConfig):
         raise ValueError("the DeepSpeed config's activation_checkpointing block checkpoints the backbone's layers, "
@@ -230,6 +273,8 @@ def build_engine(build_model: Callable[[RMTConfig], torch.nn.Module], model_conf
     partitioned (``deepspeed.zero.Init()`` around OPT crashes with transformers 5)."""
     import deepspeed
 
+    if "pipeline" in ds_config:
+        return _build_pipeline_engine(build_model, model_config, ds_config, collective_timeout_s)
     model_config, layers_checkpointed, offload_layers = activation_settings(model_config, ds_config)
     hf_ds_config = None
     if zero_stage(ds_config) == 3:
@@ -242,13 +287,17 @@ def build_engine(build_model: Callable[[RMTConfig], torch.nn.Module], model_conf
         checkpoint_layers(model.backbone, offload)
     engine, _, _, _ = deepspeed.initialize(
         model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=ds_config)
-    # DeepSpeed makes its own groups (data parallelism runs in a copy of the world group), and torch gives a
-    # new group its default timeout (30 min on gloo), not the world group's: all get init_distributed's
+    _set_group_timeouts(collective_timeout_s)
+    return DataParallelEngine(engine, zero_stage(ds_config), offload, hf_ds_config)
+
+
+def _set_group_timeouts(collective_timeout_s: float) -> None:
+    """DeepSpeed makes its own groups (data parallelism runs in a copy of the world group), and torch gives a
+    new group its default timeout (30 min on gloo), not the world group's: all get init_distributed's."""
     from torch.distributed import distributed_c10d
 
     for group in list(distributed_c10d._world.pg_map):
         distributed_c10d._set_pg_timeout(datetime.timedelta(seconds=collective_timeout_s), group)
-    return DataParallelEngine(engine, zero_stage(ds_config), offload, hf_ds_config)
 
 
 @contextlib.contextmanager
@@ -269,6 +318,19 @@ class DataParallelEngine:
         self._hf_ds_config = hf_ds_config
         self.module = engine.module
         self._step_begins = True
+
+    @property
+    def data_rank(self) -> int:
+        """This rank's index among the ranks that read different data."""
+        return self.engine.global_rank
+
+    @property
+    def data_world_size(self) -> int:
+        return self.engine.world_size
+
+    def whole_model(self):
+        """The model to evaluate and export (under ZeRO-3 partitioned: export inside gathered_parameters)."""
+        return self.module
 
     def forward(self, batch: dict):
         if self.offload is not None and self._step_begins:
@@ -335,3 +397,125 @@ class DataParallelEngine:
         import deepspeed
 
         return deepspeed.zero.GatheredParameters(list(self.module.parameters()), modifier_rank=None)
+
+
+# ---------------------------------------------------------------------- pipeline stages
+class StageTopology:
+    """P pipeline stages x D data-parallel replicas. Rank ``r`` is stage ``r % P`` of replica ``r // P``, so a
+    pipeline's stages are neighbouring ranks (on one node when P divides the GPUs per node). Also DeepSpeed's
+    ``mpu`` interface: its "model parallel" group is the pipeline, so a gradient norm spans every stage."""
+
+    def __init__(self, rank: int, world_size: int, stages: int):
+        import torch.distributed as dist
+
+        self.stages, self.replicas = stages, world_size // stages
+        self.stage, self.replica = rank % stages, rank // stages
+        self.stage_ranks = [self.replica * stages + s for s in range(stages)]
+        # every rank creates every group, in the same order, as torch requires
+        for replica in range(self.replicas):
+            group = dist.new_group([replica * stages + s for s in range(stages)])
+            if replica == self.replica:
+                self.pipe_group = group
+        for stage in range(stages):
+            group = dist.new_group([r * stages + stage for r in range(self.replicas)])
+            if stage == self.stage:
+                self.data_group = group
+        self.tied_group = None
+        for replica in range(self.replicas):
+            group = dist.new_group([replica * stages, replica * stages + stages - 1]) if stages > 1 else None
+            if replica == self.replica and self.stage in (0, stages - 1):
+                self.tied_group = group
+
+    def get_model_parallel_group(self):
+        return self.pipe_group
+
+    def get_model_parallel_world_size(self) -> int:
+        return self.stages
+
+    def get_model_parallel_rank(self) -> int:
+        return self.stage
+
+    def get_data_parallel_group(self):
+        return self.data_group
+
+    def get_data_parallel_world_size(self) -> int:
+        return self.replicas
+
+    def get_data_parallel_rank(self) -> int:
+        return self.replica
+
+
+def _build_pipeline_engine(build_model, model_config: RMTConfig, ds_config: dict,
+                           collective_timeout_s: float) -> "PipelineEngine":
+    import deepspeed
+    import torch.distributed as dist
+
+    from ..pipeline import PipelineStage, SegmentPipeline, head_cost_in_layers
+
+    topology = StageTopology(dist.get_rank(), dist.get_world_size(), pipeline_stages(ds_config, dist.get_world_size()))
+    model = build_model(model_config)  # the same seeds on every rank: the same initial weights
+    block = ds_config["pipeline"]
+    head_cost = head_cost_in_layers(model) if block.get("partition", "uniform") == "parameters" else 0.0
+    stage = PipelineStage(model, topology.stage, topology.stages, head_cost)
+    owned = stage.owned_parameters()
+    tied = {id(p) for p in stage.tied_parameters()}
+    for param in owned.values():
+        # DeepSpeed counts a gradient in the norm on every "model parallel" rank that marks it, else on the
+        # first stage only: the tied head's copy on the last stage must be counted once
+        param.model_parallel = not (stage.is_last and id(param) in tied and not stage.is_first)
+    offload = bool(ds_config.get("activation_checkpointing", {}).get("cpu_checkpointing", False))
+    pipeline = SegmentPipeline(stage, topology.stage_ranks, chains=block.get("chains", 1), group=topology.pipe_group,
+                               tied_group=topology.tied_group, offload_stash=offload)
+    engine, _, _, _ = deepspeed.initialize(model=pipeline, model_parameters=list(owned.values()), config=ds_config,
+                                           mpu=topology)
+    _set_group_timeouts(collective_timeout_s)
+    return PipelineEngine(engine, zero_stage(ds_config), topology, partial_model=model,
+                          build_model=lambda: build_model(model_config))
+
+
+class PipelineEngine(DataParallelEngine):
+    """A DeepSpeed engine per pipeline stage (``rmt_scale.pipeline``): ``forward`` runs the batch's segments
+    forward through the stages and ``backward`` back through them; ZeRO-0/1 reduce each stage's gradients
+    over its replicas. ``module`` is this rank's share of the model; :meth:`whole_model` gathers all of it."""
+
+    def __init__(self, engine, zero: int, topology: StageTopology, partial_model, build_model):
+        super().__init__(engine, zero, None, None)
+        self.topology = topology
+        self.pipeline = engine.module
+        self.module = partial_model
+        self._build_model = build_model
+        self._whole = None
+
+    @property
+    def data_rank(self) -> int:
+        return self.topology.replica
+
+    @property
+    def data_world_size(self) -> int:
+        return self.topology.replicas
+
+    @property
+    def offloaded_bytes(self) -> int | None:
+        return self.pipeline.stashed_bytes if self.pipeline.offload_stash else None
+
+    def step(self) -> float | None:
+        boundary = self.engine.is_gradient_accumulation_boundary()
+        self.engine.step()
+        return float(self.engine.get_global_grad_norm() or 0.0) if boundary else None
+
+    def whole_model(self):
+        """The complete model with the current weights, on every rank: each stage's parameters gathered over
+        the pipeline (for evaluation and export; it must fit a rank's host memory)."""
+        import torch.distributed as dist
+
+        own = {name: p.detach().to("cpu", copy=True) for name, p in self.pipeline.stage.owned_parameters().items()}
+        shares = [None] * self.topology.stages
+        dist.all_gather_object(shares, own, group=self.topology.pipe_group)
+        if self._whole is None:
+            self._whole = self._build_model().to(self.module.backbone.device)
+        state = {name: tensor for share in shares for name, tensor in share.items()}
+        missing = {name for name, p in self._whole.named_parameters() if p.requires_grad} - set(state)
+        if missing:
+            raise RuntimeError(f"no stage holds {sorted(missing)[:3]}: the stages do not cover the model.")
+        self._whole.load_state_dict(state, strict=False)
+        return self._whole

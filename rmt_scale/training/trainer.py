@@ -107,12 +107,14 @@ class Trainer:
         generator = TaskGenerator(config.task, self.tokenizer, seed=config.data_seed)
         self.eval_generator = TaskGenerator(config.task, self.tokenizer, generator.background,
                                             seed=config.data_seed + EVAL_SEED_OFFSET)
-        shards = (ShardStream(config.shards, rank=dist_info.rank, world_size=dist_info.world_size,
+        # the stages of a pipeline read the same batches; replicas read different ones
+        data_rank, data_world = self.engine.data_rank, self.engine.data_world_size
+        shards = (ShardStream(config.shards, rank=data_rank, world_size=data_world,
                               seed=config.data_seed, skip_corrupt=config.skip_corrupt_samples > 0,
                               vocab_size=self.tokenizer.vocab_size) if config.shards else None)
         self.batches = TrainBatches(None if shards else generator, shards, micro_batch=config.micro_batch_size,
-                                    grad_accum=config.grad_accum, rank=dist_info.rank,
-                                    world_size=dist_info.world_size, segment_size=config.model.segment_size,
+                                    grad_accum=config.grad_accum, rank=data_rank,
+                                    world_size=data_world, segment_size=config.model.segment_size,
                                     pad_id=self.tokenizer.pad_id, max_corrupt=config.skip_corrupt_samples,
                                     classes=self.classes)
         self.step = 0
@@ -220,6 +222,7 @@ class Trainer:
             summary[0] /= self.dist.world_size
             summary[2] /= self.dist.world_size
         loss, total_tokens, memory_norm = summary.tolist()
+        total_tokens *= self.engine.data_world_size / self.dist.world_size  # a pipeline's stages saw the same tokens
         tokens_per_s = total_tokens / max(time.perf_counter() - started, 1e-9)
         if self.step % self.config.log_every == 0 or self.step == self.config.max_steps:
             values = {"train/loss": loss, "train/lr": self.engine.lr, "train/grad_norm": grad_norm,
@@ -236,7 +239,7 @@ class Trainer:
 
     def _evaluate(self, logger: MetricsLogger) -> None:
         self.accuracy = evaluate_by_length(
-            self.model, self.eval_generator, self.config.eval_lengths, segment_size=self.config.model.segment_size,
+            self.engine.whole_model(), self.eval_generator, self.config.eval_lengths, segment_size=self.config.model.segment_size,
             samples=self.config.eval_samples, batch_size=self.config.eval_batch_size, pad_id=self.tokenizer.pad_id,
             rank=self.dist.rank, world_size=self.dist.world_size, classes=self.classes)
         logger.scalars(self.step, {f"eval/accuracy_{k}seg": acc for k, acc in self.accuracy.items()})
@@ -264,10 +267,11 @@ class Trainer:
         """A plain ``save_pretrained`` directory (with the tokenizer) for ``RecurrentMemoryModel.from_pretrained``;
         under ZeRO-3 the partitioned weights are gathered first (on every rank, as DeepSpeed requires)."""
         with self.engine.gathered_parameters():
+            model = self.engine.whole_model()
             if self.is_main:
                 tmp = directory.with_name(".tmp-" + directory.name)
                 shutil.rmtree(tmp, ignore_errors=True)
-                self.model.save_pretrained(tmp)
+                model.save_pretrained(tmp)
                 self.tokenizer.save(str(tmp / "tokenizer"))
                 shutil.rmtree(directory, ignore_errors=True)
                 os.replace(tmp, directory)

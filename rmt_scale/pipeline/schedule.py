@@ -1,0 +1,287 @@
+"""The schedule of a chain of segments over pipeline stages: forward segment by segment, then backward from
+the last segment to the first, with exact gradients.
+
+A batch is cut into ``chains`` groups of samples; each group is a chain of segments. Every stage runs the
+items ``(segment t, chain b)`` in the same order, forward in ``(t, b)`` order and backward in the reverse
+order, so a message is always received in the order it was sent and the schedule cannot deadlock.
+
+- Forward runs without autograd. A stage stashes, per item, only what it received, the state it read and
+  the RNG state, and sends its output on: to the next stage or, from the last stage, RMT's written memory
+  back to stage 0 for the chain's next segment.
+- Backward recomputes each item with autograd from its stash (as memory replay does, so dropout draws the
+  same masks) and backpropagates the loss together with the gradients of what the item sent (received from
+  the next stage, or from stage 0 for RMT's memory) and of the state it wrote (kept by the stage itself,
+  from the chain's next segment: ARMT's layer-local memory). It sends the gradients of what it received
+  back to where it came from. ``bptt_depth`` cuts exactly the state gradients the one-process model cuts.
+
+How full the pipeline is depends on what crosses stages. ARMT's memory stays in its stage, so stage p
+runs segment t while stage p+1 runs segment t-1: one chain fills P stages after P-1 steps (ideal busy
+fraction S / (S + P - 1) over S segments). RMT's memory goes from the last stage back to the first, so one
+chain keeps one stage busy at a time; ``chains >= P`` chains in flight fill the pipeline.
+"""
+
+from __future__ import annotations
+
+import collections
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from torch import nn
+
+from ..model.modeling import RMTOutput
+from ..model.recurrence import keeps_gradient
+from ..model.segments import IGNORE_INDEX, Segment
+from ..rng import restored_torch_rng, torch_rng_state
+from .stages import PipelineStage
+
+
+@dataclass
+class PipelineStep:
+    """What :meth:`SegmentPipeline.forward_backward` measured."""
+
+    loss: float  # mean over the batch's labelled tokens, as the one-process model's loss
+    num_segments: int
+    busy_s: float  # time this stage spent computing (forward and recomputation+backward)
+    step_s: float  # wall time of the whole forward-backward
+    timeline: list[tuple[str, int, int, float, float]]  # ("forward"/"backward", segment, chain, start s, end s)
+
+    @property
+    def busy_fraction(self) -> float:
+        return self.busy_s / self.step_s if self.step_s else 0.0
+
+
+def ideal_busy_fraction(num_segments: int, num_stages: int, chains: int, associative: bool) -> float:
+    """The busy fraction of a stage if every item took the same time and messages were free."""
+    items = num_segments * chains
+    if associative:
+        return items / (items + num_stages - 1)
+    # RMT: a chain's next segment waits for a whole trip round the pipe; `chains` chains share the trip
+    rounds = num_segments * max(num_stages, chains) + min(chains, num_stages) - 1
+    return items / rounds
+
+
+class SegmentPipeline(nn.Module):
+    """Runs one stage's part of the segment schedule.
+
+    Args:
+        stage: this rank's :class:`PipelineStage`.
+        stage_ranks: the global ranks of this pipeline's stages, in stage order.
+        chains: how many groups of samples are in flight (at most the batch size).
+        group: the process group of this pipeline's stages (None: the world, for a single pipeline).
+        tied_group: the process group of the first and last stage of this pipeline when they hold a tied
+            head (``PipelineStage.tied_parameters``), else None.
+        offload_stash: hold what the stage stashes per item (what it received, the state it read) in host
+            memory, pinned when it comes from CUDA; ``stashed_bytes`` counts it per step (on a CPU-only
+            machine, what would have moved off an accelerator), summed over the pipeline's stages.
+    """
+
+    def __init__(self, stage: PipelineStage, stage_ranks: list[int], chains: int = 1, group=None, tied_group=None,
+                 offload_stash: bool = False):
+        if len(stage_ranks) != stage.num_stages:
+            raise ValueError(f"{len(stage_ranks)} ranks given for {stage.num_stages} stages.")
+        if chains < 1:
+            raise ValueError(f"chains={chains}: at least one chain of segments must be in flight.")
+        super().__init__()
+        self.stage, self.stage_ranks, self.chains = stage, stage_ranks, chains
+        self.group, self.tied_group = group, tied_group
+        self.rank = stage_ranks[stage.stage]
+        self.memory_turns_around = not stage.associative and stage.num_mem > 0
+        self._loopback: collections.deque = collections.deque()  # one stage: the memory it sends itself
+        self._pending: list = []
+        self.offload_stash = offload_stash
+        self.stashed_bytes = 0
+
+    # ------------------------------------------------------------------ messages
+    def _source(self, t: int) -> int | None:
+        if not self.stage.is_first:
+            return self.stage_ranks[self.stage.stage - 1]
+        return self.stage_ranks[-1] if self.memory_turns_around and t > 0 else None
+
+    def _destination(self, t: int, num_segments: int) -> int | None:
+        if not self.stage.is_last:
+            return self.stage_ranks[self.stage.stage + 1]
+        return self.stage_ranks[0] if self.memory_turns_around and t < num_segments - 1 else None
+
+    def _send(self, peer: int, tensors) -> None:
+        if peer == self.rank:
+            self._loopback.append(tuple(tensors))
+            return
+        for tensor in tensors:
+            tensor = tensor.contiguous()
+            self._pending.append((dist.isend(tensor, peer), tensor))
+
+    def _recv(self, peer: int, shapes, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+        if peer == self.rank:
+            return self._loopback.popleft()
+        device = self.stage.model.backbone.device
+        tensors = tuple(torch.empty(shape, dtype=dtype, device=device) for shape in shapes)
+        for tensor in tensors:
+            dist.recv(tensor, peer)
+        return tensors
+
+    # ------------------------------------------------------------------ the step
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None) -> RMTOutput:
+        """Runs the batch forward through the stages; ``loss`` (the mean over the batch's labelled tokens, the
+        same on every stage) backpropagates through them. The memory is not returned: it lives on the stages."""
+        if labels is None:
+            raise ValueError("a pipeline step trains: pass labels (evaluate the exported model instead).")
+        run = _Run(self, input_ids, attention_mask, labels)
+        anchor = torch.zeros((), requires_grad=True)  # the loss depends on parameters autograd cannot see
+        loss = _ChainOfSegments.apply(run, anchor)
+        self.last_run = run
+        return RMTOutput(loss=loss, num_segments=run.num_segments)
+
+    def forward_backward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                         labels: torch.Tensor) -> PipelineStep:
+        """One forward and backward (gradients accumulate into ``.grad``); what it measured."""
+        output = self(input_ids, attention_mask, labels)
+        output.loss.backward()
+        return self.last_run.measured(float(output.loss))
+
+    def _to_host(self, tensors: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        if not self.offload_stash:
+            return tensors
+        self.stashed_bytes += sum(x.numel() * x.element_size() for x in tensors)
+        return tuple(_pinned_copy(x) if x.is_cuda else x for x in tensors)
+
+    def _forward_items(self, run: "_Run") -> float:
+        self.stashed_bytes = 0
+        stash, states, loss_sum = run.stash, run.states, 0.0
+        for t, b in run.items:
+            segment = run.chains[b][t]
+            source = self._source(t)
+            received = () if source is None else self._recv(source, self.stage.received_shapes(segment, t), run.dtype)
+            tick = time.perf_counter()
+            rng = torch_rng_state()
+            with torch.no_grad():
+                out = self.stage(segment, received, states[b])
+            run.record("forward", t, b, tick)
+            stash[t, b] = (self._to_host(received), self._to_host(states[b]), rng, [tuple(x.shape) for x in out.sent])
+            states[b] = out.state
+            if out.loss is not None:
+                loss_sum += float(out.loss)
+            destination = self._destination(t, run.num_segments)
+            if destination is not None:
+                self._send(destination, out.sent)
+        # on the stage's device: NCCL communicates only CUDA tensors
+        loss = torch.tensor([loss_sum / run.num_targets if self.stage.is_last else 0.0], device=run.device)
+        dist.broadcast(loss, self.stage_ranks[-1], group=self.group)
+        return float(loss)
+
+    def _backward_items(self, run: "_Run", grad_loss: torch.Tensor) -> None:
+        num_segments, depth = run.num_segments, run.bptt_depth
+        state_grads: list = [None] * len(run.chains)
+        scale = grad_loss.detach().float() / run.num_targets
+        for t, b in reversed(run.items):
+            segment = run.chains[b][t]
+            received, state, rng, sent_shapes = run.stash.pop((t, b))
+            destination = self._destination(t, num_segments)
+            gets_memory_grad = not self.stage.is_last or keeps_gradient(t + 1, num_segments, depth)
+            grad_sent = None
+            if destination is not None and gets_memory_grad:
+                grad_sent = self._recv(destination, sent_shapes, run.dtype)
+            tick = time.perf_counter()
+            received = tuple(_leaf(x.to(run.device, non_blocking=True)) for x in received)
+            state = tuple(_leaf(x.to(run.device, non_blocking=True)) for x in state)
+            with torch.enable_grad(), restored_torch_rng(rng):
+                out = self.stage(segment, received, state)
+            outputs, grads = [], []
+            if out.loss is not None and out.loss.requires_grad:
+                outputs.append(out.loss)
+                grads.append(scale.to(out.loss))
+            for tensors, gradients in ((out.sent, grad_sent), (out.state, state_grads[b])):
+                if gradients is None:
+                    continue
+                for tensor, grad in zip(tensors, gradients):
+                    if tensor.requires_grad and grad is not None:
+                        outputs.append(tensor)
+                        grads.append(grad)
+            if outputs:
+                torch.autograd.backward(outputs, grads)
+            cut = t > 0 and not keeps_gradient(t, num_segments, depth)
+            state_grads[b] = None if cut else [x.grad for x in state]
+            run.record("backward", t, b, tick)
+            source = self._source(t)
+            if source is not None and (not self.stage.is_first or not cut):
+                self._send(source, [x.grad if x.grad is not None else torch.zeros_like(x) for x in received])
+        for work, _ in self._pending:
+            work.wait()
+        self._pending.clear()
+        if self.tied_group is not None:
+            for param in self.stage.tied_parameters():
+                dist.all_reduce(param.grad, group=self.tied_group)
+        if self.offload_stash:  # report the pipeline's total, not one stage's share
+            total = torch.tensor([float(self.stashed_bytes)], device=run.device)
+            dist.all_reduce(total, group=self.group)
+            self.stashed_bytes = int(total)
+        run.finished = time.perf_counter()
+
+
+class _Run:
+    """One batch on its way through the pipeline: its chains of segments and what the backward needs."""
+
+    def __init__(self, pipeline: SegmentPipeline, input_ids, attention_mask, labels):
+        self.started = time.perf_counter()
+        self.pipeline = pipeline
+        model = pipeline.stage.model
+        segments, targets = model.segments(input_ids, attention_mask, labels)
+        self.num_targets = int((targets != IGNORE_INDEX).sum())
+        if self.num_targets == 0:
+            raise ValueError("the batch has no labelled token: a pipeline step needs a loss to backpropagate.")
+        self.chains = _split_chains(segments, min(pipeline.chains, input_ids.shape[0]))
+        self.num_segments = len(segments)
+        self.items = [(t, b) for t in range(self.num_segments) for b in range(len(self.chains))]
+        self.dtype = model.backbone.get_input_embeddings().weight.dtype
+        self.device = model.backbone.get_input_embeddings().weight.device
+        self.bptt_depth = model.config.bptt_depth
+        self.states = [pipeline.stage.initial_state(chain[0].input_ids.shape[0]) for chain in self.chains]
+        self.stash: dict = {}
+        self.busy_s = 0.0
+        self.finished = None
+        self.timeline: list[tuple[str, int, int, float, float]] = []
+
+    def record(self, kind: str, t: int, b: int, tick: float) -> None:
+        now = time.perf_counter()
+        self.busy_s += now - tick
+        self.timeline.append((kind, t, b, tick - self.started, now - self.started))
+
+    def measured(self, loss: float) -> PipelineStep:
+        return PipelineStep(loss, self.num_segments, self.busy_s, (self.finished or time.perf_counter()) - self.started,
+                            self.timeline)
+
+
+class _ChainOfSegments(torch.autograd.Function):
+    """The forward items in forward, the backward items in backward (where ``engine.backward`` puts them)."""
+
+    @staticmethod
+    def forward(ctx, run: _Run, anchor: torch.Tensor):
+        ctx.run = run
+        return torch.tensor(run.pipeline._forward_items(run), dtype=torch.float32)
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        ctx.run.pipeline._backward_items(ctx.run, grad_loss)
+        ctx.run = None
+        return None, None
+
+
+def _pinned_copy(tensor: torch.Tensor) -> torch.Tensor:
+    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+    return host.copy_(tensor, non_blocking=True)
+
+
+def _leaf(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.detach().requires_grad_(tensor.is_floating_point())
+
+
+def _split_chains(segments: list[Segment], chains: int) -> list[list[Segment]]:
+    """The batch's segments as ``chains`` chains of sample groups (as even as possible)."""
+    batch = segments[0].input_ids.shape[0]
+    bounds = [round(i * batch / chains) for i in range(chains + 1)]
+    return [[Segment(s.input_ids[lo:hi], s.attention_mask[lo:hi], None if s.targets is None else s.targets[lo:hi],
+                     s.return_logits) for s in segments]
+            for lo, hi in zip(bounds, bounds[1:])]

@@ -1,0 +1,207 @@
+"""What one pipeline stage computes for one segment.
+
+A decoder's layers are split over P stages. Stage 0 also lays the segment out (embeddings, memory tokens),
+the last stage also applies the final norm and the LM head and sums the segment's loss. What a stage
+computes for a segment is a function of
+
+- ``received``: what the stage before sent. For stage 0 that is, in RMT, the memory the last stage wrote
+  for the segment before (nothing for the first segment, whose memory is the learned one);
+- ``state``: what the stage itself carried from the segment before (ARMT: its layers' (A, z));
+
+and it returns ``sent`` (to the next stage; the last stage sends RMT's written memory back to stage 0),
+its new ``state`` and, on the last stage, the segment's summed loss. Every stage computes the same thing
+as the corresponding part of ``steps.DecoderStep`` / ``steps.AssociativeStep``, so a pipeline gives the
+gradients of the one-process model.
+
+RMT's read memory travels down the pipe with the hidden states: the last stage needs it to keep the memory
+of samples that have no token in the segment (padded batches), as the one-process step does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..model import RecurrentMemoryModel
+from ..model.backbones import decoder_final_modules, decoder_layers, layer_inputs, run_layer
+from ..model.segments import Segment, keep_if_empty, padding_mask, positions
+
+
+def split_layers(num_layers: int, num_stages: int, head_cost: float = 0.0) -> list[range]:
+    """Contiguous layer ranges, one per stage, of at least one layer each, that minimise the largest stage's
+    cost: a layer costs 1, and the last stage also pays ``head_cost`` layers for the LM head and loss.
+    Ties go to the split that puts more layers first."""
+    if not 1 <= num_stages <= num_layers:
+        raise ValueError(f"cannot split {num_layers} decoder layers over {num_stages} pipeline stages: use at "
+                         f"most {num_layers} stages (one layer each at least).")
+    # best[s][n]: the smallest largest cost of splitting the last n layers over the last s stages
+    best = {(1, n): n + head_cost for n in range(1, num_layers + 1)}
+    first = {}
+    for stages in range(2, num_stages + 1):
+        for n in range(stages, num_layers + 1):
+            options = [(max(k, best[stages - 1, n - k]), -k) for k in range(1, n - stages + 2)]
+            cost, minus_k = min(options)
+            best[stages, n], first[stages, n] = cost, -minus_k
+    bounds, start, remaining = [], 0, num_layers
+    for stages in range(num_stages, 1, -1):
+        size = first[stages, remaining]
+        bounds.append(range(start, start + size))
+        start, remaining = start + size, remaining - size
+    return bounds + [range(start, num_layers)]
+
+
+def head_cost_in_layers(model: RecurrentMemoryModel) -> float:
+    """The LM head's cost per token relative to a decoder layer's (their parameter counts): what
+    :func:`split_layers` should charge the last stage when every token has a label (language modelling)."""
+    layers = decoder_layers(model.backbone)
+    per_layer = sum(p.numel() for p in layers[0].parameters())
+    return sum(p.numel() for p in model.backbone.get_output_embeddings().parameters()) / per_layer
+
+
+@dataclass
+class StageOutput:
+    sent: tuple[torch.Tensor, ...]
+    state: tuple[torch.Tensor, ...]
+    loss: torch.Tensor | None  # summed over the segment's labelled tokens; last stage only
+
+
+class PipelineStage(nn.Module):
+    """Stage ``stage`` of ``num_stages`` of an RMT or ARMT decoder (layers split by :func:`split_layers` with
+    ``head_cost``). The layers of other stages (and their
+    associative memories) are replaced by ``nn.Identity`` in ``model``, which the stage takes over, so a rank
+    holds only its share of the layers (embeddings, final norm and head stay on every rank: the layer
+    arguments are computed by the backbone's own code before its first layer)."""
+
+    def __init__(self, model: RecurrentMemoryModel, stage: int, num_stages: int, head_cost: float = 0.0):
+        super().__init__()
+        if model.spec.kind != "decoder":
+            raise ValueError("pipeline stages split decoder backbones (OPT, GPT-2, Llama family, GPT-NeoX); "
+                             f"{model.spec.model_type} is an encoder: train it with a ZeRO config instead.")
+        self.model, self.stage, self.num_stages = model, stage, num_stages
+        self.is_first, self.is_last = stage == 0, stage == num_stages - 1
+        self.associative = model.associative is not None
+        self.num_mem = model.config.num_mem_tokens
+        layers = decoder_layers(model.backbone)
+        self.layer_ids = split_layers(len(layers), num_stages, head_cost)[stage]
+        for index in range(len(layers)):
+            if index not in self.layer_ids:
+                layers[index] = nn.Identity()
+                if self.associative:
+                    model.associative.memories[index] = nn.Identity()
+        self.layers = [layers[i] for i in self.layer_ids]
+        self.memories = [model.associative.memories[i] for i in self.layer_ids] if self.associative else []
+        self.final_modules = decoder_final_modules(model.backbone)
+        self.head = model.backbone.get_output_embeddings()
+        self.tied_head = self.head.weight is model.backbone.get_input_embeddings().weight
+
+    # ------------------------------------------------------------------ parameters
+    def owned_parameters(self) -> dict[str, nn.Parameter]:
+        """The trainable parameters this stage computes with, by their name in the whole model: its layers
+        (and their associative memories); on stage 0 also the input part (embeddings, memory tokens); on the
+        last stage the final norm and the head. A head tied to the input embeddings is held by both ends
+        (see :meth:`tied_parameters`)."""
+        layer_ids = {id(p) for module in [*self.layers, *self.memories] for p in module.parameters()}
+        final_ids = {id(p) for module in self.final_modules for p in module.parameters()}
+        head_ids = {id(p) for p in self.head.parameters()}
+        owned = {}
+        for name, param in self.model.named_parameters():
+            if id(param) in layer_ids:
+                keep = True
+            elif id(param) in final_ids:
+                keep = self.is_last
+            elif id(param) in head_ids:
+                keep = self.is_last or (self.is_first and self.tied_head)
+            else:
+                keep = self.is_first
+            if keep and param.requires_grad:
+                owned[name] = param
+        return owned
+
+    def tied_parameters(self) -> list[nn.Parameter]:
+        """Parameters held (and trained) by both the first and the last stage: their gradients are summed
+        between the two after each step, so both copies take the same update."""
+        if self.num_stages == 1 or not self.tied_head or not (self.is_first or self.is_last):
+            return []
+        return [self.head.weight]
+
+    # ------------------------------------------------------------------ shapes
+    def received_shapes(self, segment: Segment, index: int) -> list[tuple[int, ...]]:
+        """Shapes of what this stage receives for ``segment`` (the ``index``-th of the sample)."""
+        batch, length = segment.input_ids.shape
+        width = self.model.spec.hidden_size
+        if self.is_first:
+            return [(batch, self.num_mem, width)] if (not self.associative and self.num_mem and index > 0) else []
+        hidden = (batch, self._input_length(length), self.model.backbone.config.hidden_size)
+        return [hidden] + ([(batch, self.num_mem, width)] if not self.associative and self.num_mem else [])
+
+    def _input_length(self, length: int) -> int:
+        return length + (self.num_mem if self.associative else 2 * self.num_mem)
+
+    def initial_state(self, batch: int) -> tuple[torch.Tensor, ...]:
+        if not self.associative:
+            return ()
+        device = self.model.backbone.device
+        return tuple(t for memory in self.memories for t in memory.empty_state(batch, device))
+
+    # ------------------------------------------------------------------ the computation
+    def forward(self, segment: Segment, received: tuple[torch.Tensor, ...],
+                state: tuple[torch.Tensor, ...]) -> StageOutput:
+        if self.is_first:
+            embeds, mask, read_memory = self._layout(segment, received)
+            hidden, args, kwargs = layer_inputs(self.model.backbone, embeds, padding_mask(mask), positions(mask))
+        else:
+            hidden, *rest = received
+            read_memory = rest[0] if rest else None
+            mask = self._mask(segment)
+            with torch.no_grad():  # only the layer arguments (masks, rotary embeddings) are wanted
+                zeros = hidden.new_zeros(hidden.shape[0], hidden.shape[1], self.model.spec.hidden_size)
+                _, args, kwargs = layer_inputs(self.model.backbone, zeros, padding_mask(mask), positions(mask))
+        new_state = []
+        for offset, layer in enumerate(self.layers):
+            if self.associative:
+                memory = self.memories[offset]
+                matrix, normaliser = state[2 * offset : 2 * offset + 2]
+                hidden = hidden + memory.read(hidden, matrix, normaliser)
+                hidden = run_layer(layer, hidden, args, kwargs)
+                written = memory.write(hidden[:, -self.num_mem :], matrix, normaliser)
+                new_state += [keep_if_empty(new, old, segment.attention_mask)
+                              for new, old in zip(written, (matrix, normaliser))]
+            else:
+                hidden = run_layer(layer, hidden, args, kwargs)
+        carried = () if read_memory is None else (read_memory,)
+        if not self.is_last:
+            return StageOutput((hidden, *carried), tuple(new_state), None)
+        for module in self.final_modules:
+            hidden = module(hidden)
+        length = segment.input_ids.shape[1]
+        start = 0 if self.associative else self.num_mem
+        loss, _ = self.model.step.lm_loss(hidden[:, start : start + length], segment.targets, False)
+        sent = ()
+        if read_memory is not None:
+            # a copy, not a view: a view would keep the segment's whole hidden state alive
+            written = hidden[:, start + length :].clone()
+            sent = (keep_if_empty(written, read_memory, segment.attention_mask),)
+        return StageOutput(sent, tuple(new_state), loss)
+
+    def _mask(self, segment: Segment) -> torch.Tensor:
+        ones = segment.attention_mask.new_ones(segment.attention_mask.shape[0], self.num_mem)
+        if self.associative:
+            return torch.cat([segment.attention_mask, ones], dim=1)
+        return torch.cat([ones, segment.attention_mask, ones], dim=1) if self.num_mem else segment.attention_mask
+
+    def _layout(self, segment: Segment, received: tuple[torch.Tensor, ...]):
+        """Stage 0: the segment's input embeddings and mask, and RMT's read memory (None for ARMT)."""
+        if self.associative:
+            embeds, mask = self.model.step.inputs(segment)
+            return embeds, mask, None
+        tokens = self.model.backbone.get_input_embeddings()(segment.input_ids)
+        if not self.num_mem:
+            return tokens, segment.attention_mask, None
+        if received:
+            (memory,) = received
+        else:
+            memory = self.model.memory.unsqueeze(0).expand(tokens.shape[0], -1, -1)
+        memory = memory.to(tokens.dtype)
+        return torch.cat([memory, tokens, memory], dim=1), self._mask(segment), memory

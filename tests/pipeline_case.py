@@ -1,0 +1,74 @@
+"""One pipeline-gradient case, shared by tests/test_pipeline.py (the one-process reference) and the ranks it
+starts (``python tests/pipeline_case.py OUT FAMILY MEMORY DEPTH``, with RANK/WORLD_SIZE/MASTER_* set): the
+same model and batch on every process, built from seeds."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import torch
+import transformers
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from rmt_scale import RecurrentMemoryModel  # noqa: E402
+from rmt_scale.model.config import ARMTConfig, RMTConfig  # noqa: E402
+from rmt_scale.model.tiny import tiny_config  # noqa: E402
+
+NUM_LAYERS, SEGMENT, SEGMENTS, BATCH = 4, 6, 5, 4
+
+
+def build_model(family: str, memory: str, bptt_depth: int) -> RecurrentMemoryModel:
+    layers = {"n_layer": NUM_LAYERS} if family == "gpt2" else {"num_hidden_layers": NUM_LAYERS}
+    torch.manual_seed(0)
+    backbone = transformers.AutoModelForCausalLM.from_config(tiny_config(f"test-{family}", **layers))
+    config_class = ARMTConfig if memory == "armt" else RMTConfig
+    extra = dict(d_mem=8, num_heads=2) if memory == "armt" else {}
+    config = config_class(num_mem_tokens=3, segment_size=SEGMENT, bptt_depth=bptt_depth, backprop="bptt", **extra)
+    torch.manual_seed(1)
+    model = RecurrentMemoryModel(backbone, config)
+    if model.associative is not None:
+        for memory_module in model.associative.memories:  # A starts at zero: make the memory matter
+            torch.nn.init.normal_(memory_module.value.weight, std=0.2)
+    return model.train()
+
+
+def batch(vocab: int):
+    """Four samples of five segments: one left-padded by more than a segment (it skips a whole segment, so
+    its memory must be kept there), one right-padded, and labels with holes."""
+    generator = torch.Generator().manual_seed(2)
+    length = SEGMENT * SEGMENTS
+    input_ids = torch.randint(3, vocab, (BATCH, length), generator=generator)
+    mask = torch.ones_like(input_ids)
+    mask[1, : SEGMENT + 2] = 0
+    mask[2, -4:] = 0
+    labels = input_ids.clone()
+    labels[torch.rand(labels.shape, generator=generator) < 0.3] = -100
+    return input_ids, mask, labels
+
+
+def run_stage(out: Path, family: str, memory: str, bptt_depth: int, chains: int) -> None:
+    import torch.distributed as dist
+
+    from rmt_scale.pipeline import PipelineStage, SegmentPipeline
+
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    torch.set_num_threads(1)
+    model = build_model(family, memory, bptt_depth)
+    stage = PipelineStage(model, rank, world)
+    tied = dist.new_group([0, world - 1]) if world > 1 and stage.tied_head else None
+    pipeline = SegmentPipeline(stage, list(range(world)), chains=chains, tied_group=tied)
+    result = pipeline.forward_backward(*batch(model.backbone.config.vocab_size))
+    grads = {name: p.grad.clone() for name, p in stage.owned_parameters().items() if p.grad is not None}
+    torch.save({"loss": result.loss, "grads": grads}, out / f"rank{rank}.pt")
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    out, family, memory, depth, chains = sys.argv[1:]
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    run_stage(Path(out), family, memory, int(depth), int(chains))
