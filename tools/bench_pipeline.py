@@ -2,7 +2,7 @@
 """How full the segment pipeline keeps its stages, and its step time against one process.
 
 For each memory kind, number of stages P and number of segments S, P ranks (gloo, one thread each) run
-training steps of a tiny OPT (``--backbone``) on one batch: each stage reports its busy fraction (compute time
+training steps of a tiny OPT (``--backbone``) on one batch whose last 8 tokens are labelled (an answer): each stage reports its busy fraction (compute time
 divided by step time) next to the schedule's ideal (ARMT: S/(S+P-1) with one chain; RMT with C chains in
 flight: C*S / (S*max(P, C) + min(P, C) - 1)). The same batch then trains in one process with one thread and
 ``backprop="replay"``, which recomputes each segment as a stage does. Prints JSON and a table.
@@ -30,6 +30,8 @@ from tqdm import tqdm  # noqa: E402
 
 from rmt_scale.model.tiny import TINY_BACKBONES  # noqa: E402
 
+ANSWER_TOKENS = 8
+
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -45,9 +47,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--rmt_chains", type=int, default=0,
                         help="RMT samples in flight (one chain each; default 0: as many as stages). ARMT runs one "
                              "sample: its memory stays in each stage, so one chain fills the pipeline")
-    parser.add_argument("--partition", default="parameters", choices=["parameters", "uniform"],
-                        help="layer split: 'parameters' charges the last stage the LM head, which runs on every "
-                             "token here (default); 'uniform' gives each stage the same number of layers")
+    parser.add_argument("--partition", default="uniform", choices=["uniform", "parameters"],
+                        help="layer split: 'uniform' gives each stage the same number of layers (default; the LM "
+                             "head runs only on the last 8 tokens, the answer, as in the tasks); 'parameters' "
+                             "charges the last stage the head as if every token were labelled")
     parser.add_argument("--steps", type=int, default=2, help="measured steps after one warm-up (default: 2; the "
                                                              "fastest counts)")
     parser.add_argument("--out", default="bench_pipeline.json", help="where to write the JSON results")
@@ -77,7 +80,9 @@ def batch(args: argparse.Namespace, samples: int, segments: int, vocab: int):
 
     generator = torch.Generator().manual_seed(1)
     input_ids = torch.randint(3, vocab, (samples, segments * args.segment_size), generator=generator)
-    return input_ids, torch.ones_like(input_ids), input_ids.clone()
+    labels = torch.full_like(input_ids, -100)
+    labels[:, -ANSWER_TOKENS:] = input_ids[:, -ANSWER_TOKENS:]  # as in the tasks: only the answer is labelled
+    return input_ids, torch.ones_like(input_ids), labels
 
 
 def worker(args: argparse.Namespace) -> None:

@@ -140,7 +140,7 @@ class SegmentPipeline(nn.Module):
         """One forward and backward (gradients accumulate into ``.grad``); what it measured."""
         output = self(input_ids, attention_mask, labels)
         output.loss.backward()
-        return self.last_run.measured(float(output.loss))
+        return self.last_run.measured(output.loss.item())
 
     def _to_host(self, tensors: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
         if not self.offload_stash:
