@@ -6,16 +6,31 @@
     srun python launchers/train.py ...   # with RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT exported
     mpirun -np 2 python launchers/train.py ...   # or srun --mpi=pmi2: ranks found through MPI (mpi4py)
 
+The process restarts itself first under the CPU allocator of rmt_scale/allocator.py: jemalloc when installed
+(RMT_ALLOCATOR=auto|jemalloc|glibc chooses).
+
 Exit codes: 0 done; 2 bad configuration or path (nothing was started); 65 corrupt training data (a checkpoint
 was written if a step trained since the last one); 75 stopped by SIGUSR1/SIGTERM after writing a checkpoint
 (rerun with --resume auto).
 """
 
 import os
+import runpy
 import sys
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if __name__ == "__main__":
+    # First of all, as it starts the process over: under jemalloc when installed (RMT_ALLOCATOR=glibc keeps
+    # glibc), whose RSS stays flat over a long step's segments where glibc's grows. Run from its file: the
+    # package would import torch before the restart.
+    try:
+        runpy.run_path(os.path.join(ROOT, "rmt_scale", "allocator.py"))["restart_with_allocator"]()
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, ROOT)
 
 from rmt_scale.training import signals  # noqa: E402
 from rmt_scale.training.distributed import select_accelerator  # noqa: E402

@@ -6,13 +6,15 @@ with the number of segments even though live memory does not. jemalloc (Debian: 
 it flat at the same speed, as PyTorch's CPU performance guide recommends. Without jemalloc, a fixed
 128 KiB mmap threshold makes glibc hand large buffers back to the OS on free (slower: each activation
 buffer is then mapped afresh). Both can only be chosen when a process starts, so this module prepares the
-environment of a child.
+environment of a child, or restarts the calling process in it (``restart_with_allocator``, which
+``launchers/train.py`` calls first thing).
 """
 
 from __future__ import annotations
 
 import glob
 import os
+import sys
 
 JEMALLOC_GLOBS = (
     "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2",
@@ -21,6 +23,10 @@ JEMALLOC_GLOBS = (
     "/usr/local/lib/libjemalloc.so*",
 )
 ALLOCATORS = ("auto", "jemalloc", "glibc")
+# the launcher's choice among ALLOCATORS, from the environment so that every rank of any launcher sees it
+ALLOCATOR_VARIABLE = "RMT_ALLOCATOR"
+# what allocator_env may set: a process whose environment already has these values runs under the policy
+_ALLOCATOR_KEYS = ("LD_PRELOAD", "MALLOC_CONF", "MALLOC_MMAP_THRESHOLD_")
 
 
 def find_jemalloc() -> str | None:
@@ -39,14 +45,41 @@ def allocator_env(choice: str = "auto", base: dict[str, str] | None = None) -> t
     library = find_jemalloc() if choice != "glibc" else None
     if choice == "jemalloc" and library is None:
         raise ValueError("jemalloc was asked for but is not installed: apt-get install libjemalloc2, "
-                         "or pass --allocator glibc.")
+                         "or choose glibc (--allocator glibc; for launchers/train.py, RMT_ALLOCATOR=glibc).")
     if library is None:
         if choice == "auto":
             env.setdefault("MALLOC_MMAP_THRESHOLD_", str(128 * 1024))
             return env, "glibc (mmap threshold 128 KiB)"
         return env, "glibc"
-    env["LD_PRELOAD"] = ":".join(filter(None, [library, env.get("LD_PRELOAD")]))
+    preloaded = env.get("LD_PRELOAD", "").split(":")
+    if library not in preloaded:
+        env["LD_PRELOAD"] = ":".join(filter(None, [library, *preloaded]))
     # Freed pages stay with the process for reuse: purging them (jemalloc's default after 10 s) makes a
     # long BPTT step, which frees and re-allocates gigabytes, fault them all in again (measured 20% slower).
     env.setdefault("MALLOC_CONF", "dirty_decay_ms:-1,muzzy_decay_ms:-1")
     return env, "jemalloc"
+
+
+def restart_with_allocator(choice: str | None = None) -> None:
+    """Replaces this process (same pid, arguments and interpreter options) by one started under ``choice``
+    (default: ``$RMT_ALLOCATOR``, else ``auto``) unless it already runs under it. Call it before anything
+    else: the process starts over. ``allocator_env`` leaves an environment that already has the policy
+    unchanged, so the restarted process does not restart again."""
+    choice = os.environ.get(ALLOCATOR_VARIABLE, "auto") if choice is None else choice
+    if choice not in ALLOCATORS:
+        raise ValueError(f"{ALLOCATOR_VARIABLE}={choice!r} is unknown: set it to one of {', '.join(ALLOCATORS)}.")
+    env, _ = allocator_env(choice)
+    if all(env.get(key) == os.environ.get(key) for key in _ALLOCATOR_KEYS):
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
+
+
+def current_allocator() -> str:
+    """The allocator this process runs on, as ``allocator_env`` names it."""
+    with open("/proc/self/maps") as maps:
+        if "libjemalloc" in maps.read():
+            return "jemalloc"
+    threshold = os.environ.get("MALLOC_MMAP_THRESHOLD_")
+    return f"glibc (mmap threshold {int(threshold) // 1024} KiB)" if threshold else "glibc"

@@ -6,8 +6,13 @@ fragmentation rather than live memory (see rmt_scale/allocator.py)."""
 
 from __future__ import annotations
 
+import runpy
+import time
+from pathlib import Path
+
 import pytest
 
+from rmt_scale.profiling import measure
 from rmt_scale.profiling.measure import Measurer, Variant
 
 SEGMENT_SIZE = 256
@@ -38,3 +43,28 @@ def test_plain_bptt_memory_does_grow_so_the_measure_can_tell():
 def test_streaming_inference_memory_is_constant():
     short, long = peak_rss_mb("bptt", 4, train=False), peak_rss_mb("bptt", 192, train=False)
     assert long < 1.05 * short, (short, long)
+
+
+def test_a_long_first_run_is_timed_instead_of_repeated(monkeypatch):
+    """A first run of at least TIMED_WARMUP_SECONDS is the measurement (a 1M-token step is not run twice);
+    shorter ones are a warm-up. The CPU time of a run that only waits is about zero."""
+    calls = []
+
+    def run(seconds):
+        calls.append(seconds)
+        time.sleep(seconds)
+
+    monkeypatch.setattr(measure, "TIMED_WARMUP_SECONDS", 0.2)
+    wall, cpu = measure._fastest_of(1, 0.0, run, 0.25)
+    assert len(calls) == 1 and wall >= 0.25 and cpu < 0.1
+    calls.clear()
+    measure._fastest_of(1, 0.0, run, 0.01)
+    assert len(calls) == 2
+
+
+def test_bench_memory_measures_one_segment_of_full_attention_once():
+    """At one segment, full attention is the backbone row: the plan must not measure it twice."""
+    bench = runpy.run_path(str(Path(__file__).resolve().parents[1] / "tools" / "bench_memory.py"))
+    args = bench["parse_args"](["--segments", "1", "4", "--modes", "replay"])
+    assert bench["plan"](args) == [("backbone", "-", 1), ("rmt", "replay", 1), ("rmt", "replay", 4),
+                                   ("full", "-", 4)]

@@ -222,6 +222,7 @@ def test_baseline_twin_and_accuracy_table(backbone, tmp_path):
     result = launch(run_args(backbone, out, max_steps=2, eval_every=2) + ["--baseline"], ranks=1)
     summary = json.loads((out / "results.json").read_text())
     assert sorted(summary["accuracy"]) == ["baseline", "rmt"]
+    assert summary["allocator"] == "jemalloc"  # the launcher restarted itself under it (tools/test.sh installs it)
     assert sorted(summary["accuracy"]["baseline"]) == ["1", "2", "4"]
     assert "| segments | tokens | rmt | baseline |" in result.stdout
     assert "| 4 (extrapolation) | 64 |" in result.stdout

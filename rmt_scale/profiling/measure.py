@@ -13,8 +13,9 @@ seemed to grow 220 -> 491 MB from 4 to 32 segments; with the threshold: 143 -> 1
 FLOPs come from `torch.utils.flop_counter.FlopCounterMode` (matmuls and SDPA, forward and
 backward); DeepSpeed's `FlopsProfiler` counts the same forward pass as a cross-check (it patches
 `torch.nn.functional` and tensor methods, and counts elementwise operations too). Wall time is the
-fastest of at least `repeats` runs lasting at least `min_seconds` together, after one warm-up run, because other processes on a small CPU box only ever make a run slower. Weights
-are random: cost does not depend on them.
+fastest of at least `repeats` runs lasting at least `min_seconds` together, after one warm-up run (which counts
+itself when it lasts `TIMED_WARMUP_SECONDS`), because other processes on a small CPU box only ever make a run
+slower; the training step's CPU time is kept too. Weights are random: cost does not depend on them.
 """
 
 import math
@@ -69,6 +70,9 @@ class Measurement:
     train_peak_mb: float
     forward_peak_mb: float
     rss_before_mb: float = 0.0  # resident memory before the first pass (runtime and weights), for absolute peaks
+    # CPU seconds of the fastest training step, all threads of the process: with one thread, the time it held a
+    # core, which other processes sharing the machine inflate much less than the wall time
+    train_cpu_seconds: float = 0.0
     deepspeed_forward_flops: int = 0  # DeepSpeed's FlopsProfiler: matmuls as 2 x MACs, plus elementwise ops
     deepspeed_forward_macs: int = 0
     error: str = ""  # set when the run failed (e.g. out of memory); the numbers are then 0
@@ -136,13 +140,23 @@ def _forward(model, input_ids) -> None:
         model(input_ids, labels=input_ids)
 
 
-def _fastest_of(repeats: int, min_seconds: float, fn, *args) -> float:
-    fn(*args)  # warm-up: pays one-off allocation and kernel setup
-    times = []
-    while len(times) < repeats or sum(times) < min_seconds:
-        start = time.perf_counter()
+# A first run this long is timed rather than thrown away as a warm-up: its one-off setup (well under a
+# second) is lost in it, and a 1M-token training step would otherwise take twice its minutes.
+TIMED_WARMUP_SECONDS = 30.0
+
+
+def _fastest_of(repeats: int, min_seconds: float, fn, *args) -> tuple[float, float]:
+    """Wall and CPU seconds of the fastest run."""
+
+    def timed() -> tuple[float, float]:
+        wall, cpu = time.perf_counter(), time.process_time()
         fn(*args)
-        times.append(time.perf_counter() - start)
+        return time.perf_counter() - wall, time.process_time() - cpu
+
+    first = timed()  # warm-up: pays one-off allocation and kernel setup
+    times = [first] if first[0] >= TIMED_WARMUP_SECONDS else []
+    while len(times) < repeats or sum(wall for wall, _ in times) < min_seconds:
+        times.append(timed())
     return min(times)
 
 
@@ -195,9 +209,10 @@ def _measure_in_this_process(variant: Variant, length: int, forward: bool, train
 
     rss_before = psutil.Process().memory_info().rss
     # The forward pass runs first so that its peak is read before training raises the high-water mark.
-    forward_seconds = _fastest_of(repeats, min_seconds, _forward, model, input_ids) if forward else 0.0
+    forward_seconds, _ = _fastest_of(repeats, min_seconds, _forward, model, input_ids) if forward else (0.0, 0.0)
     forward_peak = _peak_mb_since(rss_before) if forward else 0.0
-    train_seconds = _fastest_of(repeats, min_seconds, _train_step, model, input_ids) if train else 0.0
+    train_seconds, train_cpu_seconds = (_fastest_of(repeats, min_seconds, _train_step, model, input_ids) if train
+                                        else (0.0, 0.0))
     train_peak = _peak_mb_since(rss_before) if train else 0.0
     deepspeed_flops, deepspeed_macs = deepspeed_counts(_forward, model, input_ids) if count_flops else (0, 0)
     return Measurement(
@@ -206,6 +221,7 @@ def _measure_in_this_process(variant: Variant, length: int, forward: bool, train
         train_flops=counted_flops(_train_step, model, input_ids) if train and count_flops else 0,
         forward_flops=counted_flops(_forward, model, input_ids) if forward and count_flops else 0,
         train_seconds=train_seconds,
+        train_cpu_seconds=train_cpu_seconds,
         forward_seconds=forward_seconds,
         train_peak_mb=train_peak,
         forward_peak_mb=forward_peak,

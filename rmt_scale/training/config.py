@@ -239,6 +239,10 @@ def build_parser() -> argparse.ArgumentParser:
                      "segments, evaluation by length, TensorBoard logs and exact resume. Run it as "
                      "`python launchers/train.py ...` (1 process), `deepspeed --num_gpus N launchers/train.py ...`, "
                      "or under srun/torchrun with RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT set."),
+        epilog=("CPU memory: the launcher first restarts itself under jemalloc when it is installed (Debian "
+                "libjemalloc2), which keeps RSS flat over a long step's segments where glibc's malloc grows; "
+                "environment RMT_ALLOCATOR=auto (default), jemalloc (fail without it) or glibc "
+                "(rmt_scale/allocator.py)."),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     defaults = TrainConfig()

@@ -7,6 +7,7 @@ import json
 import time
 from pathlib import Path
 
+from ..allocator import current_allocator
 from .config import TrainConfig
 from .engine import init_distributed
 from .trainer import Trainer
@@ -45,7 +46,7 @@ def run(config: TrainConfig) -> dict:
             "accuracy": {name: {str(k): v for k, v in accuracy.items()} for name, accuracy in results.items()},
             "segment_size": config.model.segment_size, "train_segments": trained,
             "max_steps": config.max_steps, "world_size": dist_info.world_size,
-            "wall_time_s": time.perf_counter() - started,
+            "wall_time_s": time.perf_counter() - started, "allocator": current_allocator(),
         }
         Path(config.out_dir, "results.json").write_text(json.dumps(summary, indent=2) + "\n")
         trained_on = f"shards {config.shards}" if config.shards else f"up to {trained} segments"
