@@ -135,7 +135,7 @@ def test_flops_profiler_block_is_filled_from_the_run():
     from rmt_scale.training.engine import build_ds_config
 
     raw = load_ds_config(str(CONFIGS / "flops_profiler.json"))
-    config = TrainConfig(out_dir="/runs/a", max_steps=5)
+    config = TrainConfig(out_dir="/runs/a", max_steps=5, model=RMTConfig())
     block = build_ds_config(raw, config, world_size=1)["flops_profiler"]
     assert (block["output_file"], block["recompute_fwd_factor"]) == ("/runs/a/flops_profile.txt", 0.0)
     # the backward repeats one forward wherever segments are recomputed
