@@ -39,13 +39,13 @@ ARMT_FLAGS = {
                   "backbone's attention heads); the hidden size must divide by it."),
     "dpfp_nu": (_ARMT.dpfp_nu, "ARMT: order of the DPFP feature map (features: 2 x dpfp_nu x d_mem)."),
     "gating": (_ARMT.gating, "ARMT: scale each memory write by a learned gate."),
-    # off by default: in the quick start the delta rule's writes of the background slowly overwrote the fact
-    # (0.62 at 1,024 segments), while plain gated writes kept it to 1M tokens (README, quick start)
+    # off by default: in the quick start the delta rule's writes of the background wear the fact away (0.797
+    # at 1,024 segments), while plain gated writes keep it (1.000 there and at 1M tokens; README, quick start)
     "correction": (False, "ARMT: delta-rule writes (store what the memory does not already return)."),
     "execution": (_ARMT.execution, f"ARMT inference schedule for evaluation: {', '.join(EXECUTION_MODES)} "
                   "(training always runs segment after segment)."),
 }
-# --memory's default, the quick start's: an ARMT keeps the quick start's fact to 1M tokens, an RMT lost it
+# --memory's default, the quick start's: an ARMT keeps the quick start's fact to 1M tokens, an RMT loses it
 # past 2x its training length
 DEFAULT_MEMORY = "armt"
 # model fields a resumed run may change: how gradients are computed, or the inference schedule, not what is trained
