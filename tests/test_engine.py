@@ -170,9 +170,9 @@ def test_zero3_run_logs_the_offloaded_bytes(tmp_path):
     out = tmp_path / "run"
     segment_size, num_mem, batch_size = 16, 4, 2
     command = [sys.executable, str(ROOT / "launchers" / "train.py"), "--ds_config", str(CONFIGS / "zero3.json"),
-               "--segment_size", str(segment_size), "--num_mem_tokens", str(num_mem), "--micro_batch_size",
-               str(batch_size), "--curriculum", "1,3", "--stage_steps", "2", "--max_steps", "4", "--eval_every", "4",
-               "--eval_segments", "1", "--eval_samples", "2", "--out_dir", str(out), "--no-baseline"]
+               "--memory", "rmt", "--segment_size", str(segment_size), "--num_mem_tokens", str(num_mem),
+               "--micro_batch_size", str(batch_size), "--curriculum", "1,3", "--stage_steps", "2", "--max_steps", "4",
+               "--eval_every", "4", "--eval_segments", "1", "--eval_samples", "2", "--out_dir", str(out), "--no-baseline"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(name, None)

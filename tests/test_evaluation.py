@@ -14,7 +14,7 @@ from rmt_scale.data import LOCATIONS, AnswerClasses, TaskGenerator, build_word_t
 from rmt_scale.model.segments import IGNORE_INDEX
 from rmt_scale.model.tiny import tiny_config
 from rmt_scale.training.data import eval_samples
-from rmt_scale.training.evaluation import streaming_correct
+from rmt_scale.training.evaluation import samples_at, streaming_correct
 
 SEGMENT = 16
 SEGMENTS = 5
@@ -84,3 +84,35 @@ def test_streaming_predicts_what_the_whole_input_predicts(variant, tokenizer):
     assert not streaming_correct(model, input_ids, other, SEGMENT).any()
     # one call per segment: what is held is one segment and the memory, whatever the length
     assert lengths == [SEGMENT] * (SEGMENTS - 1) + [SEGMENT - 1 if encoder else SEGMENT]
+
+
+def test_a_model_without_memory_is_scored_on_its_last_segment_alone(tokenizer):
+    """Nothing passes between its segments, so streaming runs only the last one, and predicts what one forward
+    over the whole input predicts."""
+    torch.manual_seed(0)
+    backbone = AutoModelForCausalLM.from_config(tiny_config("test-opt", vocab_size=tokenizer.vocab_size))
+    model = RecurrentMemoryModel(backbone, RMTConfig(num_mem_tokens=0, segment_size=SEGMENT)).eval()
+    batch = collate(eval_samples(TaskGenerator("detect", tokenizer, seed=11), SEGMENTS, SEGMENT, 6, 0, 1),
+                    tokenizer.pad_id)
+    input_ids, labels = batch["input_ids"], batch["labels"]
+    with torch.no_grad():
+        whole = model(input_ids, return_logits=True).logits
+    answer = labels != IGNORE_INDEX
+    predicted = torch.full_like(labels, IGNORE_INDEX)
+    predicted[:, 1:][answer[:, 1:]] = whole[:, :-1].argmax(dim=-1)[answer[:, 1:]]
+    lengths = []
+    hook = model.register_forward_pre_hook(lambda module, args, kwargs: lengths.append(args[0].shape[1]),
+                                           with_kwargs=True)
+    assert streaming_correct(model, input_ids, predicted, SEGMENT).tolist() == [True] * 6
+    hook.remove()
+    assert lengths == [SEGMENT]
+    other = torch.where(answer, (predicted + 1) % tokenizer.vocab_size, predicted)
+    assert not streaming_correct(model, input_ids, other, SEGMENT).any()
+
+
+def test_long_lengths_get_fewer_samples_down_to_one():
+    assert samples_at(32, 64, 4_000_000) == 64
+    assert samples_at(131_072, 64, 4_000_000) == 30
+    assert samples_at(1_000_000, 64, 4_000_000) == 4
+    assert samples_at(10_000_000, 64, 4_000_000) == 1
+    assert samples_at(10_000_000, 64, None) == 64

@@ -72,9 +72,9 @@ def test_only_an_mpi_launch_without_rank_needs_discovery(monkeypatch):
 
 
 def train_args(out: Path, micro_batch_size: int, steps: int) -> list[str]:
-    return ["--out_dir", str(out), "--max_steps", str(steps), "--save_every", str(steps), "--eval_every",
-            str(steps), "--micro_batch_size", str(micro_batch_size), "--eval_samples", "8", "--eval_segments", "1,2",
-            "--no-baseline"]
+    return ["--memory", "rmt", "--out_dir", str(out), "--max_steps", str(steps), "--save_every", str(steps),
+            "--eval_every", str(steps), "--micro_batch_size", str(micro_batch_size), "--eval_samples", "8",
+            "--eval_segments", "1,2", "--no-baseline"]
 
 
 def train_losses(out: Path) -> list[float]:

@@ -135,7 +135,7 @@ def test_flops_profiler_block_is_filled_from_the_run():
     from rmt_scale.training.engine import build_ds_config
 
     raw = load_ds_config(str(CONFIGS / "flops_profiler.json"))
-    config = TrainConfig(out_dir="/runs/a", max_steps=5)
+    config = TrainConfig(out_dir="/runs/a", max_steps=5, model=RMTConfig())
     block = build_ds_config(raw, config, world_size=1)["flops_profiler"]
     assert (block["output_file"], block["recompute_fwd_factor"]) == ("/runs/a/flops_profile.txt", 0.0)
     # the backward repeats one forward wherever segments are recomputed
@@ -194,7 +194,8 @@ def test_flops_profiler_in_training_matches_flopcountermode(zero, tmp_path):
 
 def _train(ds_config: dict, out: Path) -> Path:
     (out.parent / f"{out.name}.json").write_text(json.dumps(ds_config))
-    flags = ["--backbone", "tiny", "--ds_config", str(out.parent / f"{out.name}.json"), "--out_dir", str(out),
+    flags = ["--backbone", "tiny", "--memory", "rmt", "--ds_config", str(out.parent / f"{out.name}.json"),
+             "--out_dir", str(out),
              "--max_steps", "3", "--micro_batch_size", "2", "--segment_size", "16", "--num_mem_tokens", "4",
              "--curriculum", "2", "--eval_segments", "1", "--eval_samples", "2", "--eval_every", "100",
              "--save_every", "0", "--no-baseline"]

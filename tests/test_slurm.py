@@ -21,7 +21,8 @@ SBATCH_SCRIPTS = sorted(REPO.glob("slurm/*.sbatch"))
 FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
                 "DEADLINE", "PREEMPTED"}
 # Small and fast: evaluation only at the end, on few samples of one length; no no-memory twin.
-QUICK_FLAGS = ["--no-baseline", "--micro_batch_size", "2", "--eval_samples", "8", "--eval_segments", "1,2"]
+QUICK_FLAGS = ["--memory", "rmt", "--no-baseline", "--micro_batch_size", "2", "--eval_samples", "8",
+               "--eval_segments", "1,2"]
 EXIT_PREEMPTED = 75
 SIGUSR1 = 10
 

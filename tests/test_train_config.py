@@ -42,7 +42,8 @@ def test_help_documents_every_flag():
     (["--memory", "armt", "--num_heads", "0"], "num_heads=0 is invalid: it must be an integer >= 1"),
     (["--memory", "armt", "--dpfp_nu", "-1"], "dpfp_nu=-1 is invalid: it must be an integer >= 1"),
     (["--memory", "armt", "--execution", "nope"], "execution='nope' is unknown: choose one of sequential, wavefront"),
-    (["--d_mem", "32", "--no-gating"], r"--d_mem, --gating only apply to --memory armt: add --memory armt, or drop"),
+    (["--memory", "rmt", "--d_mem", "32", "--no-gating"],
+     r"--d_mem, --gating only apply to --memory armt: add --memory armt, or drop"),
 ])
 def test_bad_flags_are_refused(argv, message):
     with pytest.raises(ValueError, match=message):
@@ -50,9 +51,10 @@ def test_bad_flags_are_refused(argv, message):
 
 
 def test_model_flags_fill_the_model_config():
-    assert parse_args([]).model == RMTConfig(num_mem_tokens=8, segment_size=32, backprop="bptt", bptt_depth=-1)
-    config = parse_args(["--num_mem_tokens", "2", "--segment_size", "64", "--backprop", "replay", "--bptt_depth", "3",
-                         "--output_dir", "runs/x"])
+    assert parse_args([]).model == ARMTConfig(num_mem_tokens=8, segment_size=32, backprop="bptt", bptt_depth=-1,
+                                              correction=False)
+    config = parse_args(["--memory", "rmt", "--num_mem_tokens", "2", "--segment_size", "64", "--backprop", "replay",
+                         "--bptt_depth", "3", "--output_dir", "runs/x"])
     assert config.model == RMTConfig(num_mem_tokens=2, segment_size=64, backprop="replay", bptt_depth=3)
     assert config.out_dir == "runs/x"  # --output_dir is Hugging Face's name of --out_dir
     with pytest.raises(ConfigError, match="segment_size=0 is invalid"):
@@ -76,7 +78,7 @@ def test_armt_flags_fill_an_armt_config_that_round_trips_through_train_config_js
     assert saved["model"]["model_type"] == "armt" and saved["model"]["d_mem"] == 16
     restored = RMTConfig.from_dict(saved["model"])
     assert type(restored) is ARMTConfig and restored == config.model
-    assert type(parse_args([]).model) is RMTConfig  # --memory rmt is the default
+    assert type(parse_args([]).model) is ARMTConfig  # --memory armt is the default
     config.check_resumable(saved)
 
 
@@ -84,7 +86,7 @@ def test_resume_checks_the_memory_kind_and_the_armt_fields():
     armt = TrainConfig(model=ARMTConfig(num_mem_tokens=8, segment_size=32))
     saved = json.loads(armt.to_json())
     with pytest.raises(ValueError, match=r"cannot resume: .*\(--memory 'armt' -> 'rmt'\)"):
-        TrainConfig().check_resumable(saved)
+        TrainConfig(model=RMTConfig(num_mem_tokens=8, segment_size=32)).check_resumable(saved)
     with pytest.raises(ValueError, match=r"--d_mem 64 -> 32; --gating True -> False"):
         TrainConfig(model=ARMTConfig(num_mem_tokens=8, segment_size=32, d_mem=32, gating=False)).check_resumable(saved)
     # the inference schedule and how gradients are computed may change
@@ -113,10 +115,11 @@ def test_launcher_refuses_a_bad_armt_flag_with_exit_code_2(tmp_path):
 
 
 def test_launcher_stops_before_work_on_a_segment_that_does_not_fit(tmp_path):
-    """The built-in backbone has 128 positions; 120 + 2 x 8 memory tokens do not fit."""
+    """The built-in backbone has 128 positions; 120 + 2 x 8 memory tokens (an RMT's read and write) do not fit."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     env.pop("RANK", None)
-    result = subprocess.run([sys.executable, str(ROOT / "launchers" / "train.py"), "--segment_size", "120",
+    result = subprocess.run([sys.executable, str(ROOT / "launchers" / "train.py"), "--memory", "rmt",
+                             "--segment_size", "120",
                              "--out_dir", str(tmp_path / "out")], env=env, capture_output=True, text=True,
                             timeout=300)
     assert result.returncode == 2, result.stderr[-2000:]
@@ -134,10 +137,11 @@ def test_resume_refuses_other_settings():
 
 def test_resume_reads_flat_configs_of_older_checkpoints():
     """train_config.json from before TrainConfig held the model config has the model flags at the top."""
-    flat = json.loads(TrainConfig().to_json())
+    rmt = TrainConfig(model=RMTConfig(num_mem_tokens=8, segment_size=32))  # the only memory of those checkpoints
+    flat = json.loads(rmt.to_json())
     flat |= {name: flat["model"][name] for name in ("num_mem_tokens", "segment_size", "backprop", "bptt_depth")}
     del flat["model"]
-    TrainConfig().check_resumable(flat)
+    rmt.check_resumable(flat)
     TrainConfig(model=RMTConfig(num_mem_tokens=8, segment_size=32, backprop="replay", bptt_depth=2)).check_resumable(
         flat)  # how gradients are computed may change
     with pytest.raises(ValueError, match=r"cannot resume: .*\(--segment_size 32 -> 16\)"):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -59,7 +60,7 @@ def cpu_adam_built():
 
 
 def run_args(backbone: Path, out: Path, **flags) -> list[str]:
-    settings = dict(backbone=backbone, tokenizer="builtin", segment_size=SEGMENT, num_mem_tokens=4,
+    settings = dict(backbone=backbone, tokenizer="builtin", memory="rmt", segment_size=SEGMENT, num_mem_tokens=4,
                     micro_batch_size=2, curriculum="1,2", eval_segments="1,2,4", eval_samples=8, eval_every=2,
                     max_steps=4, save_every=0, lr=3e-3, warmup_steps=1, out_dir=out)
     settings.update(flags)
@@ -134,7 +135,8 @@ def test_ranks_and_zero_stages_follow_the_same_losses(backbone, cpu_adam_built, 
         assert value == pytest.approx(losses(zero3)[step], abs=1e-6)
     assert all(value > 0 for _, value in logged["train/grad_norm"])
     assert all(value > 0 for _, value in logged["perf/tokens_per_s"])
-    assert [step for step, _ in logged["eval/accuracy_4seg"]] == [2, 4]
+    assert [step for step, _ in logged["eval/accuracy_2seg"]] == [2, 4]
+    assert [step for step, _ in logged["eval/accuracy_4seg"]] == [4]  # past the curriculum: at the end only
 
     # checkpoints: both ranks' states in complete, renamed directories; 'latest' names the last
     checkpoints = zero3 / "checkpoints"
@@ -217,15 +219,18 @@ def test_sigusr1_stops_all_ranks_with_a_checkpoint(backbone, tmp_path):
 
 
 def test_baseline_twin_and_accuracy_table(backbone, tmp_path):
-    """The default --baseline trains a no-memory twin with the same budget and prints both in one table."""
+    """The default --baseline trains a no-memory twin with the same budget and prints both in one table, with
+    the samples of each length: fewer where --eval_samples would read more than --eval_max_tokens."""
     out = tmp_path / "run"
-    result = launch(run_args(backbone, out, max_steps=2, eval_every=2) + ["--baseline"], ranks=1)
+    result = launch(run_args(backbone, out, max_steps=2, eval_every=2, eval_max_tokens=32) + ["--baseline"], ranks=1)
     summary = json.loads((out / "results.json").read_text())
     assert sorted(summary["accuracy"]) == ["baseline", "rmt"]
     assert summary["allocator"] == "jemalloc"  # the launcher restarted itself under it (tools/test.sh installs it)
     assert sorted(summary["accuracy"]["baseline"]) == ["1", "2", "4"]
-    assert "| segments | tokens | rmt | baseline |" in result.stdout
-    assert "| 4 (extrapolation) | 64 |" in result.stdout
+    assert summary["eval_samples"] == {"1": 2, "2": 1, "4": 1}
+    assert "| segments | tokens | rmt | baseline | samples |" in result.stdout
+    assert re.search(r"\| 1 \| 16 \| [01]\.\d{3} \| [01]\.\d{3} \| 2 \|", result.stdout), result.stdout
+    assert re.search(r"\| 4 \(extrapolation\) \| 64 \| [01]\.\d{3} \| [01]\.\d{3} \| 1 \|", result.stdout)
     twin = json.loads((out / "baseline" / "train_config.json").read_text())
     assert twin["model"]["num_mem_tokens"] == 0 and twin["max_steps"] == 2
     assert (out / "baseline" / "checkpoints" / "latest").read_text() == "step000002"

@@ -3,9 +3,11 @@
 The model reads each evaluation sample one segment per call, passing its memory on (RMT: the memory
 tokens; ARMT: every layer's associative state; encoders: the memory tokens), under ``no_grad``: what is
 kept is one segment's activations and the memory, whatever the length, so lengths far beyond training
-cost only time. A decoder's sample counts as correct when every answer token is the argmax prediction, an
-encoder's when the argmax class of its last segment is the answer's class. Every rank evaluates its share
-and the counts are summed, so all ranks see the same accuracies.
+cost only time. A model without memory carries nothing from one segment to the next, so only its last
+segment is run. Long lengths may get fewer samples than short ones (``samples_at``). A decoder's sample
+counts as correct when every answer token is the argmax prediction, an encoder's when the argmax class of
+its last segment is the answer's class. Every rank evaluates its share and the counts are summed, so all
+ranks see the same accuracies.
 """
 
 from __future__ import annotations
@@ -26,7 +28,9 @@ def streaming_correct(model, input_ids: torch.Tensor, labels: torch.Tensor, segm
     length = input_ids.shape[1]
     last_start = (length - 1) // segment_size * segment_size
     memory = None
-    for start in range(0, last_start, segment_size):
+    # without memory the earlier segments cannot change the last one's output
+    first_start = 0 if model.config.num_mem_tokens else last_start
+    for start in range(first_start, last_start, segment_size):
         memory = model(input_ids[:, start : start + segment_size], memory=memory).memory
     if labels.dim() == 1:  # an encoder's logits are already its last segment's classification
         return model(input_ids[:, last_start:], memory=memory).logits.argmax(dim=-1) == labels
@@ -40,17 +44,26 @@ def streaming_correct(model, input_ids: torch.Tensor, labels: torch.Tensor, segm
     return ((predicted == targets) | ~answer).all(dim=1)
 
 
+def samples_at(num_tokens: int, samples: int, max_tokens: int | None) -> int:
+    """Evaluation samples at a length of ``num_tokens``: ``samples``, fewer (at least 1) where they would read
+    more than ``max_tokens`` tokens together (None: no limit)."""
+    if max_tokens is None:
+        return samples
+    return max(1, min(samples, max_tokens // num_tokens))
+
+
 def evaluate_by_length(model, generator: TaskGenerator, lengths: list[int], *, segment_size: int, samples: int,
                        batch_size: int, pad_id: int, rank: int, world_size: int,
-                       classes: AnswerClasses | None = None) -> dict[int, float]:
-    """``{num_segments: accuracy}`` over ``samples`` fixed evaluation samples per length; ``classes`` for
-    an encoder."""
+                       classes: AnswerClasses | None = None, max_tokens: int | None = None) -> dict[int, float]:
+    """``{num_segments: accuracy}`` over ``samples`` fixed evaluation samples per length (fewer past
+    ``max_tokens``, see ``samples_at``); ``classes`` for an encoder."""
     was_training = model.training
     model.eval()
     results = {}
     device = next(model.parameters()).device
     for num_segments in lengths:
-        mine = eval_samples(generator, num_segments, segment_size, samples, rank, world_size)
+        count = samples_at(num_segments * segment_size, samples, max_tokens)
+        mine = eval_samples(generator, num_segments, segment_size, count, rank, world_size)
         counts = torch.zeros(2, dtype=torch.float64)
         for start in range(0, len(mine), batch_size):
             batch = collate(mine[start : start + batch_size], pad_id, classes=classes)

@@ -13,16 +13,19 @@ from .engine import init_distributed
 from .trainer import Trainer
 
 
-def format_table(results: dict[str, dict[int, float]], segment_size: int, trained_segments: int | None) -> str:
-    """Markdown table of accuracy by length, one column per model; lengths past training are marked."""
+def format_table(results: dict[str, dict[int, float]], segment_size: int, trained_segments: int | None,
+                 samples: dict[int, int] | None = None) -> str:
+    """Markdown table of accuracy by length, one column per model, and with ``samples`` one saying how many
+    samples each length was evaluated on; lengths past training are marked."""
     names = list(results)
     lengths = sorted({k for accuracy in results.values() for k in accuracy})
-    header = f"| segments | tokens | {' | '.join(names)} |"
-    lines = [header, "|" + "---|" * (2 + len(names))]
+    header = f"| segments | tokens | {' | '.join(names)} |" + (" samples |" if samples else "")
+    lines = [header, "|" + "---|" * (2 + len(names) + bool(samples))]
     for k in lengths:
         cells = " | ".join(f"{results[name].get(k, float('nan')):.3f}" for name in names)
         note = " (extrapolation)" if trained_segments is not None and k > trained_segments else ""
-        lines.append(f"| {k}{note} | {k * segment_size} | {cells} |")
+        count = f" {samples[k]} |" if samples else ""
+        lines.append(f"| {k}{note} | {k * segment_size} | {cells} |{count}")
     return "\n".join(lines)
 
 
@@ -45,6 +48,7 @@ def run(config: TrainConfig) -> dict:
         summary = {
             "accuracy": {name: {str(k): v for k, v in accuracy.items()} for name, accuracy in results.items()},
             "segment_size": config.model.segment_size, "train_segments": trained,
+            "eval_samples": {str(k): count for k, count in config.eval_samples_by_length.items()},
             "max_steps": config.max_steps, "world_size": dist_info.world_size,
             "wall_time_s": time.perf_counter() - started, "allocator": current_allocator(),
         }
@@ -52,5 +56,5 @@ def run(config: TrainConfig) -> dict:
         trained_on = f"shards {config.shards}" if config.shards else f"up to {trained} segments"
         print(f"\nexact-answer accuracy by input length (trained on {trained_on}, "
               f"{config.model.segment_size}-token segments):")
-        print(format_table(results, config.model.segment_size, trained), flush=True)
+        print(format_table(results, config.model.segment_size, trained, config.eval_samples_by_length), flush=True)
     return results

@@ -161,7 +161,7 @@ class Trainer:
                     self._save_on_data_error(logger)
                     raise
                 if self.step % config.eval_every == 0 or self.step == config.max_steps:
-                    self._evaluate(logger)
+                    self._evaluate(logger, final=self.step == config.max_steps)
                 else:
                     self.curriculum.maybe_promote()
                 if config.save_every and self.step % config.save_every == 0 and self.step < config.max_steps:
@@ -173,7 +173,7 @@ class Trainer:
                                  f"exit code {EXIT_PREEMPTED}")
                     raise Preempted
             if not self.accuracy:
-                self._evaluate(logger)
+                self._evaluate(logger, final=True)
             self._save()
             if config.export:
                 self.export(self.out_dir / "export")
@@ -237,11 +237,18 @@ class Trainer:
             logger.scalars(self.step, values)
         logger.progress(loss, self.accuracy.get(self.curriculum.max_segments), tokens_per_s)
 
-    def _evaluate(self, logger: MetricsLogger) -> None:
+    def _evaluate(self, logger: MetricsLogger, final: bool = False) -> None:
+        """Accuracy by length. Lengths past the curriculum (extrapolation, up to millions of tokens) are
+        evaluated only at the end, so that the evaluations during training stay short."""
+        config = self.config
+        lengths = config.eval_lengths
+        if not (final or config.shards):
+            lengths = [k for k in lengths if k <= max(config.curriculum_stages)]
         self.accuracy = evaluate_by_length(
-            self.engine.whole_model(), self.eval_generator, self.config.eval_lengths, segment_size=self.config.model.segment_size,
-            samples=self.config.eval_samples, batch_size=self.config.eval_batch_size, pad_id=self.tokenizer.pad_id,
-            rank=self.dist.rank, world_size=self.dist.world_size, classes=self.classes)
+            self.engine.whole_model(), self.eval_generator, lengths, segment_size=config.model.segment_size,
+            samples=config.eval_samples, batch_size=config.eval_batch_size, pad_id=self.tokenizer.pad_id,
+            rank=self.dist.rank, world_size=self.dist.world_size, classes=self.classes,
+            max_tokens=config.eval_max_tokens)
         logger.scalars(self.step, {f"eval/accuracy_{k}seg": acc for k, acc in self.accuracy.items()})
         stage = self.curriculum.max_segments
         if self.curriculum.maybe_promote(self.accuracy):
