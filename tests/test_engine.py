@@ -157,10 +157,11 @@ def test_layer_offload_cuts_what_a_segment_keeps_on_the_device():
     assert kept_without / kept_with == pytest.approx(expected_factor) == pytest.approx(21.78, abs=0.01)
 
 
-def test_armt_refuses_the_block_before_building():
-    with pytest.raises(ValueError, match="activation_checkpointing block checkpoints the backbone's layers, which "
-                                         "ARMT cannot do.*Remove the block"):
-        activation_settings(ARMTConfig(segment_size=16), load_ds_config(str(CONFIGS / "zero3.json")))
+def test_armt_gets_segment_checkpointing_only():
+    """ARMT's layer hooks must run inside the segment step, so the block checkpoints its segments, not its layers."""
+    config, layers, offload = activation_settings(ARMTConfig(segment_size=16, backprop="bptt"),
+                                                  load_ds_config(str(CONFIGS / "zero3.json")))
+    assert (config.backprop, layers, offload) == ("checkpoint", False, False)
 
 
 @pytest.mark.slow

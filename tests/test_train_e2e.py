@@ -275,6 +275,19 @@ def test_launcher_trains_armt_and_its_baseline(backbone, tmp_path):
     assert len(norms) == 4 and norms[0] == 0 and norms[-1] > 0
 
 
+def test_armt_under_the_shipped_zero3_config_follows_one_rank(backbone, cpu_adam_built, tmp_path):
+    """The brief's command with the default memory (ARMT): zero3.json's activation_checkpointing block becomes
+    per-segment checkpointing (ARMT's layers stay whole), and 2 ranks follow 1 rank at twice the batch."""
+    one = tmp_path / "one"
+    launch(run_args(backbone, one, memory="armt", micro_batch_size=4, ds_config=ROOT / "ds_configs" / "ddp.json"),
+           ranks=1)
+    zero3 = tmp_path / "zero3"
+    launch(run_args(backbone, zero3, memory="armt", ds_config=ROOT / "ds_configs" / "zero3.json"), ranks=2)
+    reference, observed = losses(one), losses(zero3)
+    assert max(abs(observed[step] - reference[step]) for step in reference) < LOSS_TOLERANCE, (observed, reference)
+    assert json.loads((zero3 / "train_config.json").read_text())["model"]["model_type"] == "armt"
+
+
 def test_launcher_trains_an_encoder_classifier_and_its_baseline(tmp_path):
     """--backbone tiny-bert: a BERT sequence classifier over the 6 answers, [CLS] memory [SEP] segment [SEP],
     with its no-memory twin; the exports load as encoders whose streaming accuracy is the run's own."""

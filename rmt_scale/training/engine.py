@@ -250,18 +250,17 @@ def activation_settings(model_config: RMTConfig, ds_config: dict) -> tuple[RMTCo
     The block does nothing by itself, and DeepSpeed's (reentrant) checkpoint breaks ZeRO-3 recurrence, so its
     presence turns on the RMT's per-segment non-reentrant checkpointing (``backprop="checkpoint"``) and, inside
     a segment, the backbone's own non-reentrant layer checkpointing; ``cpu_checkpointing`` holds the layers'
-    inputs in host memory (``activations.py``). Returns ``(the model config to build, checkpoint the layers,
+    inputs in host memory (``activations.py``). ARMT gets the per-segment checkpointing only. Returns ``(the model config to build, checkpoint the layers,
     offload their inputs)``."""
     block = ds_config.get("activation_checkpointing")
     if block is None or "pipeline" in ds_config:  # a pipeline stage recomputes each segment from its stash
         return model_config, False, False
-    if isinstance(model_config, ARMTConfig):
-        raise ValueError("the DeepSpeed config's activation_checkpointing block checkpoints the backbone's layers, "
-                         "which ARMT cannot do: its associative memory is read and written by hooks around each "
-                         "layer, inside the segment step. Remove the block (ARMT's backprop='checkpoint' or "
-                         "'replay' still recomputes each segment).")
     if model_config.backprop == "bptt":
         model_config = dataclasses.replace(model_config, backprop="checkpoint")
+    if isinstance(model_config, ARMTConfig):
+        # ARMT's associative memory is read and written by hooks around each layer inside the segment step, so
+        # a layer recomputed on its own would run without it: ARMT checkpoints whole segments only
+        return model_config, False, False
     return model_config, True, bool(block.get("cpu_checkpointing", False))
 
 
