@@ -23,6 +23,7 @@ chain keeps one stage busy at a time; ``chains >= P`` chains in flight fill the 
 from __future__ import annotations
 
 import collections
+import math
 import time
 from dataclasses import dataclass
 
@@ -109,18 +110,17 @@ class SegmentPipeline(nn.Module):
         if peer == self.rank:
             self._loopback.append(tuple(tensors))
             return
-        for tensor in tensors:
-            tensor = tensor.contiguous()
-            self._pending.append((dist.isend(tensor, peer), tensor))
+        # one message per item: each message costs a round of gloo's (or NCCL's) latency
+        packed = torch.cat([tensor.reshape(-1) for tensor in tensors])
+        self._pending.append((dist.isend(packed, peer), packed))
 
     def _recv(self, peer: int, shapes, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
         if peer == self.rank:
             return self._loopback.popleft()
-        device = self.stage.model.backbone.device
-        tensors = tuple(torch.empty(shape, dtype=dtype, device=device) for shape in shapes)
-        for tensor in tensors:
-            dist.recv(tensor, peer)
-        return tensors
+        sizes = [math.prod(shape) for shape in shapes]
+        packed = torch.empty(sum(sizes), dtype=dtype, device=self.stage.model.backbone.device)
+        dist.recv(packed, peer)
+        return tuple(part.view(shape) for part, shape in zip(packed.split(sizes), shapes))
 
     # ------------------------------------------------------------------ the step
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
