@@ -1,0 +1,87 @@
+#!/usr/bin/env python
+"""Accuracy by input length of finished runs: a table (markdown), JSON, and a PNG with tokens on a log axis.
+
+    python tools/plot_results.py runs/results/armt runs/results/rmt runs/results/armt-delta --out docs/results
+
+Each argument is a run's output directory (its results.json, written by launchers/train.py); every model in
+it (the memory model and its no-memory twin) becomes a curve, labelled by the directory's name.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("runs", nargs="+", help="run output directories holding results.json")
+    parser.add_argument("--out", default=".", help="directory for memorize_by_length.{png,json} (default: .)")
+    parser.add_argument("--name", default="memorize_by_length", help="file name stem of the outputs")
+    return parser.parse_args(argv)
+
+
+def load(runs: list[str]) -> list[dict]:
+    curves = []
+    for run in runs:
+        path = Path(run) / "results.json"
+        if not path.is_file():
+            raise SystemExit(f"error: {path} is missing: pass the --out_dir of a finished launchers/train.py run.")
+        results = json.loads(path.read_text())
+        samples = results.get("eval_samples", {})
+        for model, accuracy in results["accuracy"].items():
+            points = sorted((int(k) * results["segment_size"], v, samples.get(k)) for k, v in accuracy.items())
+            curves.append({"run": Path(run).name, "model": model, "points": points,
+                           "train_tokens": (results["train_segments"] or 0) * results["segment_size"]})
+    return curves
+
+
+def table(curves: list[dict]) -> str:
+    lines = ["| run | model | tokens | accuracy | samples |", "|---|---|---|---|---|"]
+    for curve in curves:
+        for tokens, accuracy, samples in curve["points"]:
+            lines.append(f"| {curve['run']} | {curve['model']} | {tokens:,} | {accuracy:.3f} | {samples or ''} |")
+    return "\n".join(lines)
+
+
+def plot(curves: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(8, 4.5))
+    for curve in curves:
+        tokens, accuracy, _ = zip(*curve["points"])
+        style = "--" if curve["model"] == "baseline" else "-"
+        axis.plot(tokens, accuracy, style, marker="o", label=f"{curve['run']}: {curve['model']}")
+    longest_training = max(curve["train_tokens"] for curve in curves)
+    if longest_training:
+        axis.axvline(longest_training, color="grey", linewidth=0.8)
+        axis.text(longest_training * 1.1, 0.55, "longest training input", color="grey", fontsize=8)
+    axis.axhline(1 / 6, color="grey", linestyle=":", linewidth=0.8)
+    axis.set_xscale("log")
+    axis.text(axis.get_xlim()[1] / 1.3, 1 / 6 + 0.02, "chance (1/6)", color="grey", fontsize=8, ha="right")
+    axis.set_ylim(-0.02, 1.05)
+    axis.set_xlabel("input length, tokens (log scale)")
+    axis.set_ylabel("exact-answer accuracy")
+    axis.set_title("memorize: a fact at the start, the question at the end")
+    axis.legend(fontsize=8, loc="center right")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    curves = load(args.runs)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{args.name}.json").write_text(json.dumps(curves, indent=2) + "\n")
+    plot(curves, out / f"{args.name}.png")
+    print(json.dumps(curves))
+    print(table(curves))
+
+
+if __name__ == "__main__":
+    main()
