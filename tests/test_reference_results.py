@@ -21,7 +21,9 @@ def test_reference_checkpoint_answers_at_a_million_tokens(tmp_path):
     result = subprocess.run(
         [sys.executable, str(ROOT / "launchers" / "eval.py"), "--model", str(REFERENCE), "--eval_segments",
          str(segments), "--eval_samples", "3", "--batch_size", "3", "--out", str(tmp_path)],
-        env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=900)
+        # every core: the launcher alone would leave one free for other ranks
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(len(os.sched_getaffinity(0)))},
+        capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     evaluation = json.loads((tmp_path / "eval.json").read_text())
     assert evaluation["segment_size"] * segments == 1_000_000
