@@ -25,7 +25,7 @@ def reference(family: str, memory: str, bptt_depth: int):
     input_ids, mask, labels = pipeline_case.batch(model.backbone.config.vocab_size)
     loss = model(input_ids, mask, labels).loss
     loss.backward()
-    return float(loss), {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
+    return loss.item(), {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
 
 
 def run_pipeline(tmp_path: Path, stages: int, family: str, memory: str, bptt_depth: int, chains: int):
