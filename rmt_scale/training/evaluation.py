@@ -14,17 +14,22 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
 
 from ..data import AnswerClasses, TaskGenerator, collate
 from ..model.segments import IGNORE_INDEX
 from .data import eval_samples
 
+PROGRESS_MIN_SEGMENTS = 1024  # lengths from here on show a progress bar (rank 0): they take minutes
+
 
 @torch.no_grad()
-def streaming_correct(model, input_ids: torch.Tensor, labels: torch.Tensor, segment_size: int) -> torch.Tensor:
+def streaming_correct(model, input_ids: torch.Tensor, labels: torch.Tensor, segment_size: int,
+                      progress: tqdm | None = None) -> torch.Tensor:
     """Per-sample exact match, reading ``input_ids`` (``(batch, length)``, same length, no padding) segment
     by segment. ``labels``: a decoder's per-token labels, whose answer must lie in the last segment (true
-    for task samples of whole segments), or an encoder's classes, ``(batch,)``."""
+    for task samples of whole segments), or an encoder's classes, ``(batch,)``. ``progress`` advances by
+    one per segment read."""
     length = input_ids.shape[1]
     last_start = (length - 1) // segment_size * segment_size
     memory = None
@@ -32,6 +37,8 @@ def streaming_correct(model, input_ids: torch.Tensor, labels: torch.Tensor, segm
     first_start = 0 if model.config.num_mem_tokens else last_start
     for start in range(first_start, last_start, segment_size):
         memory = model(input_ids[:, start : start + segment_size], memory=memory).memory
+        if progress is not None:
+            progress.update(1)
     if labels.dim() == 1:  # an encoder's logits are already its last segment's classification
         return model(input_ids[:, last_start:], memory=memory).logits.argmax(dim=-1) == labels
     logits = model(input_ids[:, last_start:], memory=memory, return_logits=True).logits
@@ -65,11 +72,16 @@ def evaluate_by_length(model, generator: TaskGenerator, lengths: list[int], *, s
         count = samples_at(num_segments * segment_size, samples, max_tokens)
         mine = eval_samples(generator, num_segments, segment_size, count, rank, world_size)
         counts = torch.zeros(2, dtype=torch.float64)
-        for start in range(0, len(mine), batch_size):
+        batches = range(0, len(mine), batch_size)
+        per_batch = num_segments - 1 if model.config.num_mem_tokens else 0  # segments before the last
+        progress = tqdm(total=per_batch * len(batches), desc=f"evaluating {num_segments} segments", unit="seg",
+                        leave=False, disable=rank != 0 or num_segments < PROGRESS_MIN_SEGMENTS or not per_batch)
+        for start in batches:
             batch = collate(mine[start : start + batch_size], pad_id, classes=classes)
             correct = streaming_correct(model, batch["input_ids"].to(device), batch["labels"].to(device),
-                                        segment_size)
+                                        segment_size, progress)
             counts += torch.tensor([correct.sum().item(), correct.numel()], dtype=torch.float64)
+        progress.close()
         if dist.is_initialized() and world_size > 1:
             dist.all_reduce(counts)
         results[num_segments] = (counts[0] / counts[1]).item()
