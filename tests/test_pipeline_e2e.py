@@ -10,11 +10,8 @@ import pytest
 import torch
 
 from rmt_scale import RecurrentMemoryModel
-from rmt_scale.data import TaskGenerator, build_word_tokenizer, collate
-from rmt_scale.training.data import EVAL_SEED_OFFSET, eval_samples
-from rmt_scale.training.evaluation import streaming_correct
-from test_train_e2e import (LOSS_TOLERANCE, ROOT, SEGMENT, backbone, cpu_adam_built, launch, losses,  # noqa: F401
-                            run_args, scalars)
+from test_train_e2e import (LOSS_TOLERANCE, ROOT, backbone, cpu_adam_built, exported_accuracy,  # noqa: F401
+                            launch, losses, run_args, scalars)
 
 pytestmark = pytest.mark.slow
 PIPELINE = ROOT / "ds_configs" / "pipeline.json"
@@ -51,14 +48,9 @@ def test_two_stages_follow_one_process_and_resume_exactly(backbone, cpu_adam_bui
 
     # the export holds every stage's weights: it scores what the run's evaluation scored
     results = json.loads((piped / "results.json").read_text())["accuracy"]["rmt"]
-    model = RecurrentMemoryModel.from_pretrained(piped / "export").eval()
-    tokenizer = build_word_tokenizer()
-    generator = TaskGenerator("memorize", tokenizer, seed=EVAL_SEED_OFFSET)
     for segments in (1, 4):
-        batch = collate(eval_samples(generator, segments, SEGMENT, 8, 0, 1), tokenizer.pad_id)
-        correct = streaming_correct(model, batch["input_ids"], batch["labels"], SEGMENT)
-        assert correct.float().mean().item() == pytest.approx(results[str(segments)])
-    exported = dict(model.named_parameters())
+        assert exported_accuracy(piped / "export", segments) == pytest.approx(results[str(segments)])
+    exported = dict(RecurrentMemoryModel.from_pretrained(piped / "export").named_parameters())
     reference_model = RecurrentMemoryModel.from_pretrained(one / "export")
     for name, param in reference_model.named_parameters():
         torch.testing.assert_close(exported[name], param, rtol=0, atol=1e-4, msg=name)
