@@ -61,10 +61,10 @@ def test_batch_sizes_that_do_not_divide_are_refused():
 
 @pytest.mark.parametrize("name,stages", [("pipeline", 2), ("pipeline4", 4)])
 def test_pipeline_configs_count_replicas_not_ranks(name, stages):
-    config = TrainConfig(micro_batch_size=4, grad_accum=2)
+    config = TrainConfig(micro_batch_size=8, grad_accum=2)
     ds = build_ds_config(load_ds_config(str(CONFIGS / f"{name}.json")), config, world_size=4)
     assert ds["pipeline"]["stages"] == stages
-    assert ds["train_batch_size"] == 4 * 2 * (4 // stages)  # the stages of a pipeline share its batch
+    assert ds["train_batch_size"] == 8 * 2 * (4 // stages)  # the stages of a pipeline share its batch
     assert ds["zero_optimization"]["stage"] == 1
 
 

@@ -26,9 +26,9 @@ def assert_same_losses(observed: dict, reference: dict) -> None:
 
 def test_two_stages_follow_one_process_and_resume_exactly(backbone, cpu_adam_built, tmp_path):
     one = tmp_path / "one"
-    launch(run_args(backbone, one, ds_config=DDP), ranks=1)
+    launch(run_args(backbone, one, ds_config=DDP, micro_batch_size=4), ranks=1)
     piped = tmp_path / "piped"
-    args = run_args(backbone, piped, ds_config=PIPELINE, save_every=2)
+    args = run_args(backbone, piped, ds_config=PIPELINE, save_every=2, micro_batch_size=4)  # the config's 4 chains
     launch(args, ranks=2)
     reference = losses(one)
     assert reference[4] < reference[1]  # it trains
@@ -66,10 +66,10 @@ def test_two_stages_follow_one_process_and_resume_exactly(backbone, cpu_adam_bui
 
 
 def test_two_stages_times_two_replicas_follow_one_process_at_twice_the_batch(backbone, cpu_adam_built, tmp_path):
-    """ARMT (layer-local memory, one chain per replica fills the pipeline) on 4 ranks against 1 rank x batch 4."""
+    """ARMT on 4 ranks (2 stages x 2 replicas of batch 4) against 1 rank x batch 8."""
     one = tmp_path / "one"
-    launch(run_args(backbone, one, ds_config=DDP, memory="armt", micro_batch_size=4), ranks=1)
+    launch(run_args(backbone, one, ds_config=DDP, memory="armt", micro_batch_size=8), ranks=1)
     grid = tmp_path / "grid"
-    launch(run_args(backbone, grid, ds_config=PIPELINE, memory="armt"), ranks=4)
+    launch(run_args(backbone, grid, ds_config=PIPELINE, memory="armt", micro_batch_size=4), ranks=4)
     assert_same_losses(losses(grid), losses(one))
     assert json.loads((grid / "results.json").read_text())["world_size"] == 4

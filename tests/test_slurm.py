@@ -268,7 +268,8 @@ def test_train_job_on_pipeline_stages(slurm_env, tmp_path):
     out, log = tmp_path / "run", tmp_path / "job.out"
     job = submit(slurm_env, log, "--nodes=1", "--ntasks-per-node=2", str(REPO / "slurm" / "train.sbatch"),
                  "--ds_config", str(REPO / "ds_configs" / "pipeline.json"), "--out_dir", str(out),
-                 "--max_steps", "2", "--save_every", "2", "--eval_every", "2", *QUICK_FLAGS)
+                 "--max_steps", "2", "--save_every", "2", "--eval_every", "2", *QUICK_FLAGS,
+                 "--micro_batch_size", "4")  # the config's 4 chains
     info = wait_until_final(slurm_env, job, log, timeout=240)
     assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), log.read_text()
     names = {p.name for p in (out / "checkpoints" / "step000002").iterdir()}

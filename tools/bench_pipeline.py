@@ -45,8 +45,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--segment_size", type=int, default=64, help="tokens per segment (default: 64)")
     parser.add_argument("--num_mem_tokens", type=int, default=8, help="memory tokens (default: 8)")
     parser.add_argument("--rmt_chains", type=int, default=0,
-                        help="RMT samples in flight (one chain each; default 0: as many as stages). ARMT runs one "
-                             "sample: its memory stays in each stage, so one chain fills the pipeline")
+                        help="RMT samples in flight (one chain each; default 0: twice the stages, so a chain's memory "
+                             "round trip has slack). ARMT runs one sample: its memory stays in each stage, so one "
+                             "chain fills the pipeline")
     parser.add_argument("--partition", default="uniform", choices=["uniform", "parameters"],
                         help="layer split: 'uniform' gives each stage the same number of layers (default; the LM "
                              "head runs only on the last 8 tokens, the answer, as in the tasks); 'parameters' "
@@ -199,7 +200,7 @@ def main(argv=None) -> None:
     jobs = [(m, p, s) for m in args.memory for p in args.stages for s in args.segments]
     results = []
     for memory, stages, segments in tqdm(jobs, desc="bench_pipeline", unit="run"):
-        chains = 1 if memory == "armt" else (args.rmt_chains or stages)
+        chains = 1 if memory == "armt" else (args.rmt_chains or 2 * stages)
         shares = run_stages(args, memory, stages, segments, chains)
         step_s = max(share["step_s"] for share in shares)
         results.append({

@@ -210,9 +210,11 @@ class AssociativeStep(DecoderStep):
             return run_wavefront(self, state, segments)
         return super().run(state, segments)
 
-    def inputs(self, segment: Segment) -> tuple[torch.Tensor, torch.Tensor]:
-        """The ``[segment | memory tokens]`` embeddings and mask."""
-        tokens = self.backbone.get_input_embeddings()(segment.input_ids)
+    def inputs(self, segment: Segment, tokens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ``[segment | memory tokens]`` embeddings and mask (``tokens``: the segment's token embeddings,
+        when the caller has looked them up)."""
+        if tokens is None:
+            tokens = self.backbone.get_input_embeddings()(segment.input_ids)
         batch = tokens.shape[0]
         memory = self.memory.unsqueeze(0).expand(batch, -1, -1).to(tokens.dtype)
         mask = torch.cat([segment.attention_mask, segment.attention_mask.new_ones(batch, memory.shape[1])], dim=1)

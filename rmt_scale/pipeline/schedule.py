@@ -114,13 +114,25 @@ class SegmentPipeline(nn.Module):
         packed = torch.cat([tensor.reshape(-1) for tensor in tensors])
         self._pending.append((dist.isend(packed, peer), packed))
 
-    def _recv(self, peer: int, shapes, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    def _post_recv(self, peer: int | None, shapes, dtype: torch.dtype) -> "_Posted | None":
+        """Posts the receive of one item's message. Posted ahead of the item, the message can arrive while
+        the stage still computes the items before it, rather than after the stage starts waiting for it."""
+        if peer is None:
+            return None
         if peer == self.rank:
+            return _Posted(None, None, shapes)
+        packed = torch.empty(sum(math.prod(shape) for shape in shapes), dtype=dtype,
+                             device=self.stage.model.backbone.device)
+        return _Posted(dist.irecv(packed, peer), packed, shapes)
+
+    def _take(self, posted: "_Posted | None") -> tuple[torch.Tensor, ...]:
+        if posted is None:
+            return ()
+        if posted.work is None:
             return self._loopback.popleft()
-        sizes = [math.prod(shape) for shape in shapes]
-        packed = torch.empty(sum(sizes), dtype=dtype, device=self.stage.model.backbone.device)
-        dist.recv(packed, peer)
-        return tuple(part.view(shape) for part, shape in zip(packed.split(sizes), shapes))
+        posted.work.wait()
+        sizes = [math.prod(shape) for shape in posted.shapes]
+        return tuple(part.view(shape) for part, shape in zip(posted.packed.split(sizes), posted.shapes))
 
     # ------------------------------------------------------------------ the step
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
@@ -151,10 +163,11 @@ class SegmentPipeline(nn.Module):
     def _forward_items(self, run: "_Run") -> float:
         self.stashed_bytes = 0
         stash, states, loss_sum = run.stash, run.states, 0.0
+        inbox = _Inbox(run.items, lambda t, b: self._post_recv(
+            self._source(t), self.stage.received_shapes(run.chains[b][t], t), run.dtype))
         for t, b in run.items:
             segment = run.chains[b][t]
-            source = self._source(t)
-            received = () if source is None else self._recv(source, self.stage.received_shapes(segment, t), run.dtype)
+            received = self._take(inbox.next())
             tick = time.perf_counter()
             rng = torch_rng_state()
             with torch.no_grad():
@@ -176,19 +189,24 @@ class SegmentPipeline(nn.Module):
         num_segments, depth = run.num_segments, run.bptt_depth
         state_grads: list = [None] * len(run.chains)
         scale = grad_loss.detach().float() / run.num_targets
+
+        def post_grad_recv(t: int, b: int):
+            gets_memory_grad = not self.stage.is_last or keeps_gradient(t + 1, num_segments, depth)
+            destination = self._destination(t, num_segments) if gets_memory_grad else None
+            return self._post_recv(destination, run.stash[t, b][3], run.dtype)
+
+        inbox = _Inbox(run.items[::-1], post_grad_recv)
+        table = _EmbeddingGradients(self.stage) if self.stage.is_first else None
         for t, b in reversed(run.items):
             segment = run.chains[b][t]
-            received, state, rng, sent_shapes = run.stash.pop((t, b))
-            destination = self._destination(t, num_segments)
-            gets_memory_grad = not self.stage.is_last or keeps_gradient(t + 1, num_segments, depth)
-            grad_sent = None
-            if destination is not None and gets_memory_grad:
-                grad_sent = self._recv(destination, sent_shapes, run.dtype)
+            grad_sent = self._take(inbox.next()) or None
+            received, state, rng, _ = run.stash.pop((t, b))
             tick = time.perf_counter()
+            tokens = table.tokens(segment) if table else None
             received = tuple(_leaf(x.to(run.device, non_blocking=True)) for x in received)
             state = tuple(_leaf(x.to(run.device, non_blocking=True)) for x in state)
             with torch.enable_grad(), restored_torch_rng(rng):
-                out = self.stage(segment, received, state)
+                out = self.stage(segment, received, state, tokens)
             outputs, grads = [], []
             if out.loss is not None and out.loss.requires_grad:
                 outputs.append(out.loss)
@@ -202,12 +220,18 @@ class SegmentPipeline(nn.Module):
                         grads.append(grad)
             if outputs:
                 torch.autograd.backward(outputs, grads)
+            if table:
+                table.add(segment.input_ids, tokens)
             cut = t > 0 and not keeps_gradient(t, num_segments, depth)
             state_grads[b] = None if cut else [x.grad for x in state]
             run.record("backward", t, b, tick)
             source = self._source(t)
             if source is not None and (not self.stage.is_first or not cut):
                 self._send(source, [x.grad if x.grad is not None else torch.zeros_like(x) for x in received])
+        if table:
+            tick = time.perf_counter()
+            table.flush()
+            run.record("backward", 0, 0, tick)
         for work, _ in self._pending:
             work.wait()
         self._pending.clear()
@@ -219,6 +243,66 @@ class SegmentPipeline(nn.Module):
             dist.all_reduce(total, group=self.group)
             self.stashed_bytes = int(total)
         run.finished = time.perf_counter()
+
+
+class _EmbeddingGradients:
+    """Stage 0's backward into its token embedding table, done for many segments at once.
+
+    The table's gradient is dense (vocabulary x width): backpropagated segment by segment, each segment
+    would pay for a whole table's gradient, which makes stage 0 the slowest stage. Instead each segment
+    backpropagates into its looked-up token embeddings (:meth:`tokens`, a leaf), and the rows' gradients
+    go into the table together once they number a vocabulary's worth (so the buffer never holds more
+    than one table gradient) and at the end of the step."""
+
+    def __init__(self, stage: PipelineStage):
+        self.stage = stage
+        table = stage.model.backbone.get_input_embeddings()
+        self.trains, self.capacity = table.weight.requires_grad, table.num_embeddings
+        self.ids, self.grads, self.rows = [], [], 0
+
+    def __bool__(self) -> bool:
+        return self.trains
+
+    def tokens(self, segment: Segment) -> torch.Tensor:
+        with torch.no_grad():
+            return _leaf(self.stage.embed_tokens(segment.input_ids))
+
+    def add(self, input_ids: torch.Tensor, tokens: torch.Tensor) -> None:
+        if tokens.grad is None:  # the segment got no gradient (beyond bptt_depth)
+            return
+        self.ids.append(input_ids.reshape(-1))
+        self.grads.append(tokens.grad.reshape(input_ids.numel(), -1))
+        self.rows += input_ids.numel()
+        if self.rows >= self.capacity:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.ids:
+            with torch.enable_grad():  # the step's backward runs inside an autograd Function's backward
+                torch.autograd.backward(self.stage.embed_tokens(torch.cat(self.ids)), torch.cat(self.grads))
+        self.ids, self.grads, self.rows = [], [], 0
+
+
+@dataclass
+class _Posted:
+    work: object | None  # None: a message to itself (one stage), taken from the loopback queue
+    packed: torch.Tensor | None
+    shapes: list[tuple[int, ...]]
+
+
+class _Inbox:
+    """The receives of a run of items, each posted ``ahead`` items before the item that takes it."""
+
+    def __init__(self, items: list[tuple[int, int]], post, ahead: int = 2):
+        self._items, self._post, self._ahead = items, post, ahead
+        self._posted: collections.deque = collections.deque()
+        self._next = 0
+
+    def next(self):
+        while self._next < len(self._items) and len(self._posted) <= self._ahead:
+            self._posted.append(self._post(*self._items[self._next]))
+            self._next += 1
+        return self._posted.popleft()
 
 
 class _Run:

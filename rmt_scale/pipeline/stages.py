@@ -146,10 +146,16 @@ class PipelineStage(nn.Module):
         return tuple(t for memory in self.memories for t in memory.empty_state(batch, device))
 
     # ------------------------------------------------------------------ the computation
-    def forward(self, segment: Segment, received: tuple[torch.Tensor, ...],
-                state: tuple[torch.Tensor, ...]) -> StageOutput:
+    def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model.backbone.get_input_embeddings()(input_ids)
+
+    def forward(self, segment: Segment, received: tuple[torch.Tensor, ...], state: tuple[torch.Tensor, ...],
+                tokens: torch.Tensor | None = None) -> StageOutput:
+        """``tokens``: stage 0's :meth:`embed_tokens` of the segment, when the caller looked them up itself
+        (to backpropagate into the embedding table once for many segments); looked up here when None."""
         if self.is_first:
-            embeds, mask, read_memory = self._layout(segment, received)
+            embeds, mask, read_memory = self._layout(segment, received, self.embed_tokens(segment.input_ids) if tokens is None
+                                                     else tokens)
             hidden, args, kwargs = layer_inputs(self.model.backbone, embeds, padding_mask(mask), positions(mask))
         else:
             hidden, *rest = received
@@ -191,12 +197,11 @@ class PipelineStage(nn.Module):
             return torch.cat([segment.attention_mask, ones], dim=1)
         return torch.cat([ones, segment.attention_mask, ones], dim=1) if self.num_mem else segment.attention_mask
 
-    def _layout(self, segment: Segment, received: tuple[torch.Tensor, ...]):
+    def _layout(self, segment: Segment, received: tuple[torch.Tensor, ...], tokens: torch.Tensor):
         """Stage 0: the segment's input embeddings and mask, and RMT's read memory (None for ARMT)."""
         if self.associative:
-            embeds, mask = self.model.step.inputs(segment)
+            embeds, mask = self.model.step.inputs(segment, tokens)
             return embeds, mask, None
-        tokens = self.model.backbone.get_input_embeddings()(segment.input_ids)
         if not self.num_mem:
             return tokens, segment.attention_mask, None
         if received:

@@ -216,7 +216,8 @@ def _check_pipeline(ds: dict, config: TrainConfig) -> None:
     chains = ds["pipeline"].get("chains", 1)
     if not isinstance(chains, int) or not 1 <= chains <= config.micro_batch_size:
         raise ValueError(f"pipeline.chains={chains!r} must be between 1 and the micro-batch size "
-                         f"({config.micro_batch_size}): it is how many groups of samples are in flight.")
+                         f"({config.micro_batch_size}): it is how many groups of samples are in flight. Raise "
+                         f"--micro_batch_size or lower the config's chains.")
     if zero_stage(ds) > 1:
         raise ValueError(f"ZeRO stage {zero_stage(ds)} cannot run with pipeline stages: every stage runs a backward "
                          "per segment, which ZeRO-2/3's gradient hooks would reduce several times (DeepSpeed's own "
