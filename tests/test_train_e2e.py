@@ -232,6 +232,15 @@ def test_baseline_twin_and_accuracy_table(backbone, tmp_path):
     assert "memory/state_norm" not in scalars(out / "baseline")
     assert RecurrentMemoryModel.from_pretrained(out / "baseline" / "export").memory is None
 
+    # tools/plot_results.py turns the run into curves (tokens, accuracy, samples) and a PNG named by its task
+    plotted = subprocess.run([sys.executable, str(ROOT / "tools" / "plot_results.py"), str(out), "--out", str(tmp_path)],
+                             env=environment(), capture_output=True, text=True, timeout=120)
+    assert plotted.returncode == 0, plotted.stderr[-2000:]
+    curves = {c["model"]: c for c in json.loads((tmp_path / "memorize_by_length.json").read_text())}
+    assert curves["rmt"]["points"] == [[SEGMENT * int(n), summary["accuracy"]["rmt"][n], summary["eval_samples"][n]]
+                                       for n in ("1", "2", "4")]
+    assert (tmp_path / "memorize_by_length.png").stat().st_size > 10_000
+
 
 def exported_accuracy(export: Path, segments: int, classes: bool = False) -> float:
     """Streaming accuracy of an export on the run's own evaluation samples at one length."""

@@ -2,6 +2,7 @@
 """Accuracy by input length of finished runs: a table (markdown), JSON, and a PNG with tokens on a log axis.
 
     python tools/plot_results.py runs/results/armt runs/results/rmt runs/results/armt-delta --out docs/results
+    python tools/plot_results.py runs/results/detect-armt --out docs/results      # -> detect_by_length.png
 
 Each argument is a run's output directory (its results.json, written by launchers/train.py); every model in
 it (the memory model and its no-memory twin) becomes a curve, labelled by the directory's name.
@@ -18,7 +19,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+", help="run output directories holding results.json")
     parser.add_argument("--out", default=".", help="directory for memorize_by_length.{png,json} (default: .)")
-    parser.add_argument("--name", default="memorize_by_length", help="file name stem of the outputs")
+    parser.add_argument("--name", default="", help="file name stem of the outputs (default: TASK_by_length)")
     return parser.parse_args(argv)
 
 
@@ -29,10 +30,11 @@ def load(runs: list[str]) -> list[dict]:
         if not path.is_file():
             raise SystemExit(f"error: {path} is missing: pass the --out_dir of a finished launchers/train.py run.")
         results = json.loads(path.read_text())
+        task = json.loads((Path(run) / "train_config.json").read_text())["task"]
         samples = results.get("eval_samples", {})
         for model, accuracy in results["accuracy"].items():
             points = sorted((int(k) * results["segment_size"], v, samples.get(k)) for k, v in accuracy.items())
-            curves.append({"run": Path(run).name, "model": model, "points": points,
+            curves.append({"run": Path(run).name, "task": task, "model": model, "points": points,
                            "train_tokens": (results["train_segments"] or 0) * results["segment_size"]})
     return curves
 
@@ -43,6 +45,11 @@ def table(curves: list[dict]) -> str:
         for tokens, accuracy, samples in curve["points"]:
             lines.append(f"| {curve['run']} | {curve['model']} | {tokens:,} | {accuracy:.3f} | {samples or ''} |")
     return "\n".join(lines)
+
+
+TITLES = {"memorize": "memorize: a fact at the start, the question at the end",
+          "detect": "detect: a fact anywhere, the question at the end",
+          "reason": "reason: two supporting facts anywhere, the question at the end"}
 
 
 def plot(curves: list[dict], path: Path) -> None:
@@ -66,7 +73,7 @@ def plot(curves: list[dict], path: Path) -> None:
     axis.set_ylim(-0.02, 1.05)
     axis.set_xlabel("input length, tokens (log scale)")
     axis.set_ylabel("exact-answer accuracy")
-    axis.set_title("memorize: a fact at the start, the question at the end")
+    axis.set_title(" / ".join(TITLES[task] for task in dict.fromkeys(curve["task"] for curve in curves)))
     axis.legend(fontsize=8, loc="center right")
     figure.tight_layout()
     figure.savefig(path, dpi=110)
@@ -77,8 +84,9 @@ def main(argv=None) -> None:
     curves = load(args.runs)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"{args.name}.json").write_text(json.dumps(curves, indent=2) + "\n")
-    plot(curves, out / f"{args.name}.png")
+    name = args.name or f"{curves[0]['task']}_by_length"
+    (out / f"{name}.json").write_text(json.dumps(curves, indent=2) + "\n")
+    plot(curves, out / f"{name}.png")
     print(json.dumps(curves))
     print(table(curves))
 
