@@ -106,16 +106,23 @@ def scalars(out: Path) -> dict[str, list[tuple[int, float]]]:
     return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
 
 
+def shm_buffers() -> set[str]:
+    return {p.name for p in Path("/dev/shm").glob("deepspeed_allreduce_buffer_*")}
+
+
 def test_ranks_and_zero_stages_follow_the_same_losses(backbone, cpu_adam_built, tmp_path):
     """1 rank x batch 4, 2 ranks x batch 2 (no ZeRO) and 2 ranks x batch 2 (the shipped zero3.json, unchanged:
     offload, checkpointing, DeepSpeed CPU Adam) see the same samples and must give the same losses; the
     ZeRO-3 run's logs, checkpoints and export are then read back."""
+    shm_buffers_before = shm_buffers()
     one = tmp_path / "one"
     launch(run_args(backbone, one, micro_batch_size=4, ds_config=ROOT / "ds_configs" / "ddp.json"), ranks=1)
     two = tmp_path / "two"
     launch(run_args(backbone, two, ds_config=ROOT / "ds_configs" / "ddp.json"), ranks=2)
     zero3 = tmp_path / "zero3"
     launch(run_args(backbone, zero3, ds_config=ROOT / "ds_configs" / "zero3.json", save_every=2), ranks=2)
+    # DeepSpeed's shared-memory allreduce buffers (64 MiB of RAM per rank) are gone with the runs
+    assert shm_buffers() <= shm_buffers_before
 
     reference = losses(one)
     assert sorted(reference) == [1, 2, 3, 4]

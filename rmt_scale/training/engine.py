@@ -80,7 +80,18 @@ def close_distributed(*, wait_for_peers: bool) -> None:
         return
     if wait_for_peers:
         torch.distributed.barrier()
+    rank = torch.distributed.get_rank()
     torch.distributed.destroy_process_group()
+    remove_shm_buffer(rank)
+
+
+def remove_shm_buffer(rank: int) -> None:
+    """Unlinks this rank's buffer of DeepSpeed's shared-memory allreduce (CPU ranks on one machine), which
+    DeepSpeed leaves behind: 64 MiB of /dev/shm (RAM) per rank per run, until the machine runs out. Peers
+    that still map it keep their mapping."""
+    name = (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+            f"{os.environ.get('MASTER_PORT', '')}_{rank}")
+    Path("/dev/shm", name).unlink(missing_ok=True)
 
 
 # ---------------------------------------------------------------------- the JSON config
