@@ -23,6 +23,7 @@ JEMALLOC_GLOBS = (
     "/usr/local/lib/libjemalloc.so*",
 )
 ALLOCATORS = ("auto", "jemalloc", "glibc")
+JEMALLOC_CONF = "dirty_decay_ms:-1,muzzy_decay_ms:-1,tcache:false"
 # the launcher's choice among ALLOCATORS, from the environment so that every rank of any launcher sees it
 ALLOCATOR_VARIABLE = "RMT_ALLOCATOR"
 # what allocator_env may set: a process whose environment already has these values runs under the policy
@@ -56,7 +57,9 @@ def allocator_env(choice: str = "auto", base: dict[str, str] | None = None) -> t
         env["LD_PRELOAD"] = ":".join(filter(None, [library, *preloaded]))
     # Freed pages stay with the process for reuse: purging them (jemalloc's default after 10 s) makes a
     # long BPTT step, which frees and re-allocates gigabytes, fault them all in again (measured 20% slower).
-    env.setdefault("MALLOC_CONF", "dirty_decay_ms:-1,muzzy_decay_ms:-1")
+    # Without thread caches: with them, training an encoder grew by about 10 MB a step and never stopped
+    # (1.2 GB after 70 steps, 524 MB flat without; decoders stayed flat either way, at the same speed).
+    env.setdefault("MALLOC_CONF", JEMALLOC_CONF)
     return env, "jemalloc"
 
 
