@@ -37,8 +37,9 @@ def test_memorize_checkpoint_answers_at_a_million_tokens(tmp_path):
     assert f"| {segments} | 1000000 |" in printed
 
 
-def test_detect_checkpoint_finds_the_fact_16_times_beyond_its_training_length(tmp_path):
-    segments = 1_024  # trained on up to 64; the fact sits anywhere, the question at the end
-    evaluation, _ = evaluate("detect", segments, 8, tmp_path)
-    # 6 of 8 right by chance (1/6 each) happens in 0.05% of tries; the model gets all 8
+@pytest.mark.parametrize("task", ["detect", "reason"])
+def test_checkpoints_trained_to_64_segments_answer_at_1024(task, tmp_path):
+    segments = 1_024  # 16 times the training length; the facts sit anywhere, the question at the end
+    evaluation, _ = evaluate(task, segments, 8, tmp_path)
+    # 6 of 8 right by chance (1/6 each) happens in 0.05% of tries; the models get all 8
     assert evaluation["accuracy"][str(segments)] >= 6 / 8

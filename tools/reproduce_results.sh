@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Redoes docs/results.md: three launcher runs on the memorize task and one on detect, their accuracy by length
-# to 1M tokens, the plots, and the evaluation of the reference checkpoints at 1M tokens. About 25 minutes on
+# Redoes docs/results.md: three launcher runs on the memorize task, one on detect and one on reason, their accuracy by length
+# to 1M tokens, the plots, and the evaluation of the reference checkpoints at 1M tokens. About 40 minutes on
 # 2 cores with RMT_REFERENCE_SAMPLES=4 (the default); the page's 64-sample rows take about 35 minutes more per
 # checkpoint on one core each (RMT_REFERENCE_SAMPLES=64).
 #   bash tools/reproduce_results.sh [OUT]        (default OUT: runs/results)
@@ -26,13 +26,18 @@ mkdir -p "$out"
 [ -f "$out/detect-armt/results.json" ] || "$python" launchers/train.py --task detect --curriculum 1,4,16,64 \
     --promote_accuracy 1.1 --max_steps 800 --eval_every 100 --eval_segments 1,4,16,64,256,1024,31250 \
     --out_dir "$out/detect-armt"
+# reason: two supporting facts (bAbI qa2), the same recipe
+[ -f "$out/reason-armt/results.json" ] || "$python" launchers/train.py --task reason --curriculum 1,4,16,64 \
+    --promote_accuracy 1.1 --max_steps 800 --eval_every 100 --eval_segments 1,4,16,64,256,1024,31250 \
+    --out_dir "$out/reason-armt"
 
 "$python" tools/plot_results.py "$out/armt" "$out/rmt" "$out/armt-delta" --out "$out"
 "$python" tools/plot_results.py "$out/detect-armt" --out "$out"
+"$python" tools/plot_results.py "$out/reason-armt" --out "$out"
 # the checkpoints kept in the repository, at 1,000,000 tokens (31,250 segments of 32 tokens), in parallel
 samples=${RMT_REFERENCE_SAMPLES:-4}
 pids=()
-for task in memorize detect; do
+for task in memorize detect reason; do
     OMP_NUM_THREADS=1 "$python" launchers/eval.py --model "docs/results/armt-$task" --task "$task" \
         --eval_segments 31250 --eval_samples "$samples" --batch_size "$samples" --out "$out/reference-$task" &
     pids+=($!)
