@@ -115,7 +115,7 @@ def test_bench_reports_busy_fractions_step_times_and_a_schedule_plot(tmp_path):
                    env=dict(os.environ, HF_HUB_OFFLINE="1"))
     results = json.loads(out.read_text())["results"]
     assert [(r["memory"], r["stages"], r["segments"], r["chains"]) for r in results] == [
-        ("armt", 2, 3, 1), ("rmt", 2, 3, 2)]
+        ("armt", 2, 3, 1), ("rmt", 2, 3, 4)]  # RMT: twice as many chains as stages
     for result in results:
         assert len(result["busy_fraction"]) == 2 and all(0 < b <= 1 for b in result["busy_fraction"])
         assert result["step_s"] > 0 and result["one_process_s"] > 0
