@@ -18,7 +18,7 @@ from pathlib import Path
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+", help="run output directories holding results.json")
-    parser.add_argument("--out", default=".", help="directory for memorize_by_length.{png,json} (default: .)")
+    parser.add_argument("--out", default=".", help="directory for the outputs, TASK_by_length.{png,json} (default: .)")
     parser.add_argument("--name", default="", help="file name stem of the outputs (default: TASK_by_length)")
     return parser.parse_args(argv)
 

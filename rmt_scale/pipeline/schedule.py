@@ -196,13 +196,13 @@ class SegmentPipeline(nn.Module):
             return self._post_recv(destination, run.stash[t, b][3], run.dtype)
 
         inbox = _Inbox(run.items[::-1], post_grad_recv)
-        table = _EmbeddingGradients(self.stage) if self.stage.is_first else None
+        table = _EmbeddingGradients(self.stage) if self.stage.is_first and self.stage.embeddings_train else None
         for t, b in reversed(run.items):
             segment = run.chains[b][t]
             grad_sent = self._take(inbox.next()) or None
             received, state, rng, _ = run.stash.pop((t, b))
             tick = time.perf_counter()
-            tokens = table.tokens(segment) if table else None
+            tokens = table.tokens(segment) if table is not None else None
             received = tuple(_leaf(x.to(run.device, non_blocking=True)) for x in received)
             state = tuple(_leaf(x.to(run.device, non_blocking=True)) for x in state)
             with torch.enable_grad(), restored_torch_rng(rng):
@@ -220,7 +220,7 @@ class SegmentPipeline(nn.Module):
                         grads.append(grad)
             if outputs:
                 torch.autograd.backward(outputs, grads)
-            if table:
+            if table is not None:
                 table.add(segment.input_ids, tokens)
             cut = t > 0 and not keeps_gradient(t, num_segments, depth)
             state_grads[b] = None if cut else [x.grad for x in state]
@@ -228,7 +228,7 @@ class SegmentPipeline(nn.Module):
             source = self._source(t)
             if source is not None and (not self.stage.is_first or not cut):
                 self._send(source, [x.grad if x.grad is not None else torch.zeros_like(x) for x in received])
-        if table:
+        if table is not None:
             tick = time.perf_counter()
             table.flush()
             run.record("backward", 0, 0, tick)
@@ -256,12 +256,8 @@ class _EmbeddingGradients:
 
     def __init__(self, stage: PipelineStage):
         self.stage = stage
-        table = stage.model.backbone.get_input_embeddings()
-        self.trains, self.capacity = table.weight.requires_grad, table.num_embeddings
+        self.capacity = stage.model.backbone.get_input_embeddings().num_embeddings
         self.ids, self.grads, self.rows = [], [], 0
-
-    def __bool__(self) -> bool:
-        return self.trains
 
     def tokens(self, segment: Segment) -> torch.Tensor:
         with torch.no_grad():

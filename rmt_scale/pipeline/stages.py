@@ -149,13 +149,17 @@ class PipelineStage(nn.Module):
     def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model.backbone.get_input_embeddings()(input_ids)
 
+    @property
+    def embeddings_train(self) -> bool:
+        return self.model.backbone.get_input_embeddings().weight.requires_grad
+
     def forward(self, segment: Segment, received: tuple[torch.Tensor, ...], state: tuple[torch.Tensor, ...],
                 tokens: torch.Tensor | None = None) -> StageOutput:
         """``tokens``: stage 0's :meth:`embed_tokens` of the segment, when the caller looked them up itself
         (to backpropagate into the embedding table once for many segments); looked up here when None."""
         if self.is_first:
-            embeds, mask, read_memory = self._layout(segment, received, self.embed_tokens(segment.input_ids) if tokens is None
-                                                     else tokens)
+            tokens = self.embed_tokens(segment.input_ids) if tokens is None else tokens
+            embeds, mask, read_memory = self._layout(segment, received, tokens)
             hidden, args, kwargs = layer_inputs(self.model.backbone, embeds, padding_mask(mask), positions(mask))
         else:
             hidden, *rest = received
