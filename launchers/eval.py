@@ -5,13 +5,15 @@
     srun python launchers/eval.py --model ...      # with RANK/WORLD_SIZE/... exported (slurm/eval.sbatch)
 
 Exact-answer accuracy on the same fixed evaluation samples training uses (task samples of whole segments,
-read with streaming inference, so any length runs in constant memory). Prints a table; rank 0 writes
-OUT/eval.json. Exit codes: 0 done; 2 bad input.
+read with streaming inference: what is held is the model, its memory, one segment's activations and the batch's
+tokens at 4 bytes each). Prints a table and the peak RSS; rank 0 writes OUT/eval.json. Exit codes: 0 done; 2 bad
+input.
 """
 
 import argparse
 import json
 import os
+import resource
 import sys
 from pathlib import Path
 
@@ -68,13 +70,15 @@ def main(argv=None) -> int:
         close_distributed(wait_for_peers=False)
         return 2
     if dist_info.rank == 0:
+        peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
         out = Path(args.out or model_dir)
         out.mkdir(parents=True, exist_ok=True)
         (out / "eval.json").write_text(json.dumps({
             "model": str(model_dir), "task": args.task, "segment_size": segment_size,
-            "accuracy": {str(k): v for k, v in accuracy.items()}}, indent=2) + "\n")
+            "accuracy": {str(k): v for k, v in accuracy.items()}, "peak_rss_mb": round(peak_rss_mb)}, indent=2) + "\n")
         label = model.config.model_type if model.config.num_mem_tokens else "baseline"
         print(format_table({label: accuracy}, segment_size, None), flush=True)
+        print(f"peak RSS of this rank: {peak_rss_mb:.0f} MB", flush=True)
     close_distributed(wait_for_peers=True)
     return 0
 

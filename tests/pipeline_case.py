@@ -21,11 +21,12 @@ NUM_LAYERS, SEGMENT, SEGMENTS, BATCH = 4, 6, 5, 4
 
 
 def build_model(family: str, memory: str, bptt_depth: int) -> RecurrentMemoryModel:
+    """``memory``: rmt, rmt-gated (with the memory gate) or armt."""
     layers = {"n_layer": NUM_LAYERS} if family == "gpt2" else {"num_hidden_layers": NUM_LAYERS}
     torch.manual_seed(0)
     backbone = transformers.AutoModelForCausalLM.from_config(tiny_config(f"test-{family}", **layers))
     config_class = ARMTConfig if memory == "armt" else RMTConfig
-    extra = dict(d_mem=8, num_heads=2) if memory == "armt" else {}
+    extra = {"armt": dict(d_mem=8, num_heads=2), "rmt-gated": dict(memory_gate=True)}.get(memory, {})
     config = config_class(num_mem_tokens=3, segment_size=SEGMENT, bptt_depth=bptt_depth, backprop="bptt", **extra)
     torch.manual_seed(1)
     model = RecurrentMemoryModel(backbone, config)

@@ -13,11 +13,15 @@ from rmt_scale import ARMTConfig, RecurrentMemoryModel, RMTConfig
 from rmt_scale.data import LOCATIONS, AnswerClasses, TaskGenerator, build_word_tokenizer, collate
 from rmt_scale.model.segments import IGNORE_INDEX
 from rmt_scale.model.tiny import tiny_config
-from rmt_scale.training.data import eval_samples
-from rmt_scale.training.evaluation import samples_at, streaming_correct
+from rmt_scale.training.evaluation import samples_at, stacked_batch, streaming_correct
 
 SEGMENT = 16
 SEGMENTS = 5
+
+
+def drawn(generator: TaskGenerator, count: int) -> list:
+    """The first ``count`` evaluation samples of SEGMENTS segments, as evaluation draws them."""
+    return [generator.sample(index, SEGMENTS * SEGMENT) for index in range(count)]
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +65,7 @@ def test_streaming_predicts_what_the_whole_input_predicts(variant, tokenizer):
     encoder = variant == "encoder"
     classes = AnswerClasses(tokenizer) if encoder else None
     generator = TaskGenerator("detect", tokenizer, seed=11)
-    batch = collate(eval_samples(generator, SEGMENTS, SEGMENT, 6, 0, 1), tokenizer.pad_id, classes=classes)
+    batch = collate(drawn(generator, 6), tokenizer.pad_id, classes=classes)
     input_ids, labels = batch["input_ids"], batch["labels"]
     with torch.no_grad():
         whole = model(input_ids, return_logits=not encoder).logits
@@ -84,6 +88,27 @@ def test_streaming_predicts_what_the_whole_input_predicts(variant, tokenizer):
     assert not streaming_correct(model, input_ids, other, SEGMENT).any()
     # one call per segment: what is held is one segment and the memory, whatever the length
     assert lengths == [SEGMENT] * (SEGMENTS - 1) + [SEGMENT - 1 if encoder else SEGMENT]
+    # the compact batch evaluation builds (int32 tokens, a decoder's labels for the last segment only) scores alike
+    tail = (lambda labels: labels) if encoder else (lambda labels: labels[:, -SEGMENT:])
+    assert streaming_correct(model, input_ids.int(), tail(matching), SEGMENT).tolist() == [True] * 6
+    assert not streaming_correct(model, input_ids.int(), tail(other), SEGMENT).any()
+
+
+@pytest.mark.parametrize("encoder", [False, True])
+def test_evaluation_batches_hold_the_tokens_at_four_bytes_and_only_the_last_segments_labels(encoder, tokenizer):
+    classes = AnswerClasses(tokenizer) if encoder else None
+    generator = TaskGenerator("reason", tokenizer, seed=5)
+    full = collate(drawn(generator, 6), tokenizer.pad_id, classes=classes)
+    input_ids, labels = stacked_batch(generator, range(6), SEGMENTS * SEGMENT, SEGMENT, tokenizer.pad_id, classes)
+    assert input_ids.dtype == torch.int32 and input_ids.tolist() == full["input_ids"].tolist()
+    if encoder:
+        assert labels.tolist() == full["labels"].tolist()
+    else:
+        assert labels.shape == (6, SEGMENT) and labels.tolist() == full["labels"][:, -SEGMENT:].tolist()
+        assert bool((full["labels"][:, :-SEGMENT] == IGNORE_INDEX).all())  # the answer is all in the last segment
+        model = build("rmt", tokenizer.vocab_size, tokenizer)
+        with pytest.raises(ValueError, match="labels cover the last 15 tokens, fewer than the last segment's 16"):
+            streaming_correct(model, input_ids, labels[:, 1:], SEGMENT)
 
 
 def test_a_model_without_memory_is_scored_on_its_last_segment_alone(tokenizer):
@@ -92,7 +117,7 @@ def test_a_model_without_memory_is_scored_on_its_last_segment_alone(tokenizer):
     torch.manual_seed(0)
     backbone = AutoModelForCausalLM.from_config(tiny_config("test-opt", vocab_size=tokenizer.vocab_size))
     model = RecurrentMemoryModel(backbone, RMTConfig(num_mem_tokens=0, segment_size=SEGMENT)).eval()
-    batch = collate(eval_samples(TaskGenerator("detect", tokenizer, seed=11), SEGMENTS, SEGMENT, 6, 0, 1),
+    batch = collate(drawn(TaskGenerator("detect", tokenizer, seed=11), 6),
                     tokenizer.pad_id)
     input_ids, labels = batch["input_ids"], batch["labels"]
     with torch.no_grad():

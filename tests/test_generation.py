@@ -8,6 +8,7 @@ from test_model import build, ids, rmt
 
 GREEDY_CASES = [("rmt", family, alignment) for family in ("opt", "gpt2", "llama", "gpt_neox")
                 for alignment in ("left", "right")]
+GREEDY_CASES += [("rmt-gated", "opt", "left"), ("rmt-gated", "llama", "right")]
 GREEDY_CASES += [("armt", "opt", "left"), ("armt", "gpt2", "left"), ("armt", "llama", "left"),
                  ("armt", "opt", "right"), ("armt", "llama", "right")]
 

@@ -37,8 +37,13 @@ def armt(load_backbone, family: str, trained: bool = True, **config) -> Recurren
     return model
 
 
+def rmt_gated(load_backbone, family: str, **config) -> RecurrentMemoryModel:
+    """An RMT whose memory update goes through the gate; a fresh gate's channels are part open, part shut."""
+    return rmt(load_backbone, family, memory_gate=True, **config)
+
+
 def build(load_backbone, variant: str, family: str, **config) -> RecurrentMemoryModel:
-    return {"rmt": rmt, "armt": armt}[variant](load_backbone, family, **config)
+    return {"rmt": rmt, "rmt-gated": rmt_gated, "armt": armt}[variant](load_backbone, family, **config)
 
 
 def ids(batch: int, length: int, seed: int = 1) -> torch.Tensor:
@@ -71,7 +76,8 @@ def memory_rows(memory, rows: slice):
 
 # ---------------------------------------------------------------- config
 @pytest.mark.parametrize("config", [
-    RMTConfig(num_mem_tokens=5, segment_size=100, bptt_depth=3, backprop="replay", segment_alignment="right"),
+    RMTConfig(num_mem_tokens=5, segment_size=100, bptt_depth=3, backprop="replay", segment_alignment="right",
+              memory_gate=True),
     ARMTConfig(num_mem_tokens=4, segment_size=64, d_mem=8, num_heads=2, dpfp_nu=2, gating=False, correction=False,
                execution="wavefront", backprop="replay"),
 ], ids=["rmt", "armt"])
@@ -92,6 +98,8 @@ def test_config_round_trips_through_json_and_dispatches_by_model_type(tmp_path, 
     (ARMTConfig, "dpfp_nu", -1, "dpfp_nu=-1"),
     (ARMTConfig, "gating", "yes", "true or false"),
     (ARMTConfig, "execution", "diagonal", "sequential, wavefront"),
+    (RMTConfig, "memory_gate", 1, "memory_gate=1 is invalid: it must be true or false"),
+    (ARMTConfig, "memory_gate", True, "memory_gate is an RMT setting.*set memory_gate=False"),
 ])
 def test_config_rejects_bad_values_with_a_clear_message(config_class, field, value, words):
     with pytest.raises(ConfigError, match=words):
@@ -149,6 +157,23 @@ def test_memory_carries_information_between_segments(load_backbone, variant, fam
     assert (out_a.logits[:, 8:] - out_b.logits[:, 8:]).abs().max() > difference
 
 
+@pytest.mark.parametrize("family", ["opt", "bert"])
+def test_a_shut_memory_gate_keeps_the_memory_and_an_open_one_is_the_plain_rmt(load_backbone, family):
+    """The gate's two ends: shut, every segment leaves the learned memory exactly as it was (so a fact written
+    into it would survive any length); open, the update is the plain RMT's, what the segment wrote."""
+    plain, gated = rmt(load_backbone, family), rmt_gated(load_backbone, family)
+    gated.load_state_dict(plain.state_dict(), strict=False)  # the same backbone and memory tokens
+    x = ids(2, 37)
+    labels = torch.tensor([0, 2]) if family in ENCODERS else None
+    with torch.no_grad():
+        gated.memory_gate.proj.weight.zero_()
+        gated.memory_gate.proj.bias.fill_(-1.0)
+        assert torch.equal(gated(x, labels=labels).memory, gated.memory.expand(2, -1, -1))
+        gated.memory_gate.proj.bias.fill_(2.0)
+        torch.testing.assert_close(gated(x, labels=labels).memory, plain(x, labels=labels).memory)
+    assert set(gated.state_dict()) - set(plain.state_dict()) == {"memory_gate.proj.weight", "memory_gate.proj.bias"}
+
+
 def test_without_memory_segments_do_not_see_each_other(load_backbone):
     no_memory = rmt(load_backbone, "opt", num_mem_tokens=0, segment_size=8)
     a, b = ids(1, 16, seed=1), ids(1, 16, seed=2)
@@ -159,6 +184,7 @@ def test_without_memory_segments_do_not_see_each_other(load_backbone):
 
 # ---------------------------------------------------------------- backprop modes and truncation
 @pytest.mark.parametrize("variant, family", [("rmt", "opt"), ("rmt", "llama"), ("rmt", "gpt2"), ("rmt", "bert"),
+                                             ("rmt-gated", "opt"), ("rmt-gated", "bert"),
                                              ("armt", "opt"), ("armt", "gpt2"), ("armt", "llama")])
 @pytest.mark.parametrize("bptt_depth", [-1, 2])
 def test_checkpoint_and_replay_give_the_bptt_gradients(load_backbone, variant, family, bptt_depth):
@@ -204,7 +230,8 @@ def test_bptt_depth_limits_how_far_gradients_flow_back(load_backbone, mode):
 
 # ---------------------------------------------------------------- padding
 @pytest.mark.parametrize("variant, family", [("rmt", "opt"), ("rmt", "llama"), ("rmt", "gpt_neox"), ("rmt", "bert"),
-                                             ("rmt", "roberta"), ("armt", "opt"), ("armt", "llama")])
+                                             ("rmt", "roberta"), ("rmt-gated", "gpt2"), ("rmt-gated", "bert"),
+                                             ("armt", "opt"), ("armt", "llama")])
 @pytest.mark.parametrize("side", ["right", "left"])
 def test_a_padded_sample_behaves_as_if_alone(load_backbone, variant, family, side):
     model = build(load_backbone, variant, family, segment_size=6,
@@ -248,7 +275,7 @@ def test_left_padding_predicts_nothing(load_backbone, family):
 
 
 # ---------------------------------------------------------------- streaming
-@pytest.mark.parametrize("variant", ["rmt", "armt"])
+@pytest.mark.parametrize("variant", ["rmt", "rmt-gated", "armt"])
 def test_streaming_in_chunks_equals_one_call(load_backbone, variant):
     model = build(load_backbone, variant, "llama")
     x = ids(2, 48)
@@ -263,7 +290,7 @@ def test_streaming_in_chunks_equals_one_call(load_backbone, variant):
 
 
 # ---------------------------------------------------------------- persistence
-@pytest.mark.parametrize("variant, family", [("rmt", "opt"), ("rmt", "bert"), ("armt", "gpt2")])
+@pytest.mark.parametrize("variant, family", [("rmt", "opt"), ("rmt", "bert"), ("rmt-gated", "opt"), ("armt", "gpt2")])
 def test_save_and_load_round_trip(load_backbone, variant, family, tmp_path):
     model = build(load_backbone, variant, family, backprop="replay", bptt_depth=4)
     with torch.no_grad():

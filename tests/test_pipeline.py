@@ -50,7 +50,7 @@ def run_pipeline(tmp_path: Path, stages: int, family: str, memory: str, bptt_dep
 @pytest.mark.parametrize("stages,family,memory,bptt_depth,chains", [
     (2, "opt", "rmt", -1, 1),
     (2, "gpt2", "armt", 2, 2),
-    (4, "llama", "rmt", 2, 2),
+    (4, "llama", "rmt-gated", 2, 2),  # the last stage gates the memory it sends back
     (4, "gpt_neox", "armt", -1, 1),
     (1, "opt", "rmt", 2, 2),  # one stage: RMT's memory loops back to the same rank
 ])

@@ -24,7 +24,8 @@ def test_help_documents_every_flag():
     for flag in ("--backbone", "--num_mem_tokens", "--segment_size", "--task", "--shards", "--curriculum",
                  "--eval_segments", "--out_dir", "--max_steps", "--resume", "--ds_config", "--save_every",
                  "--baseline", "--no-baseline", "--memory {rmt,armt}", "--d_mem", "--num_heads", "--dpfp_nu",
-                 "--gating, --no-gating", "--correction, --no-correction", "--execution", "'tiny-bert'"):
+                 "--gating, --no-gating", "--correction, --no-correction", "--execution", "'tiny-bert'",
+                 "--memory_gate, --no-memory_gate"):
         assert flag in text
     assert text.count("%(") == 0  # every help string rendered
 
@@ -44,6 +45,7 @@ def test_help_documents_every_flag():
     (["--memory", "armt", "--execution", "nope"], "execution='nope' is unknown: choose one of sequential, wavefront"),
     (["--memory", "rmt", "--d_mem", "32", "--no-gating"],
      r"--d_mem, --gating only apply to --memory armt: add --memory armt, or drop"),
+    (["--memory_gate"], r"--memory_gate only applies to --memory rmt: add --memory rmt, or drop it"),
 ])
 def test_bad_flags_are_refused(argv, message):
     with pytest.raises(ValueError, match=message):
@@ -54,8 +56,9 @@ def test_model_flags_fill_the_model_config():
     assert parse_args([]).model == ARMTConfig(num_mem_tokens=8, segment_size=32, backprop="bptt", bptt_depth=-1,
                                               correction=False)
     config = parse_args(["--memory", "rmt", "--num_mem_tokens", "2", "--segment_size", "64", "--backprop", "replay",
-                         "--bptt_depth", "3", "--output_dir", "runs/x"])
-    assert config.model == RMTConfig(num_mem_tokens=2, segment_size=64, backprop="replay", bptt_depth=3)
+                         "--bptt_depth", "3", "--memory_gate", "--output_dir", "runs/x"])
+    assert config.model == RMTConfig(num_mem_tokens=2, segment_size=64, backprop="replay", bptt_depth=3,
+                                     memory_gate=True)
     assert config.out_dir == "runs/x"  # --output_dir is Hugging Face's name of --out_dir
     with pytest.raises(ConfigError, match="segment_size=0 is invalid"):
         TrainConfig(model=RMTConfig(segment_size=0))

@@ -18,10 +18,10 @@ import torch
 import transformers
 
 from rmt_scale import ARMTConfig, RecurrentMemoryModel, RMTConfig
-from rmt_scale.data import AnswerClasses, TaskGenerator, build_word_tokenizer, collate, load_tokenizer
-from rmt_scale.training.data import EVAL_SEED_OFFSET, eval_samples
+from rmt_scale.data import AnswerClasses, TaskGenerator, build_word_tokenizer, load_tokenizer
+from rmt_scale.training.data import EVAL_SEED_OFFSET
 from rmt_scale.training.distributed import free_port
-from rmt_scale.training.evaluation import streaming_correct
+from rmt_scale.training.evaluation import stacked_batch, streaming_correct
 from rmt_scale.training.trainer import EXIT_PREEMPTED
 
 pytestmark = pytest.mark.slow
@@ -254,9 +254,9 @@ def exported_accuracy(export: Path, segments: int, classes: bool = False) -> flo
     model = RecurrentMemoryModel.from_pretrained(export).eval()
     tokenizer = load_tokenizer(str(export / "tokenizer"))
     generator = TaskGenerator("memorize", tokenizer, seed=EVAL_SEED_OFFSET)
-    batch = collate(eval_samples(generator, segments, SEGMENT, 8, 0, 1), tokenizer.pad_id,
-                    classes=AnswerClasses(tokenizer) if classes else None)
-    return streaming_correct(model, batch["input_ids"], batch["labels"], SEGMENT).float().mean().item()
+    input_ids, labels = stacked_batch(generator, range(8), segments * SEGMENT, SEGMENT, tokenizer.pad_id,
+                                      AnswerClasses(tokenizer) if classes else None)
+    return streaming_correct(model, input_ids, labels, SEGMENT).float().mean().item()
 
 
 def test_launcher_trains_armt_and_its_baseline(backbone, tmp_path):
@@ -301,9 +301,10 @@ def test_armt_under_the_shipped_zero3_config_follows_one_rank(backbone, cpu_adam
 
 def test_launcher_trains_an_encoder_classifier_and_its_baseline(tmp_path):
     """--backbone tiny-bert: a BERT sequence classifier over the 6 answers, [CLS] memory [SEP] segment [SEP],
-    with its no-memory twin; the exports load as encoders whose streaming accuracy is the run's own."""
+    here with the gated memory update, and its no-memory twin; the exports load as encoders whose streaming
+    accuracy is the run's own."""
     out = tmp_path / "run"
-    result = launch(run_args("tiny-bert", out, max_steps=3, eval_every=3) + ["--baseline"], ranks=1)
+    result = launch(run_args("tiny-bert", out, max_steps=3, eval_every=3, memory_gate=True) + ["--baseline"], ranks=1)
     summary = json.loads((out / "results.json").read_text())["accuracy"]
     assert sorted(summary) == ["baseline", "rmt"]
     assert sorted(summary["rmt"]) == sorted(summary["baseline"]) == ["1", "2", "4"]
@@ -317,6 +318,7 @@ def test_launcher_trains_an_encoder_classifier_and_its_baseline(tmp_path):
         assert type(model.backbone).__name__ == "BertForSequenceClassification"
         assert model.backbone.config.num_labels == 6 and model.config.num_mem_tokens == memory
         assert (model.config.cls_token_id, model.config.sep_token_id) == (tokenizer.cls_id, tokenizer.sep_id)
+        assert (model.memory_gate is not None) == bool(memory)  # the twin has no memory to gate
     for segments in (1, 4):
         assert exported_accuracy(out / "export", segments, classes=True) == \
             pytest.approx(summary["rmt"][str(segments)])

@@ -35,6 +35,9 @@ class RMTConfig:
             where the question usually is, fills a whole segment.
         cls_token_id, sep_token_id: special tokens of encoder backbones, whose segments are laid out as
             ``[CLS] memory [SEP] segment [SEP]``. Filled from the tokenizer by ``from_backbone``.
+        memory_gate: RMT: update the memory through a learned gate, ``m' = m + g * (w - m)`` with
+            ``g = clamp(W [m; w] + b, 0, 1)`` per channel (``w``: what the segment wrote), instead of replacing
+            it by ``w``. A segment with nothing worth keeping can then leave the memory exactly as it was.
     """
 
     num_mem_tokens: int = 16
@@ -44,6 +47,7 @@ class RMTConfig:
     segment_alignment: str = "left"
     cls_token_id: int | None = None
     sep_token_id: int | None = None
+    memory_gate: bool = False
 
     model_type: ClassVar[str] = "rmt"
 
@@ -66,6 +70,8 @@ class RMTConfig:
         for name in ("cls_token_id", "sep_token_id"):
             if getattr(self, name) is not None:
                 need_int(name, 0)
+        if not isinstance(self.memory_gate, bool):
+            raise ConfigError(f"memory_gate={self.memory_gate!r} is invalid: it must be true or false.")
 
     def _need_int(self, name: str, low: int) -> None:
         value = getattr(self, name)
@@ -148,6 +154,9 @@ class ARMTConfig(RMTConfig):
             )
         for name in ("d_mem", "num_heads", "dpfp_nu"):
             self._need_int(name, 1)
+        if self.memory_gate:
+            raise ConfigError("memory_gate is an RMT setting: ARMT's memory tokens are the same every segment and "
+                              "its writes are gated by `gating`; set memory_gate=False.")
         for name in ("gating", "correction"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name}={getattr(self, name)!r} is invalid: it must be true or false.")

@@ -34,7 +34,8 @@ class SegmentDecoder:
 
     def close_segment(self) -> None:
         if self.state:
-            self.state = (self.run(self.state[0].to(self.backbone.dtype)),)
+            (read,) = self.state
+            self.state = (self.step.next_memory(read, self.run(read.to(self.backbone.dtype))),)
         self.start_segment()
 
     def run(self, embeds: torch.Tensor) -> torch.Tensor:

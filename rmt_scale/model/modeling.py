@@ -16,6 +16,7 @@ from transformers.utils import ModelOutput
 from .associative import AssociativeLayers, AssociativeState
 from .backbones import ENCODER_TYPES, describe_backbone
 from .config import ARMTConfig, RMTConfig
+from .gate import MemoryGate
 from .generation import GenerationMixin
 from .segments import Segment, check_inputs, segment_bounds
 from .steps import AssociativeStep, DecoderStep, EncoderStep
@@ -49,7 +50,8 @@ class RecurrentMemoryModel(GenerationMixin, nn.Module):
     """Wraps a Hugging Face causal LM (OPT, GPT-2, Llama/Mistral/Qwen2, GPT-NeoX) or a BERT-family sequence
     classifier. The segment layout and what is carried between segments belong to the step (``steps.py``)
     picked from the backbone and the config: RMT decoder, RMT encoder, or ARMT (an :class:`ARMTConfig`).
-    Learned besides the backbone: ``memory``, the memory tokens (None when off), and ARMT's ``associative``."""
+    Learned besides the backbone: ``memory``, the memory tokens (None when off), RMT's ``memory_gate`` (with
+    ``config.memory_gate``) and ARMT's ``associative``."""
 
     def __init__(self, backbone: nn.Module, config: RMTConfig):
         super().__init__()
@@ -66,14 +68,17 @@ class RecurrentMemoryModel(GenerationMixin, nn.Module):
             std = _full_tensor(embedding).float().std().item()
             init = torch.randn(config.num_mem_tokens, self.spec.hidden_size) * std
             self.memory = nn.Parameter(init.to(embedding.dtype))
+        self.memory_gate = None
+        if config.memory_gate and config.num_mem_tokens > 0:
+            self.memory_gate = MemoryGate(self.spec.hidden_size).to(backbone.get_input_embeddings().weight.dtype)
         # the step holds references to the backbone and to the parameters above, which the model owns so
-        # that their state-dict names stay `memory` and `associative.*`
+        # that their state-dict names stay `memory`, `memory_gate.*` and `associative.*`
         if self.associative is not None:
             self.step = AssociativeStep(backbone, self.spec, config, self.memory, self.associative)
         elif self.spec.kind == "decoder":
-            self.step = DecoderStep(backbone, self.spec, config, self.memory)
+            self.step = DecoderStep(backbone, self.spec, config, self.memory, self.memory_gate)
         else:
-            self.step = EncoderStep(backbone, self.spec, config, self.memory)
+            self.step = EncoderStep(backbone, self.spec, config, self.memory, self.memory_gate)
 
     @classmethod
     def from_backbone(cls, name_or_path: str | Path, config: RMTConfig, **backbone_kwargs) -> "RecurrentMemoryModel":

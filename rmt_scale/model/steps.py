@@ -10,6 +10,7 @@ from torch import nn
 from .associative import AssociativeLayers, AssociativeState
 from .backbones import BackboneSpec, run_decoder, run_encoder
 from .config import RMTConfig
+from .gate import MemoryGate
 from .generation import AssociativeSegmentDecoder, SegmentDecoder
 from .recurrence import State, run_segments
 from .segments import IGNORE_INDEX, Segment, keep_if_empty, padding_mask, positions
@@ -21,8 +22,9 @@ class MemoryTokenStep:
 
     layout = "memory"  # what takes positions besides the segment, for the error message
 
-    def __init__(self, backbone: nn.Module, spec: BackboneSpec, config: RMTConfig, memory: nn.Parameter | None):
-        self.backbone, self.spec, self.config, self.memory = backbone, spec, config, memory
+    def __init__(self, backbone: nn.Module, spec: BackboneSpec, config: RMTConfig, memory: nn.Parameter | None,
+                 gate: MemoryGate | None = None):
+        self.backbone, self.spec, self.config, self.memory, self.gate = backbone, spec, config, memory, gate
         extra = self.extra_positions()
         needed = config.segment_size + extra
         if needed > spec.max_positions:
@@ -48,6 +50,14 @@ class MemoryTokenStep:
 
     def final_memory(self, state: State):
         return state[0] if self.memory is not None else None
+
+    def next_memory(self, read: torch.Tensor, written: torch.Tensor,
+                    attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The memory the next segment reads: what this one wrote, through the gate when there is one; with
+        ``attention_mask``, samples whose segment is empty keep the memory they read."""
+        if self.gate is not None:
+            written = self.gate(read, written)
+        return written if attention_mask is None else keep_if_empty(written, read, attention_mask)
 
     def run(self, state: State, segments: list[Segment]):
         return run_segments(self, state, segments, self.config.backprop, self.config.bptt_depth)
@@ -88,7 +98,7 @@ class DecoderStep(MemoryTokenStep):
             return (), loss, logits
         # a copy, not a view: a view would keep the segment's whole hidden state alive in the chain
         written = hidden[:, num_mem + length :].clone()
-        return (keep_if_empty(written, memory, segment.attention_mask),), loss, logits
+        return (self.next_memory(memory, written, segment.attention_mask),), loss, logits
 
     def lm_loss(self, token_hidden: torch.Tensor, targets: torch.Tensor | None, return_logits: bool):
         """Summed next-token loss of a segment's tokens, and their logits with ``return_logits``."""
@@ -124,8 +134,9 @@ class EncoderStep(MemoryTokenStep):
 
     layout = "memory and special tokens"
 
-    def __init__(self, backbone: nn.Module, spec: BackboneSpec, config: RMTConfig, memory: nn.Parameter | None):
-        super().__init__(backbone, spec, config, memory)
+    def __init__(self, backbone: nn.Module, spec: BackboneSpec, config: RMTConfig, memory: nn.Parameter | None,
+                 gate: MemoryGate | None = None):
+        super().__init__(backbone, spec, config, memory, gate)
         if config.cls_token_id is None or config.sep_token_id is None:
             raise ValueError("encoder backbones need cls_token_id and sep_token_id in the RMTConfig: set them from "
                              "your tokenizer, or load with RecurrentMemoryModel.from_backbone(path) where path has "
@@ -162,7 +173,7 @@ class EncoderStep(MemoryTokenStep):
         new_state = (keep_if_empty(logits.float(), state[-1], segment.attention_mask),)
         if num_mem:
             written = hidden[:, 1 : 1 + num_mem].clone()
-            new_state = (keep_if_empty(written, memory, segment.attention_mask), *new_state)
+            new_state = (self.next_memory(memory, written, segment.attention_mask), *new_state)
         return new_state, logits.new_zeros(()), None
 
     def outputs(self, state: State, loss_sum, logits: list, labels, targets):

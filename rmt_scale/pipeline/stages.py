@@ -100,10 +100,11 @@ class PipelineStage(nn.Module):
     def owned_parameters(self) -> dict[str, nn.Parameter]:
         """The trainable parameters this stage computes with, by their name in the whole model: its layers
         (and their associative memories); on stage 0 also the input part (embeddings, memory tokens); on the
-        last stage the final norm and the head. A head tied to the input embeddings is held by both ends
-        (see :meth:`tied_parameters`)."""
+        last stage the final norm, the head and RMT's memory gate. A head tied to the input embeddings is held
+        by both ends (see :meth:`tied_parameters`)."""
         layer_ids = {id(p) for module in [*self.layers, *self.memories] for p in module.parameters()}
-        final_ids = {id(p) for module in self.final_modules for p in module.parameters()}
+        gate = [self.model.memory_gate] if self.model.memory_gate is not None else []
+        final_ids = {id(p) for module in [*self.final_modules, *gate] for p in module.parameters()}
         head_ids = {id(p) for p in self.head.parameters()}
         owned = {}
         for name, param in self.model.named_parameters():
@@ -192,7 +193,7 @@ class PipelineStage(nn.Module):
         if read_memory is not None:
             # a copy, not a view: a view would keep the segment's whole hidden state alive
             written = hidden[:, start + length :].clone()
-            sent = (keep_if_empty(written, read_memory, segment.attention_mask),)
+            sent = (self.model.step.next_memory(read_memory, written, segment.attention_mask),)
         return StageOutput(sent, tuple(new_state), loss)
 
     def _mask(self, segment: Segment) -> torch.Tensor:

@@ -1,8 +1,9 @@
 """The training configuration: one typed dataclass, its command line, and the checks that run before any work.
 
 Every field is a flag of ``launchers/train.py`` with the same name, except ``model``, whose flags are
-``--memory`` (which config class: ``MEMORY_KINDS``) and the fields in ``MODEL_FLAGS`` and, for ARMT,
-``ARMT_FLAGS``; ``--help`` prints the docs below. The model config checks its own fields.
+``--memory`` (which config class: ``MEMORY_KINDS``) and the fields in ``MODEL_FLAGS`` and, for RMT,
+``RMT_FLAGS`` or, for ARMT, ``ARMT_FLAGS``; ``--help`` prints the docs below. The model config checks its own
+fields.
 """
 
 from __future__ import annotations
@@ -30,6 +31,11 @@ MODEL_FLAGS = {
     "backprop": ("bptt", f"gradient through segments: {', '.join(BACKPROP_MODES)}. An 'activation_checkpointing' "
                  "block in the DeepSpeed config switches 'bptt' to 'checkpoint'; 'replay' is refused with ZeRO-2/3."),
     "bptt_depth": (-1, "truncate BPTT to the last k memory transitions (-1: all)."),
+}
+# RMTConfig's fields that only `--memory rmt` uses: (default, help)
+RMT_FLAGS = {
+    "memory_gate": (False, "RMT: update the memory through a learned gate clamped to [0, 1] per channel, so that a "
+                    "segment can leave it exactly as it was, instead of replacing it by what the segment wrote."),
 }
 _ARMT = ARMTConfig()
 # ARMTConfig's own fields, flags of `--memory armt` only: (default, help)
@@ -269,7 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
                 "rmt: memory tokens carried from segment to segment; armt: an associative memory in every "
                 "layer, written from the memory tokens (decoder backbones only; its settings are the ARMT "
                 "flags below)."))
-            flags = [*MODEL_FLAGS.items(), *ARMT_FLAGS.items()]
+            flags = [*MODEL_FLAGS.items(), *RMT_FLAGS.items(), *ARMT_FLAGS.items()]
         else:
             flags = [(spec.name, (getattr(defaults, spec.name), spec.metadata["help"]))]
         for name, (default, help) in flags:
@@ -288,13 +294,14 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     namespace.pop("local_rank")
     model_class = MEMORY_KINDS[namespace.pop("memory")]
     model_fields = {name: namespace.pop(name) for name in MODEL_FLAGS}
-    armt_fields = {name: namespace.pop(name) for name in ARMT_FLAGS}
-    if model_class is ARMTConfig:
-        model_fields |= armt_fields
-    else:
-        ignored = [f"--{name}" for name, value in armt_fields.items() if value != ARMT_FLAGS[name][0]]
-        if ignored:
-            raise ValueError(f"{', '.join(ignored)} only apply to --memory armt: add --memory armt, or drop them.")
+    own_flags, other_flags, other = ((ARMT_FLAGS, RMT_FLAGS, "rmt") if model_class is ARMTConfig
+                                     else (RMT_FLAGS, ARMT_FLAGS, "armt"))
+    model_fields |= {name: namespace.pop(name) for name in own_flags}
+    ignored = [f"--{name}" for name in other_flags if namespace.pop(name) != other_flags[name][0]]
+    if ignored:
+        verb = "applies" if len(ignored) == 1 else "apply"
+        raise ValueError(f"{', '.join(ignored)} only {verb} to --memory {other}: add --memory {other}, or drop "
+                         f"{'it' if len(ignored) == 1 else 'them'}.")
     config = TrainConfig(model=model_class(**model_fields), **namespace)
     config.validate()
     return config

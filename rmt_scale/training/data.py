@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from ..data import AnswerClasses, CorruptShardError, ShardStream, TaskGenerator, TaskSample, collate, whole_segments
+from ..data import AnswerClasses, CorruptShardError, ShardStream, TaskGenerator, collate, whole_segments
 from .distributed import all_gather_objects
 
 EVAL_SEED_OFFSET = 1_000_003  # evaluation samples come from another seed than any training sample
@@ -111,11 +111,10 @@ class TrainBatches:
             self.corrupt_samples = self._corrupt_before_resume = state.get("corrupt_samples", 0)
 
 
-def eval_samples(generator: TaskGenerator, num_segments: int, segment_size: int, count: int, rank: int,
-                 world_size: int) -> list[TaskSample]:
-    """This rank's share of the fixed evaluation set at one length (the same set at every evaluation)."""
+def eval_indices(count: int, rank: int, world_size: int) -> range:
+    """The sample indices of this rank's share of the fixed evaluation set of ``count`` samples at one length."""
     if count % world_size:
         count += world_size - count % world_size  # equal shares, so ranks run the same number of forwards
     per_rank = count // world_size
-    first = rank * per_rank
-    return [generator.sample(i, num_segments * segment_size) for i in range(first, first + per_rank)]
+    return range(rank * per_rank, (rank + 1) * per_rank)
+

@@ -12,13 +12,16 @@ ranks see the same accuracies.
 
 from __future__ import annotations
 
+from typing import Sequence
+
+import numpy as np
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from ..data import AnswerClasses, TaskGenerator, collate
+from ..data import AnswerClasses, TaskGenerator
 from ..model.segments import IGNORE_INDEX
-from .data import eval_samples
+from .data import eval_indices
 
 PROGRESS_MIN_SEGMENTS = 1024  # lengths from here on show a progress bar (rank 0): they take minutes
 
@@ -26,29 +29,62 @@ PROGRESS_MIN_SEGMENTS = 1024  # lengths from here on show a progress bar (rank 0
 @torch.no_grad()
 def streaming_correct(model, input_ids: torch.Tensor, labels: torch.Tensor, segment_size: int,
                       progress: tqdm | None = None) -> torch.Tensor:
-    """Per-sample exact match, reading ``input_ids`` (``(batch, length)``, same length, no padding) segment
-    by segment. ``labels``: a decoder's per-token labels, whose answer must lie in the last segment (true
-    for task samples of whole segments), or an encoder's classes, ``(batch,)``. ``progress`` advances by
-    one per segment read."""
+    """Per-sample exact match, reading ``input_ids`` (``(batch, length)`` of any integer type, same length, no
+    padding) segment by segment. ``labels``: a decoder's per-token labels for the last ``labels.shape[1]``
+    tokens of the input (the whole input, or a tail that covers at least the last segment), whose answer must
+    lie in the last segment (true for task samples of whole segments); or an encoder's classes, ``(batch,)``.
+    ``progress`` advances by one per segment read."""
     length = input_ids.shape[1]
     last_start = (length - 1) // segment_size * segment_size
     memory = None
     # without memory the earlier segments cannot change the last one's output
     first_start = 0 if model.config.num_mem_tokens else last_start
     for start in range(first_start, last_start, segment_size):
-        memory = model(input_ids[:, start : start + segment_size], memory=memory).memory
+        memory = model(input_ids[:, start : start + segment_size].long(), memory=memory).memory
         if progress is not None:
             progress.update(1)
+    last = input_ids[:, last_start:].long()
     if labels.dim() == 1:  # an encoder's logits are already its last segment's classification
-        return model(input_ids[:, last_start:], memory=memory).logits.argmax(dim=-1) == labels
-    logits = model(input_ids[:, last_start:], memory=memory, return_logits=True).logits
+        return model(last, memory=memory).logits.argmax(dim=-1) == labels
+    covered = length - labels.shape[1]  # the tokens before the labels' first one
+    if covered > last_start:
+        raise ValueError(f"labels cover the last {labels.shape[1]} tokens, fewer than the last segment's "
+                         f"{length - last_start}: pass labels for the whole last segment or the whole input.")
+    logits = model(last, memory=memory, return_logits=True).logits
     # the token at position p is predicted from position p - 1
-    targets = labels[:, last_start + 1 :]
+    targets = labels[:, last_start + 1 - covered :]
     predicted = logits[:, :-1].argmax(dim=-1)
     answer = targets != IGNORE_INDEX
-    if bool((labels[:, : last_start + 1] != IGNORE_INDEX).any()):
+    if bool((labels[:, : last_start + 1 - covered] != IGNORE_INDEX).any()):
         raise ValueError("an answer starts before the last segment: evaluate with whole-segment lengths.")
     return ((predicted == targets) | ~answer).all(dim=1)
+
+
+def stacked_batch(generator: TaskGenerator, indices: Sequence[int], num_tokens: int, segment_size: int, pad_id: int,
+                  classes: AnswerClasses | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The evaluation samples ``indices`` of ``num_tokens`` tokens as ``(input_ids, labels)`` for
+    :func:`streaming_correct`, at 4 bytes a token: int32 tokens (a decoder's followed by the answer),
+    right-padded to the longest, and only the last segment's labels (an encoder's: the answer classes). Each
+    sample is copied in as it is drawn and then dropped, so a batch of million-token samples costs its tokens and
+    nothing more."""
+    input_ids = np.full((len(indices), num_tokens), pad_id, dtype=np.int32)
+    last_start = (num_tokens - 1) // segment_size * segment_size
+    labels = np.full((len(indices), num_tokens - last_start), IGNORE_INDEX, dtype=np.int64)
+    answer_classes, longest = [], 0
+    for row, index in enumerate(indices):
+        sample = generator.sample(index, num_tokens)
+        context = len(sample.tokens)
+        input_ids[row, :context] = sample.tokens
+        if classes is None:
+            end = context + len(sample.answer)
+            input_ids[row, context:end] = labels[row, context - last_start : end - last_start] = sample.answer
+        else:
+            end = context
+            answer_classes.append(classes(sample.answer))
+        longest = max(longest, end)
+    if classes is not None:
+        return torch.from_numpy(input_ids[:, :longest]), torch.tensor(answer_classes, dtype=torch.long)
+    return torch.from_numpy(input_ids), torch.from_numpy(labels)
 
 
 def samples_at(num_tokens: int, samples: int, max_tokens: int | None) -> int:
@@ -70,16 +106,17 @@ def evaluate_by_length(model, generator: TaskGenerator, lengths: list[int], *, s
     device = next(model.parameters()).device
     for num_segments in lengths:
         count = samples_at(num_segments * segment_size, samples, max_tokens)
-        mine = eval_samples(generator, num_segments, segment_size, count, rank, world_size)
+        mine = eval_indices(count, rank, world_size)
         counts = torch.zeros(2, dtype=torch.float64)
         batches = range(0, len(mine), batch_size)
         per_batch = num_segments - 1 if model.config.num_mem_tokens else 0  # segments before the last
         progress = tqdm(total=per_batch * len(batches), desc=f"evaluating {num_segments} segments", unit="seg",
                         leave=False, disable=rank != 0 or num_segments < PROGRESS_MIN_SEGMENTS or not per_batch)
         for start in batches:
-            batch = collate(mine[start : start + batch_size], pad_id, classes=classes)
-            correct = streaming_correct(model, batch["input_ids"].to(device), batch["labels"].to(device),
-                                        segment_size, progress)
+            # a batch's samples are drawn when it starts, so only one batch of them is held at a time
+            input_ids, labels = stacked_batch(generator, mine[start : start + batch_size], num_segments * segment_size,
+                                              segment_size, pad_id, classes)
+            correct = streaming_correct(model, input_ids.to(device), labels.to(device), segment_size, progress)
             counts += torch.tensor([correct.sum().item(), correct.numel()], dtype=torch.float64)
         progress.close()
         if dist.is_initialized() and world_size > 1:

@@ -252,8 +252,10 @@ class Trainer:
         logger.scalars(self.step, {f"eval/accuracy_{k}seg": acc for k, acc in self.accuracy.items()})
         stage = self.curriculum.max_segments
         if self.curriculum.maybe_promote(self.accuracy):
-            logger.write(f"[{self.label}] step {self.step}: accuracy {self.accuracy.get(stage, 0):.2f} at {stage} "
-                         f"segments -> stage {self.curriculum.max_segments} segments")
+            # a stage's own length is evaluated only when --eval_segments lists it
+            measured = (f"accuracy {self.accuracy[stage]:.2f} at {stage} segments" if stage in self.accuracy
+                        else f"stage {stage} segments (not in --eval_segments) done")
+            logger.write(f"[{self.label}] step {self.step}: {measured} -> stage {self.curriculum.max_segments} segments")
 
     def _stop_requested(self) -> bool:
         flag = torch.tensor([1.0 if signals.received() is not None else 0.0], device=self.dist.device)
