@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Redoes docs/results.md: four launcher runs on the memorize task, one on detect and one on reason, their accuracy by
-# length to 1M tokens, the plots, and the evaluation of the four reference checkpoints at 1M tokens. About 55 minutes
+# Redoes docs/results.md: five launcher runs on the memorize task, one on detect and one on reason, their accuracy by
+# length to 1M tokens, the plots, and the evaluation of the four reference checkpoints at 1M tokens. About 65 minutes
 # on 2 cores with RMT_REFERENCE_SAMPLES=4 (the default); the page's 64-sample rows take about 35 minutes more per
 # checkpoint on one core each (RMT_REFERENCE_SAMPLES=64).
 #   bash tools/reproduce_results.sh [OUT]        (default OUT: runs/results)
@@ -22,6 +22,10 @@ mkdir -p "$out"
 [ -f "$out/rmt-gated/results.json" ] || "$python" launchers/train.py --memory rmt --memory_gate \
     --curriculum 1,2,4,8,16,32 --promote_accuracy 1.1 --max_steps 1500 --eval_every 250 \
     --eval_segments 1,4,16,32,64,256,1024,4096,31250 --out_dir "$out/rmt-gated"
+# the same RMT without the gate
+[ -f "$out/rmt-32/results.json" ] || "$python" launchers/train.py --memory rmt --no-baseline \
+    --curriculum 1,2,4,8,16,32 --promote_accuracy 1.1 --max_steps 1500 --eval_every 250 \
+    --eval_segments 1,4,16,32,64,256,1024,4096,31250 --out_dir "$out/rmt-32"
 # the ARMT with the delta rule
 [ -f "$out/armt-delta/results.json" ] || "$python" launchers/train.py --correction --no-baseline \
     --eval_segments 1,2,4,256,1024 --out_dir "$out/armt-delta"
