@@ -135,6 +135,20 @@ def test_a_model_without_memory_is_scored_on_its_last_segment_alone(tokenizer):
     assert not streaming_correct(model, input_ids, other, SEGMENT).any()
 
 
+def test_an_answer_across_a_segment_border_is_refused(tokenizer):
+    """A two-token answer whose first token ends one segment and second starts the next cannot be scored from the
+    last segment alone: the batch is refused, not scored on half an answer."""
+    sample = TaskGenerator("memorize", tokenizer, seed=1).sample(0, 2 * SEGMENT)
+    sample.tokens, sample.answer = sample.tokens[: SEGMENT - 1], np.array([5, 6], dtype=np.int32)
+
+    class TwoTokenAnswers:
+        def sample(self, index, num_tokens):
+            return sample
+
+    with pytest.raises(ValueError, match="sample 0's answer starts before its last segment"):
+        stacked_batch(TwoTokenAnswers(), [0], SEGMENT + 1, SEGMENT, tokenizer.pad_id)
+
+
 def test_long_lengths_get_fewer_samples_down_to_one():
     assert samples_at(32, 64, 4_000_000) == 64
     assert samples_at(131_072, 64, 4_000_000) == 30

@@ -76,6 +76,9 @@ def stacked_batch(generator: TaskGenerator, indices: Sequence[int], num_tokens: 
         context = len(sample.tokens)
         input_ids[row, :context] = sample.tokens
         if classes is None:
+            if context < last_start:
+                raise ValueError(f"sample {index}'s answer starts before its last segment: evaluate with "
+                                 "whole-segment lengths.")
             end = context + len(sample.answer)
             input_ids[row, context:end] = labels[row, context - last_start : end - last_start] = sample.answer
         else:
