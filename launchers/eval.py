@@ -7,18 +7,30 @@
 Exact-answer accuracy on the same fixed evaluation samples training uses (task samples of whole segments,
 read with streaming inference: what is held is the model, its memory, one segment's activations and the batch's
 tokens at 4 bytes each). Prints a table and the peak RSS; rank 0 writes OUT/eval.json. Exit codes: 0 done; 2 bad
-input.
+input. Like launchers/train.py, the process restarts itself first under the CPU allocator of
+rmt_scale/allocator.py.
 """
 
 import argparse
 import json
 import os
 import resource
+import runpy
 import sys
 from pathlib import Path
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if __name__ == "__main__":
+    # first of all, as it starts the process over: the CPU allocator policy of launchers/train.py (jemalloc when
+    # installed, RMT_ALLOCATOR chooses), under which RSS stays flat over a long input's segments
+    try:
+        runpy.run_path(os.path.join(ROOT, "rmt_scale", "allocator.py"))["restart_with_allocator"]()
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, ROOT)
 
 from rmt_scale.training.distributed import select_accelerator  # noqa: E402
 
