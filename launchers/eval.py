@@ -23,11 +23,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if __name__ == "__main__":
     # first of all, as it starts the process over: the CPU allocator policy of launchers/train.py (jemalloc when
     # installed, RMT_ALLOCATOR chooses), under which RSS stays flat over a long input's segments
-    try:
-        runpy.run_path(os.path.join(ROOT, "rmt_scale", "allocator.py"))["restart_with_allocator"]()
-    except ValueError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+    runpy.run_path(os.path.join(ROOT, "rmt_scale", "allocator.py"))["restart_launcher"]()
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, ROOT)

@@ -23,11 +23,7 @@ if __name__ == "__main__":
     # First of all, as it starts the process over: under jemalloc when installed (RMT_ALLOCATOR=glibc keeps
     # glibc), whose RSS stays flat over a long step's segments where glibc's grows. Run from its file: the
     # package would import torch before the restart.
-    try:
-        runpy.run_path(os.path.join(ROOT, "rmt_scale", "allocator.py"))["restart_with_allocator"]()
-    except ValueError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+    runpy.run_path(os.path.join(ROOT, "rmt_scale", "allocator.py"))["restart_launcher"]()
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, ROOT)

@@ -87,3 +87,13 @@ def current_allocator() -> str:
             return "jemalloc"
     threshold = os.environ.get("MALLOC_MMAP_THRESHOLD_")
     return f"glibc (mmap threshold {int(threshold) // 1024} KiB)" if threshold else "glibc"
+
+
+def restart_launcher() -> None:
+    """``restart_with_allocator`` for a launcher's first line: a bad ``$RMT_ALLOCATOR`` exits with code 2 and the
+    message, as the launchers' other bad input does."""
+    try:
+        restart_with_allocator()
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
