@@ -14,7 +14,6 @@ rmt_scale/allocator.py.
 import argparse
 import json
 import os
-import resource
 import runpy
 import sys
 from pathlib import Path
@@ -55,6 +54,7 @@ def main(argv=None) -> int:
     from rmt_scale.training.data import EVAL_SEED_OFFSET
     from rmt_scale.training.engine import close_distributed, init_distributed
     from rmt_scale.training.evaluation import evaluate_by_length
+    from rmt_scale.training.metrics import peak_rss_mb
     from rmt_scale.training.run import format_table
 
     try:
@@ -78,15 +78,15 @@ def main(argv=None) -> int:
         close_distributed(wait_for_peers=False)
         return 2
     if dist_info.rank == 0:
-        peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+        peak_rss = peak_rss_mb()
         out = Path(args.out or model_dir)
         out.mkdir(parents=True, exist_ok=True)
         (out / "eval.json").write_text(json.dumps({
             "model": str(model_dir), "task": args.task, "segment_size": segment_size,
-            "accuracy": {str(k): v for k, v in accuracy.items()}, "peak_rss_mb": round(peak_rss_mb)}, indent=2) + "\n")
+            "accuracy": {str(k): v for k, v in accuracy.items()}, "peak_rss_mb": round(peak_rss)}, indent=2) + "\n")
         label = model.config.model_type if model.config.num_mem_tokens else "baseline"
         print(format_table({label: accuracy}, segment_size, None), flush=True)
-        print(f"peak RSS of this rank: {peak_rss_mb:.0f} MB", flush=True)
+        print(f"peak RSS of this rank: {peak_rss:.0f} MB", flush=True)
     close_distributed(wait_for_peers=True)
     return 0
 

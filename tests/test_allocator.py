@@ -80,3 +80,16 @@ def test_training_memory_stays_flat_under_the_launchers_allocator(model, allowed
              for row in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "perf/peak_memory_mb" in row}
     assert json.loads((out / "results.json").read_text())["allocator"] == "jemalloc"
     assert peaks[40] - peaks[10] < allowed_mb, peaks
+
+
+def test_peak_rss_is_the_processs_own_not_its_parents():
+    """The launchers' peak RSS (perf/peak_memory_mb, eval.json) of a process started by a large one: Linux's
+    ru_maxrss would report the parent's 1.5 GB."""
+    ballast = bytearray(1500 * 2**20)
+    ballast[:: 4096] = b"\1" * len(range(0, len(ballast), 4096))  # touch every page, so that it is resident
+    program = (f"import runpy; metrics = runpy.run_path({str(ROOT / 'rmt_scale' / 'training' / 'metrics.py')!r}); "
+               "print(metrics['peak_rss_mb']())")
+    result = run_python(["-c", program])
+    assert result.returncode == 0, result.stderr
+    assert float(result.stdout) < 200
+    del ballast

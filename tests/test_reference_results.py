@@ -35,10 +35,9 @@ def test_memorize_checkpoint_answers_at_a_million_tokens(tmp_path):
     # chance is 1/6 per sample: 2 of 3 right by chance happens in 7% of tries; the model gets all 3
     assert evaluation["accuracy"][str(segments)] >= 2 / 3
     assert f"| {segments} | 1000000 |" in printed
-    # streaming holds the model, its memory, one segment's activations and 3 x 4 MB of tokens: measured 438 MB
-    # here, 1.1 GB in CI's fresh clone (not yet explained); a single hidden state of the whole input would take
-    # 1.5 GB (3 x 1M tokens x 128 floats)
-    assert evaluation["peak_rss_mb"] < 1500
+    # streaming holds the model, its memory, one segment's activations and 3 x 4 MB of tokens: measured 437 MB;
+    # a single hidden state of the whole input would take 1.5 GB (3 x 1M tokens x 128 floats)
+    assert evaluation["peak_rss_mb"] < 1000
 
 
 @pytest.mark.parametrize("model, task", [("armt", "detect"), ("armt", "reason"), ("rmt", "memorize")])

@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import resource
 import shutil
 import time
 from functools import partial
@@ -32,7 +31,7 @@ from .data import EVAL_SEED_OFFSET, DataError, TrainBatches
 from .distributed import DistInfo
 from .engine import build_ds_config, build_engine, load_ds_config
 from .evaluation import evaluate_by_length
-from .metrics import MetricsLogger
+from .metrics import MetricsLogger, peak_rss_mb
 
 # Exit code after a SIGUSR1/SIGTERM stop with a checkpoint written: "requeue me" (BSD EX_TEMPFAIL).
 EXIT_PREEMPTED = 75
@@ -298,4 +297,4 @@ def state_norm(memory: torch.Tensor | AssociativeState) -> torch.Tensor:
 def peak_memory_mb() -> float:
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+    return peak_rss_mb()
