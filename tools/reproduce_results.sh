@@ -34,13 +34,28 @@ mkdir -p "$out"
 [ -f "$out/detect-armt/results.json" ] || "$python" launchers/train.py --task detect --curriculum 1,4,16,64 \
     --promote_accuracy 1.1 --max_steps 800 --eval_every 100 --eval_segments 1,4,16,64,256,1024,31250 \
     --out_dir "$out/detect-armt"
+# detect with a curriculum to 256 segments (the reference checkpoint armt-detect); checkpoint mode gives bptt's
+# gradients and holds one segment's activations at a time
+[ -f "$out/detect-armt-256/results.json" ] || "$python" launchers/train.py --task detect --curriculum 1,4,16,64,256 \
+    --promote_accuracy 1.1 --max_steps 1000 --eval_every 100 --eval_segments 1,4,16,64,256,1024 --no-baseline \
+    --backprop checkpoint --out_dir "$out/detect-armt-256"
+# detect with the RMT recipe of rmt-gated, without the gate
+[ -f "$out/detect-rmt/results.json" ] || "$python" launchers/train.py --task detect --memory rmt \
+    --curriculum 1,2,4,8,16,32 --promote_accuracy 1.1 --max_steps 1500 --eval_every 250 \
+    --eval_segments 1,4,16,32,64,256,1024,31250 --out_dir "$out/detect-rmt"
 # reason: two supporting facts (bAbI qa2), the same recipe
 [ -f "$out/reason-armt/results.json" ] || "$python" launchers/train.py --task reason --curriculum 1,4,16,64 \
     --promote_accuracy 1.1 --max_steps 800 --eval_every 100 --eval_segments 1,4,16,64,256,1024,31250 \
     --out_dir "$out/reason-armt"
+# the encoder RMT (a BERT sequence classifier): the short curriculum, then the RMT recipe above
+[ -f "$out/encoder-rmt/results.json" ] || "$python" launchers/train.py --backbone tiny-bert --memory rmt \
+    --curriculum 1,2,4,8 --max_steps 400 --eval_every 50 --eval_segments 1,2,4,8,16,64,256 --out_dir "$out/encoder-rmt"
+[ -f "$out/encoder-rmt-32/results.json" ] || "$python" launchers/train.py --backbone tiny-bert --memory rmt \
+    --curriculum 1,2,4,8,16,32 --promote_accuracy 1.1 --max_steps 1500 --eval_every 250 \
+    --eval_segments 1,4,16,32,64,256,1024,31250 --out_dir "$out/encoder-rmt-32"
 
 "$python" tools/plot_results.py "$out/armt" "$out/rmt" "$out/rmt-gated" "$out/armt-delta" --out "$out"
-"$python" tools/plot_results.py "$out/detect-armt" --out "$out"
+"$python" tools/plot_results.py "$out/detect-armt" "$out/detect-armt-256" "$out/detect-rmt" --out "$out"
 "$python" tools/plot_results.py "$out/reason-armt" --out "$out"
 # the checkpoints kept in the repository, at 1,000,000 tokens (31,250 segments of 32 tokens), in parallel
 samples=${RMT_REFERENCE_SAMPLES:-4}
