@@ -6,9 +6,9 @@
 
 Exact-answer accuracy on the same fixed evaluation samples training uses (task samples of whole segments,
 read with streaming inference: what is held is the model, its memory, one segment's activations and the batch's
-tokens at 4 bytes each). Prints a table and the peak RSS; rank 0 writes OUT/eval.json. Exit codes: 0 done; 2 bad
-input. Like launchers/train.py, the process restarts itself first under the CPU allocator of
-rmt_scale/allocator.py.
+tokens at 4 bytes each). Prints a table and the peak RSS; rank 0 writes OUT/eval.json (accuracy by length, samples
+per length, peak RSS, wall time), which tools/plot_results.py draws. Exit codes: 0 done; 2 bad input. Like
+launchers/train.py, the process restarts itself first under the CPU allocator of rmt_scale/allocator.py.
 """
 
 import argparse
@@ -16,6 +16,7 @@ import json
 import os
 import runpy
 import sys
+import time
 from pathlib import Path
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -49,6 +50,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    started = time.perf_counter()
     from rmt_scale import RecurrentMemoryModel
     from rmt_scale.data import AnswerClasses, TaskGenerator, load_tokenizer
     from rmt_scale.training.data import EVAL_SEED_OFFSET
@@ -81,10 +83,12 @@ def main(argv=None) -> int:
         peak_rss = peak_rss_mb()
         out = Path(args.out or model_dir)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "eval.json").write_text(json.dumps({
-            "model": str(model_dir), "task": args.task, "segment_size": segment_size,
-            "accuracy": {str(k): v for k, v in accuracy.items()}, "peak_rss_mb": round(peak_rss)}, indent=2) + "\n")
         label = model.config.model_type if model.config.num_mem_tokens else "baseline"
+        (out / "eval.json").write_text(json.dumps({
+            "model": str(model_dir), "memory": label, "task": args.task, "segment_size": segment_size,
+            "accuracy": {str(k): v for k, v in accuracy.items()}, "eval_samples": args.eval_samples,
+            "peak_rss_mb": round(peak_rss), "wall_time_s": round(time.perf_counter() - started, 1)},
+            indent=2) + "\n")
         print(format_table({label: accuracy}, segment_size, None), flush=True)
         print(f"peak RSS of this rank: {peak_rss:.0f} MB", flush=True)
     close_distributed(wait_for_peers=True)

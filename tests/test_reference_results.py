@@ -35,16 +35,26 @@ def test_memorize_checkpoint_answers_at_a_million_tokens(tmp_path):
     # chance is 1/6 per sample: 2 of 3 right by chance happens in 7% of tries; the model gets all 3
     assert evaluation["accuracy"][str(segments)] >= 2 / 3
     assert f"| {segments} | 1000000 |" in printed
+    assert evaluation["memory"] == "armt" and evaluation["eval_samples"] == 3 and evaluation["wall_time_s"] > 0
     # streaming holds the model, its memory, one segment's activations and 3 x 4 MB of tokens: measured 437 MB;
     # a single hidden state of the whole input would take 1.5 GB (3 x 1M tokens x 128 floats)
     assert evaluation["peak_rss_mb"] < 1000
 
+    # tools/plot_results.py draws an evaluation as points of its own, with their sample count
+    plotted = subprocess.run([sys.executable, str(ROOT / "tools" / "plot_results.py"), str(tmp_path), "--out",
+                              str(tmp_path / "plot")], capture_output=True, text=True, timeout=120)
+    assert plotted.returncode == 0, plotted.stderr[-2000:]
+    (curve,) = json.loads((tmp_path / "plot" / "memorize_by_length.json").read_text())
+    assert curve["model"] == "armt" and curve["evaluation"]
+    assert curve["points"] == [[1_000_000, evaluation["accuracy"][str(segments)], 3]]
+    assert (tmp_path / "plot" / "memorize_by_length.png").stat().st_size > 10_000
 
-@pytest.mark.parametrize("model, task", [("armt", "detect"), ("armt", "reason"), ("rmt", "memorize")])
-def test_checkpoints_answer_at_1024_segments(model, task, tmp_path):
-    """16 times the training length of the ARMTs (the facts sit anywhere, the question at the end), 32 times the
-    gated RMT's."""
-    segments = 1_024
+
+@pytest.mark.parametrize("model, task, segments", [("armt", "detect", 2_048), ("armt", "reason", 1_024),
+                                                    ("rmt", "memorize", 1_024)])
+def test_checkpoints_answer_far_beyond_their_training_length(model, task, segments, tmp_path):
+    """8 times armt-detect's training length (256 segments), 16 times armt-reason's (the facts sit anywhere,
+    the question at the end), 32 times the gated RMT's."""
     evaluation, _ = evaluate(task, segments, 8, tmp_path, model)
     # 6 of 8 right by chance (1/6 each) happens in 0.05% of tries; the models get all 8
     assert evaluation["accuracy"][str(segments)] >= 6 / 8

@@ -3,9 +3,12 @@
 
     python tools/plot_results.py runs/results/armt runs/results/rmt runs/results/armt-delta --out docs/results
     python tools/plot_results.py runs/results/detect-armt --out docs/results      # -> detect_by_length.png
+    python tools/plot_results.py runs/results/armt runs/eval-1M --out docs/results  # with launchers/eval.py's
 
-Each argument is a run's output directory (its results.json, written by launchers/train.py); every model in
-it (the memory model and its no-memory twin) becomes a curve, labelled by the directory's name.
+Each argument is a run's output directory (its results.json, written by launchers/train.py): every model in
+it (the memory model and its no-memory twin) becomes a curve, labelled by the directory's name. An argument
+may also be the --out directory of launchers/eval.py (its eval.json): its lengths become points drawn as
+stars, for the long evaluations with more samples than a training run's own.
 """
 
 from __future__ import annotations
@@ -17,7 +20,8 @@ from pathlib import Path
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("runs", nargs="+", help="run output directories holding results.json")
+    parser.add_argument("runs", nargs="+",
+                        help="run output directories holding results.json, or launchers/eval.py's holding eval.json")
     parser.add_argument("--out", default=".", help="directory for the outputs, TASK_by_length.{png,json} (default: .)")
     parser.add_argument("--name", default="", help="file name stem of the outputs (default: TASK_by_length)")
     return parser.parse_args(argv)
@@ -26,17 +30,32 @@ def parse_args(argv=None) -> argparse.Namespace:
 def load(runs: list[str]) -> list[dict]:
     curves = []
     for run in runs:
+        if (Path(run) / "eval.json").is_file():
+            curves.append(load_evaluation(Path(run)))
+            continue
         path = Path(run) / "results.json"
         if not path.is_file():
-            raise SystemExit(f"error: {path} is missing: pass the --out_dir of a finished launchers/train.py run.")
+            raise SystemExit(f"error: {path} is missing: pass the --out_dir of a finished launchers/train.py run "
+                             "or of launchers/eval.py.")
         results = json.loads(path.read_text())
         task = json.loads((Path(run) / "train_config.json").read_text())["task"]
         samples = results.get("eval_samples", {})
         for model, accuracy in results["accuracy"].items():
             points = sorted((int(k) * results["segment_size"], v, samples.get(k)) for k, v in accuracy.items())
             curves.append({"run": Path(run).name, "task": task, "model": model, "points": points,
-                           "train_tokens": (results["train_segments"] or 0) * results["segment_size"]})
+                           "train_tokens": (results["train_segments"] or 0) * results["segment_size"],
+                           "evaluation": False})
     return curves
+
+
+def load_evaluation(run: Path) -> dict:
+    evaluation = json.loads((run / "eval.json").read_text())
+    # "memory" and "eval_samples" are missing from the eval.json of older versions of launchers/eval.py
+    points = sorted((int(k) * evaluation["segment_size"], v, evaluation.get("eval_samples"))
+                    for k, v in evaluation["accuracy"].items())
+    # train_tokens 0: an evaluation does not say how long its model's training inputs were
+    return {"run": run.name, "task": evaluation["task"], "model": evaluation.get("memory", "eval"),
+            "points": points, "train_tokens": 0, "evaluation": True}
 
 
 def table(curves: list[dict]) -> str:
@@ -62,7 +81,8 @@ def plot(curves: list[dict], path: Path) -> None:
     for curve in curves:
         tokens, accuracy, _ = zip(*curve["points"])
         style = "--" if curve["model"] == "baseline" else "-"
-        axis.plot(tokens, accuracy, style, marker="o", label=f"{curve['run']}: {curve['model']}")
+        marker = {"marker": "*", "markersize": 12} if curve["evaluation"] else {"marker": "o"}
+        axis.plot(tokens, accuracy, style, **marker, label=f"{curve['run']}: {curve['model']}")
     longest_training = max(curve["train_tokens"] for curve in curves)
     if longest_training:
         axis.axvline(longest_training, color="grey", linewidth=0.8)

@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
-# Redoes docs/results.md: five launcher runs on the memorize task, one on detect and one on reason, their accuracy by
-# length to 1M tokens, the plots, and the evaluation of the four reference checkpoints at 1M tokens. About 65 minutes
-# on 2 cores with RMT_REFERENCE_SAMPLES=4 (the default); the page's 64-sample rows take about 35 minutes more per
-# checkpoint on one core each (RMT_REFERENCE_SAMPLES=64).
+# Redoes docs/results.md: the launcher runs behind its tables (memorize: 5 runs; detect: 3; reason: 1; the
+# encoder RMT: 3), their accuracy by length, the plots, and the evaluation of the four reference checkpoints at
+# 1M tokens. About 2 h 20 min of one thread with the venv set up (the runs are single-threaded and run one
+# after the other; the longest is detect-armt-256, 45 min) with RMT_REFERENCE_SAMPLES=4 (the default); the
+# page's 64-sample rows at 1M tokens take 20 to 50 minutes more per checkpoint on one core each
+# (RMT_REFERENCE_SAMPLES=64). RMT_TEN_MILLION=1 adds the 10M-token rows: armt-memorize and armt-detect on 32
+# samples each, 2 ranks, about 80 minutes each on 2 cores.
 #   bash tools/reproduce_results.sh [OUT]        (default OUT: runs/results)
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
@@ -53,10 +56,10 @@ mkdir -p "$out"
 [ -f "$out/encoder-rmt-32/results.json" ] || "$python" launchers/train.py --backbone tiny-bert --memory rmt \
     --curriculum 1,2,4,8,16,32 --promote_accuracy 1.1 --max_steps 1500 --eval_every 250 \
     --eval_segments 1,4,16,32,64,256,1024,31250 --out_dir "$out/encoder-rmt-32"
+[ -f "$out/encoder-rmt-gated/results.json" ] || "$python" launchers/train.py --backbone tiny-bert --memory rmt \
+    --memory_gate --curriculum 1,2,4,8,16,32 --promote_accuracy 1.1 --max_steps 1500 --eval_every 250 \
+    --eval_segments 1,4,16,32,64,256,1024,31250 --no-baseline --out_dir "$out/encoder-rmt-gated"
 
-"$python" tools/plot_results.py "$out/armt" "$out/rmt" "$out/rmt-gated" "$out/armt-delta" --out "$out"
-"$python" tools/plot_results.py "$out/detect-armt" "$out/detect-armt-256" "$out/detect-rmt" --out "$out"
-"$python" tools/plot_results.py "$out/reason-armt" --out "$out"
 # the checkpoints kept in the repository, at 1,000,000 tokens (31,250 segments of 32 tokens), in parallel
 samples=${RMT_REFERENCE_SAMPLES:-4}
 pids=()
@@ -66,3 +69,25 @@ for reference in armt-memorize armt-detect armt-reason rmt-memorize; do
     pids+=($!)
 done
 for pid in "${pids[@]}"; do wait "$pid"; done   # fails if either evaluation failed
+# 10,000,000 tokens (312,500 segments), the samples split over 2 ranks
+if [ "${RMT_TEN_MILLION:-0}" = 1 ]; then
+    for reference in armt-memorize armt-detect; do
+        OMP_NUM_THREADS=1 "${python%/python}/torchrun" --nproc_per_node 2 launchers/eval.py \
+            --model "docs/results/$reference" --task "${reference#*-}" --eval_segments 312500 --eval_samples 32 \
+            --batch_size 16 --out "$out/reference-$reference-10M"
+    done
+fi
+
+# the plots: the training runs' curves, the reference evaluations (those that ran) as stars
+evaluations() {
+    found=()
+    for dir in "$@"; do
+        if [ -f "$out/$dir/eval.json" ]; then found+=("$out/$dir"); fi
+    done
+}
+evaluations reference-armt-memorize reference-rmt-memorize reference-armt-memorize-10M
+"$python" tools/plot_results.py "$out/armt" "$out/rmt" "$out/rmt-gated" "$out/armt-delta" "${found[@]}" --out "$out"
+evaluations reference-armt-detect reference-armt-detect-10M
+"$python" tools/plot_results.py "$out/detect-armt" "$out/detect-armt-256" "$out/detect-rmt" "${found[@]}" --out "$out"
+evaluations reference-armt-reason
+"$python" tools/plot_results.py "$out/reason-armt" "${found[@]}" --out "$out"
