@@ -49,6 +49,16 @@ def test_memorize_checkpoint_answers_at_a_million_tokens(tmp_path):
     assert curve["points"] == [[1_000_000, evaluation["accuracy"][str(segments)], 3]]
     assert (tmp_path / "plot" / "memorize_by_length.png").stat().st_size > 10_000
 
+    # a plot's JSON joins a later plot with its curves unchanged, as docs/results' plots gain evaluations
+    earlier_plot, new_plot = REFERENCES / "memorize_by_length.json", tmp_path / "plot" / "memorize_by_length.json"
+    replotted = subprocess.run([sys.executable, str(ROOT / "tools" / "plot_results.py"), str(earlier_plot),
+                                str(new_plot), "--out", str(tmp_path / "replot")],
+                               capture_output=True, text=True, timeout=120)
+    assert replotted.returncode == 0, replotted.stderr[-2000:]
+    earlier = json.loads(earlier_plot.read_text())
+    assert json.loads((tmp_path / "replot" / "memorize_by_length.json").read_text()) == [
+        {"evaluation": False, **c} for c in earlier] + [curve]
+
 
 @pytest.mark.parametrize("model, task, segments", [("armt", "detect", 2_048), ("armt", "reason", 1_024),
                                                     ("rmt", "memorize", 1_024)])

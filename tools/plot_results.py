@@ -4,11 +4,14 @@
     python tools/plot_results.py runs/results/armt runs/results/rmt runs/results/armt-delta --out docs/results
     python tools/plot_results.py runs/results/detect-armt --out docs/results      # -> detect_by_length.png
     python tools/plot_results.py runs/results/armt runs/eval-1M --out docs/results  # with launchers/eval.py's
+    python tools/plot_results.py docs/results/memorize_by_length.json runs/eval-10M --out docs/results
 
 Each argument is a run's output directory (its results.json, written by launchers/train.py): every model in
 it (the memory model and its no-memory twin) becomes a curve, labelled by the directory's name. An argument
 may also be the --out directory of launchers/eval.py (its eval.json): its lengths become points drawn as
-stars, for the long evaluations with more samples than a training run's own.
+stars, for the long evaluations with more samples than a training run's own. An argument may also be a
+TASK_by_length.json this tool wrote: its curves are kept, so that a new evaluation joins a plot whose runs
+are gone.
 """
 
 from __future__ import annotations
@@ -21,7 +24,8 @@ from pathlib import Path
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+",
-                        help="run output directories holding results.json, or launchers/eval.py's holding eval.json")
+                        help="run output directories holding results.json, launchers/eval.py's holding eval.json, "
+                             "or a TASK_by_length.json written by this tool")
     parser.add_argument("--out", default=".", help="directory for the outputs, TASK_by_length.{png,json} (default: .)")
     parser.add_argument("--name", default="", help="file name stem of the outputs (default: TASK_by_length)")
     return parser.parse_args(argv)
@@ -30,6 +34,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 def load(runs: list[str]) -> list[dict]:
     curves = []
     for run in runs:
+        if run.endswith(".json") and Path(run).is_file():
+            # "evaluation" is missing from the curves of older versions of this tool, which drew runs only
+            curves.extend({"evaluation": False, **curve} for curve in json.loads(Path(run).read_text()))
+            continue
         if (Path(run) / "eval.json").is_file():
             curves.append(load_evaluation(Path(run)))
             continue

@@ -2,10 +2,11 @@
 profiler (tools/profile_flops.py) and the memory benchmark (tools/bench_memory.py) both measure here.
 
 Each (variant, length) runs in its own process, forked from a server that has already imported
-torch and transformers, so that the peak-memory high-water mark (`ru_maxrss`) belongs to that
-configuration alone and a crash or an out-of-memory kill ends only that measurement.
+torch and transformers, so that the peak-memory high-water mark (`VmHWM`, which a forked child
+starts at its own size) belongs to that configuration alone and a crash or an out-of-memory kill ends
+only that measurement.
 
-Peak memory is `ru_maxrss` after the step minus the resident set size just before it: the extra
+Peak memory is the high-water mark after the step minus the resident set size just before it: the extra
 memory the step needed (activations, saved tensors, gradients), not the weights. The measuring
 processes use the allocator of `rmt_scale.allocator` (jemalloc when installed, else glibc with a 128 KiB
 mmap threshold); otherwise the heap glibc keeps after freeing reads as growth (RMT in checkpoint mode
@@ -22,7 +23,6 @@ import math
 import multiprocessing
 import multiprocessing.forkserver
 import os
-import resource
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
@@ -37,6 +37,7 @@ from rmt_scale import ARMTConfig, RecurrentMemoryModel, RMTConfig
 from rmt_scale.allocator import allocator_env
 from rmt_scale.model.tiny import TINY_BACKBONES, tiny_config
 from rmt_scale.training.distributed import select_accelerator
+from rmt_scale.training.metrics import peak_rss_mb
 from rmt_scale.profiling.opt_configs import OPT_NAMES, opt_config
 
 FULL_ATTENTION = "full"
@@ -119,8 +120,7 @@ def _build_model(variant: Variant, config) -> torch.nn.Module:
 
 
 def _peak_mb_since(rss_before: int) -> float:
-    # ru_maxrss is in KiB on Linux.
-    return max(0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss_before) / 2**20
+    return max(0.0, peak_rss_mb() - rss_before / 2**20)
 
 
 def _positions(variant: Variant, length: int) -> int:
@@ -235,7 +235,7 @@ class Measurer:
     """Runs each measurement in a fresh process forked from a server with torch already imported.
 
     The allocator is chosen when a process starts: the fork server, started here, and its children get
-    `allocator` (see rmt_scale.allocator), so ru_maxrss tracks live tensors rather than heap fragmentation.
+    `allocator` (see rmt_scale.allocator), so the peak tracks live tensors rather than heap fragmentation.
     There is one fork server per process, so every Measurer of a process must use the same allocator.
     """
 
