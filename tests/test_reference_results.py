@@ -44,13 +44,14 @@ def test_memorize_checkpoint_answers_at_a_million_tokens(tmp_path):
     plotted = subprocess.run([sys.executable, str(ROOT / "tools" / "plot_results.py"), str(tmp_path), "--out",
                               str(tmp_path / "plot")], capture_output=True, text=True, timeout=120)
     assert plotted.returncode == 0, plotted.stderr[-2000:]
-    (curve,) = json.loads((tmp_path / "plot" / "memorize_by_length.json").read_text())
+    new_plot = tmp_path / "plot" / "memorize_by_length.json"
+    (curve,) = json.loads(new_plot.read_text())
     assert curve["model"] == "armt" and curve["evaluation"]
     assert curve["points"] == [[1_000_000, evaluation["accuracy"][str(segments)], 3]]
     assert (tmp_path / "plot" / "memorize_by_length.png").stat().st_size > 10_000
 
     # a plot's JSON joins a later plot with its curves unchanged, as docs/results' plots gain evaluations
-    earlier_plot, new_plot = REFERENCES / "memorize_by_length.json", tmp_path / "plot" / "memorize_by_length.json"
+    earlier_plot = REFERENCES / "memorize_by_length.json"
     replotted = subprocess.run([sys.executable, str(ROOT / "tools" / "plot_results.py"), str(earlier_plot),
                                 str(new_plot), "--out", str(tmp_path / "replot")],
                                capture_output=True, text=True, timeout=120)
