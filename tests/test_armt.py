@@ -41,6 +41,27 @@ def test_a_written_association_is_read_back_and_the_delta_rule_does_not_store_it
         torch.testing.assert_close(twice[0], 2 * once[0])
 
 
+def test_a_shut_clamped_gate_with_the_gated_normaliser_leaves_the_memory_exactly_as_it_was():
+    """What makes the read independent of how much background follows a fact: a write whose gate is shut
+    changes neither A nor z. With the plain normaliser the same shut write still grows z, so every later read
+    of the fact is divided further."""
+    torch.manual_seed(0)
+    config = ARMTConfig(d_mem=8, num_heads=2, correction=False, write_gate="clamp", gated_normaliser=True)
+    memory = AssociativeMemory(16, config)
+    torch.nn.init.normal_(memory.value.weight)
+    fact, background = torch.randn(1, 1, 16), torch.randn(1, 3, 16)
+    stored = memory.write(fact, *memory.empty_state(1, "cpu"))
+    torch.nn.init.constant_(memory.gate.bias, -100.0)  # every gate shut: clamp(...) = 0 exactly
+    after = memory.write(background, *stored)
+    assert torch.equal(after[0], stored[0]) and torch.equal(after[1], stored[1])
+    assert torch.equal(memory.read(fact, *after), memory.read(fact, *stored))
+
+    memory.gated_normaliser = False
+    matrix, normaliser = memory.write(background, *stored)
+    assert torch.equal(matrix, stored[0]) and (normaliser - stored[1]).min() >= 0
+    assert (normaliser - stored[1]).sum() > 1  # the 3 shut writes' unit-length keys went into z
+
+
 # ---------------------------------------------------------------- the backbone at init
 @pytest.mark.parametrize("family", ARMT_FAMILIES)
 def test_at_init_every_segment_gives_the_backbone_logits_on_that_segment_alone(load_backbone, family):
@@ -108,6 +129,19 @@ def test_wavefront_equals_sequential_execution(load_backbone, family, dtype, tol
     torch.testing.assert_close(wavefront.logits, sequential.logits, atol=tol, rtol=tol)
     torch.testing.assert_close(wavefront.loss, sequential.loss, atol=tol, rtol=tol)
     assert_states_close(wavefront.memory, sequential.memory, tol)
+
+
+def test_wavefront_equals_sequential_execution_with_the_clamped_gate_and_gated_normaliser(load_backbone):
+    model = armt(load_backbone, "opt", write_gate="clamp", gated_normaliser=True).to(torch.float64)
+    with torch.no_grad():
+        for memory in model.associative.memories:  # some writes shut, some open, some in between
+            memory.gate.weight.normal_(std=2.0)
+        x = ids(2, 45)
+        sequential = model(x, labels=x, return_logits=True)
+        model.config.execution = "wavefront"
+        wavefront = model(x, labels=x, return_logits=True)
+    torch.testing.assert_close(wavefront.logits, sequential.logits, atol=1e-5, rtol=1e-5)
+    assert_states_close(wavefront.memory, sequential.memory, 1e-5)
 
 
 def test_with_gradients_on_wavefront_falls_back_to_the_backprop_mode(load_backbone, monkeypatch):

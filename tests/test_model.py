@@ -98,12 +98,19 @@ def test_config_round_trips_through_json_and_dispatches_by_model_type(tmp_path, 
     (ARMTConfig, "dpfp_nu", -1, "dpfp_nu=-1"),
     (ARMTConfig, "gating", "yes", "true or false"),
     (ARMTConfig, "execution", "diagonal", "sequential, wavefront"),
+    (ARMTConfig, "write_gate", "tanh", "write_gate='tanh' is unknown: choose one of sigmoid, clamp"),
+    (ARMTConfig, "gated_normaliser", 1, "gated_normaliser=1 is invalid: it must be true or false"),
     (RMTConfig, "memory_gate", 1, "memory_gate=1 is invalid: it must be true or false"),
     (ARMTConfig, "memory_gate", True, "memory_gate is an RMT setting.*set memory_gate=False"),
 ])
 def test_config_rejects_bad_values_with_a_clear_message(config_class, field, value, words):
     with pytest.raises(ConfigError, match=words):
         config_class(**{field: value})
+
+
+def test_config_refuses_a_write_gate_shape_without_the_gate():
+    with pytest.raises(ConfigError, match="gating=False has none: set gating=True"):
+        ARMTConfig(gating=False, write_gate="clamp")
 
 
 def test_config_rejects_unknown_keys():

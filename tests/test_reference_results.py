@@ -64,7 +64,7 @@ def test_memorize_checkpoint_answers_at_a_million_tokens(tmp_path):
 @pytest.mark.parametrize("model, task, segments", [("armt", "detect", 2_048), ("armt", "reason", 1_024),
                                                     ("rmt", "memorize", 1_024)])
 def test_checkpoints_answer_far_beyond_their_training_length(model, task, segments, tmp_path):
-    """8 times armt-detect's training length (256 segments), 16 times armt-reason's (the facts sit anywhere,
+    """32 times armt-detect's training length (64 segments), 16 times armt-reason's (the facts sit anywhere,
     the question at the end), 32 times the gated RMT's."""
     evaluation, _ = evaluate(task, segments, 8, tmp_path, model)
     # 6 of 8 right by chance (1/6 each) happens in 0.05% of tries; the models get all 8

@@ -24,7 +24,7 @@ def test_help_documents_every_flag():
     for flag in ("--backbone", "--num_mem_tokens", "--segment_size", "--task", "--shards", "--curriculum",
                  "--eval_segments", "--out_dir", "--max_steps", "--resume", "--ds_config", "--save_every",
                  "--baseline", "--no-baseline", "--memory {rmt,armt}", "--d_mem", "--num_heads", "--dpfp_nu",
-                 "--gating, --no-gating", "--correction, --no-correction", "--execution", "'tiny-bert'",
+                 "--gating, --no-gating", "--write_gate", "--gated_normaliser, --no-gated_normaliser", "--correction, --no-correction", "--execution", "'tiny-bert'",
                  "--memory_gate, --no-memory_gate"):
         assert flag in text
     assert text.count("%(") == 0  # every help string rendered
@@ -69,6 +69,12 @@ def test_unknown_memory_kind_is_an_argparse_error(capsys):
         parse_args(["--memory", "lstm"])
     assert stop.value.code == 2
     assert "argument --memory: invalid choice: 'lstm' (choose from 'rmt', 'armt')" in capsys.readouterr().err
+
+
+def test_write_gate_flags_fill_the_armt_config():
+    config = parse_args(["--write_gate", "clamp", "--gated_normaliser"])
+    assert config.model.write_gate == "clamp" and config.model.gated_normaliser is True
+    assert RMTConfig.from_dict(json.loads(config.to_json())["model"]) == config.model
 
 
 def test_armt_flags_fill_an_armt_config_that_round_trips_through_train_config_json():

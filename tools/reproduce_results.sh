@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# Redoes docs/results.md: the launcher runs behind its tables (memorize: 5 runs; detect: 3; reason: 1; the
+# Redoes docs/results.md: the launcher runs behind its tables (memorize: 5 runs; detect: 5; reason: 1; the
 # encoder RMT: 3), their accuracy by length, the plots, and the evaluation of the four reference checkpoints at
-# 1M tokens. About 2 h 20 min of one thread with the venv set up (the runs are single-threaded and run one
+# 1M tokens. About 2 h 50 min of one thread with the venv set up (the runs are single-threaded and run one
 # after the other; the longest is detect-armt-256, 45 min) with RMT_REFERENCE_SAMPLES=4 (the default); the
 # page's 64-sample rows at 1M tokens take 20 to 50 minutes more per checkpoint on one core each
 # (RMT_REFERENCE_SAMPLES=64). RMT_TEN_MILLION=1 adds the 10M-token rows: armt-memorize and armt-detect on 32
-# samples each, 2 ranks, 1 h 34 min and 1 h 44 min on 2 cores.
+# samples each, 2 ranks, 1 h 34 min and 1 h 23 min 56 s on 2 cores.
 #   bash tools/reproduce_results.sh [OUT]        (default OUT: runs/results)
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
@@ -37,11 +37,19 @@ mkdir -p "$out"
 [ -f "$out/detect-armt/results.json" ] || "$python" launchers/train.py --task detect --curriculum 1,4,16,64 \
     --promote_accuracy 1.1 --max_steps 800 --eval_every 100 --eval_segments 1,4,16,64,256,1024,31250 \
     --out_dir "$out/detect-armt"
-# detect with a curriculum to 256 segments (the reference checkpoint armt-detect); checkpoint mode gives bptt's
+# detect with a curriculum to 256 segments (the reference checkpoint before armt-detect); checkpoint mode gives bptt's
 # gradients and holds one segment's activations at a time
 [ -f "$out/detect-armt-256/results.json" ] || "$python" launchers/train.py --task detect --curriculum 1,4,16,64,256 \
     --promote_accuracy 1.1 --max_steps 1000 --eval_every 100 --eval_segments 1,4,16,64,256,1024 --no-baseline \
     --backprop checkpoint --out_dir "$out/detect-armt-256"
+# detect with the clamped write gate and the gated normaliser (the reference checkpoint armt-detect): a shut
+# gate leaves the memory exactly as it was; and the same without the gated normaliser
+[ -f "$out/detect-armt-clamp/results.json" ] || "$python" launchers/train.py --task detect --curriculum 1,4,16,64 \
+    --promote_accuracy 1.1 --max_steps 800 --eval_every 200 --eval_segments 1,16,64,256,1024,4096 --no-baseline \
+    --write_gate clamp --gated_normaliser --out_dir "$out/detect-armt-clamp"
+[ -f "$out/detect-armt-clamp-plain-z/results.json" ] || "$python" launchers/train.py --task detect \
+    --curriculum 1,4,16,64 --promote_accuracy 1.1 --max_steps 800 --eval_every 200 \
+    --eval_segments 1,16,64,256,1024,4096 --no-baseline --write_gate clamp --out_dir "$out/detect-armt-clamp-plain-z"
 # detect with the RMT recipe of rmt-gated, without the gate
 [ -f "$out/detect-rmt/results.json" ] || "$python" launchers/train.py --task detect --memory rmt \
     --curriculum 1,2,4,8,16,32 --promote_accuracy 1.1 --max_steps 1500 --eval_every 250 \
@@ -88,6 +96,7 @@ evaluations() {
 evaluations reference-armt-memorize reference-rmt-memorize reference-armt-memorize-10M
 "$python" tools/plot_results.py "$out/armt" "$out/rmt" "$out/rmt-gated" "$out/armt-delta" "${found[@]}" --out "$out"
 evaluations reference-armt-detect reference-armt-detect-10M
-"$python" tools/plot_results.py "$out/detect-armt" "$out/detect-armt-256" "$out/detect-rmt" "${found[@]}" --out "$out"
+"$python" tools/plot_results.py "$out/detect-armt" "$out/detect-armt-256" "$out/detect-armt-clamp" \
+    "$out/detect-armt-clamp-plain-z" "$out/detect-rmt" "${found[@]}" --out "$out"
 evaluations reference-armt-reason
 "$python" tools/plot_results.py "$out/reason-armt" "${found[@]}" --out "$out"

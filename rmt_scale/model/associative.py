@@ -8,6 +8,9 @@ the memory tokens' outputs ``m`` are written with the delta rule::
     A += sum beta k (v - k A / (k . z + eps))^T
     z += sum gamma k,   gamma = clip(1 - z . k / |k|^2, 0, 1)  (no gradient through gamma)
 
+``write_gate="clamp"`` takes ``beta = clamp(W_b m + b_b, 0, 1)``, which can shut exactly, and
+``gated_normaliser`` adds ``beta gamma k`` to z, so that a shut write changes neither A nor z.
+
 ``phi`` is the DPFP feature map. ``W_v`` starts at zero, so A stays zero and, at init, the wrapped model
 computes exactly what the backbone computes.
 """
@@ -51,6 +54,10 @@ class AssociativeMemory(nn.Module):
         self.value = nn.Linear(hidden_size, hidden_size, bias=False)
         nn.init.zeros_(self.value.weight)  # A stays 0 until trained: at init the model is the backbone
         self.gate = nn.Linear(hidden_size, config.num_heads) if config.gating else None
+        self.clamped_gate = config.write_gate == "clamp"
+        self.gated_normaliser = config.gated_normaliser
+        if self.gate is not None and self.clamped_gate:
+            nn.init.constant_(self.gate.bias, 0.5)  # start open and inside [0, 1], where the gate has a gradient
 
     def empty_state(self, batch: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """Zero ``A`` ``(batch, heads, features, head_size)`` and ``z`` ``(batch, heads, features)``, in float32
@@ -79,18 +86,18 @@ class AssociativeMemory(nn.Module):
         key = self._features(self.key, memory_out)  # (batch, heads, num_mem, features)
         value = self.value(memory_out.to(self.value.weight.dtype)).float()
         value = value.view(batch, num_mem, self.num_heads, self.head_size).transpose(1, 2)
+        beta = None
         if self.gate is not None:
-            beta = torch.sigmoid(self.gate(memory_out.to(self.gate.weight.dtype)).float()).transpose(1, 2)
-            weighted_key = key * beta.unsqueeze(-1)
-        else:
-            weighted_key = key
+            logits = self.gate(memory_out.to(self.gate.weight.dtype)).float()
+            beta = (logits.clamp(0, 1) if self.clamped_gate else torch.sigmoid(logits)).transpose(1, 2).unsqueeze(-1)
+        weighted_key = key if beta is None else key * beta
         if self.correction:
             key_norm = key @ normaliser.unsqueeze(-1)  # (batch, heads, num_mem, 1)
             value = value - (key @ matrix) / (key_norm + EPS)
             gamma = (1 - key_norm / key.square().sum(-1, keepdim=True).clamp_min(EPS)).clamp(0, 1).detach()
             key = key * gamma
         matrix = matrix + weighted_key.transpose(-1, -2) @ value
-        normaliser = normaliser + key.sum(dim=2)
+        normaliser = normaliser + (key * beta if self.gated_normaliser else key).sum(dim=2)
         return matrix, normaliser
 
 

@@ -111,6 +111,7 @@ class RMTConfig:
 
 
 EXECUTION_MODES = ("sequential", "wavefront")
+WRITE_GATES = ("sigmoid", "clamp")
 
 
 @dataclass
@@ -127,7 +128,12 @@ class ARMTConfig(RMTConfig):
         d_mem: size of keys and queries per head before the DPFP feature map.
         num_heads: associative heads; the hidden size is split between them, each with its own (A, z).
         dpfp_nu: order of the DPFP feature map; features have ``2 * dpfp_nu * d_mem`` dimensions.
-        gating: scale each memory token's write by a learned gate beta = sigmoid(W_b m).
+        gating: scale each memory token's write by a learned gate beta = f(W_b m + b_b).
+        write_gate: the gate's ``f``: ``"sigmoid"``, or ``"clamp"`` (clamped to [0, 1]), which can be exactly
+            0, so that a segment of background writes nothing at all.
+        gated_normaliser: add ``beta k`` to the normaliser z instead of ``k``, so that a read is the gated
+            average of what was written; with ungated z every write, gated shut or not, divides later reads
+            further, and what was stored fades with the number of segments.
         correction: delta-rule write (store v minus what the memory already returns for the key) and the
             corrected normaliser update; off gives the plain linear-attention update A += k v^T, z += k.
         execution: ``"sequential"`` runs segment after segment; ``"wavefront"`` runs the cells (segment s,
@@ -140,6 +146,8 @@ class ARMTConfig(RMTConfig):
     num_heads: int = 1
     dpfp_nu: int = 3
     gating: bool = True
+    write_gate: str = "sigmoid"
+    gated_normaliser: bool = False
     correction: bool = True
     execution: str = "sequential"
 
@@ -157,7 +165,12 @@ class ARMTConfig(RMTConfig):
         if self.memory_gate:
             raise ConfigError("memory_gate is an RMT setting: ARMT's memory tokens are the same every segment and "
                               "its writes are gated by `gating`; set memory_gate=False.")
-        for name in ("gating", "correction"):
+        if self.write_gate not in WRITE_GATES:
+            raise ConfigError(f"write_gate={self.write_gate!r} is unknown: choose one of {', '.join(WRITE_GATES)}.")
+        if (self.write_gate != "sigmoid" or self.gated_normaliser is True) and self.gating is False:
+            raise ConfigError("write_gate and gated_normaliser shape the write gate, and gating=False has none: "
+                              "set gating=True, or leave them at their defaults.")
+        for name in ("gating", "gated_normaliser", "correction"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name}={getattr(self, name)!r} is invalid: it must be true or false.")
         if self.execution not in EXECUTION_MODES:

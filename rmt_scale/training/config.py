@@ -45,6 +45,10 @@ ARMT_FLAGS = {
                   "backbone's attention heads); the hidden size must divide by it."),
     "dpfp_nu": (_ARMT.dpfp_nu, "ARMT: order of the DPFP feature map (features: 2 x dpfp_nu x d_mem)."),
     "gating": (_ARMT.gating, "ARMT: scale each memory write by a learned gate."),
+    "write_gate": (_ARMT.write_gate, "ARMT: the write gate's squashing, sigmoid or clamp (to [0, 1]; can be "
+                   "exactly 0, so that background writes nothing)."),
+    "gated_normaliser": (_ARMT.gated_normaliser, "ARMT: the normaliser sums the gated keys, so that a read is "
+                         "the gated average of what was written and does not fade with the number of segments."),
     # off by default: in the quick start the delta rule's writes of the background wear the fact away (0.797
     # at 1,024 segments), while plain gated writes keep it (1.000 there and at 1M tokens; README, quick start)
     "correction": (False, "ARMT: delta-rule writes (store what the memory does not already return)."),
