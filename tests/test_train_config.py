@@ -24,7 +24,8 @@ def test_help_documents_every_flag():
     for flag in ("--backbone", "--num_mem_tokens", "--segment_size", "--task", "--shards", "--curriculum",
                  "--eval_segments", "--out_dir", "--max_steps", "--resume", "--ds_config", "--save_every",
                  "--baseline", "--no-baseline", "--memory {rmt,armt}", "--d_mem", "--num_heads", "--dpfp_nu",
-                 "--gating, --no-gating", "--write_gate", "--gated_normaliser, --no-gated_normaliser", "--correction, --no-correction", "--execution", "'tiny-bert'",
+                 "--gating, --no-gating", "--write_gate", "--gated_normaliser, --no-gated_normaliser",
+                 "--correction, --no-correction", "--execution", "'tiny-bert'",
                  "--memory_gate, --no-memory_gate"):
         assert flag in text
     assert text.count("%(") == 0  # every help string rendered

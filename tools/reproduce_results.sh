@@ -5,7 +5,7 @@
 # after the other; the longest is detect-armt-256, 45 min) with RMT_REFERENCE_SAMPLES=4 (the default); the
 # page's 64-sample rows at 1M tokens take 20 to 50 minutes more per checkpoint on one core each
 # (RMT_REFERENCE_SAMPLES=64). RMT_TEN_MILLION=1 adds the 10M-token rows: armt-memorize and armt-detect on 32
-# samples each, 2 ranks, 1 h 34 min and 1 h 23 min 56 s on 2 cores.
+# samples each, 2 ranks, 1 h 34 min and 1 h 24 min on 2 cores.
 #   bash tools/reproduce_results.sh [OUT]        (default OUT: runs/results)
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)

@@ -60,23 +60,25 @@ class RMTConfig:
         need_int("segment_size", 1)
         if self.bptt_depth != -1:
             need_int("bptt_depth", 0)
-        if self.backprop not in BACKPROP_MODES:
-            raise ConfigError(f"backprop={self.backprop!r} is unknown: choose one of {', '.join(BACKPROP_MODES)}.")
-        if self.segment_alignment not in SEGMENT_ALIGNMENTS:
-            raise ConfigError(
-                f"segment_alignment={self.segment_alignment!r} is unknown: choose one of "
-                f"{', '.join(SEGMENT_ALIGNMENTS)}."
-            )
+        self._need_choice("backprop", BACKPROP_MODES)
+        self._need_choice("segment_alignment", SEGMENT_ALIGNMENTS)
         for name in ("cls_token_id", "sep_token_id"):
             if getattr(self, name) is not None:
                 need_int(name, 0)
-        if not isinstance(self.memory_gate, bool):
-            raise ConfigError(f"memory_gate={self.memory_gate!r} is invalid: it must be true or false.")
+        self._need_bool("memory_gate")
 
     def _need_int(self, name: str, low: int) -> None:
         value = getattr(self, name)
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise ConfigError(f"{name}={value!r} is invalid: it must be an integer >= {low}.")
+
+    def _need_bool(self, name: str) -> None:
+        if not isinstance(getattr(self, name), bool):
+            raise ConfigError(f"{name}={getattr(self, name)!r} is invalid: it must be true or false.")
+
+    def _need_choice(self, name: str, choices: tuple[str, ...]) -> None:
+        if getattr(self, name) not in choices:
+            raise ConfigError(f"{name}={getattr(self, name)!r} is unknown: choose one of {', '.join(choices)}.")
 
     def to_dict(self) -> dict[str, Any]:
         return {"model_type": self.model_type, **dataclasses.asdict(self)}
@@ -165,18 +167,13 @@ class ARMTConfig(RMTConfig):
         if self.memory_gate:
             raise ConfigError("memory_gate is an RMT setting: ARMT's memory tokens are the same every segment and "
                               "its writes are gated by `gating`; set memory_gate=False.")
-        if self.write_gate not in WRITE_GATES:
-            raise ConfigError(f"write_gate={self.write_gate!r} is unknown: choose one of {', '.join(WRITE_GATES)}.")
-        if (self.write_gate != "sigmoid" or self.gated_normaliser is True) and self.gating is False:
+        for name in ("gating", "gated_normaliser", "correction"):
+            self._need_bool(name)
+        self._need_choice("write_gate", WRITE_GATES)
+        self._need_choice("execution", EXECUTION_MODES)
+        if (self.write_gate != "sigmoid" or self.gated_normaliser) and not self.gating:
             raise ConfigError("write_gate and gated_normaliser shape the write gate, and gating=False has none: "
                               "set gating=True, or leave them at their defaults.")
-        for name in ("gating", "gated_normaliser", "correction"):
-            if not isinstance(getattr(self, name), bool):
-                raise ConfigError(f"{name}={getattr(self, name)!r} is invalid: it must be true or false.")
-        if self.execution not in EXECUTION_MODES:
-            raise ConfigError(
-                f"execution={self.execution!r} is unknown: choose one of {', '.join(EXECUTION_MODES)}."
-            )
 
 
 def _config_class(model_type: str) -> type[RMTConfig]:
