@@ -8,7 +8,7 @@ Exact-answer accuracy on the same fixed evaluation samples training uses (task s
 read with streaming inference: what is held is the model, its memory, one segment's activations and the batch's
 tokens at 4 bytes each). Prints a table and the peak RSS; rank 0 writes OUT/eval.json (accuracy by length, samples
 per length, peak RSS, wall time), which tools/plot_results.py draws. Exit codes: 0 done; 2 bad input. Like
-launchers/train.py, the process restarts itself first under the CPU allocator of rmt_scale/allocator.py.
+launchers/train.py, the process restarts itself first under the CPU allocator of rmt_scale/runtime/allocator.py.
 """
 
 import argparse
@@ -23,12 +23,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if __name__ == "__main__":
     # first of all, as it starts the process over: the CPU allocator policy of launchers/train.py (jemalloc when
     # installed, RMT_ALLOCATOR chooses), under which RSS stays flat over a long input's segments
-    runpy.run_path(os.path.join(ROOT, "rmt_scale", "allocator.py"))["restart_launcher"]()
+    runpy.run_path(os.path.join(ROOT, "rmt_scale", "runtime", "allocator.py"))["restart_launcher"]()
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, ROOT)
 
-from rmt_scale.training.distributed import select_accelerator  # noqa: E402
+from rmt_scale.runtime.device import select_accelerator  # noqa: E402
 
 select_accelerator()  # DS_ACCELERATOR=cpu without CUDA, before anything imports deepspeed
 
@@ -53,11 +53,11 @@ def main(argv=None) -> int:
     started = time.perf_counter()
     from rmt_scale import RecurrentMemoryModel
     from rmt_scale.data import AnswerClasses, TaskGenerator, load_tokenizer
-    from rmt_scale.training.data import EVAL_SEED_OFFSET
+    from rmt_scale.training.batches import EVAL_SEED_OFFSET
     from rmt_scale.training.engine import close_distributed, init_distributed
     from rmt_scale.training.evaluation import evaluate_by_length
-    from rmt_scale.training.metrics import peak_rss_mb
-    from rmt_scale.training.run import format_table
+    from rmt_scale.runtime.memory import peak_rss_mb
+    from rmt_scale.training.experiment import format_table
 
     try:
         model_dir = Path(args.model)

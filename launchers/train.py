@@ -6,7 +6,7 @@
     srun python launchers/train.py ...   # with RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT exported
     mpirun -np 2 python launchers/train.py ...   # or srun --mpi=pmi2: ranks found through MPI (mpi4py)
 
-The process restarts itself first under the CPU allocator of rmt_scale/allocator.py: jemalloc when installed
+The process restarts itself first under the CPU allocator of rmt_scale/runtime/allocator.py: jemalloc when installed
 (RMT_ALLOCATOR=auto|jemalloc|glibc chooses).
 
 Exit codes: 0 done; 2 bad configuration or path (nothing was started); 65 corrupt training data (a checkpoint
@@ -23,13 +23,13 @@ if __name__ == "__main__":
     # First of all, as it starts the process over: under jemalloc when installed (RMT_ALLOCATOR=glibc keeps
     # glibc), whose RSS stays flat over a long step's segments where glibc's grows. Run from its file: the
     # package would import torch before the restart.
-    runpy.run_path(os.path.join(ROOT, "rmt_scale", "allocator.py"))["restart_launcher"]()
+    runpy.run_path(os.path.join(ROOT, "rmt_scale", "runtime", "allocator.py"))["restart_launcher"]()
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, ROOT)
 
 from rmt_scale.training import signals  # noqa: E402
-from rmt_scale.training.distributed import select_accelerator  # noqa: E402
+from rmt_scale.runtime.device import select_accelerator  # noqa: E402
 
 signals.install()  # before the slow start-up, so an early SIGUSR1/SIGTERM is kept, not fatal
 select_accelerator()  # DS_ACCELERATOR=cpu without CUDA, before anything imports deepspeed

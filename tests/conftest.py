@@ -11,13 +11,13 @@ import pytest
 import torch
 import transformers
 
-from rmt_scale.model.tiny import TINY_BACKBONES, tiny_config
+from rmt_scale.model.presets import BACKBONE_PRESETS, preset_config
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-TINY = {name.removeprefix("test-"): partial(tiny_config, name) for name in TINY_BACKBONES if name.startswith("test-")}
-VOCAB = tiny_config("test-opt").vocab_size
+TINY = {name.removeprefix("test-"): partial(preset_config, name) for name in BACKBONE_PRESETS if name.startswith("test-")}
+VOCAB = preset_config("test-opt").vocab_size
 DECODERS = ["opt", "gpt2", "llama", "mistral", "gpt_neox"]
 ENCODERS = ["bert", "roberta"]
 CLS_ID, SEP_ID = 1, 2

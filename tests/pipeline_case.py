@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from rmt_scale import RecurrentMemoryModel  # noqa: E402
 from rmt_scale.model.config import ARMTConfig, RMTConfig  # noqa: E402
-from rmt_scale.model.tiny import tiny_config  # noqa: E402
+from rmt_scale.model.presets import preset_config  # noqa: E402
 
 NUM_LAYERS, SEGMENT, SEGMENTS, BATCH = 4, 6, 5, 4
 
@@ -24,7 +24,7 @@ def build_model(family: str, memory: str, bptt_depth: int) -> RecurrentMemoryMod
     """``memory``: rmt, rmt-gated (with the memory gate) or armt."""
     layers = {"n_layer": NUM_LAYERS} if family == "gpt2" else {"num_hidden_layers": NUM_LAYERS}
     torch.manual_seed(0)
-    backbone = transformers.AutoModelForCausalLM.from_config(tiny_config(f"test-{family}", **layers))
+    backbone = transformers.AutoModelForCausalLM.from_config(preset_config(f"test-{family}", **layers))
     config_class = ARMTConfig if memory == "armt" else RMTConfig
     extra = {"armt": dict(d_mem=8, num_heads=2), "rmt-gated": dict(memory_gate=True)}.get(memory, {})
     config = config_class(num_mem_tokens=3, segment_size=SEGMENT, bptt_depth=bptt_depth, backprop="bptt", **extra)

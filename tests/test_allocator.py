@@ -1,4 +1,4 @@
-"""The allocator policy of rmt_scale/allocator.py applied to a running process: launchers/train.py restarts
+"""The allocator policy of rmt_scale/runtime/allocator.py applied to a running process: launchers/train.py restarts
 itself under jemalloc (installed by tools/test.sh), once, before anything else. A real training run of the
 launcher reporting jemalloc is in test_train_e2e.py (results.json)."""
 
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from rmt_scale.allocator import ALLOCATOR_VARIABLE, JEMALLOC_CONF, find_jemalloc
+from rmt_scale.runtime.allocator import ALLOCATOR_VARIABLE, JEMALLOC_CONF, find_jemalloc
 
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCHER = str(ROOT / "launchers" / "train.py")
@@ -22,7 +22,7 @@ LAUNCHER = str(ROOT / "launchers" / "train.py")
 PROGRAM = f"""
 print("start", flush=True)
 import runpy
-allocator = runpy.run_path({str(ROOT / "rmt_scale" / "allocator.py")!r})
+allocator = runpy.run_path({str(ROOT / "rmt_scale" / "runtime" / "allocator.py")!r})
 allocator["restart_with_allocator"]()
 print(allocator["current_allocator"]())
 """
@@ -87,8 +87,8 @@ def test_peak_rss_is_the_processs_own_not_its_parents():
     ru_maxrss would report the parent's 1.5 GB."""
     ballast = bytearray(1500 * 2**20)
     ballast[:: 4096] = b"\1" * len(range(0, len(ballast), 4096))  # touch every page, so that it is resident
-    program = (f"import runpy; metrics = runpy.run_path({str(ROOT / 'rmt_scale' / 'training' / 'metrics.py')!r}); "
-               "print(metrics['peak_rss_mb']())")
+    program = (f"import runpy; memory = runpy.run_path({str(ROOT / 'rmt_scale' / 'runtime' / 'memory.py')!r}); "
+               "print(memory['peak_rss_mb']())")
     result = run_python(["-c", program])
     assert result.returncode == 0, result.stderr
     assert float(result.stdout) < 200

@@ -12,8 +12,8 @@ from transformers import AutoModelForCausalLM
 from rmt_scale import RecurrentMemoryModel, RMTConfig
 from rmt_scale.data import ShardStream, TaskGenerator, build_word_tokenizer, collate, make_sample, write_shards
 from rmt_scale.model.segments import IGNORE_INDEX
-from rmt_scale.model.tiny import tiny_config
-from rmt_scale.training.data import TrainBatches
+from rmt_scale.model.presets import preset_config
+from rmt_scale.training.batches import TrainBatches
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "data.md"
 
@@ -81,7 +81,7 @@ def test_the_docs_example_feeds_shards_to_the_model(tmp_path, monkeypatch, tok):
     write_shards(samples, "data/memorize-1m", max_samples=3)
     tok.save("data/memorize-1m/tokenizer")
     torch.manual_seed(0)
-    backbone = AutoModelForCausalLM.from_config(tiny_config("test-opt", vocab_size=tok.vocab_size))
+    backbone = AutoModelForCausalLM.from_config(preset_config("test-opt", vocab_size=tok.vocab_size))
     rmt = RecurrentMemoryModel(backbone, RMTConfig(num_mem_tokens=4, segment_size=16))
     seen, losses = [], []
 

@@ -15,10 +15,10 @@ import torch
 
 from rmt_scale.data import TaskGenerator, build_word_tokenizer
 from rmt_scale.model import ARMTConfig, RMTConfig
-from rmt_scale.model.tiny import tiny_config
+from rmt_scale.model.presets import preset_config
 from rmt_scale.training import TrainConfig
-from rmt_scale.training.data import collate
-from rmt_scale.training.activations import LayerOffload, SavedTensorBytes, checkpoint_layers
+from rmt_scale.training.batches import collate
+from rmt_scale.model.activations import LayerOffload, SavedTensorBytes, checkpoint_layers
 from rmt_scale.training.engine import activation_settings, build_ds_config, load_ds_config
 from rmt_scale.training.trainer import build_model
 
@@ -186,7 +186,7 @@ def test_zero3_run_logs_the_offloaded_bytes(tmp_path):
     events.Reload()
     offloaded = [(e.step, e.value) for e in events.Scalars("memory/offloaded_bytes")]
     segments = [(e.step, e.value) for e in events.Scalars("train/segments")]
-    shapes = tiny_config("opt-quickstart")
+    shapes = preset_config("opt-quickstart")
     layer_input = batch_size * (segment_size + 2 * num_mem) * shapes.hidden_size * 4
     assert [step for step, _ in offloaded] == [1, 2, 3, 4]
     assert [count for _, count in segments][:2] == [1, 1] and max(count for _, count in segments) > 1, segments

@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 from rmt_scale import ARMTConfig, RecurrentMemoryModel, RMTConfig
 from rmt_scale.data import LOCATIONS, AnswerClasses, TaskGenerator, build_word_tokenizer, collate
 from rmt_scale.model.segments import IGNORE_INDEX
-from rmt_scale.model.tiny import tiny_config
+from rmt_scale.model.presets import preset_config
 from rmt_scale.training.evaluation import samples_at, stacked_batch, streaming_correct
 
 SEGMENT = 16
@@ -45,11 +45,11 @@ def build(variant: str, vocab_size: int, tokenizer) -> RecurrentMemoryModel:
     torch.manual_seed(0)
     if variant == "encoder":
         backbone = AutoModelForSequenceClassification.from_config(
-            tiny_config("test-bert", vocab_size=vocab_size, num_labels=6, max_position_embeddings=64))
+            preset_config("test-bert", vocab_size=vocab_size, num_labels=6, max_position_embeddings=64))
         config = RMTConfig(num_mem_tokens=4, segment_size=SEGMENT, cls_token_id=tokenizer.cls_id,
                            sep_token_id=tokenizer.sep_id)
     else:
-        backbone = AutoModelForCausalLM.from_config(tiny_config("test-opt", vocab_size=vocab_size))
+        backbone = AutoModelForCausalLM.from_config(preset_config("test-opt", vocab_size=vocab_size))
         config_class = ARMTConfig if variant == "armt" else RMTConfig
         config = config_class(num_mem_tokens=4, segment_size=SEGMENT)
     model = RecurrentMemoryModel(backbone, config).eval()
@@ -115,7 +115,7 @@ def test_a_model_without_memory_is_scored_on_its_last_segment_alone(tokenizer):
     """Nothing passes between its segments, so streaming runs only the last one, and predicts what one forward
     over the whole input predicts."""
     torch.manual_seed(0)
-    backbone = AutoModelForCausalLM.from_config(tiny_config("test-opt", vocab_size=tokenizer.vocab_size))
+    backbone = AutoModelForCausalLM.from_config(preset_config("test-opt", vocab_size=tokenizer.vocab_size))
     model = RecurrentMemoryModel(backbone, RMTConfig(num_mem_tokens=0, segment_size=SEGMENT)).eval()
     batch = collate(drawn(TaskGenerator("detect", tokenizer, seed=11), 6),
                     tokenizer.pad_id)

@@ -2,7 +2,7 @@
 tools/bench_memory.py and tools/profile_flops.py use.
 
 The measured processes run on jemalloc (installed by tools/test.sh): under glibc, RSS grows through
-fragmentation rather than live memory (see rmt_scale/allocator.py)."""
+fragmentation rather than live memory (see rmt_scale/runtime/allocator.py)."""
 
 from __future__ import annotations
 

@@ -19,7 +19,7 @@ from rmt_scale.profiling import analytic, report
 from rmt_scale.profiling.measure import backbone_config, counted_flops
 from rmt_scale.profiling.opt_configs import OPT_NAMES, opt_config
 from rmt_scale.training import TrainConfig
-from rmt_scale.training.data import TrainBatches
+from rmt_scale.training.batches import TrainBatches
 from rmt_scale.training.engine import load_ds_config
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -19,7 +19,7 @@ import transformers
 
 from rmt_scale import ARMTConfig, RecurrentMemoryModel, RMTConfig
 from rmt_scale.data import AnswerClasses, TaskGenerator, build_word_tokenizer, load_tokenizer
-from rmt_scale.training.data import EVAL_SEED_OFFSET
+from rmt_scale.training.batches import EVAL_SEED_OFFSET
 from rmt_scale.training.distributed import free_port
 from rmt_scale.training.evaluation import stacked_batch, streaming_correct
 from rmt_scale.training.trainer import EXIT_PREEMPTED

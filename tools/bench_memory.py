@@ -25,8 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from tqdm import tqdm  # noqa: E402
 
-from rmt_scale.allocator import ALLOCATORS  # noqa: E402
-from rmt_scale.model.tiny import TINY_BACKBONES  # noqa: E402
+from rmt_scale.runtime.allocator import ALLOCATORS  # noqa: E402
+from rmt_scale.model.presets import BACKBONE_PRESETS  # noqa: E402
 from rmt_scale.profiling.measure import FULL_ATTENTION, Measurer, Variant  # noqa: E402
 
 DEFAULT_SEGMENTS = [1, 4, 16, 64, 256]
@@ -34,7 +34,7 @@ DEFAULT_SEGMENTS = [1, 4, 16, 64, 256]
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--backbone", default="opt-bench", choices=sorted(TINY_BACKBONES),
+    parser.add_argument("--backbone", default="opt-bench", choices=sorted(BACKBONE_PRESETS),
                         help="tiny backbone to measure (default: %(default)s; the launcher's default is opt-quickstart)")
     parser.add_argument("--segments", type=int, nargs="+", default=DEFAULT_SEGMENTS,
                         help="numbers of segments to measure (default: %(default)s)")
@@ -52,7 +52,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="repeat short measurements until they last this long (default: 3)")
     parser.add_argument("--allocator", default="auto", choices=ALLOCATORS,
                         help="CPU allocator of the measured processes; auto = jemalloc when installed, which keeps "
-                             "RSS from growing through glibc fragmentation (see rmt_scale/allocator.py)")
+                             "RSS from growing through glibc fragmentation (see rmt_scale/runtime/allocator.py)")
     parser.add_argument("--out", default="bench_memory.json", help="where to write the JSON results")
     return parser.parse_args(argv)
 

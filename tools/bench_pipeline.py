@@ -28,14 +28,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from tqdm import tqdm  # noqa: E402
 
-from rmt_scale.model.tiny import TINY_BACKBONES  # noqa: E402
+from rmt_scale.model.presets import BACKBONE_PRESETS  # noqa: E402
 
 ANSWER_TOKENS = 8
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--backbone", default="opt-bench", choices=sorted(TINY_BACKBONES),
+    parser.add_argument("--backbone", default="opt-bench", choices=sorted(BACKBONE_PRESETS),
                         help="tiny backbone; needs at least as many layers as stages (default: %(default)s, 4 layers)")
     parser.add_argument("--memory", nargs="+", default=["armt", "rmt"], choices=["armt", "rmt"],
                         help="memory kinds to measure (default: %(default)s)")
@@ -67,10 +67,10 @@ def build(args: argparse.Namespace, memory: str, backprop: str):
     import transformers
 
     from rmt_scale import ARMTConfig, RecurrentMemoryModel, RMTConfig
-    from rmt_scale.model.tiny import tiny_config
+    from rmt_scale.model.presets import preset_config
 
     torch.manual_seed(0)
-    backbone = transformers.AutoModelForCausalLM.from_config(tiny_config(args.backbone))
+    backbone = transformers.AutoModelForCausalLM.from_config(preset_config(args.backbone))
     config_class = ARMTConfig if memory == "armt" else RMTConfig
     config = config_class(num_mem_tokens=args.num_mem_tokens, segment_size=args.segment_size, backprop=backprop)
     return RecurrentMemoryModel(backbone, config).train()

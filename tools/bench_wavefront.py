@@ -21,7 +21,7 @@ from tqdm import tqdm  # noqa: E402
 from transformers import OPTForCausalLM  # noqa: E402
 
 from rmt_scale import ARMTConfig, RecurrentMemoryModel  # noqa: E402
-from rmt_scale.model.tiny import tiny_config  # noqa: E402
+from rmt_scale.model.presets import preset_config  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -43,7 +43,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def build(args) -> RecurrentMemoryModel:
     torch.manual_seed(0)
-    backbone = OPTForCausalLM(tiny_config("opt-bench", max_position_embeddings=args.segment_size + args.mem_tokens,
+    backbone = OPTForCausalLM(preset_config("opt-bench", max_position_embeddings=args.segment_size + args.mem_tokens,
                                           num_hidden_layers=args.layers, attn_implementation=args.attention)).eval()
     config = ARMTConfig(num_mem_tokens=args.mem_tokens, segment_size=args.segment_size, d_mem=64)
     model = RecurrentMemoryModel(backbone, config).eval()

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs the Debian packages the tests and benchmarks use, when missing (needs root and apt-get):
-#   libjemalloc2  allocator that keeps CPU RSS flat under per-segment recomputation (rmt_scale/allocator.py)
+#   libjemalloc2  allocator that keeps CPU RSS flat under per-segment recomputation (rmt_scale/runtime/allocator.py)
 #   g++           DeepSpeed compiles its CPU communication op on first use
 # Elsewhere it only says what is missing; the tests that need a package then fail with a clear message.
 set -euo pipefail

@@ -27,7 +27,7 @@ import psutil
 from tqdm import tqdm
 
 from rmt_scale.profiling import report
-from rmt_scale.model.tiny import TINY_BACKBONES
+from rmt_scale.model.presets import BACKBONE_PRESETS
 from rmt_scale.profiling.measure import (FULL_ATTENTION, MEMORY_KINDS, RMT_MODES, Measurer, Variant,
                                         backbone_config, sweep)
 
@@ -47,7 +47,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=Path("profile_out"),
                         help="directory for report.md, report.json, *.png (and tensorboard/); default: %(default)s")
     parser.add_argument("--backbone",
-                        help=f"measured backbone: a tiny one ({', '.join(TINY_BACKBONES)}), an OPT size such as "
+                        help=f"measured backbone: a tiny one ({', '.join(BACKBONE_PRESETS)}), an OPT size such as "
                              f"opt-125m (random weights), or a local Hugging Face model directory (its config only); "
                              f"default: {FULL['backbone']}, with --quick {QUICK['backbone']}")
     parser.add_argument("--lengths", type=int, nargs="+",

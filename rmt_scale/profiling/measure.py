@@ -8,7 +8,7 @@ only that measurement.
 
 Peak memory is the high-water mark after the step minus the resident set size just before it: the extra
 memory the step needed (activations, saved tensors, gradients), not the weights. The measuring
-processes use the allocator of `rmt_scale.allocator` (jemalloc when installed, else glibc with a 128 KiB
+processes use the allocator of `rmt_scale.runtime.allocator` (jemalloc when installed, else glibc with a 128 KiB
 mmap threshold); otherwise the heap glibc keeps after freeing reads as growth (RMT in checkpoint mode
 seemed to grow 220 -> 491 MB from 4 to 32 segments; with the threshold: 143 -> 151 MB).
 FLOPs come from `torch.utils.flop_counter.FlopCounterMode` (matmuls and SDPA, forward and
@@ -34,10 +34,10 @@ import transformers
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 from rmt_scale import ARMTConfig, RecurrentMemoryModel, RMTConfig
-from rmt_scale.allocator import allocator_env
-from rmt_scale.model.tiny import TINY_BACKBONES, tiny_config
-from rmt_scale.training.distributed import select_accelerator
-from rmt_scale.training.metrics import peak_rss_mb
+from rmt_scale.runtime.allocator import allocator_env
+from rmt_scale.model.presets import BACKBONE_PRESETS, preset_config
+from rmt_scale.runtime.device import select_accelerator
+from rmt_scale.runtime.memory import peak_rss_mb
 from rmt_scale.profiling.opt_configs import OPT_NAMES, opt_config
 
 FULL_ATTENTION = "full"
@@ -93,15 +93,15 @@ class Measurement:
 def backbone_config(backbone: str, max_positions: int) -> transformers.PretrainedConfig:
     """Config for a tiny backbone's name, a published OPT size, or a local Hugging Face model directory;
     positions are widened to `max_positions` so that one forward pass can see its whole input."""
-    if backbone in TINY_BACKBONES:
-        config = tiny_config(backbone)
+    if backbone in BACKBONE_PRESETS:
+        config = preset_config(backbone)
     elif backbone.lower().removeprefix("facebook/") in OPT_NAMES:
         config = opt_config(backbone)
     elif os.path.isdir(backbone):
         config = transformers.AutoConfig.from_pretrained(backbone)
     else:
         raise ValueError(
-            f"unknown backbone {backbone!r}: expected a tiny backbone ({', '.join(TINY_BACKBONES)}), an OPT size "
+            f"unknown backbone {backbone!r}: expected a tiny backbone ({', '.join(BACKBONE_PRESETS)}), an OPT size "
             f"({', '.join(OPT_NAMES)}) or a local Hugging Face model directory"
         )
     if getattr(config, "max_position_embeddings", max_positions) < max_positions:
@@ -235,7 +235,7 @@ class Measurer:
     """Runs each measurement in a fresh process forked from a server with torch already imported.
 
     The allocator is chosen when a process starts: the fork server, started here, and its children get
-    `allocator` (see rmt_scale.allocator), so the peak tracks live tensors rather than heap fragmentation.
+    `allocator` (see rmt_scale.runtime.allocator), so the peak tracks live tensors rather than heap fragmentation.
     There is one fork server per process, so every Measurer of a process must use the same allocator.
     """
 

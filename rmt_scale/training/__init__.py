@@ -8,8 +8,8 @@ from .config import TrainConfig, build_parser, parse_args
 from .curriculum import Curriculum
 from .engine import build_ds_config, load_ds_config
 from .evaluation import evaluate_by_length, streaming_correct
-from .run import format_table, run
-from .data import DataError
+from .experiment import format_table, run
+from .batches import DataError
 from .trainer import EXIT_DATA_ERROR, EXIT_PREEMPTED, Preempted, Trainer
 
 __all__ = ["Curriculum", "DataError", "EXIT_DATA_ERROR", "EXIT_PREEMPTED", "Preempted", "TrainConfig", "Trainer",

@@ -18,7 +18,7 @@ from pathlib import Path
 from ..data import TASKS, could_be_hub_id
 from ..data.tars import check_shard_source
 from ..model.config import BACKPROP_MODES, EXECUTION_MODES, ARMTConfig, RMTConfig
-from ..model.tiny import BUILTIN_BACKBONES
+from ..model.presets import BUILTIN_BACKBONES
 from .evaluation import samples_at
 
 # what --memory builds around the backbone
@@ -269,7 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=("CPU memory: the launcher first restarts itself under jemalloc when it is installed (Debian "
                 "libjemalloc2), which keeps RSS flat over a long step's segments where glibc's malloc grows; "
                 "environment RMT_ALLOCATOR=auto (default), jemalloc (fail without it) or glibc "
-                "(rmt_scale/allocator.py)."),
+                "(rmt_scale/runtime/allocator.py)."),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     defaults = TrainConfig()

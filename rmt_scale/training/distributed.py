@@ -40,12 +40,6 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def select_accelerator() -> bool:
-    """Chooses DeepSpeed's CPU accelerator when there is no GPU; must run before ``import deepspeed``."""
-    has_cuda = torch.cuda.is_available()
-    if not has_cuda:
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    return has_cuda
 
 
 def launched_by_mpi() -> bool:

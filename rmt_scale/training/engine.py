@@ -18,9 +18,10 @@ from typing import Callable
 import torch
 
 from ..model import ARMTConfig, RMTConfig
-from .activations import LayerOffload, checkpoint_layers
+from ..model.activations import LayerOffload, checkpoint_layers
 from .config import TrainConfig
-from .distributed import DistInfo, free_port, launched_by_mpi, mpi_master_port, select_accelerator
+from ..runtime.device import select_accelerator
+from .distributed import DistInfo, free_port, launched_by_mpi, mpi_master_port
 
 # Top-level keys DeepSpeed 0.16-0.19 reads (its docs' config reference).
 KNOWN_KEYS = frozenset("""

@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from ..data import AnswerClasses, TaskGenerator
 from ..model.segments import IGNORE_INDEX
-from .data import eval_indices
+from .batches import eval_indices
 
 PROGRESS_MIN_SEGMENTS = 1024  # lengths from here on show a progress bar (rank 0): they take minutes
 

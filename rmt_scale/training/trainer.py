@@ -23,15 +23,16 @@ import torch.distributed as dist
 from ..data import AnswerClasses, ShardStream, TaskGenerator, TextTokenizer, load_tokenizer
 from ..model import ARMTConfig, AssociativeState, RecurrentMemoryModel, RMTConfig
 from ..model.backbones import ENCODER_TYPES
-from ..model.tiny import BUILTIN_BACKBONES, tiny_config
+from ..model.presets import BUILTIN_BACKBONES, preset_config
 from . import checkpoint, signals
 from .config import TrainConfig
 from .curriculum import Curriculum
-from .data import EVAL_SEED_OFFSET, DataError, TrainBatches
+from .batches import EVAL_SEED_OFFSET, DataError, TrainBatches
 from .distributed import DistInfo
 from .engine import build_ds_config, build_engine, load_ds_config
 from .evaluation import evaluate_by_length
-from .metrics import MetricsLogger, peak_rss_mb
+from ..runtime.memory import peak_rss_mb
+from .metrics import MetricsLogger
 
 # Exit code after a SIGUSR1/SIGTERM stop with a checkpoint written: "requeue me" (BSD EX_TEMPFAIL).
 EXIT_PREEMPTED = 75
@@ -53,7 +54,7 @@ def build_model(backbone_name: str, tokenizer: TextTokenizer, seed: int,
 
     torch.manual_seed(seed)
     if backbone_name in BUILTIN_BACKBONES:
-        backbone_config = tiny_config(BUILTIN_BACKBONES[backbone_name], vocab_size=tokenizer.vocab_size,
+        backbone_config = preset_config(BUILTIN_BACKBONES[backbone_name], vocab_size=tokenizer.vocab_size,
                                       pad_token_id=tokenizer.pad_id, eos_token_id=tokenizer.eos_id)
     else:
         backbone_config = AutoConfig.from_pretrained(backbone_name)

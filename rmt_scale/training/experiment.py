@@ -7,7 +7,7 @@ import json
 import time
 from pathlib import Path
 
-from ..allocator import current_allocator
+from ..runtime.allocator import current_allocator
 from .config import TrainConfig
 from .engine import init_distributed
 from .trainer import Trainer

@@ -1,5 +1,8 @@
-"""Named tiny backbones, built from configs with random weights (no download): the launcher's built-in
-default, the models of the benchmarks and the profiler, and one model per supported family for the tests."""
+"""The registry of backbone presets: named configs built with random weights (no download).
+
+Each entry says what it is for: the launcher's built-in backbones (``BUILTIN_BACKBONES``), the models of the
+benchmarks and the profiler, and one small model per supported family for the tests.
+"""
 
 from __future__ import annotations
 
@@ -10,8 +13,8 @@ _OPT = dict(vocab_size=8192, max_position_embeddings=2048, dropout=0.0, attentio
             bos_token_id=1, eos_token_id=2)
 _TEST = dict(vocab_size=96, max_position_embeddings=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4)
 
-# name -> (config class, its settings); `tiny_config` builds one.
-TINY_BACKBONES: dict[str, tuple[type[PretrainedConfig], dict]] = {
+# name -> (config class, its settings); `preset_config` builds one.
+BACKBONE_PRESETS: dict[str, tuple[type[PretrainedConfig], dict]] = {
     # the launcher's default: the quick start trains it in minutes on one CPU core
     "opt-quickstart": (OPTConfig, dict(_OPT, hidden_size=128, word_embed_proj_dim=128, num_hidden_layers=2,
                                        num_attention_heads=4, ffn_dim=512, max_position_embeddings=128)),
@@ -45,9 +48,9 @@ TINY_BACKBONES: dict[str, tuple[type[PretrainedConfig], dict]] = {
 BUILTIN_BACKBONES = {"tiny": "opt-quickstart", "tiny-bert": "bert-quickstart"}
 
 
-def tiny_config(name: str, **overrides) -> PretrainedConfig:
-    """The config of the tiny backbone `name`, with `overrides` (config fields) applied."""
-    if name not in TINY_BACKBONES:
-        raise ValueError(f"unknown tiny backbone {name!r}: choose one of {', '.join(TINY_BACKBONES)}")
-    config_class, settings = TINY_BACKBONES[name]
+def preset_config(name: str, **overrides) -> PretrainedConfig:
+    """The config of the backbone preset `name`, with `overrides` (config fields) applied."""
+    if name not in BACKBONE_PRESETS:
+        raise ValueError(f"unknown backbone preset {name!r}: choose one of {', '.join(BACKBONE_PRESETS)}")
+    config_class, settings = BACKBONE_PRESETS[name]
     return config_class(**{**settings, **overrides})

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..model.recurrence import saves_are_dropped
+from .recurrence import saves_are_dropped
 
 
 class LayerOffload:

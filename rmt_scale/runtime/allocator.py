@@ -6,8 +6,8 @@ with the number of segments even though live memory does not. jemalloc (Debian: 
 it flat at the same speed, as PyTorch's CPU performance guide recommends. Without jemalloc, a fixed
 128 KiB mmap threshold makes glibc hand large buffers back to the OS on free (slower: each activation
 buffer is then mapped afresh). Both can only be chosen when a process starts, so this module prepares the
-environment of a child, or restarts the calling process in it (``restart_with_allocator``, which
-``launchers/train.py`` calls first thing).
+environment of a child, or restarts the calling process in it (``restart_launcher``, which the launchers
+call first thing, through ``restart_with_allocator``).
 """
 
 from __future__ import annotations
