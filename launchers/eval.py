@@ -54,7 +54,7 @@ def main(argv=None) -> int:
     from rmt_scale import RecurrentMemoryModel
     from rmt_scale.data import AnswerClasses, TaskGenerator, load_tokenizer
     from rmt_scale.training.batches import EVAL_SEED_OFFSET
-    from rmt_scale.training.engine import close_distributed, init_distributed
+    from rmt_scale.training.distributed import close_distributed, init_distributed
     from rmt_scale.training.evaluation import evaluate_by_length
     from rmt_scale.runtime.memory import peak_rss_mb
     from rmt_scale.training.experiment import format_table

@@ -35,7 +35,7 @@ signals.install()  # before the slow start-up, so an early SIGUSR1/SIGTERM is ke
 select_accelerator()  # DS_ACCELERATOR=cpu without CUDA, before anything imports deepspeed
 
 from rmt_scale.training import EXIT_DATA_ERROR, EXIT_PREEMPTED, DataError, Preempted, parse_args, run  # noqa: E402
-from rmt_scale.training.engine import close_distributed  # noqa: E402
+from rmt_scale.training.distributed import close_distributed  # noqa: E402
 
 
 def main() -> int:

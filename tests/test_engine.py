@@ -1,4 +1,4 @@
-"""DeepSpeed in one module: the JSON config filled and checked, and the activation-checkpointing mapping onto
+"""The DeepSpeed config (ds_config.py): the JSON filled and checked, and the activation-checkpointing mapping onto
 the recurrent model (measured on the real model). The engine itself runs in tests/test_train_e2e.py."""
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from rmt_scale.model.presets import preset_config
 from rmt_scale.training import TrainConfig
 from rmt_scale.training.batches import collate
 from rmt_scale.model.activations import LayerOffload, SavedTensorBytes, checkpoint_layers
-from rmt_scale.training.engine import activation_settings, build_ds_config, load_ds_config
+from rmt_scale.training.ds_config import activation_settings, build_ds_config, load_ds_config
 from rmt_scale.training.trainer import build_model
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -20,7 +20,7 @@ from rmt_scale.profiling.measure import backbone_config, counted_flops
 from rmt_scale.profiling.opt_configs import OPT_NAMES, opt_config
 from rmt_scale.training import TrainConfig
 from rmt_scale.training.batches import TrainBatches
-from rmt_scale.training.engine import load_ds_config
+from rmt_scale.training.ds_config import load_ds_config
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "ds_configs"
@@ -132,7 +132,7 @@ def test_bad_input_raises_value_error(call):
 # ---------------------------------------------------------------------------------------- DeepSpeed's profiler
 def test_flops_profiler_block_is_filled_from_the_run():
     from rmt_scale.model import RMTConfig
-    from rmt_scale.training.engine import build_ds_config
+    from rmt_scale.training.ds_config import build_ds_config
 
     raw = load_ds_config(str(CONFIGS / "flops_profiler.json"))
     config = TrainConfig(out_dir="/runs/a", max_steps=5, model=RMTConfig())

@@ -6,7 +6,7 @@ embedding. ``launchers/train.py`` is the command line; :func:`run` is the same t
 
 from .config import TrainConfig, build_parser, parse_args
 from .curriculum import Curriculum
-from .engine import build_ds_config, load_ds_config
+from .ds_config import build_ds_config, load_ds_config
 from .evaluation import evaluate_by_length, streaming_correct
 from .experiment import format_table, run
 from .batches import DataError

@@ -32,7 +32,7 @@ import torch.distributed as dist
 
 from ..rng import rng_state, set_rng_state
 from .distributed import all_gather_objects
-from .engine import DataParallelEngine
+from .engine import TrainEngine
 
 log = logging.getLogger(__name__)
 LATEST = "latest"
@@ -59,7 +59,7 @@ def _sha256(path: Path) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
-def save(engine: DataParallelEngine, directory: Path, step: int, trainer_state: dict, keep: int) -> Path:
+def save(engine: TrainEngine, directory: Path, step: int, trainer_state: dict, keep: int) -> Path:
     """Saves on every rank (DeepSpeed needs all of them); returns the final checkpoint directory."""
     rank = _rank_and_world()[0]
     tag = tag_for(step)
@@ -215,7 +215,7 @@ def read_state(checkpoint: Path) -> dict:
                          "checkpoint with --resume TAG.") from error
 
 
-def load(engine: DataParallelEngine, checkpoint: Path, state: dict) -> None:
+def load(engine: TrainEngine, checkpoint: Path, state: dict) -> None:
     """Loads the engine state, then restores this rank's RNGs from its trainer ``state``."""
     if not engine.load(checkpoint.parent, checkpoint.name):
         raise ValueError(f"DeepSpeed could not load {checkpoint}: it holds no engine state for this config.")

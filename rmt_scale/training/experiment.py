@@ -9,7 +9,7 @@ from pathlib import Path
 
 from ..runtime.allocator import current_allocator
 from .config import TrainConfig
-from .engine import init_distributed
+from .distributed import init_distributed
 from .trainer import Trainer
 
 

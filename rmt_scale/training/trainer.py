@@ -29,7 +29,8 @@ from .config import TrainConfig
 from .curriculum import Curriculum
 from .batches import EVAL_SEED_OFFSET, DataError, TrainBatches
 from .distributed import DistInfo
-from .engine import build_ds_config, build_engine, load_ds_config
+from .ds_config import build_ds_config, load_ds_config
+from .engine import build_engine
 from .evaluation import evaluate_by_length
 from ..runtime.memory import peak_rss_mb
 from .metrics import MetricsLogger

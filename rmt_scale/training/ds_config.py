@@ -1,0 +1,210 @@
+"""The DeepSpeed JSON config, as plain dicts: read, its ``"auto"`` values filled from the flags, everything checked
+before any work, and its ``activation_checkpointing`` block mapped onto what works for a recurrent model. Nothing
+here starts DeepSpeed; only the ZeRO section is checked by DeepSpeed's own (pydantic) class.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+from pathlib import Path
+
+from ..model import ARMTConfig, RMTConfig
+from .config import TrainConfig
+
+# Top-level keys DeepSpeed 0.16-0.19 reads (its docs' config reference).
+KNOWN_KEYS = frozenset("""
+train_batch_size train_micro_batch_size_per_gpu gradient_accumulation_steps optimizer scheduler fp16 bf16 amp
+torch_autocast gradient_clipping prescale_gradients gradient_predivide_factor gradient_allreduce_op sparse_gradients
+zero_optimization zero_allow_untested_optimizer zero_force_ds_cpu_optimizer activation_checkpointing aio
+steps_per_print wall_clock_breakdown dump_state memory_breakdown flops_profiler tensorboard wandb csv_monitor comet
+comms_logger elasticity data_efficiency curriculum_learning compression_training checkpoint data_types
+communication_data_type seq_parallel_communication_data_type sparse_attention pipeline autotuning disable_allgather
+dataloader_drop_last eigenvalue progressive_layer_drop quantize_training weight_quantization nebula
+use_data_before_expert_parallelism use_node_local_storage timers graph_harvesting compile hybrid_engine
+tensor_parallel sequence_parallel_size zero_quantized_weights zero_quantized_gradients disable_python_gc
+""".split())
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def load_ds_config(path: str) -> dict:
+    """Reads a JSON config; a relative path not found from the working directory is looked up from the
+    repository root, so ``ds_configs/zero3.json`` works from anywhere."""
+    file = Path(path)
+    if not file.is_file() and not file.is_absolute() and (REPO_ROOT / file).is_file():
+        file = REPO_ROOT / file
+    if not file.is_file():
+        raise ValueError(f"--ds_config={path!r} does not exist: pass a JSON file such as ds_configs/zero3.json.")
+    try:
+        return json.loads(file.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"--ds_config={path!r} is not valid JSON: {error}.") from None
+
+
+def zero_stage(ds_config: dict) -> int:
+    return int(ds_config.get("zero_optimization", {}).get("stage", 0))
+
+
+def build_ds_config(raw: dict, config: TrainConfig, world_size: int) -> dict:
+    """A complete DeepSpeed config: ``"auto"`` filled from ``config``, everything checked."""
+    unknown = sorted(set(raw) - KNOWN_KEYS)
+    if unknown:
+        raise ValueError(f"unknown DeepSpeed config keys {unknown} in --ds_config={config.ds_config!r}: check their "
+                         "spelling against https://www.deepspeed.ai/docs/config-json/.")
+    ds = copy.deepcopy(raw)
+    stages = pipeline_stages(ds, world_size)
+    data_parallel = world_size // stages
+    fills = {
+        ("train_micro_batch_size_per_gpu",): config.micro_batch_size,
+        ("gradient_accumulation_steps",): config.grad_accum,
+        ("train_batch_size",): config.micro_batch_size * config.grad_accum * data_parallel,
+        ("gradient_clipping",): config.grad_clip,
+        ("optimizer", "params", "lr"): config.lr,
+        ("optimizer", "params", "weight_decay"): config.weight_decay,
+        ("scheduler", "params", "warmup_max_lr"): config.lr,
+        ("scheduler", "params", "warmup_num_steps"): max(1, min(config.warmup_steps, config.max_steps)),
+        ("scheduler", "params", "total_num_steps"): config.max_steps,
+    }
+    for keys, value in fills.items():
+        _fill_auto(ds, keys, value)
+    _fill_flops_profiler(ds, config)
+    _check_no_auto_left(ds)
+    _check_batch_sizes(ds, data_parallel)
+    _check_zero_section(ds)
+    if stages > 1 or "pipeline" in ds:
+        _check_pipeline(ds, config)
+    if config.model.backprop == "replay" and zero_stage(ds) >= 2:
+        raise ValueError(f"--backprop=replay cannot run with ZeRO stage {zero_stage(ds)}: replay runs a backward "
+                         "per segment inside the step, so ZeRO's gradient hooks reduce each parameter several "
+                         "times. Use --backprop=checkpoint (same peak memory per segment) or a ZeRO-0/1 config.")
+    return ds
+
+
+def _fill_auto(ds: dict, keys: tuple[str, ...], value) -> None:
+    node = ds
+    for key in keys[:-1]:
+        node = node.get(key)
+        if not isinstance(node, dict):
+            return
+    if node.get(keys[-1]) == "auto":
+        node[keys[-1]] = value
+
+
+# ---------------------------------------------------------------------- the flops_profiler block
+FLOPS_PROFILE_FILE = "flops_profile.txt"
+
+
+def _fill_flops_profiler(ds: dict, config: TrainConfig) -> None:
+    """DeepSpeed's engine profiles its forward call at ``profile_step`` (counted from 0: 1 is the second step),
+    once per micro-batch of that step, on rank 0. ``"auto"`` puts the report at OUT/flops_profile.txt and sets
+    ``recompute_fwd_factor`` (the forwards the backward repeats) from the checkpointing that will run."""
+    block = ds.get("flops_profiler")
+    if not block or not block.get("enabled", False):
+        return
+    _fill_auto(ds, ("flops_profiler", "output_file"), str(Path(config.out_dir) / FLOPS_PROFILE_FILE))
+    model_config, layers_checkpointed, _ = activation_settings(config.model, ds)
+    # segments recomputed once in backward; checkpointed layers once more inside that recomputation
+    recomputed = (model_config.backprop != "bptt") + layers_checkpointed
+    _fill_auto(ds, ("flops_profiler", "recompute_fwd_factor"), float(recomputed))
+    profile_step = block.get("profile_step", 1)
+    if not 0 <= profile_step < config.max_steps:
+        raise ValueError(f"flops_profiler.profile_step={profile_step} is never reached: DeepSpeed counts steps from "
+                         f"0 and this run trains --max_steps={config.max_steps}; set profile_step between 0 and "
+                         f"{config.max_steps - 1}.")
+
+
+def _check_no_auto_left(ds, path: str = "") -> None:
+    if isinstance(ds, dict):
+        for key, value in ds.items():
+            _check_no_auto_left(value, f"{path}.{key}" if path else key)
+    elif ds == "auto":
+        raise ValueError(f"DeepSpeed config key {path!r} is 'auto' but no flag fills it: give it a value.")
+
+
+def _check_batch_sizes(ds: dict, data_parallel: int) -> None:
+    micro = ds.get("train_micro_batch_size_per_gpu")
+    accum = ds.get("gradient_accumulation_steps", 1)
+    total = ds.get("train_batch_size")
+    if micro is None or total is None:
+        raise ValueError("the DeepSpeed config needs train_micro_batch_size_per_gpu and train_batch_size "
+                         "(set them to \"auto\" to take --micro_batch_size and --grad_accum).")
+    if total != micro * accum * data_parallel:
+        raise ValueError(f"train_batch_size={total} must equal train_micro_batch_size_per_gpu={micro} x "
+                         f"gradient_accumulation_steps={accum} x {data_parallel} data-parallel ranks = "
+                         f"{micro * accum * data_parallel}: fix the numbers or set them to \"auto\".")
+
+
+# ---------------------------------------------------------------------- the pipeline block
+def pipeline_stages(ds: dict, world_size: int) -> int:
+    """``pipeline.stages`` of the config (1 without the block), checked against the number of ranks."""
+    block = ds.get("pipeline") or {}
+    stages = block.get("stages", 1)
+    if not isinstance(stages, int) or stages < 1:
+        raise ValueError(f"pipeline.stages={stages!r} in the DeepSpeed config must be a positive integer.")
+    if world_size % stages:
+        raise ValueError(f"pipeline.stages={stages} does not divide the {world_size} ranks: start a multiple of "
+                         f"{stages} ranks (stages x data-parallel replicas), or change pipeline.stages.")
+    return stages
+
+
+PARTITIONS = ("uniform", "parameters")
+
+
+def _check_pipeline(ds: dict, config: TrainConfig) -> None:
+    partition = ds["pipeline"].get("partition", "uniform")
+    if partition not in PARTITIONS:
+        raise ValueError(f"pipeline.partition={partition!r}: use 'uniform' (the same number of layers per stage; "
+                         "best when only answers are labelled, as in the tasks) or 'parameters' (the last stage "
+                         "also counts the LM head's parameters; best when every token is labelled).")
+    chains = ds["pipeline"].get("chains", 1)
+    if not isinstance(chains, int) or not 1 <= chains <= config.micro_batch_size:
+        raise ValueError(f"pipeline.chains={chains!r} must be between 1 and the micro-batch size "
+                         f"({config.micro_batch_size}): it is how many groups of samples are in flight. Raise "
+                         f"--micro_batch_size or lower the config's chains.")
+    if zero_stage(ds) > 1:
+        raise ValueError(f"ZeRO stage {zero_stage(ds)} cannot run with pipeline stages: every stage runs a backward "
+                         "per segment, which ZeRO-2/3's gradient hooks would reduce several times (DeepSpeed's own "
+                         "pipeline engine refuses them too). Use ZeRO stage 0 or 1 in a pipeline config (optimizer "
+                         "offload works with 1), or a ZeRO-3 config without a pipeline block.")
+    if ds.get("activation_checkpointing", {}).get("partition_activations"):
+        raise ValueError("activation_checkpointing.partition_activations has no meaning for pipeline stages: "
+                         "remove it (cpu_checkpointing moves what a stage stashes per segment to host memory).")
+    if ds.get("flops_profiler", {}).get("enabled"):
+        raise ValueError("the flops_profiler block is not supported with pipeline stages (it profiles one module "
+                         "call, and a stage's work is spread over the step): profile without the pipeline block.")
+
+
+def _check_zero_section(ds: dict) -> None:
+    section = ds.get("zero_optimization")
+    if section is None:
+        return
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig  # pydantic, forbids unknown keys
+    from pydantic import ValidationError
+
+    try:
+        DeepSpeedZeroConfig(**section)
+    except ValidationError as error:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors())
+        raise ValueError(f"bad zero_optimization section in the DeepSpeed config: {problems}.") from None
+
+
+def activation_settings(model_config: RMTConfig, ds_config: dict) -> tuple[RMTConfig, bool, bool]:
+    """Maps DeepSpeed's ``activation_checkpointing`` block onto what works for a recurrent model.
+
+    The block does nothing by itself, and DeepSpeed's (reentrant) checkpoint breaks ZeRO-3 recurrence, so its
+    presence turns on the RMT's per-segment non-reentrant checkpointing (``backprop="checkpoint"``) and, inside
+    a segment, the backbone's own non-reentrant layer checkpointing; ``cpu_checkpointing`` holds the layers'
+    inputs in host memory (``model/activations.py``). ARMT gets the per-segment checkpointing only. Returns
+    ``(the model config to build, checkpoint the layers, offload their inputs)``."""
+    block = ds_config.get("activation_checkpointing")
+    if block is None or "pipeline" in ds_config:  # a pipeline stage recomputes each segment from its stash
+        return model_config, False, False
+    if model_config.backprop == "bptt":
+        model_config = dataclasses.replace(model_config, backprop="checkpoint")
+    if isinstance(model_config, ARMTConfig):
+        # ARMT's associative memory is read and written by hooks around each layer inside the segment step, so
+        # a layer recomputed on its own would run without it: ARMT checkpoints whole segments only
+        return model_config, False, False
+    return model_config, True, bool(block.get("cpu_checkpointing", False))
