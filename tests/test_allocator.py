@@ -61,6 +61,7 @@ def test_the_launcher_applies_the_policy_first():
     assert f"{ALLOCATOR_VARIABLE}='tcmalloc' is unknown" in result.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model, allowed_mb", [
     # fixed-length encoder steps: measured about 1 MB; grew by 10 MB a step, without end, under jemalloc's thread
     # caches (300 MB here)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_model import armt, assert_states_close, ids
+from support.models import armt, assert_states_close, ids
 
 from rmt_scale import ARMTConfig, RecurrentMemoryModel
 from rmt_scale.model import AssociativeMemory, UnsupportedBackboneError, dpfp

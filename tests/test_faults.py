@@ -19,13 +19,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_slurm import QUICK_FLAGS, logged_steps, slurm_env, submit, wait_for, wait_until_final  # noqa: F401
-from test_train_e2e import LAUNCHER, ROOT, backbone, environment, launch, losses, run_args, scalars  # noqa: F401
+from support import ROOT
+from support.runs import LAUNCHER, environment, launch, losses, run_args, scalars
+from support.slurm import QUICK_FLAGS, logged_steps, submit, wait_for, wait_until_final
 
 from rmt_scale.data import TaskGenerator, build_word_tokenizer, write_shards
 from rmt_scale.training import EXIT_DATA_ERROR, checkpoint
 from rmt_scale.training.distributed import free_port
 
+pytestmark = pytest.mark.slow
 MODEL_FILE = "mp_rank_00_model_states.pt"  # DeepSpeed's model file without ZeRO
 
 
@@ -69,7 +71,6 @@ FAULTS = {
 }
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("fault", FAULTS)
 def test_resume_auto_falls_back_to_the_newest_intact_checkpoint(finished, backbone, tmp_path, fault):
     """The damaged step-4 checkpoint is skipped with the reason; the run resumes from step 2 and repeats
@@ -163,7 +164,6 @@ def launch_ranks(args: list[str], ranks: int = 2) -> list[subprocess.CompletedPr
     return [subprocess.CompletedProcess(p.args, p.returncode, out, err) for p, (out, err) in zip(processes, outputs)]
 
 
-@pytest.mark.slow
 def test_corrupt_samples_stop_both_ranks_with_a_checkpoint_then_skip_up_to_the_limit(backbone, corrupt_shards,
                                                                                     tmp_path):
     out = tmp_path / "run"
@@ -204,7 +204,6 @@ def test_corrupt_samples_stop_both_ranks_with_a_checkpoint_then_skip_up_to_the_l
 
 
 # ------------------------------------------------------------------------------------------ user paths
-@pytest.mark.slow
 def test_path_errors_exit_2_with_one_line_before_any_work(tmp_path):
     """Each case is the real launcher in its own process (all at once, to keep the test short)."""
     (tmp_path / "empty").mkdir()
@@ -251,7 +250,6 @@ def task_pid(out: Path, rank: int) -> int | None:
     return None
 
 
-@pytest.mark.slow
 def test_job_with_a_hung_rank_ends_in_bounded_time(slurm_env, tmp_path):
     """Rank 1 of a 2-task job stops (SIGSTOP: alive, but silent). Rank 0's next collective times out
     (--collective_timeout_s) and it exits with an error; srun (--wait=RMT_TASK_WAIT_S) then ends rank 1 and

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_model import build, ids, rmt
+from support.models import build, ids, rmt
 
 GREEDY_CASES = [("rmt", family, alignment) for family in ("opt", "gpt2", "llama", "gpt_neox")
                 for alignment in ("left", "right")]

@@ -50,6 +50,7 @@ def mpirun(ranks: int, *command: str, env: dict, timeout: float) -> subprocess.C
     return result
 
 
+@pytest.mark.slow
 def test_mpirun_ranks_are_recognised_and_share_one_port(tmp_path):
     """Under mpirun the ranks are found through MPI; rank 0 picks a free port for the rendezvous (DeepSpeed's
     discovery alone would give every job 29500) and sends it to the other rank. A MASTER_PORT set by the user

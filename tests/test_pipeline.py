@@ -10,14 +10,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from support import pipeline_case
+from support.runs import environment
 
 from rmt_scale.pipeline import PipelineStage, ideal_busy_fraction, split_layers
 from rmt_scale.training.distributed import free_port
 
-sys.path.insert(0, str(Path(__file__).parent))
-import pipeline_case  # noqa: E402
-
-CASE = Path(__file__).parent / "pipeline_case.py"
+CASE = pipeline_case.__file__
 
 
 def reference(family: str, memory: str, bptt_depth: int):
@@ -29,9 +28,8 @@ def reference(family: str, memory: str, bptt_depth: int):
 
 
 def run_pipeline(tmp_path: Path, stages: int, family: str, memory: str, bptt_depth: int, chains: int):
-    env = dict(os.environ, WORLD_SIZE=str(stages), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()),
-               OMP_NUM_THREADS="1")
-    ranks = [subprocess.Popen([sys.executable, str(CASE), str(tmp_path), family, memory, str(bptt_depth), str(chains)],
+    env = environment(WORLD_SIZE=str(stages), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    ranks = [subprocess.Popen([sys.executable, CASE, str(tmp_path), family, memory, str(bptt_depth), str(chains)],
                               env=dict(env, RANK=str(rank)), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                               text=True) for rank in range(stages)]
     outputs = [rank.communicate(timeout=240)[0] for rank in ranks]
@@ -47,6 +45,7 @@ def run_pipeline(tmp_path: Path, stages: int, family: str, memory: str, bptt_dep
     return losses, grads
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stages,family,memory,bptt_depth,chains", [
     (2, "opt", "rmt", -1, 1),
     (2, "gpt2", "armt", 2, 2),
@@ -107,6 +106,7 @@ def test_ideal_busy_fraction():
     assert ideal_busy_fraction(16, 4, 4, associative=False) == pytest.approx(64 / 67)
 
 
+@pytest.mark.slow
 def test_bench_reports_busy_fractions_step_times_and_a_schedule_plot(tmp_path):
     out, png = tmp_path / "bench.json", tmp_path / "schedule.png"
     subprocess.run([sys.executable, str(Path(__file__).parents[1] / "tools" / "bench_pipeline.py"), "--backbone",

@@ -8,10 +8,10 @@ import shutil
 
 import pytest
 import torch
+from support import ROOT
+from support.runs import LOSS_TOLERANCE, exported_accuracy, launch, losses, run_args, scalars
 
 from rmt_scale import RecurrentMemoryModel
-from test_train_e2e import (LOSS_TOLERANCE, ROOT, backbone, cpu_adam_built, exported_accuracy,  # noqa: F401
-                            launch, losses, run_args, scalars)
 
 pytestmark = pytest.mark.slow
 PIPELINE = ROOT / "ds_configs" / "pipeline.json"

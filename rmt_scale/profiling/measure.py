@@ -33,7 +33,7 @@ import torch
 import transformers
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
-from rmt_scale import ARMTConfig, RecurrentMemoryModel, RMTConfig
+from rmt_scale.model import ARMTConfig, RecurrentMemoryModel, RMTConfig
 from rmt_scale.runtime.allocator import allocator_env
 from rmt_scale.model.presets import BACKBONE_PRESETS, preset_config
 from rmt_scale.runtime.device import select_accelerator

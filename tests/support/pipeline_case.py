@@ -1,6 +1,6 @@
 """One pipeline-gradient case, shared by tests/test_pipeline.py (the one-process reference) and the ranks it
-starts (``python tests/pipeline_case.py OUT FAMILY MEMORY DEPTH``, with RANK/WORLD_SIZE/MASTER_* set): the
-same model and batch on every process, built from seeds."""
+starts (``python tests/support/pipeline_case.py OUT FAMILY MEMORY DEPTH CHAINS``, with RANK/WORLD_SIZE/MASTER_*
+and PYTHONPATH set): the same model and batch on every process, built from seeds."""
 
 from __future__ import annotations
 
@@ -11,11 +11,9 @@ from pathlib import Path
 import torch
 import transformers
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from rmt_scale import RecurrentMemoryModel  # noqa: E402
-from rmt_scale.model.config import ARMTConfig, RMTConfig  # noqa: E402
-from rmt_scale.model.presets import preset_config  # noqa: E402
+from rmt_scale import RecurrentMemoryModel
+from rmt_scale.model.config import ARMTConfig, RMTConfig
+from rmt_scale.model.presets import preset_config
 
 NUM_LAYERS, SEGMENT, SEGMENTS, BATCH = 4, 6, 5, 4
 
