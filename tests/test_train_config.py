@@ -194,5 +194,6 @@ def test_encoder_backbones_become_classifiers_over_the_answers(tmp_path):
     transformers.BertForSequenceClassification(saved).save_pretrained(tmp_path / "bert")
     model = build_model(str(tmp_path / "bert"), tokenizer, 0, RMTConfig(num_mem_tokens=2, segment_size=16))
     assert model.backbone.classifier.out_features == 6
-    with pytest.raises(ValueError, match="--memory armt needs a decoder backbone, and tiny-bert is a bert encoder"):
+    with pytest.raises(ConfigError, match=r"ARMT needs a decoder backbone, and 'bert' is an encoder: use an "
+                                          r"RMTConfig \(--memory rmt\)"):
         build_model("tiny-bert", tokenizer, 0, ARMTConfig(num_mem_tokens=4, segment_size=16))
