@@ -14,15 +14,8 @@ if TYPE_CHECKING:
                         UnsupportedBackboneError)
 
 __version__ = "0.1.0"
-__all__ = [
-    "ARMTConfig",
-    "AssociativeState",
-    "ConfigError",
-    "RMTConfig",
-    "RMTOutput",
-    "RecurrentMemoryModel",
-    "UnsupportedBackboneError",
-]
+__all__ = ["ARMTConfig", "AssociativeState", "ConfigError", "RMTConfig", "RMTOutput", "RecurrentMemoryModel",
+           "UnsupportedBackboneError"]
 
 
 def __getattr__(name: str):

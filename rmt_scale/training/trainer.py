@@ -2,7 +2,8 @@
 (ZeRO-3 traces parameter prefetch per call; one call per segment would break the trace). Everything
 DeepSpeed is in ``engine.py``.
 
-    config -> DeepSpeed config -> tokenizer -> engine (builds the model) -> [resume] -> loop:
+    config -> DeepSpeed config -> tokenizer -> backbone check (its config only) -> engine (builds the model)
+        -> [resume] -> loop:
         draw the step's segment count (same on all ranks) -> forward/backward/step per micro-batch
         -> log -> evaluate by length -> promote the curriculum -> checkpoint -> stop on a signal
 """
