@@ -6,9 +6,9 @@
 Exact-answer accuracy on the same fixed evaluation samples training uses (task samples of whole segments,
 read with streaming inference: what is held is the model, its memory, one segment's activations and the batch's
 tokens at 4 bytes each). Prints a table and the peak RSS; rank 0 writes OUT/eval.json (accuracy by length, samples
-per length, peak RSS, wall time), which tools/plot_results.py draws. Exit codes: 0 done; 2 bad input (a
-ConfigError); any other error, its traceback and 1. Like launchers/train.py, the process restarts itself first
-under the CPU allocator of rmt_scale/runtime/allocator.py.
+per length, peak RSS, wall time), which tools/plot_results.py draws. Exit codes: 0 done; 2 bad input (flags,
+or a model directory that cannot be read); any other error, its traceback and 1. Like launchers/train.py, the
+process restarts itself first under the CPU allocator of rmt_scale/runtime/allocator.py.
 """
 
 from __future__ import annotations
@@ -55,28 +55,29 @@ def main(argv=None) -> int:
     from ..training.batches import EVAL_SEED_OFFSET
     from ..training.engine import close_distributed, init_distributed
     from ..training.evaluation import evaluate_by_length
+    from ..training.config import as_config_error
     from ..training.experiment import format_table
 
     try:
-        model_dir = Path(args.model)
-        if not (model_dir / "tokenizer").is_dir():
-            raise ConfigError(f"{model_dir} has no tokenizer/ directory: pass a run's export/ directory.")
-        if min(args.eval_segments) <= 0 or args.eval_samples <= 0 or args.batch_size <= 0:
-            raise ConfigError("--eval_segments, --eval_samples and --batch_size must be positive.")
-        dist_info = init_distributed()
-        model = RecurrentMemoryModel.from_pretrained(model_dir).to(dist_info.device).eval()
-        tokenizer = load_tokenizer(str(model_dir / "tokenizer"))
-        generator = TaskGenerator(args.task, tokenizer, seed=args.data_seed + EVAL_SEED_OFFSET)
-        segment_size = model.config.segment_size
-        classes = AnswerClasses(tokenizer) if model.spec.kind == "encoder" else None
-        accuracy = evaluate_by_length(model, generator, sorted(args.eval_segments), segment_size=segment_size,
-                                      samples=args.eval_samples, batch_size=args.batch_size,
-                                      pad_id=tokenizer.pad_id, rank=dist_info.rank, world_size=dist_info.world_size,
-                                      classes=classes)
+        with as_config_error():  # what the flags name, read before any evaluation: a damaged model is bad input
+            model_dir = Path(args.model)
+            if not (model_dir / "tokenizer").is_dir():
+                raise ConfigError(f"{model_dir} has no tokenizer/ directory: pass a run's export/ directory.")
+            if min(args.eval_segments) <= 0 or args.eval_samples <= 0 or args.batch_size <= 0:
+                raise ConfigError("--eval_segments, --eval_samples and --batch_size must be positive.")
+            dist_info = init_distributed()
+            model = RecurrentMemoryModel.from_pretrained(model_dir).to(dist_info.device).eval()
+            tokenizer = load_tokenizer(str(model_dir / "tokenizer"))
+            generator = TaskGenerator(args.task, tokenizer, seed=args.data_seed + EVAL_SEED_OFFSET)
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         close_distributed(wait_for_peers=False)
         return EXIT_CONFIG_ERROR
+    segment_size = model.config.segment_size
+    classes = AnswerClasses(tokenizer) if model.spec.kind == "encoder" else None
+    accuracy = evaluate_by_length(model, generator, sorted(args.eval_segments), segment_size=segment_size,
+                                  samples=args.eval_samples, batch_size=args.batch_size, pad_id=tokenizer.pad_id,
+                                  rank=dist_info.rank, world_size=dist_info.world_size, classes=classes)
     if dist_info.rank == 0:
         peak_rss = peak_rss_mb()
         out = Path(args.out or model_dir)
