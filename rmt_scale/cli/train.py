@@ -25,6 +25,8 @@ EXIT_CONFIG_ERROR = 2
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The program: it may start the process over (below), so call it as a process's main, not from a running
+    program (there, ``rmt_scale.training.run(TrainConfig(...))`` is the same thing)."""
     # First of all, as it starts the process over: under jemalloc when installed (RMT_ALLOCATOR=glibc keeps
     # glibc), whose RSS stays flat over a long step's segments where glibc's grows. Only rmt_scale.runtime is
     # imported before it: the rest of the package imports torch.
