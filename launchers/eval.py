@@ -1,99 +1,12 @@
 #!/usr/bin/env python
-"""Evaluate an exported RMT (the `export/` directory a training run writes) by input length.
+"""Evaluate an exported RMT by input length: rmt_scale/cli/eval.py, also installed as `rmt-eval`.
 
     python launchers/eval.py --model runs/quickstart/export --eval_segments 1 4 16 64
-    srun python launchers/eval.py --model ...      # with RANK/WORLD_SIZE/... exported (slurm/eval.sbatch)
-
-Exact-answer accuracy on the same fixed evaluation samples training uses (task samples of whole segments,
-read with streaming inference: what is held is the model, its memory, one segment's activations and the batch's
-tokens at 4 bytes each). Prints a table and the peak RSS; rank 0 writes OUT/eval.json (accuracy by length, samples
-per length, peak RSS, wall time), which tools/plot_results.py draws. Exit codes: 0 done; 2 bad input. Like
-launchers/train.py, the process restarts itself first under the CPU allocator of rmt_scale/runtime/allocator.py.
 """
 
-import argparse
-import json
-import os
-import runpy
 import sys
-import time
-from pathlib import Path
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if __name__ == "__main__":
-    # first of all, as it starts the process over: the CPU allocator policy of launchers/train.py (jemalloc when
-    # installed, RMT_ALLOCATOR chooses), under which RSS stays flat over a long input's segments
-    runpy.run_path(os.path.join(ROOT, "rmt_scale", "runtime", "allocator.py"))["restart_launcher"]()
-
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-sys.path.insert(0, ROOT)
-
-from rmt_scale.runtime.device import select_accelerator  # noqa: E402
-
-select_accelerator()  # DS_ACCELERATOR=cpu without CUDA, before anything imports deepspeed
-
-
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True,
-                        help="directory written by save_pretrained (a run's export/), with its tokenizer/ inside")
-    parser.add_argument("--task", default="memorize", help="task of the evaluation samples (default: memorize)")
-    parser.add_argument("--eval_segments", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32],
-                        help="input lengths to evaluate, in segments (default: %(default)s)")
-    parser.add_argument("--eval_samples", type=int, default=64, help="samples per length, split over ranks")
-    parser.add_argument("--batch_size", type=int, default=16, help="samples per forward on each rank")
-    parser.add_argument("--data_seed", type=int, default=0,
-                        help="the training run's --data_seed, so the evaluation samples are the same as its own")
-    parser.add_argument("--out", help="directory for eval.json (default: the model directory)")
-    return parser.parse_args(argv)
-
-
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    started = time.perf_counter()
-    from rmt_scale import RecurrentMemoryModel
-    from rmt_scale.data import AnswerClasses, TaskGenerator, load_tokenizer
-    from rmt_scale.training.batches import EVAL_SEED_OFFSET
-    from rmt_scale.training.distributed import close_distributed, init_distributed
-    from rmt_scale.training.evaluation import evaluate_by_length
-    from rmt_scale.runtime.memory import peak_rss_mb
-    from rmt_scale.training.experiment import format_table
-
-    try:
-        model_dir = Path(args.model)
-        if not (model_dir / "tokenizer").is_dir():
-            raise ValueError(f"{model_dir} has no tokenizer/ directory: pass a run's export/ directory.")
-        if min(args.eval_segments) <= 0 or args.eval_samples <= 0 or args.batch_size <= 0:
-            raise ValueError("--eval_segments, --eval_samples and --batch_size must be positive.")
-        dist_info = init_distributed()
-        model = RecurrentMemoryModel.from_pretrained(model_dir).to(dist_info.device).eval()
-        tokenizer = load_tokenizer(str(model_dir / "tokenizer"))
-        generator = TaskGenerator(args.task, tokenizer, seed=args.data_seed + EVAL_SEED_OFFSET)
-        segment_size = model.config.segment_size
-        classes = AnswerClasses(tokenizer) if model.spec.kind == "encoder" else None
-        accuracy = evaluate_by_length(model, generator, sorted(args.eval_segments), segment_size=segment_size,
-                                      samples=args.eval_samples, batch_size=args.batch_size,
-                                      pad_id=tokenizer.pad_id, rank=dist_info.rank, world_size=dist_info.world_size,
-                                      classes=classes)
-    except ValueError as error:
-        print(f"error: {error}", file=sys.stderr)
-        close_distributed(wait_for_peers=False)
-        return 2
-    if dist_info.rank == 0:
-        peak_rss = peak_rss_mb()
-        out = Path(args.out or model_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        label = model.config.model_type if model.config.num_mem_tokens else "baseline"
-        (out / "eval.json").write_text(json.dumps({
-            "model": str(model_dir), "memory": label, "task": args.task, "segment_size": segment_size,
-            "accuracy": {str(k): v for k, v in accuracy.items()}, "eval_samples": args.eval_samples,
-            "peak_rss_mb": round(peak_rss), "wall_time_s": round(time.perf_counter() - started, 1)},
-            indent=2) + "\n")
-        print(format_table({label: accuracy}, segment_size, None), flush=True)
-        print(f"peak RSS of this rank: {peak_rss:.0f} MB", flush=True)
-    close_distributed(wait_for_peers=True)
-    return 0
-
+from rmt_scale.cli.eval import main
 
 if __name__ == "__main__":
     sys.exit(main())

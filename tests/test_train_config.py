@@ -11,10 +11,12 @@ from pathlib import Path
 
 import pytest
 
+from rmt_scale.cli.train import EXIT_CONFIG_ERROR, exit_status
 from rmt_scale.data import build_word_tokenizer
 from rmt_scale.model import ARMTConfig, ConfigError, RMTConfig
-from rmt_scale.training import TrainConfig, build_parser, parse_args
-from rmt_scale.training.trainer import build_model
+from rmt_scale.training import (EXIT_DATA_ERROR, EXIT_PREEMPTED, DataError, Preempted, TrainConfig, build_parser,
+                                parse_args, run)
+from rmt_scale.training.trainer import backbone_setup, build_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -51,6 +53,68 @@ def test_help_documents_every_flag():
 def test_bad_flags_are_refused(argv, message):
     with pytest.raises(ValueError, match=message):
         parse_args(argv)
+
+
+@pytest.mark.parametrize("flag, value", [("micro_batch_size", 0), ("task", "nope"), ("curriculum", "4,2"),
+                                         ("eval_segments", "a,b"), ("warmup_steps", -1), ("lr", 0.0)])
+def test_a_config_built_in_python_fails_like_the_flag(flag, value):
+    """``TrainConfig(...)`` checks its values when it is built, so ``run(TrainConfig(...))`` fails exactly as
+    ``--flag value`` does: the same ConfigError, the same message."""
+    with pytest.raises(ConfigError) as from_flag:
+        parse_args([f"--{flag}", str(value)])
+    with pytest.raises(ConfigError) as from_python:
+        TrainConfig(**{flag: value})
+    assert str(from_python.value) == str(from_flag.value)
+
+
+def test_run_checks_the_paths_before_any_work(tmp_path):
+    (tmp_path / "notes.txt").write_text("not a directory\n")
+    with pytest.raises(ConfigError, match="--backbone /nonexistent: no such directory"):
+        run(TrainConfig(backbone="/nonexistent", out_dir=str(tmp_path / "out")))
+    with pytest.raises(ConfigError, match=f"--shards {tmp_path}/notes.txt is a file, but neither"):
+        run(TrainConfig(shards=str(tmp_path / "notes.txt"), out_dir=str(tmp_path / "out")))
+
+
+def test_the_backbone_is_checked_from_its_config_before_it_is_built(tmp_path):
+    """Only the backbone's config.json is there: no weights are needed to refuse it."""
+    import transformers
+
+    transformers.OPTConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, ffn_dim=32,
+                           max_position_embeddings=64).save_pretrained(tmp_path / "opt")
+    tokenizer = build_word_tokenizer()
+    with pytest.raises(ConfigError, match="the tokenizer has 233 tokens but the backbone embeds only 50"):
+        backbone_setup(str(tmp_path / "opt"), tokenizer, RMTConfig(segment_size=16))
+    with pytest.raises(ConfigError, match=r"a segment needs 136 positions .* lower segment_size to at most 112"):
+        backbone_setup("tiny", tokenizer, RMTConfig(segment_size=120, num_mem_tokens=8))
+    with pytest.raises(ConfigError, match="ARMT needs a decoder backbone, and 'bert' is an encoder"):
+        backbone_setup("tiny-bert", tokenizer, ARMTConfig(segment_size=16))
+
+
+def test_only_a_config_error_exits_2(capsys):
+    """The launcher's mapping: a ConfigError is bad input (one line, exit 2); a ValueError raised inside the run
+    (evaluation, checkpoint loading, torch) is a failure of the run and keeps its traceback."""
+    def raising(error):
+        def job():
+            raise error
+        return job
+
+    assert exit_status(lambda: None) == 0
+    assert exit_status(raising(ConfigError("--lr=0 must be positive."))) == EXIT_CONFIG_ERROR == 2
+    assert capsys.readouterr().err == "error: --lr=0 must be positive.\n"
+    assert exit_status(raising(DataError("sample 3 is corrupt"))) == EXIT_DATA_ERROR
+    assert exit_status(raising(Preempted())) == EXIT_PREEMPTED
+    with pytest.raises(ValueError, match="mid-run"):
+        exit_status(raising(ValueError("mid-run")))
+
+
+def test_the_launchers_import_nothing_heavy_before_their_restart():
+    """``rmt_scale.cli`` restarts the process under its allocator first: importing a launcher must not load torch
+    (nor, through the package, DeepSpeed before the accelerator is chosen)."""
+    program = ("import sys, rmt_scale, rmt_scale.cli.train, rmt_scale.cli.eval; "
+               "print(sorted(m for m in ('torch', 'deepspeed', 'transformers') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", program], env={**os.environ, "PYTHONPATH": str(ROOT)},
+                            capture_output=True, text=True, timeout=60, check=True)
+    assert result.stdout.strip() == "[]"
 
 
 def test_model_flags_fill_the_model_config():
@@ -194,5 +258,6 @@ def test_encoder_backbones_become_classifiers_over_the_answers(tmp_path):
     transformers.BertForSequenceClassification(saved).save_pretrained(tmp_path / "bert")
     model = build_model(str(tmp_path / "bert"), tokenizer, 0, RMTConfig(num_mem_tokens=2, segment_size=16))
     assert model.backbone.classifier.out_features == 6
-    with pytest.raises(ValueError, match="--memory armt needs a decoder backbone, and tiny-bert is a bert encoder"):
+    with pytest.raises(ConfigError, match=r"ARMT needs a decoder backbone, and 'bert' is an encoder: use an "
+                                          r"RMTConfig \(--memory rmt\)"):
         build_model("tiny-bert", tokenizer, 0, ARMTConfig(num_mem_tokens=4, segment_size=16))

@@ -11,16 +11,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import sys
 import tempfile
 import time
 
 from torch.utils.data import DataLoader
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from rmt_scale.data import (ShardStream, TaskGenerator, build_word_tokenizer, collate,  # noqa: E402
+from rmt_scale.data import (ShardStream, TaskGenerator, build_word_tokenizer, collate,
                             default_background, whole_segments, write_shards)
 
 

@@ -19,15 +19,13 @@ import argparse
 import json
 import os
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from tqdm import tqdm  # noqa: E402
+from tqdm import tqdm
 
-from rmt_scale.runtime.allocator import ALLOCATORS  # noqa: E402
-from rmt_scale.model.presets import BACKBONE_PRESETS  # noqa: E402
-from rmt_scale.profiling.measure import FULL_ATTENTION, Measurer, Variant  # noqa: E402
+from rmt_scale.runtime.allocator import ALLOCATORS
+from rmt_scale.model.presets import BACKBONE_PRESETS
+from rmt_scale.profiling.measure import FULL_ATTENTION, Measurer, Variant
 
 DEFAULT_SEGMENTS = [1, 4, 16, 64, 256]
 

@@ -24,11 +24,10 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from tqdm import tqdm  # noqa: E402
+from tqdm import tqdm
 
-from rmt_scale.model.presets import BACKBONE_PRESETS  # noqa: E402
+from rmt_scale.model.presets import BACKBONE_PRESETS
 
 ANSWER_TOKENS = 8
 

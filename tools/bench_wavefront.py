@@ -10,18 +10,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import sys
 import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-import torch  # noqa: E402
-from tqdm import tqdm  # noqa: E402
-from transformers import OPTForCausalLM  # noqa: E402
+import torch
+from tqdm import tqdm
+from transformers import OPTForCausalLM
 
-from rmt_scale import ARMTConfig, RecurrentMemoryModel  # noqa: E402
-from rmt_scale.model.presets import preset_config  # noqa: E402
+from rmt_scale import ARMTConfig, RecurrentMemoryModel
+from rmt_scale.model.presets import preset_config
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -10,13 +10,16 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+import transformers
 from torch import nn
+
+from .config import ConfigError
 
 DECODER_TYPES = ("opt", "gpt2", "llama", "mistral", "qwen2", "gpt_neox")
 ENCODER_TYPES = ("bert", "roberta")
 
 
-class UnsupportedBackboneError(ValueError):
+class UnsupportedBackboneError(ConfigError):
     """The backbone's architecture has no memory adapter."""
 
 
@@ -29,30 +32,45 @@ class BackboneSpec:
     num_layers: int
 
 
+def backbone_kind(config) -> str:
+    """``"decoder"`` or ``"encoder"``, from the backbone's config alone (``AutoConfig``, no weights)."""
+    model_type = getattr(config, "model_type", None)
+    if model_type in DECODER_TYPES:
+        return "decoder"
+    if model_type in ENCODER_TYPES:
+        return "encoder"
+    raise UnsupportedBackboneError(
+        f"architecture {model_type!r} is not supported. Supported decoders: {', '.join(DECODER_TYPES)}; "
+        f"encoders: {', '.join(ENCODER_TYPES)}."
+    )
+
+
+def auto_model_class(config) -> type:
+    """The Auto class that builds a backbone of ``config``: a causal LM for a decoder; for an encoder a sequence
+    classifier, as in the 1M-token RMT paper."""
+    if backbone_kind(config) == "encoder":
+        return transformers.AutoModelForSequenceClassification
+    return transformers.AutoModelForCausalLM
+
+
+def max_positions(config) -> int:
+    return config.max_position_embeddings - first_position(config)
+
+
 def describe_backbone(backbone: nn.Module) -> BackboneSpec:
     config = getattr(backbone, "config", None)
-    model_type = getattr(config, "model_type", type(backbone).__name__)
-    if model_type in DECODER_TYPES:
-        kind = "decoder"
-        if backbone.get_output_embeddings() is None:
-            raise UnsupportedBackboneError(
-                f"{type(backbone).__name__} has no LM head: wrap a causal LM (e.g. AutoModelForCausalLM)."
-            )
-    elif model_type in ENCODER_TYPES:
-        kind = "encoder"
-        if not type(backbone).__name__.endswith("ForSequenceClassification"):
-            raise UnsupportedBackboneError(
-                f"{type(backbone).__name__} is an encoder without a classification head: wrap an "
-                "AutoModelForSequenceClassification model, as in the 1M-token RMT paper."
-            )
-    else:
+    kind = backbone_kind(config)
+    if kind == "decoder" and backbone.get_output_embeddings() is None:
         raise UnsupportedBackboneError(
-            f"architecture {model_type!r} is not supported. Supported decoders: {', '.join(DECODER_TYPES)}; "
-            f"encoders: {', '.join(ENCODER_TYPES)}."
+            f"{type(backbone).__name__} has no LM head: wrap a causal LM (e.g. AutoModelForCausalLM)."
         )
-    max_positions = config.max_position_embeddings - first_position(config)
+    if kind == "encoder" and not type(backbone).__name__.endswith("ForSequenceClassification"):
+        raise UnsupportedBackboneError(
+            f"{type(backbone).__name__} is an encoder without a classification head: wrap an "
+            "AutoModelForSequenceClassification model, as in the 1M-token RMT paper."
+        )
     hidden_size = backbone.get_input_embeddings().embedding_dim
-    return BackboneSpec(kind, model_type, hidden_size, max_positions, config.num_hidden_layers)
+    return BackboneSpec(kind, config.model_type, hidden_size, max_positions(config), config.num_hidden_layers)
 
 
 def first_position(config) -> int:

@@ -14,8 +14,8 @@ from torch import nn
 from transformers.utils import ModelOutput
 
 from .associative import AssociativeLayers, AssociativeState
-from .backbones import ENCODER_TYPES, describe_backbone
-from .config import ARMTConfig, RMTConfig
+from .backbones import UnsupportedBackboneError, auto_model_class, backbone_kind, describe_backbone, max_positions
+from .config import ARMTConfig, ConfigError, RMTConfig
 from .gate import MemoryGate
 from .generation import GenerationMixin
 from .segments import Segment, check_inputs, segment_bounds
@@ -57,6 +57,7 @@ class RecurrentMemoryModel(GenerationMixin, nn.Module):
         super().__init__()
         config.validate()
         self.backbone, self.config, self.spec = backbone, config, describe_backbone(backbone)
+        check_backbone(backbone.config, config)
         self.associative = None
         if isinstance(config, ARMTConfig):
             # the width of the residual stream inside the layers (OPT-350m projects its embeddings in)
@@ -73,26 +74,21 @@ class RecurrentMemoryModel(GenerationMixin, nn.Module):
             self.memory_gate = MemoryGate(self.spec.hidden_size).to(backbone.get_input_embeddings().weight.dtype)
         # the step holds references to the backbone and to the parameters above, which the model owns so
         # that their state-dict names stay `memory`, `memory_gate.*` and `associative.*`
-        if self.associative is not None:
-            self.step = AssociativeStep(backbone, self.spec, config, self.memory, self.associative)
-        elif self.spec.kind == "decoder":
-            self.step = DecoderStep(backbone, self.spec, config, self.memory, self.memory_gate)
-        else:
-            self.step = EncoderStep(backbone, self.spec, config, self.memory, self.memory_gate)
+        step = step_class(self.spec.kind, config)
+        self.step = step(backbone, self.spec, config, self.memory,
+                         self.associative if step is AssociativeStep else self.memory_gate)
 
     @classmethod
     def from_backbone(cls, name_or_path: str | Path, config: RMTConfig, **backbone_kwargs) -> "RecurrentMemoryModel":
-        """Loads a backbone with ``from_pretrained`` (a hub id or a local directory) and wraps it."""
+        """Loads a backbone with ``from_pretrained`` (a hub id or a local directory) and wraps it; an encoder's
+        [CLS] and [SEP] ids, unless ``config`` has them, come from the tokenizer in the same place."""
         backbone_config = transformers.AutoConfig.from_pretrained(name_or_path)
-        if backbone_config.model_type in ENCODER_TYPES:
-            auto = transformers.AutoModelForSequenceClassification
-            if config.cls_token_id is None or config.sep_token_id is None:
-                tokenizer = transformers.AutoTokenizer.from_pretrained(name_or_path)
-                config.cls_token_id = tokenizer.cls_token_id if config.cls_token_id is None else config.cls_token_id
-                config.sep_token_id = tokenizer.sep_token_id if config.sep_token_id is None else config.sep_token_id
-        else:
-            auto = transformers.AutoModelForCausalLM
-        backbone = auto.from_pretrained(name_or_path, **backbone_kwargs)
+        if backbone_kind(backbone_config) == "encoder" and (config.cls_token_id is None or config.sep_token_id is None):
+            tokenizer = transformers.AutoTokenizer.from_pretrained(name_or_path)
+            config.cls_token_id = tokenizer.cls_token_id if config.cls_token_id is None else config.cls_token_id
+            config.sep_token_id = tokenizer.sep_token_id if config.sep_token_id is None else config.sep_token_id
+        check_backbone(backbone_config, config)  # before the weights are read
+        backbone = auto_model_class(backbone_config).from_pretrained(name_or_path, **backbone_kwargs)
         return cls(backbone, config)
 
     def save_pretrained(self, directory: str | Path) -> None:
@@ -163,6 +159,41 @@ class RecurrentMemoryModel(GenerationMixin, nn.Module):
                                              self.config.segment_alignment)
         ]
         return segments, targets
+
+
+def step_class(kind: str, config: RMTConfig) -> type[DecoderStep | EncoderStep]:
+    """The segment step that drives a ``kind`` backbone under ``config``: RMT decoder, RMT encoder, or ARMT."""
+    if isinstance(config, ARMTConfig):
+        return AssociativeStep
+    return DecoderStep if kind == "decoder" else EncoderStep
+
+
+def check_backbone(backbone_config: transformers.PretrainedConfig, config: RMTConfig,
+                   vocab_size: int | None = None) -> None:
+    """Raises ConfigError for what the backbone's config alone (``AutoConfig``: no weights read) rules out: an
+    unsupported architecture, ARMT around an encoder, an encoder without [CLS]/[SEP] ids, a segment and its
+    memory longer than the backbone's positions, or (given the tokenizer's ``vocab_size``) token ids past the
+    embeddings. The model runs it when it is built; call it first to fail before a large backbone loads."""
+    kind = backbone_kind(backbone_config)
+    model_type = backbone_config.model_type
+    if isinstance(config, ARMTConfig) and kind != "decoder":
+        raise UnsupportedBackboneError(f"ARMT needs a decoder backbone, and {model_type!r} is an encoder: use an "
+                                       "RMTConfig (--memory rmt), or a decoder backbone.")
+    if kind == "encoder" and (config.cls_token_id is None or config.sep_token_id is None):
+        raise ConfigError("encoder backbones need cls_token_id and sep_token_id in the RMTConfig: set them from "
+                          "your tokenizer, or load with RecurrentMemoryModel.from_backbone(path) where path has "
+                          "a tokenizer.")
+    step = step_class(kind, config)
+    extra, limit = step.extra_positions(config), max_positions(backbone_config)
+    needed = config.segment_size + extra
+    if needed > limit:
+        raise ConfigError(f"a segment needs {needed} positions (segment_size={config.segment_size} plus {extra} "
+                          f"for {step.layout}) but the {model_type} backbone has {limit}: lower segment_size to at "
+                          f"most {limit - extra}.")
+    if vocab_size is not None and vocab_size > backbone_config.vocab_size:
+        raise ConfigError(f"the tokenizer has {vocab_size} tokens but the backbone embeds only "
+                          f"{backbone_config.vocab_size}: use the backbone's own tokenizer (or resize the backbone's "
+                          "embeddings).")
 
 
 def _readable(path: Path) -> bool:

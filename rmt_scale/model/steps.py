@@ -25,15 +25,11 @@ class MemoryTokenStep:
     def __init__(self, backbone: nn.Module, spec: BackboneSpec, config: RMTConfig, memory: nn.Parameter | None,
                  gate: MemoryGate | None = None):
         self.backbone, self.spec, self.config, self.memory, self.gate = backbone, spec, config, memory, gate
-        extra = self.extra_positions()
-        needed = config.segment_size + extra
-        if needed > spec.max_positions:
-            raise ValueError(f"a segment needs {needed} positions (segment_size={config.segment_size} plus {extra} "
-                             f"for {self.layout}) but the {spec.model_type} backbone has {spec.max_positions}: "
-                             f"lower segment_size to at most {spec.max_positions - extra}.")
 
-    def extra_positions(self) -> int:
-        return 2 * self.config.num_mem_tokens
+    @staticmethod
+    def extra_positions(config: RMTConfig) -> int:
+        """Positions a segment's layout takes besides its tokens (checked against the backbone before it is built)."""
+        return 2 * config.num_mem_tokens
 
     def initial_state(self, batch: int, memory=None) -> State:
         """The learned memory, or ``memory`` (a previous ``RMTOutput.memory``) after checking it fits."""
@@ -134,17 +130,9 @@ class EncoderStep(MemoryTokenStep):
 
     layout = "memory and special tokens"
 
-    def __init__(self, backbone: nn.Module, spec: BackboneSpec, config: RMTConfig, memory: nn.Parameter | None,
-                 gate: MemoryGate | None = None):
-        super().__init__(backbone, spec, config, memory, gate)
-        if config.cls_token_id is None or config.sep_token_id is None:
-            raise ValueError("encoder backbones need cls_token_id and sep_token_id in the RMTConfig: set them from "
-                             "your tokenizer, or load with RecurrentMemoryModel.from_backbone(path) where path has "
-                             "a tokenizer.")
-
-    def extra_positions(self) -> int:
-        num_mem = self.config.num_mem_tokens
-        return num_mem + (3 if num_mem else 2)
+    @staticmethod
+    def extra_positions(config: RMTConfig) -> int:
+        return config.num_mem_tokens + (3 if config.num_mem_tokens else 2)
 
     def initial_state(self, batch: int, memory=None) -> State:
         logits = torch.zeros(batch, self.backbone.config.num_labels, device=self.backbone.device, dtype=torch.float32)
@@ -197,8 +185,9 @@ class AssociativeStep(DecoderStep):
         super().__init__(backbone, spec, config, memory)
         self.associative = associative
 
-    def extra_positions(self) -> int:
-        return self.config.num_mem_tokens
+    @staticmethod
+    def extra_positions(config: RMTConfig) -> int:
+        return config.num_mem_tokens
 
     def initial_state(self, batch: int, memory=None) -> State:
         if memory is None:

@@ -9,6 +9,7 @@ fields.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import tempfile
@@ -17,7 +18,7 @@ from pathlib import Path
 
 from ..data import TASKS, could_be_hub_id
 from ..data.tars import check_shard_source
-from ..model.config import BACKPROP_MODES, EXECUTION_MODES, ARMTConfig, RMTConfig
+from ..model.config import BACKPROP_MODES, EXECUTION_MODES, ARMTConfig, ConfigError, RMTConfig
 from ..model.presets import BUILTIN_BACKBONES
 from .evaluation import samples_at
 
@@ -154,44 +155,49 @@ class TrainConfig:
         """``--memory``: the kind of the model config."""
         return self.model.model_type
 
+    def __post_init__(self) -> None:
+        self.validate()
+
     def validate(self) -> None:
-        """Raises ValueError naming the bad flag and the fix; runs before anything is built (the model's
-        fields are checked by its config class)."""
+        """Raises ConfigError naming the bad flag and the fix; runs when the config is built, from the flags or
+        from Python (the model's fields are checked by its config class)."""
         positive = ("micro_batch_size", "grad_accum", "max_steps", "eval_samples", "eval_max_tokens", "eval_every",
                     "eval_batch_size", "log_every", "keep_checkpoints", "collective_timeout_s")
         for name in positive:
             if getattr(self, name) < 1:
-                raise ValueError(f"--{name}={getattr(self, name)} must be at least 1.")
+                raise ConfigError(f"--{name}={getattr(self, name)} must be at least 1.")
         for name in ("save_every", "warmup_steps", "stage_steps", "skip_corrupt_samples"):
             if getattr(self, name) < 0:
-                raise ValueError(f"--{name}={getattr(self, name)} must be 0 or more.")
+                raise ConfigError(f"--{name}={getattr(self, name)} must be 0 or more.")
         if self.task not in TASKS:
-            raise ValueError(f"--task={self.task!r} is unknown: choose one of {', '.join(TASKS)}.")
+            raise ConfigError(f"--task={self.task!r} is unknown: choose one of {', '.join(TASKS)}.")
         if self.lr <= 0:
-            raise ValueError(f"--lr={self.lr} must be positive.")
+            raise ConfigError(f"--lr={self.lr} must be positive.")
         stages = self.curriculum_stages
         if stages != sorted(set(stages)):
-            raise ValueError(f"--curriculum={self.curriculum!r} must be increasing, e.g. 1,2,4,8.")
+            raise ConfigError(f"--curriculum={self.curriculum!r} must be increasing, e.g. 1,2,4,8.")
         self.eval_lengths  # parses, raising on a bad list
 
     def check_paths(self) -> None:
-        """Raises ValueError naming the path and the fix when the backbone, tokenizer, output directory or
-        shards cannot be used; runs before any work (it creates ``out_dir``, to try writing a file there)."""
+        """Raises ConfigError naming the path and the fix when the backbone, tokenizer, output directory or
+        shards cannot be used; ``run`` calls it before any work (it creates ``out_dir``, to try writing a file
+        there, which is why building the config does not)."""
         if self.backbone not in BUILTIN_BACKBONES:
             _check_pretrained("backbone", self.backbone, "config.json")
         if self.tokenizer not in ("", "builtin"):
             _check_pretrained("tokenizer", self.tokenizer, None)  # tokenizers are saved in several layouts
         out = Path(self.out_dir)
         if out.exists() and not out.is_dir():
-            raise ValueError(f"--out_dir {out} is a file: pass a directory (it is created if missing).")
+            raise ConfigError(f"--out_dir {out} is a file: pass a directory (it is created if missing).")
         try:
             out.mkdir(parents=True, exist_ok=True)
             tempfile.TemporaryFile(dir=out).close()
         except OSError as error:
-            raise ValueError(f"--out_dir {out} is not a writable directory ({error.strerror}): pass one you can "
+            raise ConfigError(f"--out_dir {out} is not a writable directory ({error.strerror}): pass one you can "
                              "write to.") from error
         if self.shards:
-            check_shard_source(self.shards)
+            with as_config_error():
+                check_shard_source(self.shards)
 
     def check_resumable(self, saved: dict) -> None:
         """Refuses to resume a checkpoint written with a different model (``--memory`` included), data, batch or
@@ -207,7 +213,7 @@ class TrainConfig:
                   if name not in (*MODEL_MAY_CHANGE_ON_RESUME, "model_type")]
         changed = [f"--{name} {old!r} -> {new!r}" for name, old, new in pairs if old != new]
         if changed:
-            raise ValueError(f"cannot resume: the checkpoint was written with other settings ({'; '.join(changed)}); "
+            raise ConfigError(f"cannot resume: the checkpoint was written with other settings ({'; '.join(changed)}); "
                              "use the checkpoint's flags (OUT/train_config.json) or a new --out_dir.")
 
     def baseline_twin(self) -> "TrainConfig":
@@ -228,23 +234,35 @@ RESUME_MUST_MATCH = ("backbone", "tokenizer", "task", "shards", "data_seed", "cu
                      "grad_accum", "seed", "ds_config")
 
 
+@contextlib.contextmanager
+def as_config_error():
+    """Raises the ValueError of a check below the training layer (the data's, the DeepSpeed JSON's), which
+    knows nothing of ConfigError, as one: before any work it means a flag that cannot work."""
+    try:
+        yield
+    except ConfigError:
+        raise
+    except ValueError as error:
+        raise ConfigError(str(error)) from error
+
+
 def _check_pretrained(flag: str, name: str, required_file: str | None) -> None:
     """A local directory must exist (and hold ``required_file``); a Hugging Face id must hold
     ``required_file`` in the local cache when downloads are off."""
     path = Path(name).expanduser()
     if path.is_dir():
         if required_file and not (path / required_file).is_file():
-            raise ValueError(f"--{flag} {name} has no {required_file}: pass a directory saved with save_pretrained.")
+            raise ConfigError(f"--{flag} {name} has no {required_file}: pass a directory saved with save_pretrained.")
         return
     if path.exists():
-        raise ValueError(f"--{flag} {name} is a file: pass a directory saved with save_pretrained, or a Hugging "
+        raise ConfigError(f"--{flag} {name} is a file: pass a directory saved with save_pretrained, or a Hugging "
                          "Face id.")
     if not could_be_hub_id(name):
-        raise ValueError(f"--{flag} {name}: no such directory.")
+        raise ConfigError(f"--{flag} {name}: no such directory.")
     from huggingface_hub import constants, try_to_load_from_cache
 
     if required_file and constants.HF_HUB_OFFLINE and not isinstance(try_to_load_from_cache(name, required_file), str):
-        raise ValueError(f"--{flag} {name} is neither a local directory nor in the Hugging Face cache, and "
+        raise ConfigError(f"--{flag} {name} is neither a local directory nor in the Hugging Face cache, and "
                          "HF_HUB_OFFLINE=1 forbids downloading it: run once without HF_HUB_OFFLINE set, or pass a "
                          "local directory.")
 
@@ -255,7 +273,7 @@ def _int_list(flag: str, text: str) -> list[int]:
     except ValueError:
         values = []
     if not values or min(values) < 1:
-        raise ValueError(f"--{flag}={text!r} must be comma-separated positive integers, e.g. 1,2,4.")
+        raise ConfigError(f"--{flag}={text!r} must be comma-separated positive integers, e.g. 1,2,4.")
     return values
 
 
@@ -304,8 +322,6 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     ignored = [f"--{name}" for name in other_flags if namespace.pop(name) != other_flags[name][0]]
     if ignored:
         verb = "applies" if len(ignored) == 1 else "apply"
-        raise ValueError(f"{', '.join(ignored)} only {verb} to --memory {other}: add --memory {other}, or drop "
+        raise ConfigError(f"{', '.join(ignored)} only {verb} to --memory {other}: add --memory {other}, or drop "
                          f"{'it' if len(ignored) == 1 else 'them'}.")
-    config = TrainConfig(model=model_class(**model_fields), **namespace)
-    config.validate()
-    return config
+    return TrainConfig(model=model_class(**model_fields), **namespace)

@@ -10,7 +10,7 @@ import dataclasses
 import json
 from pathlib import Path
 
-from ..model import ARMTConfig, RMTConfig
+from ..model import ARMTConfig, ConfigError, RMTConfig
 from .config import TrainConfig
 
 # Top-level keys DeepSpeed 0.16-0.19 reads (its docs' config reference).
@@ -36,11 +36,11 @@ def load_ds_config(path: str) -> dict:
     if not file.is_file() and not file.is_absolute() and (REPO_ROOT / file).is_file():
         file = REPO_ROOT / file
     if not file.is_file():
-        raise ValueError(f"--ds_config={path!r} does not exist: pass a JSON file such as ds_configs/zero3.json.")
+        raise ConfigError(f"--ds_config={path!r} does not exist: pass a JSON file such as ds_configs/zero3.json.")
     try:
         return json.loads(file.read_text())
     except json.JSONDecodeError as error:
-        raise ValueError(f"--ds_config={path!r} is not valid JSON: {error}.") from None
+        raise ConfigError(f"--ds_config={path!r} is not valid JSON: {error}.") from None
 
 
 def zero_stage(ds_config: dict) -> int:
@@ -51,7 +51,7 @@ def build_ds_config(raw: dict, config: TrainConfig, world_size: int) -> dict:
     """A complete DeepSpeed config: ``"auto"`` filled from ``config``, everything checked."""
     unknown = sorted(set(raw) - KNOWN_KEYS)
     if unknown:
-        raise ValueError(f"unknown DeepSpeed config keys {unknown} in --ds_config={config.ds_config!r}: check their "
+        raise ConfigError(f"unknown DeepSpeed config keys {unknown} in --ds_config={config.ds_config!r}: check their "
                          "spelling against https://www.deepspeed.ai/docs/config-json/.")
     ds = copy.deepcopy(raw)
     stages = pipeline_stages(ds, world_size)
@@ -76,7 +76,7 @@ def build_ds_config(raw: dict, config: TrainConfig, world_size: int) -> dict:
     if stages > 1 or "pipeline" in ds:
         _check_pipeline(ds, config)
     if config.model.backprop == "replay" and zero_stage(ds) >= 2:
-        raise ValueError(f"--backprop=replay cannot run with ZeRO stage {zero_stage(ds)}: replay runs a backward "
+        raise ConfigError(f"--backprop=replay cannot run with ZeRO stage {zero_stage(ds)}: replay runs a backward "
                          "per segment inside the step, so ZeRO's gradient hooks reduce each parameter several "
                          "times. Use --backprop=checkpoint (same peak memory per segment) or a ZeRO-0/1 config.")
     return ds
@@ -110,7 +110,7 @@ def _fill_flops_profiler(ds: dict, config: TrainConfig) -> None:
     _fill_auto(ds, ("flops_profiler", "recompute_fwd_factor"), float(recomputed))
     profile_step = block.get("profile_step", 1)
     if not 0 <= profile_step < config.max_steps:
-        raise ValueError(f"flops_profiler.profile_step={profile_step} is never reached: DeepSpeed counts steps from "
+        raise ConfigError(f"flops_profiler.profile_step={profile_step} is never reached: DeepSpeed counts steps from "
                          f"0 and this run trains --max_steps={config.max_steps}; set profile_step between 0 and "
                          f"{config.max_steps - 1}.")
 
@@ -120,7 +120,7 @@ def _check_no_auto_left(ds, path: str = "") -> None:
         for key, value in ds.items():
             _check_no_auto_left(value, f"{path}.{key}" if path else key)
     elif ds == "auto":
-        raise ValueError(f"DeepSpeed config key {path!r} is 'auto' but no flag fills it: give it a value.")
+        raise ConfigError(f"DeepSpeed config key {path!r} is 'auto' but no flag fills it: give it a value.")
 
 
 def _check_batch_sizes(ds: dict, data_parallel: int) -> None:
@@ -128,10 +128,10 @@ def _check_batch_sizes(ds: dict, data_parallel: int) -> None:
     accum = ds.get("gradient_accumulation_steps", 1)
     total = ds.get("train_batch_size")
     if micro is None or total is None:
-        raise ValueError("the DeepSpeed config needs train_micro_batch_size_per_gpu and train_batch_size "
+        raise ConfigError("the DeepSpeed config needs train_micro_batch_size_per_gpu and train_batch_size "
                          "(set them to \"auto\" to take --micro_batch_size and --grad_accum).")
     if total != micro * accum * data_parallel:
-        raise ValueError(f"train_batch_size={total} must equal train_micro_batch_size_per_gpu={micro} x "
+        raise ConfigError(f"train_batch_size={total} must equal train_micro_batch_size_per_gpu={micro} x "
                          f"gradient_accumulation_steps={accum} x {data_parallel} data-parallel ranks = "
                          f"{micro * accum * data_parallel}: fix the numbers or set them to \"auto\".")
 
@@ -142,9 +142,9 @@ def pipeline_stages(ds: dict, world_size: int) -> int:
     block = ds.get("pipeline") or {}
     stages = block.get("stages", 1)
     if not isinstance(stages, int) or stages < 1:
-        raise ValueError(f"pipeline.stages={stages!r} in the DeepSpeed config must be a positive integer.")
+        raise ConfigError(f"pipeline.stages={stages!r} in the DeepSpeed config must be a positive integer.")
     if world_size % stages:
-        raise ValueError(f"pipeline.stages={stages} does not divide the {world_size} ranks: start a multiple of "
+        raise ConfigError(f"pipeline.stages={stages} does not divide the {world_size} ranks: start a multiple of "
                          f"{stages} ranks (stages x data-parallel replicas), or change pipeline.stages.")
     return stages
 
@@ -155,24 +155,24 @@ PARTITIONS = ("uniform", "parameters")
 def _check_pipeline(ds: dict, config: TrainConfig) -> None:
     partition = ds["pipeline"].get("partition", "uniform")
     if partition not in PARTITIONS:
-        raise ValueError(f"pipeline.partition={partition!r}: use 'uniform' (the same number of layers per stage; "
+        raise ConfigError(f"pipeline.partition={partition!r}: use 'uniform' (the same number of layers per stage; "
                          "best when only answers are labelled, as in the tasks) or 'parameters' (the last stage "
                          "also counts the LM head's parameters; best when every token is labelled).")
     chains = ds["pipeline"].get("chains", 1)
     if not isinstance(chains, int) or not 1 <= chains <= config.micro_batch_size:
-        raise ValueError(f"pipeline.chains={chains!r} must be between 1 and the micro-batch size "
+        raise ConfigError(f"pipeline.chains={chains!r} must be between 1 and the micro-batch size "
                          f"({config.micro_batch_size}): it is how many groups of samples are in flight. Raise "
                          f"--micro_batch_size or lower the config's chains.")
     if zero_stage(ds) > 1:
-        raise ValueError(f"ZeRO stage {zero_stage(ds)} cannot run with pipeline stages: every stage runs a backward "
+        raise ConfigError(f"ZeRO stage {zero_stage(ds)} cannot run with pipeline stages: every stage runs a backward "
                          "per segment, which ZeRO-2/3's gradient hooks would reduce several times (DeepSpeed's own "
                          "pipeline engine refuses them too). Use ZeRO stage 0 or 1 in a pipeline config (optimizer "
                          "offload works with 1), or a ZeRO-3 config without a pipeline block.")
     if ds.get("activation_checkpointing", {}).get("partition_activations"):
-        raise ValueError("activation_checkpointing.partition_activations has no meaning for pipeline stages: "
+        raise ConfigError("activation_checkpointing.partition_activations has no meaning for pipeline stages: "
                          "remove it (cpu_checkpointing moves what a stage stashes per segment to host memory).")
     if ds.get("flops_profiler", {}).get("enabled"):
-        raise ValueError("the flops_profiler block is not supported with pipeline stages (it profiles one module "
+        raise ConfigError("the flops_profiler block is not supported with pipeline stages (it profiles one module "
                          "call, and a stage's work is spread over the step): profile without the pipeline block.")
 
 
@@ -187,7 +187,7 @@ def _check_zero_section(ds: dict) -> None:
         DeepSpeedZeroConfig(**section)
     except ValidationError as error:
         problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors())
-        raise ValueError(f"bad zero_optimization section in the DeepSpeed config: {problems}.") from None
+        raise ConfigError(f"bad zero_optimization section in the DeepSpeed config: {problems}.") from None
 
 
 def activation_settings(model_config: RMTConfig, ds_config: dict) -> tuple[RMTConfig, bool, bool]:

@@ -2,7 +2,8 @@
 (ZeRO-3 traces parameter prefetch per call; one call per segment would break the trace). Everything
 DeepSpeed is in ``engine.py``.
 
-    config -> DeepSpeed config -> tokenizer -> engine (builds the model) -> [resume] -> loop:
+    config -> DeepSpeed config -> tokenizer -> backbone check (its config only) -> engine (builds the model)
+        -> [resume] -> loop:
         draw the step's segment count (same on all ranks) -> forward/backward/step per micro-batch
         -> log -> evaluate by length -> promote the curriculum -> checkpoint -> stop on a signal
 """
@@ -19,13 +20,15 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+import transformers
 
 from ..data import AnswerClasses, ShardStream, TaskGenerator, TextTokenizer, load_tokenizer
-from ..model import ARMTConfig, AssociativeState, RecurrentMemoryModel, RMTConfig
-from ..model.backbones import ENCODER_TYPES
+from ..model import AssociativeState, RecurrentMemoryModel, RMTConfig
+from ..model.backbones import auto_model_class, backbone_kind
+from ..model.modeling import check_backbone
 from ..model.presets import BUILTIN_BACKBONES, preset_config
 from . import checkpoint, signals
-from .config import TrainConfig
+from .config import TrainConfig, as_config_error
 from .curriculum import Curriculum
 from .batches import EVAL_SEED_OFFSET, DataError, TrainBatches
 from .distributed import DistInfo
@@ -45,41 +48,38 @@ class Preempted(Exception):
     """Training stopped on a signal after writing a checkpoint; the launcher exits with EXIT_PREEMPTED."""
 
 
-def build_model(backbone_name: str, tokenizer: TextTokenizer, seed: int,
-                model_config: RMTConfig) -> RecurrentMemoryModel:
-    """The backbone (built-in, or ``from_pretrained``) wrapped with memory: a causal LM, or for BERT/RoBERTa a
-    sequence classifier with one class per answer (``AnswerClasses``), its segments framed with the
-    tokenizer's [CLS] and [SEP]. Under ZeRO-3 the engine has created an ``HfDeepSpeedConfig``, so
-    ``from_config``/``from_pretrained`` build it partitioned."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
-
-    torch.manual_seed(seed)
+def backbone_setup(backbone_name: str, tokenizer: TextTokenizer,
+                   model_config: RMTConfig) -> tuple[transformers.PretrainedConfig, RMTConfig]:
+    """The backbone's config (a built-in preset's, or ``AutoConfig``'s: no weights read) and the model config
+    for it, checked together with the tokenizer (``check_backbone``). An encoder becomes a sequence classifier
+    with one class per answer (``AnswerClasses``), its segments framed with the tokenizer's [CLS] and [SEP]."""
     if backbone_name in BUILTIN_BACKBONES:
         backbone_config = preset_config(BUILTIN_BACKBONES[backbone_name], vocab_size=tokenizer.vocab_size,
-                                      pad_token_id=tokenizer.pad_id, eos_token_id=tokenizer.eos_id)
+                                        pad_token_id=tokenizer.pad_id, eos_token_id=tokenizer.eos_id)
     else:
-        backbone_config = AutoConfig.from_pretrained(backbone_name)
-    encoder = backbone_config.model_type in ENCODER_TYPES
-    if encoder:
-        if isinstance(model_config, ARMTConfig):
-            raise ValueError(f"--memory armt needs a decoder backbone, and {backbone_name} is a "
-                             f"{backbone_config.model_type} encoder: use --memory rmt, or a decoder backbone.")
-        if tokenizer.cls_id is None or tokenizer.sep_id is None:
-            raise ValueError(f"the tokenizer has no [CLS] or [SEP] token, which the {backbone_config.model_type} "
-                             "encoder's segments need: pass the backbone's own tokenizer with --tokenizer.")
+        backbone_config = transformers.AutoConfig.from_pretrained(backbone_name)
+    if backbone_kind(backbone_config) == "encoder":
         model_config = dataclasses.replace(model_config, cls_token_id=tokenizer.cls_id, sep_token_id=tokenizer.sep_id)
         backbone_config.num_labels = len(AnswerClasses(tokenizer))
-    auto = AutoModelForSequenceClassification if encoder else AutoModelForCausalLM
+    check_backbone(backbone_config, model_config, tokenizer.vocab_size)
+    return backbone_config, model_config
+
+
+def build_model(backbone_name: str, tokenizer: TextTokenizer, seed: int,
+                model_config: RMTConfig) -> RecurrentMemoryModel:
+    """The backbone (built-in, or ``from_pretrained``) of ``backbone_setup`` wrapped with memory. Under ZeRO-3
+    the engine has created an ``HfDeepSpeedConfig``, so ``from_config``/``from_pretrained`` build it
+    partitioned."""
+    backbone_config, model_config = backbone_setup(backbone_name, tokenizer, model_config)
+    auto = auto_model_class(backbone_config)
+    torch.manual_seed(seed)
     if backbone_name in BUILTIN_BACKBONES:
         backbone = auto.from_config(backbone_config)
     else:  # a pretrained encoder's own classification head, if any, is replaced by one over the answers
-        backbone = auto.from_pretrained(backbone_name, config=backbone_config, ignore_mismatched_sizes=encoder)
+        backbone = auto.from_pretrained(backbone_name, config=backbone_config,
+                                        ignore_mismatched_sizes=backbone_kind(backbone_config) == "encoder")
     # the memory's initial value must not depend on how the backbone was built (partitioned or not)
     torch.manual_seed(seed + 1)
-    rows = backbone.get_input_embeddings().num_embeddings
-    if tokenizer.vocab_size > rows:
-        raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but the backbone embeds only {rows}: "
-                         "pass the backbone's own tokenizer with --tokenizer (or resize the backbone's embeddings).")
     return RecurrentMemoryModel(backbone, model_config)
 
 
@@ -89,13 +89,15 @@ class Trainer:
         self.out_dir = Path(config.out_dir)
         self.is_main = dist_info.rank == 0
         self.label = config.memory if config.model.num_mem_tokens else "baseline"
-        # everything that can be wrong with the flags is found before the model is built
-        self.ds_config = build_ds_config(load_ds_config(config.ds_config), config, dist_info.world_size)
-        self.resume_from = self._find_resume()
-        self.resume_state = checkpoint.read_state(self.resume_from) if self.resume_from is not None else None
-        if self.resume_state is not None:
-            config.check_resumable(json.loads(self.resume_state["config"]))
-        self.tokenizer = load_tokenizer(config.tokenizer_name)
+        # everything that can be wrong with the flags is found before the model is built, as a ConfigError
+        with as_config_error():
+            self.ds_config = build_ds_config(load_ds_config(config.ds_config), config, dist_info.world_size)
+            self.resume_from = self._find_resume()
+            self.resume_state = checkpoint.read_state(self.resume_from) if self.resume_from is not None else None
+            if self.resume_state is not None:
+                config.check_resumable(json.loads(self.resume_state["config"]))
+            self.tokenizer = load_tokenizer(config.tokenizer_name)
+            backbone_setup(config.backbone, self.tokenizer, config.model)
         self.engine = build_engine(partial(build_model, config.backbone, self.tokenizer, config.seed), config.model,
                                    self.ds_config, config.collective_timeout_s)
         self.model = self.engine.module
