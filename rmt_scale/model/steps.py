@@ -8,19 +8,19 @@ import torch.nn.functional as F
 from torch import nn
 
 from .associative import AssociativeLayers, AssociativeState
-from .backbones import BackboneSpec, run_decoder, run_encoder
+from .backbones import BackboneSpec, decoder_layers, run_decoder, run_encoder
 from .config import RMTConfig
 from .gate import MemoryGate
 from .generation import AssociativeSegmentDecoder, SegmentDecoder
 from .recurrence import State, run_segments
-from .segments import IGNORE_INDEX, Segment, keep_if_empty, padding_mask, positions
+from .segments import IGNORE_INDEX, Segment, SegmentLayout, keep_if_empty, padding_mask, positions
 from .wavefront import run_wavefront
 
 
 class MemoryTokenStep:
     """What the RMT variants share: memory tokens, learned or passed in, carried from segment to segment."""
 
-    layout = "memory"  # what takes positions besides the segment, for the error message
+    extras = "memory"  # what takes positions besides the segment, for the error message
 
     def __init__(self, backbone: nn.Module, spec: BackboneSpec, config: RMTConfig, memory: nn.Parameter | None,
                  gate: MemoryGate | None = None):
@@ -29,16 +29,17 @@ class MemoryTokenStep:
         needed = config.segment_size + extra
         if needed > spec.max_positions:
             raise ValueError(f"a segment needs {needed} positions (segment_size={config.segment_size} plus {extra} "
-                             f"for {self.layout}) but the {spec.model_type} backbone has {spec.max_positions}: "
+                             f"for {self.extras}) but the {spec.model_type} backbone has {spec.max_positions}: "
                              f"lower segment_size to at most {spec.max_positions - extra}.")
 
-    def extra_positions(self) -> int:
-        return 2 * self.config.num_mem_tokens
+    def memory_tokens(self, batch: int) -> torch.Tensor | None:
+        """The learned memory embeddings ``(batch, num_mem, hidden)``; None without memory."""
+        return None if self.memory is None else self.memory.unsqueeze(0).expand(batch, -1, -1)
 
     def initial_state(self, batch: int, memory=None) -> State:
         """The learned memory, or ``memory`` (a previous ``RMTOutput.memory``) after checking it fits."""
         if memory is None:
-            return () if self.memory is None else (self.memory.unsqueeze(0).expand(batch, -1, -1),)
+            return () if self.memory is None else (self.memory_tokens(batch),)
         if not isinstance(memory, torch.Tensor):
             raise ValueError(f"memory must be a tensor, the RMTOutput.memory of this model, but got "
                              f"{type(memory).__name__}.")
@@ -67,6 +68,13 @@ class DecoderStep(MemoryTokenStep):
     """RMT decoder: ``[read memory | segment | write memory]``; the hidden states at the write positions
     become the next segment's memory."""
 
+    @property
+    def layout(self) -> SegmentLayout:
+        return SegmentLayout(read=self.config.num_mem_tokens, write=self.config.num_mem_tokens)
+
+    def extra_positions(self) -> int:
+        return self.layout.length(0)
+
     def targets(self, labels: torch.Tensor | None, attention_mask: torch.Tensor) -> torch.Tensor | None:
         """Labels shifted once over the whole input, so every segment's last token predicts the next
         segment's first token, exactly as the backbone's own loss on the unsegmented input. Padding is
@@ -80,25 +88,28 @@ class DecoderStep(MemoryTokenStep):
         targets[attention_mask == 0] = IGNORE_INDEX
         return targets
 
+    def inputs(self, segment: Segment, memory: torch.Tensor | None,
+               tokens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The segment laid out (:attr:`layout`) around ``memory``: its input embeddings and attention mask
+        (``tokens``: the segment's token embeddings, when the caller has looked them up)."""
+        if tokens is None:
+            tokens = self.backbone.get_input_embeddings()(segment.input_ids)
+        return self.layout.embeds(tokens, memory), self.layout.mask(segment.attention_mask)
+
     def __call__(self, state: State, segment: Segment):
-        num_mem = self.config.num_mem_tokens
         tokens = self.backbone.get_input_embeddings()(segment.input_ids)
-        ones = segment.attention_mask.new_ones(tokens.shape[0], num_mem)
-        if num_mem:
-            (memory,) = state
-            memory = memory.to(tokens.dtype)
-            embeds = torch.cat([memory, tokens, memory], dim=1)
-            mask = torch.cat([ones, segment.attention_mask, ones], dim=1)
-        else:
-            embeds, mask = tokens, segment.attention_mask
+        read = state[0].to(tokens.dtype) if state else None
+        embeds, mask = self.inputs(segment, read, tokens)
         hidden, _ = run_decoder(self.backbone, embeds, padding_mask(mask), positions(mask))
-        length = tokens.shape[1]
-        loss, logits = self.lm_loss(hidden[:, num_mem : num_mem + length], segment.targets, segment.return_logits)
-        if not num_mem:
+        return self.finish(hidden, segment, read)
+
+    def finish(self, hidden: torch.Tensor, segment: Segment, read: torch.Tensor | None = None):
+        """``(new_state, loss, logits)`` from the segment's final hidden states: RMT's next memory (from ``read``
+        and the write positions; none without memory), the summed loss and the logits with return_logits."""
+        loss, logits = self.lm_loss(self.layout.token_outputs(hidden), segment.targets, segment.return_logits)
+        if read is None:
             return (), loss, logits
-        # a copy, not a view: a view would keep the segment's whole hidden state alive in the chain
-        written = hidden[:, num_mem + length :].clone()
-        return (self.next_memory(memory, written, segment.attention_mask),), loss, logits
+        return (self.next_memory(read, self.layout.written(hidden), segment.attention_mask),), loss, logits
 
     def lm_loss(self, token_hidden: torch.Tensor, targets: torch.Tensor | None, return_logits: bool):
         """Summed next-token loss of a segment's tokens, and their logits with ``return_logits``."""
@@ -132,7 +143,7 @@ class EncoderStep(MemoryTokenStep):
     """RMT encoder: ``[CLS] memory [SEP] segment [SEP]``, memory read and written in place (``[CLS] segment
     [SEP]`` without memory). The state ends with the logits of each sample's last non-empty segment."""
 
-    layout = "memory and special tokens"
+    extras = "memory and special tokens"
 
     def __init__(self, backbone: nn.Module, spec: BackboneSpec, config: RMTConfig, memory: nn.Parameter | None,
                  gate: MemoryGate | None = None):
@@ -197,8 +208,9 @@ class AssociativeStep(DecoderStep):
         super().__init__(backbone, spec, config, memory)
         self.associative = associative
 
-    def extra_positions(self) -> int:
-        return self.config.num_mem_tokens
+    @property
+    def layout(self) -> SegmentLayout:
+        return SegmentLayout(read=0, write=self.config.num_mem_tokens)
 
     def initial_state(self, batch: int, memory=None) -> State:
         if memory is None:
@@ -213,7 +225,7 @@ class AssociativeStep(DecoderStep):
         return AssociativeState.from_tuple(state)
 
     def run(self, state: State, segments: list[Segment]):
-        if self.associative.layers_checkpointed():
+        if any(getattr(layer, "gradient_checkpointing", False) for layer in decoder_layers(self.backbone)):
             raise ValueError("the backbone's own activation checkpointing would recompute its layers outside the "
                              "ARMT segment step, without the associative state: disable it and set "
                              "backprop='checkpoint' or 'replay' in the ARMTConfig instead.")
@@ -221,22 +233,12 @@ class AssociativeStep(DecoderStep):
             return run_wavefront(self, state, segments)
         return super().run(state, segments)
 
-    def inputs(self, segment: Segment, tokens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """The ``[segment | memory tokens]`` embeddings and mask (``tokens``: the segment's token embeddings,
-        when the caller has looked them up)."""
-        if tokens is None:
-            tokens = self.backbone.get_input_embeddings()(segment.input_ids)
-        batch = tokens.shape[0]
-        memory = self.memory.unsqueeze(0).expand(batch, -1, -1).to(tokens.dtype)
-        mask = torch.cat([segment.attention_mask, segment.attention_mask.new_ones(batch, memory.shape[1])], dim=1)
-        return torch.cat([tokens, memory], dim=1), mask
-
     def __call__(self, state: State, segment: Segment):
-        embeds, mask = self.inputs(segment)
-        with self.associative.session(state, write_from_last=self.config.num_mem_tokens) as session:
+        embeds, mask = self.inputs(segment, self.memory_tokens(segment.input_ids.shape[0]))
+        with self.associative.session(state, write=True) as session:
             hidden, _ = run_decoder(self.backbone, embeds, padding_mask(mask), positions(mask))
         # under causal attention the tokens do not see the memory tokens after them
-        loss, logits = self.lm_loss(hidden[:, : segment.input_ids.shape[1]], segment.targets, segment.return_logits)
+        _, loss, logits = self.finish(hidden, segment)
         new_state = tuple(keep_if_empty(new, old, segment.attention_mask)
                           for new, old in zip(session.new_state(), state))
         return new_state, loss, logits
