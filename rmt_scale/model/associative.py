@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .backbones import DECODER_TYPES, UnsupportedBackboneError, decoder_layers
+from .backbones import DECODER_TYPES, UnsupportedBackboneError, decoder_layers, run_layer
 from .config import ARMTConfig
 
 EPS = 1e-5
@@ -101,6 +101,37 @@ class AssociativeMemory(nn.Module):
         return matrix, normaliser
 
 
+class AssociativeCell(nn.Module):
+    """One decoder layer with its associative memory: the layer's input reads (A, z), its outputs at the
+    ``num_mem`` memory tokens that end the input write the new (A, z). The wavefront and the pipeline stages
+    call the cell; :class:`AssociativeLayers`' hooks apply its halves around the backbone's call of the layer."""
+
+    def __init__(self, layer: nn.Module, memory: AssociativeMemory, num_mem: int):
+        super().__init__()
+        self.layer, self.memory, self.num_mem = layer, memory, num_mem
+
+    def read(self, hidden: torch.Tensor, matrix: torch.Tensor, normaliser: torch.Tensor) -> torch.Tensor:
+        return hidden + self.memory.read(hidden, matrix, normaliser)
+
+    def write(self, out: torch.Tensor, matrix: torch.Tensor, normaliser: torch.Tensor):
+        return self.memory.write(out[:, -self.num_mem :], matrix, normaliser)
+
+    def forward(self, hidden, matrix, normaliser, layer_args, layer_kwargs):
+        """The layer's output hidden states and the new ``(A, z)``."""
+        out = run_layer(self.layer, self.read(hidden, matrix, normaliser), layer_args, layer_kwargs)
+        return (out, *self.write(out, matrix, normaliser))
+
+
+def layer_states(state: tuple[torch.Tensor, ...]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The flat state ``(A_1, z_1, ..., A_L, z_L)`` as one ``(A, z)`` per layer."""
+    return list(zip(state[0::2], state[1::2]))
+
+
+def flat_state(states) -> tuple[torch.Tensor, ...]:
+    """The inverse of :func:`layer_states`."""
+    return tuple(t for pair in states for t in pair)
+
+
 @dataclass
 class AssociativeState:
     """What an ARMT remembers about each sample: per layer, ``A`` ``(batch, heads, features, head_size)`` and
@@ -110,7 +141,7 @@ class AssociativeState:
     normalisers: tuple[torch.Tensor, ...]
 
     def to_tuple(self) -> tuple[torch.Tensor, ...]:
-        return tuple(t for pair in zip(self.matrices, self.normalisers) for t in pair)
+        return flat_state(zip(self.matrices, self.normalisers))
 
     @classmethod
     def from_tuple(cls, flat) -> "AssociativeState":
@@ -122,18 +153,18 @@ class AssociativeState:
 
 class _Session:
     """The per-call link between a step and the layer hooks: the state each layer reads, and the state each
-    layer writes (when ``write_from_last`` memory tokens end the input)."""
+    layer writes (with ``write``, when the memory tokens end the input)."""
 
-    def __init__(self, state: tuple[torch.Tensor, ...], write_from_last: int):
-        self.state = state
-        self.write_from_last = write_from_last
-        self.written: list[torch.Tensor | None] = [None] * len(state)
+    def __init__(self, state: tuple[torch.Tensor, ...], write: bool):
+        self.state = layer_states(state)
+        self.write = write
+        self.written: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(self.state)
 
     def new_state(self) -> tuple[torch.Tensor, ...]:
-        if any(t is None for t in self.written):
+        if any(pair is None for pair in self.written):
             raise RuntimeError("a decoder layer was skipped, so its associative memory was not written "
                                "(turn off layerdrop for ARMT).")
-        return tuple(self.written)
+        return flat_state(self.written)
 
 
 class AssociativeLayers(nn.Module):
@@ -148,55 +179,47 @@ class AssociativeLayers(nn.Module):
             raise UnsupportedBackboneError(f"ARMT needs a decoder backbone; {model_type!r} is not one. Supported: "
                                            f"{', '.join(DECODER_TYPES)}.")
         layers = decoder_layers(backbone)
-        self._layers = list(layers)  # a plain list: the layers belong to the backbone, not to this module
         self.memories = nn.ModuleList(AssociativeMemory(hidden_size, config) for _ in layers)
         self._session: _Session | None = None
         for index, layer in enumerate(layers):
-            layer.register_forward_pre_hook(self._read_hook(index), with_kwargs=True)
-            layer.register_forward_hook(self._write_hook(index))
-
-    def layers_checkpointed(self) -> bool:
-        """Whether the backbone's own activation checkpointing is on (it would rerun layers without a session)."""
-        return any(getattr(layer, "gradient_checkpointing", False) for layer in self._layers)
+            # held by the hooks only: the layers belong to the backbone, not to this module
+            cell = AssociativeCell(layer, self.memories[index], config.num_mem_tokens)
+            layer.register_forward_pre_hook(self._read_hook(index, cell), with_kwargs=True)
+            layer.register_forward_hook(self._write_hook(index, cell))
 
     def empty_state(self, batch: int, device: torch.device) -> tuple[torch.Tensor, ...]:
-        return tuple(t for memory in self.memories for t in memory.empty_state(batch, device))
+        return flat_state(memory.empty_state(batch, device) for memory in self.memories)
 
     @contextlib.contextmanager
-    def session(self, state: tuple[torch.Tensor, ...], write_from_last: int = 0):
+    def session(self, state: tuple[torch.Tensor, ...], write: bool = False):
         """Layers read ``state`` (flat ``(A_1, z_1, ..., A_L, z_L)``) for the duration of the block; with
-        ``write_from_last=m`` the last ``m`` positions are memory tokens and each layer writes their output."""
+        ``write`` the input ends with the memory tokens and each layer writes their output."""
         if self._session is not None:
             raise RuntimeError("ARMT sessions do not nest: one segment runs at a time.")
-        self._session = _Session(state, write_from_last)
+        self._session = _Session(state, write)
         try:
             yield self._session
         finally:
             self._session = None
 
-    def _read_hook(self, index: int):
+    def _read_hook(self, index: int, cell: AssociativeCell):
         def hook(layer, args, kwargs):
-            session = self._session
-            if session is None:
+            if self._session is None:
                 return None
-            matrix, normaliser = session.state[2 * index : 2 * index + 2]
+            state = self._session.state[index]
             if args:
-                hidden = args[0]
-                return (hidden + self.memories[index].read(hidden, matrix, normaliser), *args[1:]), kwargs
-            hidden = kwargs["hidden_states"]
-            return args, {**kwargs, "hidden_states": hidden + self.memories[index].read(hidden, matrix, normaliser)}
+                return (cell.read(args[0], *state), *args[1:]), kwargs
+            return args, {**kwargs, "hidden_states": cell.read(kwargs["hidden_states"], *state)}
 
         return hook
 
-    def _write_hook(self, index: int):
+    def _write_hook(self, index: int, cell: AssociativeCell):
         def hook(layer, args, output):
             session = self._session
-            if session is None or not session.write_from_last:
+            if session is None or not session.write:
                 return None
-            hidden = output[0] if isinstance(output, tuple) else output
-            matrix, normaliser = session.state[2 * index : 2 * index + 2]
-            written = self.memories[index].write(hidden[:, -session.write_from_last :], matrix, normaliser)
-            session.written[2 * index : 2 * index + 2] = written
+            out = output[0] if isinstance(output, tuple) else output
+            session.written[index] = cell.write(out, *session.state[index])
             return None
 
         return hook

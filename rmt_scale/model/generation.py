@@ -11,7 +11,8 @@ from .segments import check_inputs, segment_bounds
 class SegmentDecoder:
     """Incremental decoding inside segments: keeps the backbone's KV cache for the current segment and
     rolls over to a new segment (new memory, fresh cache) when the current one is full. The first segment
-    may be short (right alignment); the later ones hold ``segment_size`` tokens."""
+    may be short (right alignment); the later ones hold ``segment_size`` tokens. The cache holds the step's
+    ``layout``: its read positions run when a segment starts, its write positions when it closes."""
 
     def __init__(self, step, state: tuple, first_segment_size: int):
         self.step, self.backbone, self.segment_size = step, step.backbone, first_segment_size
@@ -20,7 +21,7 @@ class SegmentDecoder:
 
     def start_segment(self) -> None:
         self.cache, self.position, self.filled = None, 0, 0
-        if self.state:
+        if self.step.layout.read:
             self.run(self.state[0].to(self.backbone.dtype))
 
     def feed(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -33,7 +34,7 @@ class SegmentDecoder:
         return self.backbone.get_output_embeddings()(hidden[:, -1])
 
     def close_segment(self) -> None:
-        if self.state:
+        if self.step.layout.write:
             (read,) = self.state
             self.state = (self.step.next_memory(read, self.run(read.to(self.backbone.dtype))),)
         self.start_segment()
@@ -50,16 +51,12 @@ class AssociativeSegmentDecoder(SegmentDecoder):
     """ARMT decoding: tokens read the associative state, which stays fixed inside a segment; when a segment
     is full its memory tokens are run through the cache, each layer writes, and a fresh segment begins."""
 
-    def start_segment(self) -> None:
-        self.cache, self.position, self.filled = None, 0, 0
-
     def close_segment(self) -> None:
-        memory = self.step.memory.unsqueeze(0).expand(self.state[0].shape[0], -1, -1)
-        self.run(memory.to(self.backbone.dtype), write=True)
+        self.run(self.step.memory_tokens(self.state[0].shape[0]).to(self.backbone.dtype), write=True)
         self.start_segment()
 
     def run(self, embeds: torch.Tensor, write: bool = False) -> torch.Tensor:
-        with self.step.associative.session(self.state, write_from_last=embeds.shape[1] if write else 0) as session:
+        with self.step.associative.session(self.state, write=write) as session:
             hidden = super().run(embeds)
         if write:
             self.state = session.new_state()

@@ -188,7 +188,7 @@ def check_backbone(backbone_config: transformers.PretrainedConfig, config: RMTCo
     needed = config.segment_size + extra
     if needed > limit:
         raise ConfigError(f"a segment needs {needed} positions (segment_size={config.segment_size} plus {extra} "
-                          f"for {step.layout}) but the {model_type} backbone has {limit}: lower segment_size to at "
+                          f"for {step.extras}) but the {model_type} backbone has {limit}: lower segment_size to at "
                           f"most {limit - extra}.")
     if vocab_size is not None and vocab_size > backbone_config.vocab_size:
         raise ConfigError(f"the tokenizer has {vocab_size} tokens but the backbone embeds only "

@@ -32,6 +32,14 @@ def keeps_gradient(index: int, num_segments: int, bptt_depth: int) -> bool:
     return bptt_depth < 0 or index >= num_segments - bptt_depth
 
 
+def backpropagate(pairs) -> None:
+    """Backward from each ``(output, gradient)`` pair whose gradient is given and whose output needs one: a
+    recomputed segment handing on the gradients that came back to it (replay, pipeline stages)."""
+    pairs = [(out, grad) for out, grad in pairs if grad is not None and out.requires_grad]
+    if pairs:
+        torch.autograd.backward(*zip(*pairs))
+
+
 def run_segments(step: Step, state: State, segments: Sequence[Any], mode: str,
                  bptt_depth: int = -1) -> tuple[torch.Tensor, State, list[Any]]:
     """Runs ``step`` over ``segments``; returns the summed loss, the final state and each segment's extra."""
@@ -126,16 +134,7 @@ class _MemoryReplay(torch.autograd.Function):
             state_in = tuple(t.detach().requires_grad_(t.is_floating_point()) for t in ctx.inputs[index])
             with torch.enable_grad(), restored_torch_rng(ctx.rng_states[index]):
                 new_state, loss, _ = ctx.step(state_in, ctx.segments[index])
-            outputs, grads = [], []
-            if loss.requires_grad and grad_loss is not None:
-                outputs.append(loss)
-                grads.append(grad_loss)
-            for out, grad in zip(new_state, grad_state):
-                if grad is not None and out.requires_grad:
-                    outputs.append(out)
-                    grads.append(grad)
-            if outputs:
-                torch.autograd.backward(outputs, grads)
+            backpropagate([(loss, grad_loss), *zip(new_state, grad_state)])
             grad_state = [t.grad if t.requires_grad else None for t in state_in]
             ctx.inputs[index] = None  # free the stored state as soon as it is replayed
             if index > 0 and not keeps_gradient(index, num_segments, ctx.bptt_depth):

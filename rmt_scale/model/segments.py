@@ -17,6 +17,38 @@ class Segment:
     return_logits: bool
 
 
+@dataclass(frozen=True)
+class SegmentLayout:
+    """A decoder's segment: ``read`` memory positions before its tokens, ``write`` ones after them, all holding
+    the memory embeddings. RMT: ``[read memory | tokens | write memory]``, the outputs at the write positions
+    are the next memory; ARMT: ``[tokens | memory tokens]``, which each layer writes into its (A, z)."""
+
+    read: int
+    write: int
+
+    def length(self, num_tokens: int) -> int:
+        return self.read + num_tokens + self.write
+
+    def embeds(self, tokens: torch.Tensor, memory: torch.Tensor | None) -> torch.Tensor:
+        """``tokens`` ``(batch, length, hidden)`` with ``memory`` ``(batch, num_mem, hidden)`` around them."""
+        if memory is None:
+            return tokens
+        memory = memory.to(tokens.dtype)
+        return torch.cat([memory[:, : self.read], tokens, memory[:, : self.write]], dim=1)
+
+    def mask(self, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The segment's attention mask with the memory positions, which every sample attends."""
+        ones = attention_mask.new_ones(attention_mask.shape[0], max(self.read, self.write))
+        return torch.cat([ones[:, : self.read], attention_mask, ones[:, : self.write]], dim=1)
+
+    def token_outputs(self, hidden: torch.Tensor) -> torch.Tensor:
+        return hidden[:, self.read : hidden.shape[1] - self.write]
+
+    def written(self, hidden: torch.Tensor) -> torch.Tensor:
+        # a copy, not a view: a view would keep the segment's whole hidden state alive in the chain
+        return hidden[:, hidden.shape[1] - self.write :].clone()
+
+
 def segment_bounds(length: int, segment_size: int, alignment: str = "left") -> list[tuple[int, int]]:
     """``(start, end)`` of each segment of a sequence of ``length`` tokens.
 

@@ -8,33 +8,32 @@ import torch.nn.functional as F
 from torch import nn
 
 from .associative import AssociativeLayers, AssociativeState
-from .backbones import BackboneSpec, run_decoder, run_encoder
+from .backbones import BackboneSpec, decoder_layers, run_decoder, run_encoder
 from .config import RMTConfig
 from .gate import MemoryGate
 from .generation import AssociativeSegmentDecoder, SegmentDecoder
 from .recurrence import State, run_segments
-from .segments import IGNORE_INDEX, Segment, keep_if_empty, padding_mask, positions
+from .segments import IGNORE_INDEX, Segment, SegmentLayout, keep_if_empty, padding_mask, positions
 from .wavefront import run_wavefront
 
 
 class MemoryTokenStep:
     """What the RMT variants share: memory tokens, learned or passed in, carried from segment to segment."""
 
-    layout = "memory"  # what takes positions besides the segment, for the error message
+    extras = "memory"  # what takes positions besides the segment, for the error message
 
     def __init__(self, backbone: nn.Module, spec: BackboneSpec, config: RMTConfig, memory: nn.Parameter | None,
                  gate: MemoryGate | None = None):
         self.backbone, self.spec, self.config, self.memory, self.gate = backbone, spec, config, memory, gate
 
-    @staticmethod
-    def extra_positions(config: RMTConfig) -> int:
-        """Positions a segment's layout takes besides its tokens (checked against the backbone before it is built)."""
-        return 2 * config.num_mem_tokens
+    def memory_tokens(self, batch: int) -> torch.Tensor | None:
+        """The learned memory embeddings ``(batch, num_mem, hidden)``; None without memory."""
+        return None if self.memory is None else self.memory.unsqueeze(0).expand(batch, -1, -1)
 
     def initial_state(self, batch: int, memory=None) -> State:
         """The learned memory, or ``memory`` (a previous ``RMTOutput.memory``) after checking it fits."""
         if memory is None:
-            return () if self.memory is None else (self.memory.unsqueeze(0).expand(batch, -1, -1),)
+            return () if self.memory is None else (self.memory_tokens(batch),)
         if not isinstance(memory, torch.Tensor):
             raise ValueError(f"memory must be a tensor, the RMTOutput.memory of this model, but got "
                              f"{type(memory).__name__}.")
@@ -63,6 +62,19 @@ class DecoderStep(MemoryTokenStep):
     """RMT decoder: ``[read memory | segment | write memory]``; the hidden states at the write positions
     become the next segment's memory."""
 
+    @staticmethod
+    def segment_layout(config: RMTConfig) -> SegmentLayout:
+        return SegmentLayout(read=config.num_mem_tokens, write=config.num_mem_tokens)
+
+    @property
+    def layout(self) -> SegmentLayout:
+        return self.segment_layout(self.config)
+
+    @classmethod
+    def extra_positions(cls, config: RMTConfig) -> int:
+        """Positions a segment's layout takes besides its tokens (checked against the backbone before it is built)."""
+        return cls.segment_layout(config).length(0)
+
     def targets(self, labels: torch.Tensor | None, attention_mask: torch.Tensor) -> torch.Tensor | None:
         """Labels shifted once over the whole input, so every segment's last token predicts the next
         segment's first token, exactly as the backbone's own loss on the unsegmented input. Padding is
@@ -76,25 +88,28 @@ class DecoderStep(MemoryTokenStep):
         targets[attention_mask == 0] = IGNORE_INDEX
         return targets
 
+    def inputs(self, segment: Segment, memory: torch.Tensor | None,
+               tokens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The segment laid out (:attr:`layout`) around ``memory``: its input embeddings and attention mask
+        (``tokens``: the segment's token embeddings, when the caller has looked them up)."""
+        if tokens is None:
+            tokens = self.backbone.get_input_embeddings()(segment.input_ids)
+        return self.layout.embeds(tokens, memory), self.layout.mask(segment.attention_mask)
+
     def __call__(self, state: State, segment: Segment):
-        num_mem = self.config.num_mem_tokens
         tokens = self.backbone.get_input_embeddings()(segment.input_ids)
-        ones = segment.attention_mask.new_ones(tokens.shape[0], num_mem)
-        if num_mem:
-            (memory,) = state
-            memory = memory.to(tokens.dtype)
-            embeds = torch.cat([memory, tokens, memory], dim=1)
-            mask = torch.cat([ones, segment.attention_mask, ones], dim=1)
-        else:
-            embeds, mask = tokens, segment.attention_mask
+        read = state[0].to(tokens.dtype) if state else None
+        embeds, mask = self.inputs(segment, read, tokens)
         hidden, _ = run_decoder(self.backbone, embeds, padding_mask(mask), positions(mask))
-        length = tokens.shape[1]
-        loss, logits = self.lm_loss(hidden[:, num_mem : num_mem + length], segment.targets, segment.return_logits)
-        if not num_mem:
+        return self.finish(hidden, segment, read)
+
+    def finish(self, hidden: torch.Tensor, segment: Segment, read: torch.Tensor | None = None):
+        """``(new_state, loss, logits)`` from the segment's final hidden states: RMT's next memory (from ``read``
+        and the write positions; none without memory), the summed loss and the logits with return_logits."""
+        loss, logits = self.lm_loss(self.layout.token_outputs(hidden), segment.targets, segment.return_logits)
+        if read is None:
             return (), loss, logits
-        # a copy, not a view: a view would keep the segment's whole hidden state alive in the chain
-        written = hidden[:, num_mem + length :].clone()
-        return (self.next_memory(memory, written, segment.attention_mask),), loss, logits
+        return (self.next_memory(read, self.layout.written(hidden), segment.attention_mask),), loss, logits
 
     def lm_loss(self, token_hidden: torch.Tensor, targets: torch.Tensor | None, return_logits: bool):
         """Summed next-token loss of a segment's tokens, and their logits with ``return_logits``."""
@@ -128,7 +143,7 @@ class EncoderStep(MemoryTokenStep):
     """RMT encoder: ``[CLS] memory [SEP] segment [SEP]``, memory read and written in place (``[CLS] segment
     [SEP]`` without memory). The state ends with the logits of each sample's last non-empty segment."""
 
-    layout = "memory and special tokens"
+    extras = "memory and special tokens"
 
     @staticmethod
     def extra_positions(config: RMTConfig) -> int:
@@ -186,8 +201,8 @@ class AssociativeStep(DecoderStep):
         self.associative = associative
 
     @staticmethod
-    def extra_positions(config: RMTConfig) -> int:
-        return config.num_mem_tokens
+    def segment_layout(config: RMTConfig) -> SegmentLayout:
+        return SegmentLayout(read=0, write=config.num_mem_tokens)
 
     def initial_state(self, batch: int, memory=None) -> State:
         if memory is None:
@@ -202,7 +217,7 @@ class AssociativeStep(DecoderStep):
         return AssociativeState.from_tuple(state)
 
     def run(self, state: State, segments: list[Segment]):
-        if self.associative.layers_checkpointed():
+        if any(getattr(layer, "gradient_checkpointing", False) for layer in decoder_layers(self.backbone)):
             raise ValueError("the backbone's own activation checkpointing would recompute its layers outside the "
                              "ARMT segment step, without the associative state: disable it and set "
                              "backprop='checkpoint' or 'replay' in the ARMTConfig instead.")
@@ -210,22 +225,12 @@ class AssociativeStep(DecoderStep):
             return run_wavefront(self, state, segments)
         return super().run(state, segments)
 
-    def inputs(self, segment: Segment, tokens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """The ``[segment | memory tokens]`` embeddings and mask (``tokens``: the segment's token embeddings,
-        when the caller has looked them up)."""
-        if tokens is None:
-            tokens = self.backbone.get_input_embeddings()(segment.input_ids)
-        batch = tokens.shape[0]
-        memory = self.memory.unsqueeze(0).expand(batch, -1, -1).to(tokens.dtype)
-        mask = torch.cat([segment.attention_mask, segment.attention_mask.new_ones(batch, memory.shape[1])], dim=1)
-        return torch.cat([tokens, memory], dim=1), mask
-
     def __call__(self, state: State, segment: Segment):
-        embeds, mask = self.inputs(segment)
-        with self.associative.session(state, write_from_last=self.config.num_mem_tokens) as session:
+        embeds, mask = self.inputs(segment, self.memory_tokens(segment.input_ids.shape[0]))
+        with self.associative.session(state, write=True) as session:
             hidden, _ = run_decoder(self.backbone, embeds, padding_mask(mask), positions(mask))
         # under causal attention the tokens do not see the memory tokens after them
-        loss, logits = self.lm_loss(hidden[:, : segment.input_ids.shape[1]], segment.targets, segment.return_logits)
+        _, loss, logits = self.finish(hidden, segment)
         new_state = tuple(keep_if_empty(new, old, segment.attention_mask)
                           for new, old in zip(session.new_state(), state))
         return new_state, loss, logits

@@ -18,26 +18,12 @@ from __future__ import annotations
 import copy
 
 import torch
-from torch import nn
 from torch.func import functional_call, stack_module_state, vmap
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from .associative import AssociativeMemory
-from .backbones import decoder_final_norm, decoder_layers, layer_inputs, run_layer
+from .associative import AssociativeCell, flat_state, layer_states
+from .backbones import decoder_final_norm, decoder_layers, layer_inputs
 from .segments import keep_if_empty, padding_mask, positions
-
-
-class _Cell(nn.Module):
-    """One decoder layer with its associative memory: read, layer, write."""
-
-    def __init__(self, layer: nn.Module, memory: AssociativeMemory):
-        super().__init__()
-        self.layer, self.memory = layer, memory
-
-    def forward(self, hidden, matrix, normaliser, num_mem: int, layer_args, layer_kwargs):
-        hidden = hidden + self.memory.read(hidden, matrix, normaliser)
-        out = run_layer(self.layer, hidden, layer_args, layer_kwargs)
-        return (out, *self.memory.write(out[:, -num_mem:], matrix, normaliser))
 
 
 class _LayerCall:
@@ -67,10 +53,10 @@ def run_wavefront(step, state: tuple[torch.Tensor, ...], segments: list):
     hidden: list = [None] * num_segments
     calls: list = [None] * num_segments
 
-    cells = [_Cell(layer, memory) for layer, memory in zip(layers, step.associative.memories)]
+    cells = [AssociativeCell(layer, memory, num_mem) for layer, memory in zip(layers, step.associative.memories)]
     params, buffers = stack_module_state(cells)
     template = copy.deepcopy(cells[0]).to("meta")
-    layer_state = [state[2 * index : 2 * index + 2] for index in range(num_layers)]
+    layer_state = layer_states(state)
     final_norm = decoder_final_norm(backbone)
     loss_sum, extras = None, [None] * num_segments
 
@@ -78,14 +64,15 @@ def run_wavefront(step, state: tuple[torch.Tensor, ...], segments: list):
         on_diagonal = [(s, diagonal - s) for s in range(min(num_segments - 1, diagonal), -1, -1)
                        if diagonal - s < num_layers]  # by layer, ascending
         if diagonal < num_segments:
-            embeds, mask = step.inputs(segments[diagonal])
+            segment = segments[diagonal]
+            embeds, mask = step.inputs(segment, step.memory_tokens(segment.input_ids.shape[0]))
             hidden[diagonal], args, kwargs = layer_inputs(backbone, embeds, padding_mask(mask), positions(mask))
             calls[diagonal] = _LayerCall(args, kwargs)
         groups: dict = {}
         for s, l in on_diagonal:
             groups.setdefault((tuple(hidden[s].shape), calls[s].signature()), []).append((s, l))
         for cells_of_group in groups.values():
-            outputs = _run_cells(template, params, buffers, cells_of_group, hidden, layer_state, calls, num_mem)
+            outputs = _run_cells(template, params, buffers, cells_of_group, hidden, layer_state, calls)
             for (s, l), (out, matrix, normaliser) in zip(cells_of_group, outputs):
                 token_mask = segments[s].attention_mask
                 old_matrix, old_normaliser = layer_state[l]
@@ -95,15 +82,12 @@ def run_wavefront(step, state: tuple[torch.Tensor, ...], segments: list):
                     hidden[s] = out
                     continue
                 hidden[s] = calls[s] = None  # the segment is done
-                length = segments[s].input_ids.shape[1]
-                loss, extras[s] = step.lm_loss(final_norm(out)[:, :length], segments[s].targets,
-                                                segments[s].return_logits)
+                _, loss, extras[s] = step.finish(final_norm(out), segments[s])
                 loss_sum = loss if loss_sum is None else loss_sum + loss
-    new_state = tuple(t for pair in layer_state for t in pair)
-    return loss_sum, new_state, extras
+    return loss_sum, flat_state(layer_state), extras
 
 
-def _run_cells(template, params, buffers, cells, hidden, layer_state, calls, num_mem):
+def _run_cells(template, params, buffers, cells, hidden, layer_state, calls):
     """Runs the cells ``[(segment, layer), ...]`` (same shapes) as one vmapped call over their layers."""
     layer_ids = [l for _, l in cells]
     first = layer_ids[0]
@@ -132,7 +116,7 @@ def _run_cells(template, params, buffers, cells, hidden, layer_state, calls, num
         for slot, value in zip(varying_slots, varying_leaves):
             cell_leaves[slot] = value
         args, kwargs = tree_unflatten(cell_leaves, reference.spec)
-        return functional_call(template, (p, b), (h, matrix, normaliser, num_mem, args, kwargs))
+        return functional_call(template, (p, b), (h, matrix, normaliser, args, kwargs))
 
     # a model left in train mode keeps its dropout: every cell draws its own mask
     outs, new_matrices, new_normalisers = vmap(one_cell, randomness="different")(

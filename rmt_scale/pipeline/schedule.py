@@ -33,7 +33,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..model.modeling import RMTOutput
-from ..model.recurrence import keeps_gradient
+from ..model.recurrence import backpropagate, keeps_gradient
 from ..model.segments import IGNORE_INDEX, Segment
 from ..rng import restored_torch_rng, torch_rng_state
 from .stages import PipelineStage
@@ -89,7 +89,6 @@ class SegmentPipeline(nn.Module):
         self.stage, self.stage_ranks, self.chains = stage, stage_ranks, chains
         self.group, self.tied_group = group, tied_group
         self.rank = stage_ranks[stage.stage]
-        self.memory_turns_around = not stage.associative and stage.num_mem > 0
         self._loopback: collections.deque = collections.deque()  # one stage: the memory it sends itself
         self._pending: list = []
         self.offload_stash = offload_stash
@@ -99,12 +98,12 @@ class SegmentPipeline(nn.Module):
     def _source(self, t: int) -> int | None:
         if not self.stage.is_first:
             return self.stage_ranks[self.stage.stage - 1]
-        return self.stage_ranks[-1] if self.memory_turns_around and t > 0 else None
+        return self.stage_ranks[-1] if self.stage.memory_turns_around and t > 0 else None
 
     def _destination(self, t: int, num_segments: int) -> int | None:
         if not self.stage.is_last:
             return self.stage_ranks[self.stage.stage + 1]
-        return self.stage_ranks[0] if self.memory_turns_around and t < num_segments - 1 else None
+        return self.stage_ranks[0] if self.stage.memory_turns_around and t < num_segments - 1 else None
 
     def _send(self, peer: int, tensors) -> None:
         if peer == self.rank:
@@ -207,19 +206,8 @@ class SegmentPipeline(nn.Module):
             state = tuple(_leaf(x.to(run.device, non_blocking=True)) for x in state)
             with torch.enable_grad(), restored_torch_rng(rng):
                 out = self.stage(segment, received, state, tokens)
-            outputs, grads = [], []
-            if out.loss is not None and out.loss.requires_grad:
-                outputs.append(out.loss)
-                grads.append(scale.to(out.loss))
-            for tensors, gradients in ((out.sent, grad_sent), (out.state, state_grads[b])):
-                if gradients is None:
-                    continue
-                for tensor, grad in zip(tensors, gradients):
-                    if tensor.requires_grad and grad is not None:
-                        outputs.append(tensor)
-                        grads.append(grad)
-            if outputs:
-                torch.autograd.backward(outputs, grads)
+            pairs = [] if out.loss is None else [(out.loss, scale.to(out.loss))]
+            backpropagate([*pairs, *zip(out.sent, grad_sent or ()), *zip(out.state, state_grads[b] or ())])
             if table is not None:
                 table.add(segment.input_ids, tokens)
             cut = t > 0 and not keeps_gradient(t, num_segments, depth)

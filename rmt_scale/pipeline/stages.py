@@ -9,9 +9,9 @@ computes for a segment is a function of
 - ``state``: what the stage itself carried from the segment before (ARMT: its layers' (A, z));
 
 and it returns ``sent`` (to the next stage; the last stage sends RMT's written memory back to stage 0),
-its new ``state`` and, on the last stage, the segment's summed loss. Every stage computes the same thing
-as the corresponding part of ``steps.DecoderStep`` / ``steps.AssociativeStep``, so a pipeline gives the
-gradients of the one-process model.
+its new ``state`` and, on the last stage, the segment's summed loss. A stage runs the one-process step's own
+code (its ``inputs`` and ``finish``, ARMT's ``AssociativeCell``), so a pipeline gives the gradients of the
+one-process model.
 
 RMT's read memory travels down the pipe with the hidden states: the last stage needs it to keep the memory
 of samples that have no token in the segment (padded batches), as the one-process step does.
@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from ..model import RecurrentMemoryModel
+from ..model.associative import AssociativeCell, flat_state, layer_states
 from ..model.backbones import decoder_final_modules, decoder_layers, layer_inputs, run_layer
 from ..model.segments import Segment, keep_if_empty, padding_mask, positions
 
@@ -83,6 +84,8 @@ class PipelineStage(nn.Module):
         self.is_first, self.is_last = stage == 0, stage == num_stages - 1
         self.associative = model.associative is not None
         self.num_mem = model.config.num_mem_tokens
+        # RMT's memory goes down the pipe with the hidden states, and from the last stage back to stage 0
+        self.memory_turns_around = not self.associative and self.num_mem > 0
         layers = decoder_layers(model.backbone)
         self.layer_ids = split_layers(len(layers), num_stages, head_cost)[stage]
         for index in range(len(layers)):
@@ -91,7 +94,8 @@ class PipelineStage(nn.Module):
                 if self.associative:
                     model.associative.memories[index] = nn.Identity()
         self.layers = [layers[i] for i in self.layer_ids]
-        self.memories = [model.associative.memories[i] for i in self.layer_ids] if self.associative else []
+        self.cells = [AssociativeCell(layers[i], model.associative.memories[i], self.num_mem)
+                      for i in self.layer_ids] if self.associative else []
         self.final_modules = decoder_final_modules(model.backbone)
         self.head = model.backbone.get_output_embeddings()
         self.tied_head = self.head.weight is model.backbone.get_input_embeddings().weight
@@ -102,7 +106,7 @@ class PipelineStage(nn.Module):
         (and their associative memories); on stage 0 also the input part (embeddings, memory tokens); on the
         last stage the final norm, the head and RMT's memory gate. A head tied to the input embeddings is held
         by both ends (see :meth:`tied_parameters`)."""
-        layer_ids = {id(p) for module in [*self.layers, *self.memories] for p in module.parameters()}
+        layer_ids = {id(p) for module in [*self.layers, *self.cells] for p in module.parameters()}
         gate = [self.model.memory_gate] if self.model.memory_gate is not None else []
         final_ids = {id(p) for module in [*self.final_modules, *gate] for p in module.parameters()}
         head_ids = {id(p) for p in self.head.parameters()}
@@ -132,19 +136,14 @@ class PipelineStage(nn.Module):
         """Shapes of what this stage receives for ``segment`` (the ``index``-th of the sample)."""
         batch, length = segment.input_ids.shape
         width = self.model.spec.hidden_size
+        memory = [(batch, self.num_mem, width)] if self.memory_turns_around else []
         if self.is_first:
-            return [(batch, self.num_mem, width)] if (not self.associative and self.num_mem and index > 0) else []
-        hidden = (batch, self._input_length(length), self.model.backbone.config.hidden_size)
-        return [hidden] + ([(batch, self.num_mem, width)] if not self.associative and self.num_mem else [])
-
-    def _input_length(self, length: int) -> int:
-        return length + (self.num_mem if self.associative else 2 * self.num_mem)
+            return memory if index > 0 else []
+        return [(batch, self.model.step.layout.length(length), self.model.backbone.config.hidden_size), *memory]
 
     def initial_state(self, batch: int) -> tuple[torch.Tensor, ...]:
-        if not self.associative:
-            return ()
-        device = self.model.backbone.device
-        return tuple(t for memory in self.memories for t in memory.empty_state(batch, device))
+        """ARMT: the empty (A, z) of this stage's layers; RMT carries nothing."""
+        return flat_state(cell.memory.empty_state(batch, self.model.backbone.device) for cell in self.cells)
 
     # ------------------------------------------------------------------ the computation
     def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -158,60 +157,35 @@ class PipelineStage(nn.Module):
                 tokens: torch.Tensor | None = None) -> StageOutput:
         """``tokens``: stage 0's :meth:`embed_tokens` of the segment, when the caller looked them up itself
         (to backpropagate into the embedding table once for many segments); looked up here when None."""
+        step = self.model.step
         if self.is_first:
             tokens = self.embed_tokens(segment.input_ids) if tokens is None else tokens
-            embeds, mask, read_memory = self._layout(segment, received, tokens)
+            # RMT reads what the last stage sent, the learned memory in the first segment; ARMT the memory tokens
+            memory = received[0] if received else step.memory_tokens(tokens.shape[0])
+            memory = None if memory is None else memory.to(tokens.dtype)
+            embeds, mask = step.inputs(segment, memory, tokens)
+            read_memory = None if self.associative else memory
             hidden, args, kwargs = layer_inputs(self.model.backbone, embeds, padding_mask(mask), positions(mask))
         else:
             hidden, *rest = received
             read_memory = rest[0] if rest else None
-            mask = self._mask(segment)
+            mask = step.layout.mask(segment.attention_mask)
             with torch.no_grad():  # only the layer arguments (masks, rotary embeddings) are wanted
                 zeros = hidden.new_zeros(hidden.shape[0], hidden.shape[1], self.model.spec.hidden_size)
                 _, args, kwargs = layer_inputs(self.model.backbone, zeros, padding_mask(mask), positions(mask))
         new_state = []
-        for offset, layer in enumerate(self.layers):
-            if self.associative:
-                memory = self.memories[offset]
-                matrix, normaliser = state[2 * offset : 2 * offset + 2]
-                hidden = hidden + memory.read(hidden, matrix, normaliser)
-                hidden = run_layer(layer, hidden, args, kwargs)
-                written = memory.write(hidden[:, -self.num_mem :], matrix, normaliser)
+        if self.associative:
+            for cell, (matrix, normaliser) in zip(self.cells, layer_states(state)):
+                hidden, *written = cell(hidden, matrix, normaliser, args, kwargs)
                 new_state += [keep_if_empty(new, old, segment.attention_mask)
                               for new, old in zip(written, (matrix, normaliser))]
-            else:
+        else:
+            for layer in self.layers:
                 hidden = run_layer(layer, hidden, args, kwargs)
-        carried = () if read_memory is None else (read_memory,)
         if not self.is_last:
+            carried = () if read_memory is None else (read_memory,)
             return StageOutput((hidden, *carried), tuple(new_state), None)
         for module in self.final_modules:
             hidden = module(hidden)
-        length = segment.input_ids.shape[1]
-        start = 0 if self.associative else self.num_mem
-        loss, _ = self.model.step.lm_loss(hidden[:, start : start + length], segment.targets, False)
-        sent = ()
-        if read_memory is not None:
-            # a copy, not a view: a view would keep the segment's whole hidden state alive
-            written = hidden[:, start + length :].clone()
-            sent = (self.model.step.next_memory(read_memory, written, segment.attention_mask),)
+        sent, loss, _ = step.finish(hidden, segment, read_memory)  # the pipeline's segments return no logits
         return StageOutput(sent, tuple(new_state), loss)
-
-    def _mask(self, segment: Segment) -> torch.Tensor:
-        ones = segment.attention_mask.new_ones(segment.attention_mask.shape[0], self.num_mem)
-        if self.associative:
-            return torch.cat([segment.attention_mask, ones], dim=1)
-        return torch.cat([ones, segment.attention_mask, ones], dim=1) if self.num_mem else segment.attention_mask
-
-    def _layout(self, segment: Segment, received: tuple[torch.Tensor, ...], tokens: torch.Tensor):
-        """Stage 0: the segment's input embeddings and mask, and RMT's read memory (None for ARMT)."""
-        if self.associative:
-            embeds, mask = self.model.step.inputs(segment, tokens)
-            return embeds, mask, None
-        if not self.num_mem:
-            return tokens, segment.attention_mask, None
-        if received:
-            (memory,) = received
-        else:
-            memory = self.model.memory.unsqueeze(0).expand(tokens.shape[0], -1, -1)
-        memory = memory.to(tokens.dtype)
-        return torch.cat([memory, tokens, memory], dim=1), self._mask(segment), memory
