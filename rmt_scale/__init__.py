@@ -10,12 +10,26 @@ import importlib
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from .model import (ARMTConfig, AssociativeState, ConfigError, RecurrentMemoryModel, RMTConfig, RMTOutput,
-                        UnsupportedBackboneError)
+    from .model import (
+        ARMTConfig,
+        AssociativeState,
+        ConfigError,
+        RecurrentMemoryModel,
+        RMTConfig,
+        RMTOutput,
+        UnsupportedBackboneError,
+    )
 
 __version__ = "0.1.0"
-__all__ = ["ARMTConfig", "AssociativeState", "ConfigError", "RMTConfig", "RMTOutput", "RecurrentMemoryModel",
-           "UnsupportedBackboneError"]
+__all__ = [
+    "ARMTConfig",
+    "AssociativeState",
+    "ConfigError",
+    "RMTConfig",
+    "RMTOutput",
+    "RecurrentMemoryModel",
+    "UnsupportedBackboneError",
+]
 
 
 def __getattr__(name: str):

@@ -13,16 +13,18 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-from support import ROOT
-from support.models import ENCODERS
 
 from rmt_scale.data import build_word_tokenizer
 from rmt_scale.model.presets import BACKBONE_PRESETS, preset_config
+from support import ROOT
+from support.models import ENCODERS
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-TINY = {name.removeprefix("test-"): partial(preset_config, name) for name in BACKBONE_PRESETS if name.startswith("test-")}
+TINY = {
+    name.removeprefix("test-"): partial(preset_config, name) for name in BACKBONE_PRESETS if name.startswith("test-")
+}
 
 
 def _auto_class(family: str):
@@ -67,10 +69,19 @@ def backbone(tmp_path_factory) -> Path:
     run (whatever its ZeRO stage) starts from the same weights."""
     tokenizer = build_word_tokenizer()
     torch.manual_seed(0)
-    config = transformers.OPTConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, word_embed_proj_dim=32,
-                                    num_hidden_layers=2, num_attention_heads=4, ffn_dim=64,
-                                    max_position_embeddings=64, dropout=0.0, attention_dropout=0.0,
-                                    pad_token_id=tokenizer.pad_id, eos_token_id=tokenizer.eos_id)
+    config = transformers.OPTConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=32,
+        word_embed_proj_dim=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        ffn_dim=64,
+        max_position_embeddings=64,
+        dropout=0.0,
+        attention_dropout=0.0,
+        pad_token_id=tokenizer.pad_id,
+        eos_token_id=tokenizer.eos_id,
+    )
     path = tmp_path_factory.mktemp("backbone") / "opt"
     transformers.OPTForCausalLM(config).save_pretrained(path)
     return path
@@ -95,7 +106,13 @@ def slurm_env() -> dict[str, str]:
         subprocess.run([*cluster, "start"], check=True, timeout=600)
     exports = subprocess.run([*cluster, "env"], check=True, capture_output=True, text=True).stdout
     name, value = exports.split()[1].split("=", 1)
-    yield {**os.environ, name: value, "RMT_PYTHON": sys.executable, "RMT_REPO": str(ROOT),
-           "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    yield {
+        **os.environ,
+        name: value,
+        "RMT_PYTHON": sys.executable,
+        "RMT_REPO": str(ROOT),
+        "OMP_NUM_THREADS": "1",
+        "MKL_NUM_THREADS": "1",
+    }
     if started_here:
         subprocess.run([*cluster, "stop"], check=True, timeout=60)

@@ -62,23 +62,47 @@ def test_the_launcher_applies_the_policy_first():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("model, allowed_mb", [
-    # fixed-length encoder steps: measured about 1 MB; grew by 10 MB a step, without end, under jemalloc's thread
-    # caches (300 MB here)
-    (["--backbone", "tiny-bert", "--memory", "rmt", "--curriculum", "8"], 60),
-    # decoder steps of 1..32 segments: measured 43 MB (a longer step than any before it); grew by 33 MB a step
-    # while jemalloc kept every freed page (1 GB here)
-    (["--memory", "rmt", "--memory_gate", "--curriculum", "32"], 150),
-], ids=["encoder", "varying-length-decoder"])
+@pytest.mark.parametrize(
+    "model, allowed_mb",
+    [
+        # fixed-length encoder steps: measured about 1 MB; grew by 10 MB a step, without end, under jemalloc's thread
+        # caches (300 MB here)
+        (["--backbone", "tiny-bert", "--memory", "rmt", "--curriculum", "8"], 60),
+        # decoder steps of 1..32 segments: measured 43 MB (a longer step than any before it); grew by 33 MB a step
+        # while jemalloc kept every freed page (1 GB here)
+        (["--memory", "rmt", "--memory_gate", "--curriculum", "32"], 150),
+    ],
+    ids=["encoder", "varying-length-decoder"],
+)
 def test_training_memory_stays_flat_under_the_launchers_allocator(model, allowed_mb, tmp_path):
     """The peak RSS stops growing once the first steps have run: from step 10 to step 40."""
     out = tmp_path / "run"
-    result = run_python([LAUNCHER, *model, "--max_steps", "40", "--eval_every", "1000", "--eval_segments", "1",
-                         "--eval_samples", "4", "--no-baseline", "--no-export", "--out_dir", str(out)],
-                        OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    result = run_python(
+        [
+            LAUNCHER,
+            *model,
+            "--max_steps",
+            "40",
+            "--eval_every",
+            "1000",
+            "--eval_segments",
+            "1",
+            "--eval_samples",
+            "4",
+            "--no-baseline",
+            "--no-export",
+            "--out_dir",
+            str(out),
+        ],
+        OMP_NUM_THREADS="1",
+        HF_HUB_OFFLINE="1",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
-    peaks = {row["step"]: row["perf/peak_memory_mb"]
-             for row in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "perf/peak_memory_mb" in row}
+    peaks = {
+        row["step"]: row["perf/peak_memory_mb"]
+        for row in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+        if "perf/peak_memory_mb" in row
+    }
     assert json.loads((out / "results.json").read_text())["allocator"] == "jemalloc"
     assert peaks[40] - peaks[10] < allowed_mb, peaks
 
@@ -87,9 +111,11 @@ def test_peak_rss_is_the_processs_own_not_its_parents():
     """The launchers' peak RSS (perf/peak_memory_mb, eval.json) of a process started by a large one: Linux's
     ru_maxrss would report the parent's 1.5 GB."""
     ballast = bytearray(1500 * 2**20)
-    ballast[:: 4096] = b"\1" * len(range(0, len(ballast), 4096))  # touch every page, so that it is resident
-    program = (f"import runpy; memory = runpy.run_path({str(ROOT / 'rmt_scale' / 'runtime' / 'memory.py')!r}); "
-               "print(memory['peak_rss_mb']())")
+    ballast[::4096] = b"\1" * len(range(0, len(ballast), 4096))  # touch every page, so that it is resident
+    program = (
+        f"import runpy; memory = runpy.run_path({str(ROOT / 'rmt_scale' / 'runtime' / 'memory.py')!r}); "
+        "print(memory['peak_rss_mb']())"
+    )
     result = run_python(["-c", program])
     assert result.returncode == 0, result.stderr
     assert float(result.stdout) < 200

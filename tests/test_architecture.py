@@ -23,8 +23,14 @@ LAYERS = {
     "rmt_scale.data.tars": [],
     "rmt_scale.pipeline": ["rmt_scale.pipeline", "rmt_scale.model", "rmt_scale.runtime", "rmt_scale.rng"],
     "rmt_scale.profiling": ["rmt_scale.profiling", "rmt_scale.model", "rmt_scale.runtime"],
-    "rmt_scale.training": ["rmt_scale.training", "rmt_scale.data", "rmt_scale.model", "rmt_scale.pipeline",
-                           "rmt_scale.runtime", "rmt_scale.rng"],
+    "rmt_scale.training": [
+        "rmt_scale.training",
+        "rmt_scale.data",
+        "rmt_scale.model",
+        "rmt_scale.pipeline",
+        "rmt_scale.runtime",
+        "rmt_scale.rng",
+    ],
     "rmt_scale.cli": ["rmt_scale"],  # the launchers' code: anything, and nothing imports it
 }
 # DeepSpeed where engines are built and run, the ZeRO-3 gather of a partitioned parameter (a user may hit it
@@ -89,15 +95,17 @@ def absolute_imports(path: Path) -> list[str]:
 
 def test_the_package_has_no_import_cycle():
     modules = package_modules()
-    graph = {name: sorted({target for target, _ in imports_of(name, path, modules) if target != name})
-             for name, path in modules.items()}
+    graph = {
+        name: sorted({target for target, _ in imports_of(name, path, modules) if target != name})
+        for name, path in modules.items()
+    }
     visiting, done, cycles = [], set(), []
 
     def visit(node: str) -> None:
         if node in done:
             return
         if node in visiting:
-            cycles.append(visiting[visiting.index(node):] + [node])
+            cycles.append(visiting[visiting.index(node) :] + [node])
             return
         visiting.append(node)
         for target in graph[node]:
@@ -112,10 +120,13 @@ def test_the_package_has_no_import_cycle():
 
 def test_no_private_name_is_imported_from_another_module():
     modules = package_modules()
-    private = [f"{name} imports {source}.{imported}"
-               for name, path in modules.items()
-               for source, names in imports_of(name, path, modules)
-               for imported in names if imported.startswith("_")]
+    private = [
+        f"{name} imports {source}.{imported}"
+        for name, path in modules.items()
+        for source, names in imports_of(name, path, modules)
+        for imported in names
+        if imported.startswith("_")
+    ]
     assert not private, "private names crossing modules: " + "; ".join(private)
 
 
@@ -126,15 +137,21 @@ def test_each_part_imports_only_the_parts_below_it():
         part = max((part for part in LAYERS if within(name, part)), key=len)
         if part == "rmt_scale" and name != "rmt_scale":
             wrong.append(f"{name} is in no part of LAYERS")
-        wrong += [f"{name} imports {target}" for target, _ in imports_of(name, path, modules)
-                  if not any(within(target, allowed) for allowed in LAYERS[part])]
+        wrong += [
+            f"{name} imports {target}"
+            for target, _ in imports_of(name, path, modules)
+            if not any(within(target, allowed) for allowed in LAYERS[part])
+        ]
     assert not wrong, "imports against the layering: " + "; ".join(sorted(set(wrong)))
 
 
 def test_deepspeed_is_imported_only_where_it_runs():
-    wrong = [f"{name} imports {module}" for name, path in package_modules().items()
-             for module in absolute_imports(path)
-             if within(module, "deepspeed") and not any(within(name, user) for user in DEEPSPEED_USERS)]
+    wrong = [
+        f"{name} imports {module}"
+        for name, path in package_modules().items()
+        for module in absolute_imports(path)
+        if within(module, "deepspeed") and not any(within(name, user) for user in DEEPSPEED_USERS)
+    ]
     assert not wrong, "DeepSpeed outside DEEPSPEED_USERS: " + "; ".join(sorted(set(wrong)))
 
 
@@ -149,7 +166,9 @@ def test_the_checker_sees_function_local_and_relative_imports(tmp_path, monkeypa
     monkeypatch.setattr(sys.modules[__name__], "PACKAGE", package)
     modules = package_modules()
     assert [t for t, _ in imports_of("rmt_scale.sub.b", modules["rmt_scale.sub.b"], modules)] == [
-        "rmt_scale.sub.a", "rmt_scale.sub.a"]
+        "rmt_scale.sub.a",
+        "rmt_scale.sub.a",
+    ]
     with pytest.raises(AssertionError, match="rmt_scale.sub.a -> rmt_scale.sub.b -> rmt_scale.sub.a"):
         test_the_package_has_no_import_cycle()
     with pytest.raises(AssertionError, match=r"rmt_scale.sub.b imports rmt_scale.sub.a._hidden"):
@@ -163,12 +182,16 @@ def test_the_layering_checks_name_the_offending_import(tmp_path, monkeypatch):
         (package / part).mkdir(parents=True)
         (package / part / "__init__.py").write_text("")
     (package / "__init__.py").write_text("")
-    (package / "model" / "steps.py").write_text("def step():\n    from ..training import trainer\n"
-                                                 "    import deepspeed.comm\n")
+    (package / "model" / "steps.py").write_text(
+        "def step():\n    from ..training import trainer\n    import deepspeed.comm\n"
+    )
     (package / "training" / "trainer.py").write_text("from .. import model\nimport deepspeed\n")
     monkeypatch.setattr(sys.modules[__name__], "PACKAGE", package)
-    with pytest.raises(AssertionError, match=r"layering: rmt_scale.extra is in no part of LAYERS; "
-                                             r"rmt_scale.model.steps imports rmt_scale.training.trainer\n"):
+    with pytest.raises(
+        AssertionError,
+        match=r"layering: rmt_scale.extra is in no part of LAYERS; "
+        r"rmt_scale.model.steps imports rmt_scale.training.trainer\n",
+    ):
         test_each_part_imports_only_the_parts_below_it()
     with pytest.raises(AssertionError, match=r"DEEPSPEED_USERS: rmt_scale.model.steps imports deepspeed.comm\n"):
         test_deepspeed_is_imported_only_where_it_runs()

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from support.models import armt, assert_states_close, ids
 
 from rmt_scale import ARMTConfig, RecurrentMemoryModel
 from rmt_scale.model import AssociativeMemory, UnsupportedBackboneError, dpfp
+from support.models import armt, assert_states_close, ids
 
 ARMT_FAMILIES = ["opt", "gpt2", "llama", "mistral", "gpt_neox"]
 
@@ -80,8 +80,9 @@ def test_the_first_segment_reads_an_empty_memory(load_backbone):
     """Trained or not, nothing has been written before the first segment: it computes what the backbone does."""
     model = armt(load_backbone, "llama")
     x = ids(1, 16)
-    torch.testing.assert_close(model(x, return_logits=True).logits[:, :8], model.backbone(x[:, :8]).logits,
-                               atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        model(x, return_logits=True).logits[:, :8], model.backbone(x[:, :8]).logits, atol=1e-5, rtol=1e-5
+    )
 
 
 def test_the_state_belongs_to_the_sample_not_to_the_module(load_backbone):
@@ -202,4 +203,3 @@ def test_unsupported_backbones_and_bad_inputs_raise_clear_errors(load_backbone):
     model.backbone.activation_checkpointing_enable()
     with pytest.raises(ValueError, match="activation checkpointing"):
         model(ids(1, 10))
-

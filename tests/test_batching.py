@@ -11,8 +11,8 @@ from transformers import AutoModelForCausalLM
 
 from rmt_scale import RecurrentMemoryModel, RMTConfig
 from rmt_scale.data import ShardStream, TaskGenerator, build_word_tokenizer, collate, make_sample, write_shards
-from rmt_scale.model.segments import IGNORE_INDEX
 from rmt_scale.model.presets import preset_config
+from rmt_scale.model.segments import IGNORE_INDEX
 from rmt_scale.training.batches import TrainBatches
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "data.md"
@@ -27,7 +27,8 @@ def test_collate_pads_on_the_right_and_labels_only_the_answer(tok):
     samples = [make_sample("reason", n, seed, tok) for seed, n in ((1, 300), (2, 237))]
     batch = collate(samples, pad_id=tok.pad_id)
     assert {name: (tuple(t.shape), t.dtype) for name, t in batch.items()} == {
-        name: ((2, 300), torch.int64) for name in ("input_ids", "labels", "attention_mask")}
+        name: ((2, 300), torch.int64) for name in ("input_ids", "labels", "attention_mask")
+    }
     assert batch["attention_mask"].sum(dim=1).tolist() == [300, 237]
     for row, sample in enumerate(samples):
         context, end = len(sample.tokens), sample.num_tokens
@@ -42,8 +43,19 @@ def test_collate_pads_on_the_right_and_labels_only_the_answer(tok):
 
 def test_ranks_split_the_global_batch(tok):
     generator = TaskGenerator("memorize", tok, seed=0)
-    make = lambda rank, world, micro: TrainBatches(generator, None, micro_batch=micro, grad_accum=1, rank=rank,
-                                                   world_size=world, segment_size=16, pad_id=tok.pad_id)
+
+    def make(rank, world, micro):
+        return TrainBatches(
+            generator,
+            None,
+            micro_batch=micro,
+            grad_accum=1,
+            rank=rank,
+            world_size=world,
+            segment_size=16,
+            pad_id=tok.pad_id,
+        )
+
     whole = make(0, 1, 4).step(2)[0]["input_ids"]
     halves = [make(r, 2, 2).step(2)[0]["input_ids"] for r in range(2)]
     assert whole.shape == (4, 32)
@@ -53,9 +65,19 @@ def test_ranks_split_the_global_batch(tok):
 def test_shard_batches_pad_to_whole_segments_and_resume(tmp_path, tok):
     generator = TaskGenerator("memorize", tok, seed=0)
     write_shards((generator.sample(i, 20 + 7 * i) for i in range(6)), str(tmp_path / "shards"), max_samples=2)
-    make = lambda: TrainBatches(None, ShardStream(str(tmp_path / "shards"), rank=0, world_size=1, seed=3),
-                                micro_batch=2, grad_accum=1, rank=0, world_size=1, segment_size=16,
-                                pad_id=tok.pad_id)
+
+    def make():
+        return TrainBatches(
+            None,
+            ShardStream(str(tmp_path / "shards"), rank=0, world_size=1, seed=3),
+            micro_batch=2,
+            grad_accum=1,
+            rank=0,
+            world_size=1,
+            segment_size=16,
+            pad_id=tok.pad_id,
+        )
+
     batches = make()
     first = batches.step(num_segments=1)[0]
     state = batches.state_dict()

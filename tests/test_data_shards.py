@@ -13,8 +13,14 @@ import numpy as np
 import pytest
 from torch.utils.data import DataLoader
 
-from rmt_scale.data import (CorruptShardError, ShardStream, TaskGenerator, build_word_tokenizer, iter_tar_samples,
-                            write_shards)
+from rmt_scale.data import (
+    CorruptShardError,
+    ShardStream,
+    TaskGenerator,
+    build_word_tokenizer,
+    iter_tar_samples,
+    write_shards,
+)
 
 NUM_SAMPLES = 11
 
@@ -45,8 +51,9 @@ def test_written_shards_are_plain_webdataset_tars(shard_dir):
     index = json.loads((shard_dir / "index.json").read_text())
     assert [s["samples"] for s in index["shards"]] == [3, 3, 3, 2] and index["total_samples"] == NUM_SAMPLES
     with tarfile.open(shard_dir / "shard-000000.tar") as tar:
-        assert tar.getnames() == [f"00000000{i}.{f}" for i in range(3) for f in ("answer.npy", "meta.json",
-                                                                                  "tokens.npy")]
+        assert tar.getnames() == [
+            f"00000000{i}.{f}" for i in range(3) for f in ("answer.npy", "meta.json", "tokens.npy")
+        ]
     import webdataset as wds  # webdataset itself reads them
 
     first = next(iter(wds.WebDataset(str(shard_dir / "shard-000000.tar"), shardshuffle=False)))
@@ -60,8 +67,13 @@ def test_read_back_equals_what_was_written(shard_dir, samples):
         assert np.array_equal(got.tokens, want.tokens) and got.tokens.dtype == np.int32
         assert np.array_equal(got.answer, want.answer)
         assert np.array_equal(got.fact_positions, want.fact_positions)
-        assert (got.task, got.question, got.answer_text, got.facts, got.num_tokens) == \
-               (want.task, want.question, want.answer_text, want.facts, want.num_tokens)
+        assert (got.task, got.question, got.answer_text, got.facts, got.num_tokens) == (
+            want.task,
+            want.question,
+            want.answer_text,
+            want.facts,
+            want.num_tokens,
+        )
 
 
 def test_memory_and_file_urls(samples, shard_dir):
@@ -134,7 +146,7 @@ def test_resume_continues_at_exactly_the_next_sample(shard_dir, num_workers):
     stream = ShardStream(str(shard_dir), rank=1, world_size=2)
     stream.set_epoch(3)
     consumed = []
-    for sample in (DataLoader(stream, batch_size=None, num_workers=num_workers) if num_workers else stream):
+    for sample in DataLoader(stream, batch_size=None, num_workers=num_workers) if num_workers else stream:
         consumed.append(sample)
         if len(consumed) == 2:
             break
@@ -158,9 +170,9 @@ def corrupt_copy(shard_dir, tmp_path, how):
         member = tar.getmember("000000004.tokens.npy")
     data = bytearray(path.read_bytes())
     if how == "truncate":
-        data = data[:member.offset_data + 20]
+        data = data[: member.offset_data + 20]
     else:  # overwrite the .npy header so it is no longer an array
-        data[member.offset_data:member.offset_data + 10] = b"garbage!!!"
+        data[member.offset_data : member.offset_data + 10] = b"garbage!!!"
     path.write_bytes(bytes(data))
     return out, member.name
 
@@ -201,7 +213,7 @@ def test_token_ids_outside_the_vocabulary_name_shard_member_and_value(shard_dir,
         info = tar.getmember("000000004.tokens.npy")
         tokens = np.load(io.BytesIO(tar.extractfile(info).read()))
     offset = info.offset_data + info.size - tokens.nbytes + 7 * tokens.itemsize  # the 8th token id
-    data[offset:offset + 4] = np.array([70_000], dtype=tokens.dtype).tobytes()
+    data[offset : offset + 4] = np.array([70_000], dtype=tokens.dtype).tobytes()
     path.write_bytes(bytes(data))
 
     with tarfile.open(path) as tar:  # still a valid tar of valid arrays
@@ -211,7 +223,8 @@ def test_token_ids_outside_the_vocabulary_name_shard_member_and_value(shard_dir,
         list(ShardStream(str(damaged), shuffle=False, vocab_size=tok.vocab_size))
     assert str(info.value).startswith(
         f"corrupt shard {damaged}/shard-000001.tar at member '000000004.tokens.npy': token id 70000 at position 7 "
-        f"is outside the vocabulary of {tok.vocab_size} ids (0..{tok.vocab_size - 1})")
+        f"is outside the vocabulary of {tok.vocab_size} ids (0..{tok.vocab_size - 1})"
+    )
     stream = ShardStream(str(damaged), shuffle=False, vocab_size=tok.vocab_size, skip_corrupt=True)
     assert len(list(stream)) == NUM_SAMPLES and stream.corrupt_count == 1
 
@@ -225,18 +238,39 @@ def test_never_unpickles(tmp_path):
 
     buf = io.BytesIO()
     np.save(buf, np.array([Bomb()], dtype=object), allow_pickle=True)
-    meta = {"task": "detect", "question": "q", "answer_text": "a", "facts": [], "fact_positions": [],
-            "fact_lengths": [], "num_tokens": 3, "meta": {}}
+    meta = {
+        "task": "detect",
+        "question": "q",
+        "answer_text": "a",
+        "facts": [],
+        "fact_positions": [],
+        "fact_lengths": [],
+        "num_tokens": 3,
+        "meta": {},
+    }
     with wds.TarWriter(str(tmp_path / "evil.tar"), encoder=False) as writer:
-        writer.write({"__key__": "000", "tokens.npy": buf.getvalue(), "answer.npy": buf.getvalue(),
-                      "meta.json": json.dumps(meta).encode(), "extra.pickle": pickle.dumps(Bomb())})
+        writer.write(
+            {
+                "__key__": "000",
+                "tokens.npy": buf.getvalue(),
+                "answer.npy": buf.getvalue(),
+                "meta.json": json.dumps(meta).encode(),
+                "extra.pickle": pickle.dumps(Bomb()),
+            }
+        )
     with pytest.raises(CorruptShardError, match="000.answer.npy|000.tokens.npy") as info:
         list(ShardStream(str(tmp_path / "evil.tar"), shuffle=False))
     assert "pickled (object) data, which is never loaded" in str(info.value)
     # a raw pickle instead of a .npy: numpy's own message advises loading it unsafely; ours does not
     with wds.TarWriter(str(tmp_path / "raw.tar"), encoder=False) as writer:
-        writer.write({"__key__": "000", "tokens.npy": pickle.dumps(Bomb()), "answer.npy": pickle.dumps(Bomb()),
-                      "meta.json": json.dumps(meta).encode()})
+        writer.write(
+            {
+                "__key__": "000",
+                "tokens.npy": pickle.dumps(Bomb()),
+                "answer.npy": pickle.dumps(Bomb()),
+                "meta.json": json.dumps(meta).encode(),
+            }
+        )
     with pytest.raises(CorruptShardError, match="pickled \\(object\\) data, which is never loaded") as info:
         list(ShardStream(str(tmp_path / "raw.tar"), shuffle=False))
     assert "unsafely" not in str(info.value) and "allow_pickle" not in str(info.value)
@@ -253,8 +287,11 @@ def test_pickle_members_stay_bytes_where_webdatasets_default_decoder_would_run_t
         def __reduce__(self):
             return (open, (str(tmp_path / "pwned"), "w"))
 
-    record = {**encode_sample(samples[0], "000"), "extra.pyd": pickle.dumps(Bomb()),
-              "extra.pickle": pickle.dumps(Bomb())}
+    record = {
+        **encode_sample(samples[0], "000"),
+        "extra.pyd": pickle.dumps(Bomb()),
+        "extra.pickle": pickle.dumps(Bomb()),
+    }
     with wds.TarWriter(str(tmp_path / "extra.tar"), encoder=False) as writer:
         writer.write(record)
     [got] = ShardStream(str(tmp_path / "extra.tar"), shuffle=False)
@@ -274,10 +311,14 @@ def test_selection_ends_the_tar_early_and_skips_unselected_data(shard_dir):
         return None if ordinal > 1 else ordinal == 1
 
     [record] = iter_tar_samples(url, select=second_only)
-    assert record["__key__"] == "000000001" and set(record) == {"__key__", "__url__", "answer.npy", "meta.json",
-                                                                "tokens.npy"}
+    assert record["__key__"] == "000000001" and set(record) == {
+        "__key__",
+        "__url__",
+        "answer.npy",
+        "meta.json",
+        "tokens.npy",
+    }
     assert asked == [0, 1, 2]  # the third sample ended the read; the tar holds three
-
 
 
 def test_background_text_shards_read_through_the_same_reader(tok, tmp_path):

@@ -6,8 +6,19 @@ import numpy as np
 import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from rmt_scale.data import (ACTORS, LOCATIONS, OBJECTS, Background, TaskGenerator, build_word_tokenizer,
-                            default_background, filler_sentences, load_tokenizer, make_sample, make_story)
+from rmt_scale.data import (
+    ACTORS,
+    LOCATIONS,
+    OBJECTS,
+    Background,
+    TaskGenerator,
+    build_word_tokenizer,
+    default_background,
+    filler_sentences,
+    load_tokenizer,
+    make_sample,
+    make_story,
+)
 
 
 @pytest.fixture(scope="module")
@@ -92,9 +103,9 @@ def test_sample_has_exact_length_facts_in_order_and_question_last(tok, task, num
     assert len(sample.facts) == (2 if task == "reason" else 1)
     assert np.all(np.diff(sample.fact_positions) >= sample.fact_lengths[:-1])  # in order, never overlapping
     for fact, pos, length in zip(sample.facts, sample.fact_positions, sample.fact_lengths):
-        assert sample.tokens[pos:pos + length].tolist() == tok.encode(fact).tolist()
+        assert sample.tokens[pos : pos + length].tolist() == tok.encode(fact).tolist()
     question = tok.encode(sample.question)
-    assert sample.tokens[-len(question):].tolist() == question.tolist()
+    assert sample.tokens[-len(question) :].tolist() == question.tolist()
     assert tok.decode(sample.answer) == sample.answer_text and len(sample.answer) == 1
     if task == "memorize":
         assert sample.fact_positions[0] == 0
@@ -152,12 +163,12 @@ def test_ten_million_token_sample_wraps_the_background(tok):
     big = gen.sample(1, 10_000_000)
     assert len(big.tokens) + len(big.answer) == 10_000_000
     for fact, pos, length in zip(big.facts, big.fact_positions, big.fact_lengths):
-        assert big.tokens[pos:pos + length].tolist() == tok.encode(fact).tolist()
+        assert big.tokens[pos : pos + length].tolist() == tok.encode(fact).tolist()
     question = tok.encode(big.question)
-    assert big.tokens[-len(question):].tolist() == question.tolist()
+    assert big.tokens[-len(question) :].tolist() == question.tolist()
     # a stretch of background far past its first pass is a stretch of the background text
     start = 9 * len(background) + 12_345
-    stretch = big.tokens[start:start + 1000]
+    stretch = big.tokens[start : start + 1000]
     facts_span = [(p, p + n) for p, n in zip(big.fact_positions, big.fact_lengths)]
     assert all(end <= start or p >= start + 1000 for p, end in facts_span)
     assert _contains(np.concatenate([background, background]), stretch)
@@ -172,12 +183,16 @@ def test_user_text_files_and_any_hf_tokenizer(tmp_path):
     """A BPE tokenizer saved as an HF directory, and background from the user's own text file."""
     from transformers import PreTrainedTokenizerFast
 
-    corpus = filler_sentences(500) + [f"{a} went to the {l}." for a in ACTORS for l in LOCATIONS]
+    corpus = filler_sentences(500) + [f"{a} went to the {place}." for a in ACTORS for place in LOCATIONS]
     bpe = Tokenizer(models.BPE(unk_token="<unk>"))
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
-    bpe.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>", "<eos>"],
-                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    bpe.train_from_iterator(
+        corpus,
+        trainers.BpeTrainer(
+            vocab_size=400, special_tokens=["<unk>", "<eos>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        ),
+    )
     PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<eos>").save_pretrained(str(tmp_path / "bpe"))
     tok = load_tokenizer(str(tmp_path / "bpe"))
 
@@ -188,5 +203,5 @@ def test_user_text_files_and_any_hf_tokenizer(tmp_path):
     sample = make_sample("reason", 700, 2, tok, background)
     assert len(sample.tokens) + len(sample.answer) == 700
     for fact, pos, length in zip(sample.facts, sample.fact_positions, sample.fact_lengths):
-        assert tok.decode(sample.tokens[pos:pos + length]).strip() == fact
+        assert tok.decode(sample.tokens[pos : pos + length]).strip() == fact
     assert "snow fell on the roofs all night" in tok.decode(sample.tokens)

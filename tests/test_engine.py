@@ -15,10 +15,10 @@ import torch
 
 from rmt_scale.data import TaskGenerator, build_word_tokenizer
 from rmt_scale.model import ARMTConfig, RMTConfig
+from rmt_scale.model.activations import LayerOffload, SavedTensorBytes, checkpoint_layers
 from rmt_scale.model.presets import preset_config
 from rmt_scale.training import TrainConfig
 from rmt_scale.training.batches import collate
-from rmt_scale.model.activations import LayerOffload, SavedTensorBytes, checkpoint_layers
 from rmt_scale.training.ds_config import activation_settings, build_ds_config, load_ds_config
 from rmt_scale.training.trainer import build_model
 
@@ -68,12 +68,19 @@ def test_pipeline_configs_count_replicas_not_ranks(name, stages):
     assert ds["zero_optimization"]["stage"] == 1
 
 
-@pytest.mark.parametrize("change,world_size,message", [
-    ({"zero_optimization": {"stage": 3}}, 2, "ZeRO stage 3 cannot run with pipeline stages"),
-    ({"pipeline": {"stages": 2}}, 3, "pipeline.stages=2 does not divide the 3 ranks"),
-    ({"pipeline": {"stages": 0}}, 2, "must be a positive integer"),
-    ({"pipeline": {"stages": 2, "chains": 5}}, 2, r"pipeline.chains=5 must be between 1 and the micro-batch size \(4\)"),
-])
+@pytest.mark.parametrize(
+    "change,world_size,message",
+    [
+        ({"zero_optimization": {"stage": 3}}, 2, "ZeRO stage 3 cannot run with pipeline stages"),
+        ({"pipeline": {"stages": 2}}, 3, "pipeline.stages=2 does not divide the 3 ranks"),
+        ({"pipeline": {"stages": 0}}, 2, "must be a positive integer"),
+        (
+            {"pipeline": {"stages": 2, "chains": 5}},
+            2,
+            r"pipeline.chains=5 must be between 1 and the micro-batch size \(4\)",
+        ),
+    ],
+)
 def test_bad_pipeline_configs_are_refused(change, world_size, message):
     raw = load_ds_config(str(CONFIGS / "pipeline.json")) | change
     with pytest.raises(ValueError, match=message):
@@ -145,8 +152,12 @@ def test_layer_offload_cuts_what_a_segment_keeps_on_the_device():
         counted[offload is not None] = saved.kept, saved.offloaded
 
     shapes = model.backbone.config
-    hidden, ffn, heads, layers = (shapes.hidden_size, shapes.ffn_dim, shapes.num_attention_heads,
-                                  shapes.num_hidden_layers)
+    hidden, ffn, heads, layers = (
+        shapes.hidden_size,
+        shapes.ffn_dim,
+        shapes.num_attention_heads,
+        shapes.num_hidden_layers,
+    )
     positions = batch_size * (config.segment_size + 2 * config.num_mem_tokens)
     layer_activations = 4 * positions * (8 * hidden + ffn + heads + 4)
     (kept_without, _), (kept_with, offloaded_with) = counted[False], counted[True]
@@ -159,8 +170,9 @@ def test_layer_offload_cuts_what_a_segment_keeps_on_the_device():
 
 def test_armt_gets_segment_checkpointing_only():
     """ARMT's layer hooks must run inside the segment step, so the block checkpoints its segments, not its layers."""
-    config, layers, offload = activation_settings(ARMTConfig(segment_size=16, backprop="bptt"),
-                                                  load_ds_config(str(CONFIGS / "zero3.json")))
+    config, layers, offload = activation_settings(
+        ARMTConfig(segment_size=16, backprop="bptt"), load_ds_config(str(CONFIGS / "zero3.json"))
+    )
     assert (config.backprop, layers, offload) == ("checkpoint", False, False)
 
 
@@ -170,10 +182,35 @@ def test_zero3_run_logs_the_offloaded_bytes(tmp_path):
     what the step's segments moved: segments x layers x (batch, memory + segment + memory, hidden) floats."""
     out = tmp_path / "run"
     segment_size, num_mem, batch_size = 16, 4, 2
-    command = [sys.executable, str(ROOT / "launchers" / "train.py"), "--ds_config", str(CONFIGS / "zero3.json"),
-               "--memory", "rmt", "--segment_size", str(segment_size), "--num_mem_tokens", str(num_mem),
-               "--micro_batch_size", str(batch_size), "--curriculum", "1,3", "--stage_steps", "2", "--max_steps", "4",
-               "--eval_every", "4", "--eval_segments", "1", "--eval_samples", "2", "--out_dir", str(out), "--no-baseline"]
+    command = [
+        sys.executable,
+        str(ROOT / "launchers" / "train.py"),
+        "--ds_config",
+        str(CONFIGS / "zero3.json"),
+        "--memory",
+        "rmt",
+        "--segment_size",
+        str(segment_size),
+        "--num_mem_tokens",
+        str(num_mem),
+        "--micro_batch_size",
+        str(batch_size),
+        "--curriculum",
+        "1,3",
+        "--stage_steps",
+        "2",
+        "--max_steps",
+        "4",
+        "--eval_every",
+        "4",
+        "--eval_segments",
+        "1",
+        "--eval_samples",
+        "2",
+        "--out_dir",
+        str(out),
+        "--no-baseline",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(name, None)

@@ -11,8 +11,8 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 from rmt_scale import ARMTConfig, RecurrentMemoryModel, RMTConfig
 from rmt_scale.data import LOCATIONS, AnswerClasses, TaskGenerator, build_word_tokenizer, collate
-from rmt_scale.model.segments import IGNORE_INDEX
 from rmt_scale.model.presets import preset_config
+from rmt_scale.model.segments import IGNORE_INDEX
 from rmt_scale.training.evaluation import samples_at, stacked_batch, streaming_correct
 
 SEGMENT = 16
@@ -45,9 +45,11 @@ def build(variant: str, vocab_size: int, tokenizer) -> RecurrentMemoryModel:
     torch.manual_seed(0)
     if variant == "encoder":
         backbone = AutoModelForSequenceClassification.from_config(
-            preset_config("test-bert", vocab_size=vocab_size, num_labels=6, max_position_embeddings=64))
-        config = RMTConfig(num_mem_tokens=4, segment_size=SEGMENT, cls_token_id=tokenizer.cls_id,
-                           sep_token_id=tokenizer.sep_id)
+            preset_config("test-bert", vocab_size=vocab_size, num_labels=6, max_position_embeddings=64)
+        )
+        config = RMTConfig(
+            num_mem_tokens=4, segment_size=SEGMENT, cls_token_id=tokenizer.cls_id, sep_token_id=tokenizer.sep_id
+        )
     else:
         backbone = AutoModelForCausalLM.from_config(preset_config("test-opt", vocab_size=vocab_size))
         config_class = ARMTConfig if variant == "armt" else RMTConfig
@@ -81,8 +83,9 @@ def test_streaming_predicts_what_the_whole_input_predicts(variant, tokenizer):
         other = torch.where(answer, (predicted + 1) % tokenizer.vocab_size, predicted)
 
     lengths = []
-    hook = model.register_forward_pre_hook(lambda module, args, kwargs: lengths.append(args[0].shape[1]),
-                                           with_kwargs=True)
+    hook = model.register_forward_pre_hook(
+        lambda module, args, kwargs: lengths.append(args[0].shape[1]), with_kwargs=True
+    )
     assert streaming_correct(model, input_ids, matching, SEGMENT).tolist() == [True] * 6
     hook.remove()
     assert not streaming_correct(model, input_ids, other, SEGMENT).any()
@@ -117,8 +120,7 @@ def test_a_model_without_memory_is_scored_on_its_last_segment_alone(tokenizer):
     torch.manual_seed(0)
     backbone = AutoModelForCausalLM.from_config(preset_config("test-opt", vocab_size=tokenizer.vocab_size))
     model = RecurrentMemoryModel(backbone, RMTConfig(num_mem_tokens=0, segment_size=SEGMENT)).eval()
-    batch = collate(drawn(TaskGenerator("detect", tokenizer, seed=11), 6),
-                    tokenizer.pad_id)
+    batch = collate(drawn(TaskGenerator("detect", tokenizer, seed=11), 6), tokenizer.pad_id)
     input_ids, labels = batch["input_ids"], batch["labels"]
     with torch.no_grad():
         whole = model(input_ids, return_logits=True).logits
@@ -126,8 +128,9 @@ def test_a_model_without_memory_is_scored_on_its_last_segment_alone(tokenizer):
     predicted = torch.full_like(labels, IGNORE_INDEX)
     predicted[:, 1:][answer[:, 1:]] = whole[:, :-1].argmax(dim=-1)[answer[:, 1:]]
     lengths = []
-    hook = model.register_forward_pre_hook(lambda module, args, kwargs: lengths.append(args[0].shape[1]),
-                                           with_kwargs=True)
+    hook = model.register_forward_pre_hook(
+        lambda module, args, kwargs: lengths.append(args[0].shape[1]), with_kwargs=True
+    )
     assert streaming_correct(model, input_ids, predicted, SEGMENT).tolist() == [True] * 6
     hook.remove()
     assert lengths == [SEGMENT]

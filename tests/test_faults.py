@@ -19,13 +19,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from support import ROOT
-from support.runs import LAUNCHER, environment, launch, losses, run_args, scalars
-from support.slurm import QUICK_FLAGS, logged_steps, submit, wait_for, wait_until_final
 
 from rmt_scale.data import TaskGenerator, build_word_tokenizer, write_shards
 from rmt_scale.training import EXIT_DATA_ERROR, checkpoint
 from rmt_scale.training.distributed import free_port
+from support import ROOT
+from support.runs import LAUNCHER, environment, launch, losses, run_args, scalars
+from support.slurm import QUICK_FLAGS, logged_steps, submit, wait_for, wait_until_final
 
 pytestmark = pytest.mark.slow
 MODEL_FILE = "mp_rank_00_model_states.pt"  # DeepSpeed's model file without ZeRO
@@ -62,12 +62,18 @@ def truncate(path: Path) -> None:
 
 
 FAULTS = {
-    "truncated model file": (lambda step: truncate(step / MODEL_FILE),
-                             rf"{MODEL_FILE} has \d+ bytes, the manifest says \d+"),
-    "truncated trainer state": (lambda step: truncate(step / "trainer_state_rank0.pt"),
-                                r"trainer_state_rank0.pt has \d+ bytes, the manifest says \d+"),
-    "deleted trainer state": (lambda step: (step / "trainer_state_rank0.pt").unlink(),
-                              "trainer_state_rank0.pt is missing"),
+    "truncated model file": (
+        lambda step: truncate(step / MODEL_FILE),
+        rf"{MODEL_FILE} has \d+ bytes, the manifest says \d+",
+    ),
+    "truncated trainer state": (
+        lambda step: truncate(step / "trainer_state_rank0.pt"),
+        r"trainer_state_rank0.pt has \d+ bytes, the manifest says \d+",
+    ),
+    "deleted trainer state": (
+        lambda step: (step / "trainer_state_rank0.pt").unlink(),
+        "trainer_state_rank0.pt is missing",
+    ),
 }
 
 
@@ -93,12 +99,18 @@ def test_resume_refuses_damaged_checkpoints_it_cannot_fall_back_from(finished, t
     shutil.copytree(finished, out)
     checkpoints = out / "checkpoints"
     truncate(checkpoints / "step000004" / MODEL_FILE)
-    with pytest.raises(ValueError, match=r"--resume='step000004' is not a complete checkpoint: "
-                                         rf"{MODEL_FILE} has \d+ bytes"):
+    with pytest.raises(
+        ValueError,
+        match=r"--resume='step000004' is not a complete checkpoint: "
+        rf"{MODEL_FILE} has \d+ bytes",
+    ):
         checkpoint.find(out, "step000004")  # a named checkpoint is not swapped for another
     (checkpoints / "step000002" / "trainer_state_rank0.pt").unlink()
-    with pytest.raises(ValueError, match=r"found no intact checkpoint .*: skipped step000004 \(.*\); step000002 "
-                                         r"\(trainer_state_rank0.pt is missing\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"found no intact checkpoint .*: skipped step000004 \(.*\); step000002 "
+        r"\(trainer_state_rank0.pt is missing\)",
+    ):
         checkpoint.find(out, "auto")
     # one byte changed, size kept: only the checksum tells
     state = checkpoints / "step000004" / "trainer_state_rank0.pt"
@@ -149,23 +161,32 @@ def overwrite_token(shard: Path, members: list[str], position: int, value: int) 
             info = tar.getmember(name)
             tokens = np.load(io.BytesIO(tar.extractfile(info).read()))
             offset = info.offset_data + info.size - tokens.nbytes + position * tokens.itemsize
-            data[offset:offset + tokens.itemsize] = np.array([value], dtype=tokens.dtype).tobytes()
+            data[offset : offset + tokens.itemsize] = np.array([value], dtype=tokens.dtype).tobytes()
     shard.write_bytes(bytes(data))
 
 
 def launch_ranks(args: list[str], ranks: int = 2) -> list[subprocess.CompletedProcess]:
     """The ranks as separate processes with RANK/WORLD_SIZE set, as srun starts them; waits for all."""
     port = str(free_port())
-    processes = [subprocess.Popen([sys.executable, LAUNCHER, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                  text=True, env=environment(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(ranks),
-                                                             MASTER_ADDR="127.0.0.1", MASTER_PORT=port))
-                 for r in range(ranks)]
+    processes = [
+        subprocess.Popen(
+            [sys.executable, LAUNCHER, *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=environment(
+                RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(ranks), MASTER_ADDR="127.0.0.1", MASTER_PORT=port
+            ),
+        )
+        for r in range(ranks)
+    ]
     outputs = [p.communicate(timeout=300) for p in processes]
     return [subprocess.CompletedProcess(p.args, p.returncode, out, err) for p, (out, err) in zip(processes, outputs)]
 
 
-def test_corrupt_samples_stop_both_ranks_with_a_checkpoint_then_skip_up_to_the_limit(backbone, corrupt_shards,
-                                                                                    tmp_path):
+def test_corrupt_samples_stop_both_ranks_with_a_checkpoint_then_skip_up_to_the_limit(
+    backbone, corrupt_shards, tmp_path
+):
     out = tmp_path / "run"
     args = quick_args(backbone, out, shards=corrupt_shards, micro_batch_size=2, max_steps=4, save_every=0)
 
@@ -175,8 +196,10 @@ def test_corrupt_samples_stop_both_ranks_with_a_checkpoint_then_skip_up_to_the_l
     member = f"{CORRUPT[0]:09d}.tokens.npy"
     vocab = build_word_tokenizer().vocab_size
     for result in first:
-        assert (f"error: rank 1: corrupt shard {corrupt_shards}/shard-000000.tar at member '{member}': token id "
-                f"{BAD_ID} at position 3 is outside the vocabulary of {vocab} ids") in result.stderr
+        assert (
+            f"error: rank 1: corrupt shard {corrupt_shards}/shard-000000.tar at member '{member}': token id "
+            f"{BAD_ID} at position 3 is outside the vocabulary of {vocab} ids"
+        ) in result.stderr
         assert "--skip_corrupt_samples N" in result.stderr
     assert "stopped at step 1 on a data error; checkpoint written, exit code 65" in first[0].stdout
     assert (out / "checkpoints" / "latest").read_text() == "step000001"
@@ -195,11 +218,19 @@ def test_corrupt_samples_stop_both_ranks_with_a_checkpoint_then_skip_up_to_the_l
     assert state["data"]["shards"]["position"] == 4 and state["data"]["corrupt_samples"] == 1
 
     # 3. the 2-rank checkpoint is refused on 1 rank, with the reason, before the model is built
-    refused = subprocess.run([sys.executable, LAUNCHER, *args, "--resume", "auto"], env=environment(),
-                             capture_output=True, text=True, timeout=300)
+    refused = subprocess.run(
+        [sys.executable, LAUNCHER, *args, "--resume", "auto"],
+        env=environment(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert refused.returncode == 2, refused.stderr[-3000:]
-    assert re.search(r"error: cannot resume \S+step000002: it was written by 2 ranks and this run has 1\. Another "
-                     r"rank count changes the global batch", refused.stderr), refused.stderr
+    assert re.search(
+        r"error: cannot resume \S+step000002: it was written by 2 ranks and this run has 1\. Another "
+        r"rank count changes the global batch",
+        refused.stderr,
+    ), refused.stderr
     assert "resumed" not in refused.stdout and sorted(losses(out)) == [1, 2]
 
 
@@ -211,23 +242,39 @@ def test_path_errors_exit_2_with_one_line_before_any_work(tmp_path):
     out = tmp_path / "out"
     cases = {
         "--backbone /nonexistent": (["--backbone", "/nonexistent"], "--backbone /nonexistent: no such directory."),
-        "--out_dir file": (["--out_dir", str(tmp_path / "notes.txt")],
-                           f"--out_dir {tmp_path}/notes.txt is a file: pass a directory"),
-        "--out_dir under a file": (["--out_dir", str(tmp_path / "notes.txt" / "run")],
-                                   f"--out_dir {tmp_path}/notes.txt/run is not a writable directory (Not a directory)"),
-        "--shards empty dir": (["--shards", str(tmp_path / "empty")],
-                               f"--shards {tmp_path}/empty: {tmp_path}/empty/index.json does not exist. Write shards "
-                               "with tools/make_shards.py"),
-        "--shards text file": (["--shards", str(tmp_path / "notes.txt")],
-                               f"--shards {tmp_path}/notes.txt is a file, but neither a .tar/.tar.gz/.tgz shard nor "
-                               "an index .json"),
-        "--shards unreachable": (["--shards", "http://127.0.0.1:9/x.tar"],
-                                 "--shards: shard http://127.0.0.1:9/x.tar cannot be reached (ClientConnectorError: "
-                                 "Cannot connect to host 127.0.0.1:9"),
+        "--out_dir file": (
+            ["--out_dir", str(tmp_path / "notes.txt")],
+            f"--out_dir {tmp_path}/notes.txt is a file: pass a directory",
+        ),
+        "--out_dir under a file": (
+            ["--out_dir", str(tmp_path / "notes.txt" / "run")],
+            f"--out_dir {tmp_path}/notes.txt/run is not a writable directory (Not a directory)",
+        ),
+        "--shards empty dir": (
+            ["--shards", str(tmp_path / "empty")],
+            f"--shards {tmp_path}/empty: {tmp_path}/empty/index.json does not exist. Write shards "
+            "with tools/make_shards.py",
+        ),
+        "--shards text file": (
+            ["--shards", str(tmp_path / "notes.txt")],
+            f"--shards {tmp_path}/notes.txt is a file, but neither a .tar/.tar.gz/.tgz shard nor an index .json",
+        ),
+        "--shards unreachable": (
+            ["--shards", "http://127.0.0.1:9/x.tar"],
+            "--shards: shard http://127.0.0.1:9/x.tar cannot be reached (ClientConnectorError: "
+            "Cannot connect to host 127.0.0.1:9",
+        ),
     }
-    processes = {name: subprocess.Popen([sys.executable, LAUNCHER, "--out_dir", str(out), *flags],
-                                        env=environment(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-                 for name, (flags, _) in cases.items()}
+    processes = {
+        name: subprocess.Popen(
+            [sys.executable, LAUNCHER, "--out_dir", str(out), *flags],
+            env=environment(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for name, (flags, _) in cases.items()
+    }
     for name, process in processes.items():
         stdout, stderr = process.communicate(timeout=120)
         assert process.returncode == 2, (name, stderr[-3000:])
@@ -256,9 +303,24 @@ def test_job_with_a_hung_rank_ends_in_bounded_time(slurm_env, tmp_path):
     the job fails instead of waiting for its time limit."""
     out, log = tmp_path / "run", tmp_path / "job.out"
     timeout_s = wait_s = 10
-    job = submit({**slurm_env, "RMT_TASK_WAIT_S": str(wait_s)}, log, "--nodes=1", "--ntasks-per-node=2",
-                 str(ROOT / "slurm" / "train.sbatch"), "--out_dir", str(out), "--max_steps", "100000",
-                 "--save_every", "0", "--eval_every", "100000", "--collective_timeout_s", str(timeout_s), *QUICK_FLAGS)
+    job = submit(
+        {**slurm_env, "RMT_TASK_WAIT_S": str(wait_s)},
+        log,
+        "--nodes=1",
+        "--ntasks-per-node=2",
+        str(ROOT / "slurm" / "train.sbatch"),
+        "--out_dir",
+        str(out),
+        "--max_steps",
+        "100000",
+        "--save_every",
+        "0",
+        "--eval_every",
+        "100000",
+        "--collective_timeout_s",
+        str(timeout_s),
+        *QUICK_FLAGS,
+    )
     wait_for(lambda: len(logged_steps(out)) >= 2, timeout=180, what="the first training steps")
     pid = task_pid(out, rank=1)
     assert pid is not None

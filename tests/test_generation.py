@@ -4,13 +4,20 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from support.models import build, ids, rmt
 
-GREEDY_CASES = [("rmt", family, alignment) for family in ("opt", "gpt2", "llama", "gpt_neox")
-                for alignment in ("left", "right")]
+GREEDY_CASES = [
+    ("rmt", family, alignment) for family in ("opt", "gpt2", "llama", "gpt_neox") for alignment in ("left", "right")
+]
 GREEDY_CASES += [("rmt-gated", "opt", "left"), ("rmt-gated", "llama", "right")]
-GREEDY_CASES += [("armt", "opt", "left"), ("armt", "gpt2", "left"), ("armt", "llama", "left"),
-                 ("armt", "opt", "right"), ("armt", "llama", "right")]
+GREEDY_CASES += [
+    ("armt", "opt", "left"),
+    ("armt", "gpt2", "left"),
+    ("armt", "llama", "left"),
+    ("armt", "opt", "right"),
+    ("armt", "llama", "right"),
+]
 
 
 @pytest.mark.parametrize("variant, family, alignment", GREEDY_CASES)
@@ -35,8 +42,10 @@ def test_generation_stops_at_eos_and_continues_from_given_memory(load_backbone, 
     stopped = model.generate(prompt, max_new_tokens=10, eos_token_id=first)
     assert stopped.shape[1] == 13
     memory = model(prompt[:, :8]).memory
-    torch.testing.assert_close(model.generate(prompt[:, 8:], max_new_tokens=6, memory=memory),
-                               torch.cat([prompt[:, 8:], model.generate(prompt, max_new_tokens=6)[:, 12:]], 1))
+    torch.testing.assert_close(
+        model.generate(prompt[:, 8:], max_new_tokens=6, memory=memory),
+        torch.cat([prompt[:, 8:], model.generate(prompt, max_new_tokens=6)[:, 12:]], 1),
+    )
 
 
 @pytest.mark.parametrize("variant", ["rmt", "armt"])

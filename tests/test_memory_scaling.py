@@ -66,5 +66,4 @@ def test_bench_memory_measures_one_segment_of_full_attention_once():
     """At one segment, full attention is the backbone row: the plan must not measure it twice."""
     bench = runpy.run_path(str(Path(__file__).resolve().parents[1] / "tools" / "bench_memory.py"))
     args = bench["parse_args"](["--segments", "1", "4", "--modes", "replay"])
-    assert bench["plan"](args) == [("backbone", "-", 1), ("rmt", "replay", 1), ("rmt", "replay", 4),
-                                   ("full", "-", 4)]
+    assert bench["plan"](args) == [("backbone", "-", 1), ("rmt", "replay", 1), ("rmt", "replay", 4), ("full", "-", 4)]

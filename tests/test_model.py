@@ -9,10 +9,16 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from support.models import CLS_ID, DECODERS, ENCODERS, SEP_ID, VOCAB, assert_states_close, build, ids, rmt, rmt_gated
 
-from rmt_scale import (ARMTConfig, AssociativeState, ConfigError, RecurrentMemoryModel, RMTConfig,
-                       UnsupportedBackboneError)
+from rmt_scale import (
+    ARMTConfig,
+    AssociativeState,
+    ConfigError,
+    RecurrentMemoryModel,
+    RMTConfig,
+    UnsupportedBackboneError,
+)
+from support.models import CLS_ID, DECODERS, ENCODERS, SEP_ID, VOCAB, assert_states_close, build, ids, rmt, rmt_gated
 
 
 def gradients(model: RecurrentMemoryModel) -> dict[str, torch.Tensor]:
@@ -35,34 +41,56 @@ def memory_rows(memory, rows: slice):
 
 
 # ---------------------------------------------------------------- config
-@pytest.mark.parametrize("config", [
-    RMTConfig(num_mem_tokens=5, segment_size=100, bptt_depth=3, backprop="replay", segment_alignment="right",
-              memory_gate=True),
-    ARMTConfig(num_mem_tokens=4, segment_size=64, d_mem=8, num_heads=2, dpfp_nu=2, gating=False, correction=False,
-               execution="wavefront", backprop="replay"),
-], ids=["rmt", "armt"])
+@pytest.mark.parametrize(
+    "config",
+    [
+        RMTConfig(
+            num_mem_tokens=5,
+            segment_size=100,
+            bptt_depth=3,
+            backprop="replay",
+            segment_alignment="right",
+            memory_gate=True,
+        ),
+        ARMTConfig(
+            num_mem_tokens=4,
+            segment_size=64,
+            d_mem=8,
+            num_heads=2,
+            dpfp_nu=2,
+            gating=False,
+            correction=False,
+            execution="wavefront",
+            backprop="replay",
+        ),
+    ],
+    ids=["rmt", "armt"],
+)
 def test_config_round_trips_through_json_and_dispatches_by_model_type(tmp_path, config):
     config.save_pretrained(tmp_path)
     loaded = RMTConfig.from_pretrained(tmp_path)
     assert type(loaded) is type(config) and loaded == config
 
 
-@pytest.mark.parametrize("config_class, field, value, words", [
-    (RMTConfig, "num_mem_tokens", -1, "num_mem_tokens=-1"),
-    (RMTConfig, "segment_size", 0, "segment_size=0"),
-    (RMTConfig, "bptt_depth", -2, "bptt_depth=-2"),
-    (RMTConfig, "backprop", "magic", "bptt, checkpoint, replay"),
-    (RMTConfig, "segment_alignment", "middle", "left, right"),
-    (ARMTConfig, "num_mem_tokens", 0, "at least 1.*RMTConfig\\(num_mem_tokens=0\\)"),
-    (ARMTConfig, "d_mem", 0, "d_mem=0"),
-    (ARMTConfig, "dpfp_nu", -1, "dpfp_nu=-1"),
-    (ARMTConfig, "gating", "yes", "true or false"),
-    (ARMTConfig, "execution", "diagonal", "sequential, wavefront"),
-    (ARMTConfig, "write_gate", "tanh", "write_gate='tanh' is unknown: choose one of sigmoid, clamp"),
-    (ARMTConfig, "gated_normaliser", 1, "gated_normaliser=1 is invalid: it must be true or false"),
-    (RMTConfig, "memory_gate", 1, "memory_gate=1 is invalid: it must be true or false"),
-    (ARMTConfig, "memory_gate", True, "memory_gate is an RMT setting.*set memory_gate=False"),
-])
+@pytest.mark.parametrize(
+    "config_class, field, value, words",
+    [
+        (RMTConfig, "num_mem_tokens", -1, "num_mem_tokens=-1"),
+        (RMTConfig, "segment_size", 0, "segment_size=0"),
+        (RMTConfig, "bptt_depth", -2, "bptt_depth=-2"),
+        (RMTConfig, "backprop", "magic", "bptt, checkpoint, replay"),
+        (RMTConfig, "segment_alignment", "middle", "left, right"),
+        (ARMTConfig, "num_mem_tokens", 0, "at least 1.*RMTConfig\\(num_mem_tokens=0\\)"),
+        (ARMTConfig, "d_mem", 0, "d_mem=0"),
+        (ARMTConfig, "dpfp_nu", -1, "dpfp_nu=-1"),
+        (ARMTConfig, "gating", "yes", "true or false"),
+        (ARMTConfig, "execution", "diagonal", "sequential, wavefront"),
+        (ARMTConfig, "write_gate", "tanh", "write_gate='tanh' is unknown: choose one of sigmoid, clamp"),
+        (ARMTConfig, "gated_normaliser", 1, "gated_normaliser=1 is invalid: it must be true or false"),
+        (RMTConfig, "memory_gate", 1, "memory_gate=1 is invalid: it must be true or false"),
+        (ARMTConfig, "memory_gate", True, "memory_gate is an RMT setting.*set memory_gate=False"),
+    ],
+)
 def test_config_rejects_bad_values_with_a_clear_message(config_class, field, value, words):
     with pytest.raises(ConfigError, match=words):
         config_class(**{field: value})
@@ -145,14 +173,26 @@ def test_without_memory_segments_do_not_see_each_other(load_backbone):
     no_memory = rmt(load_backbone, "opt", num_mem_tokens=0, segment_size=8)
     a, b = ids(1, 16, seed=1), ids(1, 16, seed=2)
     b[:, 8:] = a[:, 8:]
-    torch.testing.assert_close(no_memory(a, return_logits=True).logits[:, 8:],
-                               no_memory(b, return_logits=True).logits[:, 8:])
+    torch.testing.assert_close(
+        no_memory(a, return_logits=True).logits[:, 8:], no_memory(b, return_logits=True).logits[:, 8:]
+    )
 
 
 # ---------------------------------------------------------------- backprop modes and truncation
-@pytest.mark.parametrize("variant, family", [("rmt", "opt"), ("rmt", "llama"), ("rmt", "gpt2"), ("rmt", "bert"),
-                                             ("rmt-gated", "opt"), ("rmt-gated", "bert"),
-                                             ("armt", "opt"), ("armt", "gpt2"), ("armt", "llama")])
+@pytest.mark.parametrize(
+    "variant, family",
+    [
+        ("rmt", "opt"),
+        ("rmt", "llama"),
+        ("rmt", "gpt2"),
+        ("rmt", "bert"),
+        ("rmt-gated", "opt"),
+        ("rmt-gated", "bert"),
+        ("armt", "opt"),
+        ("armt", "gpt2"),
+        ("armt", "llama"),
+    ],
+)
 @pytest.mark.parametrize("bptt_depth", [-1, 2])
 def test_checkpoint_and_replay_give_the_bptt_gradients(load_backbone, variant, family, bptt_depth):
     x = ids(2, 37)
@@ -196,20 +236,38 @@ def test_bptt_depth_limits_how_far_gradients_flow_back(load_backbone, mode):
 
 
 # ---------------------------------------------------------------- padding
-@pytest.mark.parametrize("variant, family", [("rmt", "opt"), ("rmt", "llama"), ("rmt", "gpt_neox"), ("rmt", "bert"),
-                                             ("rmt", "roberta"), ("rmt-gated", "gpt2"), ("rmt-gated", "bert"),
-                                             ("armt", "opt"), ("armt", "llama")])
+@pytest.mark.parametrize(
+    "variant, family",
+    [
+        ("rmt", "opt"),
+        ("rmt", "llama"),
+        ("rmt", "gpt_neox"),
+        ("rmt", "bert"),
+        ("rmt", "roberta"),
+        ("rmt-gated", "gpt2"),
+        ("rmt-gated", "bert"),
+        ("armt", "opt"),
+        ("armt", "llama"),
+    ],
+)
 @pytest.mark.parametrize("side", ["right", "left"])
 def test_a_padded_sample_behaves_as_if_alone(load_backbone, variant, family, side):
-    model = build(load_backbone, variant, family, segment_size=6,
-                  segment_alignment="left" if side == "right" else "right")
+    model = build(
+        load_backbone, variant, family, segment_size=6, segment_alignment="left" if side == "right" else "right"
+    )
     long, short = ids(1, 20, seed=3), ids(1, 9, seed=4)
     pad = torch.zeros(1, 11, dtype=torch.long)
     padded = torch.cat([short, pad], 1) if side == "right" else torch.cat([pad, short], 1)
-    mask = torch.cat([torch.ones(1, 9), torch.zeros(1, 11)], 1) if side == "right" else \
-        torch.cat([torch.zeros(1, 11), torch.ones(1, 9)], 1)
-    batch = model(torch.cat([long, padded]), attention_mask=torch.cat([torch.ones(1, 20), mask]).long(),
-                  return_logits=family not in ENCODERS)
+    mask = (
+        torch.cat([torch.ones(1, 9), torch.zeros(1, 11)], 1)
+        if side == "right"
+        else torch.cat([torch.zeros(1, 11), torch.ones(1, 9)], 1)
+    )
+    batch = model(
+        torch.cat([long, padded]),
+        attention_mask=torch.cat([torch.ones(1, 20), mask]).long(),
+        return_logits=family not in ENCODERS,
+    )
     alone = model(short, return_logits=family not in ENCODERS)
     assert_memory_close(memory_rows(batch.memory, slice(1, None)), alone.memory, atol=1e-5, rtol=1e-4)
     if family in ENCODERS:
@@ -224,8 +282,9 @@ def test_padding_is_excluded_from_the_loss(load_backbone):
     short = ids(1, 10)
     padded = torch.cat([short, torch.zeros(1, 6, dtype=torch.long)], 1)
     mask = torch.cat([torch.ones(1, 10), torch.zeros(1, 6)], 1).long()
-    torch.testing.assert_close(model(padded, attention_mask=mask, labels=padded).loss,
-                               model(short, labels=short).loss, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        model(padded, attention_mask=mask, labels=padded).loss, model(short, labels=short).loss, atol=1e-5, rtol=1e-5
+    )
 
 
 @pytest.mark.parametrize("family", DECODERS)
@@ -237,8 +296,9 @@ def test_left_padding_predicts_nothing(load_backbone, family):
     padded = torch.cat([torch.zeros(1, 7, dtype=torch.long), short], 1)
     mask = torch.cat([torch.zeros(1, 7), torch.ones(1, 12)], 1).long()
     labels = torch.cat([torch.full((1, 7), -100), short], 1)
-    torch.testing.assert_close(model(padded, attention_mask=mask, labels=labels).loss,
-                               model(short, labels=short).loss, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(
+        model(padded, attention_mask=mask, labels=labels).loss, model(short, labels=short).loss, atol=1e-6, rtol=1e-6
+    )
 
 
 # ---------------------------------------------------------------- streaming
@@ -348,13 +408,15 @@ def test_a_damaged_weights_file_is_named(load_backbone, tmp_path, damaged):
 
 
 def test_unsupported_architectures_are_named(backbone_dirs):
-    t5 = transformers.T5ForConditionalGeneration(transformers.T5Config(vocab_size=32, d_model=16, d_ff=32,
-                                                                       num_layers=1, num_heads=2, d_kv=8))
+    t5 = transformers.T5ForConditionalGeneration(
+        transformers.T5Config(vocab_size=32, d_model=16, d_ff=32, num_layers=1, num_heads=2, d_kv=8)
+    )
     with pytest.raises(UnsupportedBackboneError, match="'t5' is not supported.*opt, gpt2"):
         RecurrentMemoryModel(t5, RMTConfig())
     bare = transformers.BertModel.from_pretrained(backbone_dirs["bert"])
     with pytest.raises(UnsupportedBackboneError, match="AutoModelForSequenceClassification"):
         RecurrentMemoryModel(bare, RMTConfig(segment_size=8))
     with pytest.raises(ValueError, match="cls_token_id"):
-        RecurrentMemoryModel(transformers.BertForSequenceClassification.from_pretrained(backbone_dirs["bert"]),
-                             RMTConfig(segment_size=8))
+        RecurrentMemoryModel(
+            transformers.BertForSequenceClassification.from_pretrained(backbone_dirs["bert"]), RMTConfig(segment_size=8)
+        )

@@ -44,8 +44,9 @@ def environment(**extra) -> dict:
 
 
 def mpirun(ranks: int, *command: str, env: dict, timeout: float) -> subprocess.CompletedProcess:
-    result = subprocess.run([MPIRUN, "-np", str(ranks), *command], env=env, capture_output=True, text=True,
-                            timeout=timeout)
+    result = subprocess.run(
+        [MPIRUN, "-np", str(ranks), *command], env=env, capture_output=True, text=True, timeout=timeout
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result
 
@@ -73,9 +74,25 @@ def test_only_an_mpi_launch_without_rank_needs_discovery(monkeypatch):
 
 
 def train_args(out: Path, micro_batch_size: int, steps: int) -> list[str]:
-    return ["--memory", "rmt", "--out_dir", str(out), "--max_steps", str(steps), "--save_every", str(steps),
-            "--eval_every", str(steps), "--micro_batch_size", str(micro_batch_size), "--eval_samples", "8",
-            "--eval_segments", "1,2", "--no-baseline"]
+    return [
+        "--memory",
+        "rmt",
+        "--out_dir",
+        str(out),
+        "--max_steps",
+        str(steps),
+        "--save_every",
+        str(steps),
+        "--eval_every",
+        str(steps),
+        "--micro_batch_size",
+        str(micro_batch_size),
+        "--eval_samples",
+        "8",
+        "--eval_segments",
+        "1,2",
+        "--no-baseline",
+    ]
 
 
 def train_losses(out: Path) -> list[float]:
@@ -92,10 +109,21 @@ def test_mpirun_trains_two_ranks_as_one_run(tmp_path):
     checkpoint."""
     steps = 3
     mpi_run, reference = tmp_path / "mpirun", tmp_path / "one_rank"
-    mpirun(2, sys.executable, LAUNCHER, *train_args(mpi_run, micro_batch_size=2, steps=steps), env=environment(),
-           timeout=400)
-    subprocess.run([sys.executable, LAUNCHER, *train_args(reference, micro_batch_size=4, steps=steps)],
-                   env=environment(), check=True, capture_output=True, timeout=300)
+    mpirun(
+        2,
+        sys.executable,
+        LAUNCHER,
+        *train_args(mpi_run, micro_batch_size=2, steps=steps),
+        env=environment(),
+        timeout=400,
+    )
+    subprocess.run(
+        [sys.executable, LAUNCHER, *train_args(reference, micro_batch_size=4, steps=steps)],
+        env=environment(),
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
 
     checkpoint = mpi_run / "checkpoints" / f"step{steps:06d}"
     manifest = json.loads((checkpoint / "manifest.json").read_text())

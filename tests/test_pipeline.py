@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from support import pipeline_case
-from support.runs import environment
 
 from rmt_scale.pipeline import PipelineStage, ideal_busy_fraction, split_layers
 from rmt_scale.training.distributed import free_port
+from support import pipeline_case
+from support.runs import environment
 
 CASE = pipeline_case.__file__
 
@@ -29,9 +29,16 @@ def reference(family: str, memory: str, bptt_depth: int):
 
 def run_pipeline(tmp_path: Path, stages: int, family: str, memory: str, bptt_depth: int, chains: int):
     env = environment(WORLD_SIZE=str(stages), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
-    ranks = [subprocess.Popen([sys.executable, CASE, str(tmp_path), family, memory, str(bptt_depth), str(chains)],
-                              env=dict(env, RANK=str(rank)), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True) for rank in range(stages)]
+    ranks = [
+        subprocess.Popen(
+            [sys.executable, CASE, str(tmp_path), family, memory, str(bptt_depth), str(chains)],
+            env=dict(env, RANK=str(rank)),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for rank in range(stages)
+    ]
     outputs = [rank.communicate(timeout=240)[0] for rank in ranks]
     assert all(rank.returncode == 0 for rank in ranks), "\n".join(outputs)
     losses, grads = [], {}
@@ -46,13 +53,16 @@ def run_pipeline(tmp_path: Path, stages: int, family: str, memory: str, bptt_dep
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stages,family,memory,bptt_depth,chains", [
-    (2, "opt", "rmt", -1, 1),
-    (2, "gpt2", "armt", 2, 2),
-    (4, "llama", "rmt-gated", 2, 2),  # the last stage gates the memory it sends back
-    (4, "gpt_neox", "armt", -1, 1),
-    (1, "opt", "rmt", 2, 2),  # one stage: RMT's memory loops back to the same rank
-])
+@pytest.mark.parametrize(
+    "stages,family,memory,bptt_depth,chains",
+    [
+        (2, "opt", "rmt", -1, 1),
+        (2, "gpt2", "armt", 2, 2),
+        (4, "llama", "rmt-gated", 2, 2),  # the last stage gates the memory it sends back
+        (4, "gpt_neox", "armt", -1, 1),
+        (1, "opt", "rmt", 2, 2),  # one stage: RMT's memory loops back to the same rank
+    ],
+)
 def test_stages_give_the_one_process_gradients(tmp_path, stages, family, memory, bptt_depth, chains):
     loss, expected = reference(family, memory, bptt_depth)
     losses, grads = run_pipeline(tmp_path, stages, family, memory, bptt_depth, chains)
@@ -83,8 +93,9 @@ def test_an_encoder_is_refused_with_the_alternative(load_backbone):
     from rmt_scale import RecurrentMemoryModel
     from rmt_scale.model.config import RMTConfig
 
-    model = RecurrentMemoryModel(load_backbone("bert"), RMTConfig(num_mem_tokens=2, segment_size=8,
-                                                                  cls_token_id=1, sep_token_id=2))
+    model = RecurrentMemoryModel(
+        load_backbone("bert"), RMTConfig(num_mem_tokens=2, segment_size=8, cls_token_id=1, sep_token_id=2)
+    )
     with pytest.raises(ValueError, match="ZeRO config instead"):
         PipelineStage(model, 0, 2)
 
@@ -92,8 +103,13 @@ def test_an_encoder_is_refused_with_the_alternative(load_backbone):
 def test_a_stage_holds_only_its_layers():
     model = pipeline_case.build_model("opt", "armt", -1)
     total = sum(p.numel() for p in model.parameters())
-    owned = [sum(p.numel() for p in PipelineStage(pipeline_case.build_model("opt", "armt", -1), s, 4)
-                 .owned_parameters().values()) for s in range(4)]
+    owned = [
+        sum(
+            p.numel()
+            for p in PipelineStage(pipeline_case.build_model("opt", "armt", -1), s, 4).owned_parameters().values()
+        )
+        for s in range(4)
+    ]
     tied = model.backbone.get_input_embeddings().weight.numel()
     assert sum(owned) == total + tied  # the tied head is trained by the first and the last stage
     middle = PipelineStage(pipeline_case.build_model("opt", "armt", -1), 1, 4)
@@ -109,13 +125,35 @@ def test_ideal_busy_fraction():
 @pytest.mark.slow
 def test_bench_reports_busy_fractions_step_times_and_a_schedule_plot(tmp_path):
     out, png = tmp_path / "bench.json", tmp_path / "schedule.png"
-    subprocess.run([sys.executable, str(Path(__file__).parents[1] / "tools" / "bench_pipeline.py"), "--backbone",
-                    "opt-micro", "--segments", "3", "--stages", "2", "--segment_size", "16", "--steps", "1",
-                    "--out", str(out), "--plot", str(png)], check=True, capture_output=True, timeout=240,
-                   env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    subprocess.run(
+        [
+            sys.executable,
+            str(Path(__file__).parents[1] / "tools" / "bench_pipeline.py"),
+            "--backbone",
+            "opt-micro",
+            "--segments",
+            "3",
+            "--stages",
+            "2",
+            "--segment_size",
+            "16",
+            "--steps",
+            "1",
+            "--out",
+            str(out),
+            "--plot",
+            str(png),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=240,
+        env=dict(os.environ, HF_HUB_OFFLINE="1"),
+    )
     results = json.loads(out.read_text())["results"]
     assert [(r["memory"], r["stages"], r["segments"], r["chains"]) for r in results] == [
-        ("armt", 2, 3, 1), ("rmt", 2, 3, 4)]  # RMT: twice as many chains as stages
+        ("armt", 2, 3, 1),
+        ("rmt", 2, 3, 4),
+    ]  # RMT: twice as many chains as stages
     for result in results:
         assert len(result["busy_fraction"]) == 2 and all(0 < b <= 1 for b in result["busy_fraction"])
         assert result["step_s"] > 0 and result["one_process_s"] > 0

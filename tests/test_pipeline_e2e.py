@@ -8,10 +8,10 @@ import shutil
 
 import pytest
 import torch
-from support import ROOT
-from support.runs import LOSS_TOLERANCE, exported_accuracy, launch, losses, run_args, scalars
 
 from rmt_scale import RecurrentMemoryModel
+from support import ROOT
+from support.runs import LOSS_TOLERANCE, exported_accuracy, launch, losses, run_args, scalars
 
 pytestmark = pytest.mark.slow
 PIPELINE = ROOT / "ds_configs" / "pipeline.json"
@@ -38,7 +38,10 @@ def test_two_stages_follow_one_process_and_resume_exactly(backbone, cpu_adam_bui
     for tag in ("step000002", "step000004"):
         names = sorted(p.name for p in (piped / "checkpoints" / tag).iterdir())
         for stage in ("00", "01"):
-            assert f"mp_rank_{stage}_model_states.pt" in names and f"zero_pp_rank_0_mp_rank_{stage}_optim_states.pt" in names
+            assert (
+                f"mp_rank_{stage}_model_states.pt" in names
+                and f"zero_pp_rank_0_mp_rank_{stage}_optim_states.pt" in names
+            )
         assert "trainer_state_rank1.pt" in names
 
     # what a stage stashes per segment is counted (and would move to the host from a GPU)

@@ -57,8 +57,10 @@ def test_terms_grow_exactly_linearly_or_quadratically_with_length():
     quadratic = {"attention_logits", "attention_softmax", "attention_values"}
     for term in analytic.TERMS:
         assert long[term] == (9 if term in quadratic else 3) * short[term], term
-    assert short["embedding_projections"] > 0 and analytic.forward_flop_terms(opt_config("opt-125m"), 1000)[
-        "embedding_projections"] == 0
+    assert (
+        short["embedding_projections"] > 0
+        and analytic.forward_flop_terms(opt_config("opt-125m"), 1000)["embedding_projections"] == 0
+    )
 
 
 def test_paper_claim_reproduced_by_the_closest_convention():
@@ -69,8 +71,9 @@ def test_paper_claim_reproduced_by_the_closest_convention():
     # Chinchilla with the embedding matmul kept still gets OPT-175B, but not OPT-125M, whose
     # per-token cost is dominated by its 50k-word vocabulary.
     layout = analytic.PAPER_LAYOUTS[0]
-    assert analytic.flop_savings(opt_config("opt-175b"), analytic.PAPER_LENGTH, layout, "chinchilla") == \
-        pytest.approx(29, rel=PAPER_TOLERANCE)
+    assert analytic.flop_savings(opt_config("opt-175b"), analytic.PAPER_LENGTH, layout, "chinchilla") == pytest.approx(
+        29, rel=PAPER_TOLERANCE
+    )
     assert analytic.flop_savings(opt_config("opt-125m"), analytic.PAPER_LENGTH, layout, "chinchilla") < 250
 
 
@@ -78,7 +81,9 @@ def test_rmt_is_linear_and_full_attention_superlinear():
     config = opt_config("opt-1.3b")
     assert analytic.rmt_flops(config, 8192, 512, 32) == 2 * analytic.rmt_flops(config, 4096, 512, 32)
     # a partial last segment costs its real size
-    assert analytic.rmt_flops(config, 700, 512) == analytic.forward_flops(config, 512) + analytic.forward_flops(config, 188)
+    assert analytic.rmt_flops(config, 700, 512) == analytic.forward_flops(config, 512) + analytic.forward_flops(
+        config, 188
+    )
     sweep = report.analytic_sweep()
     assert all(s["rmt_slope"] == pytest.approx(1.0, abs=1e-3) and s["full_slope"] > 1.4 for s in sweep.values())
     assert analytic.training_flops(10, "replay") == 40 and analytic.training_flops(10, "bptt") == 30
@@ -101,10 +106,19 @@ def test_measured_flops_match_the_analytic_terms_flopcounter_sees(embed_dim):
 def test_loglog_slope_and_verdict():
     lengths = [512, 1024, 2048, 4096]
     assert report.loglog_slope(lengths, [n**2 for n in lengths]) == pytest.approx(2.0)
-    flat = dict(train_flops=1.0, forward_flops=1.0, train_seconds=1.0, forward_seconds=1.0,
-                train_peak_mb=0.0, forward_peak_mb=0.0)
-    slopes = {"full attention": {**flat, "train_flops": 1.7}, "rmt-bptt": {**flat, "train_peak_mb": 1.0},
-              "rmt-replay": dict(flat)}
+    flat = dict(
+        train_flops=1.0,
+        forward_flops=1.0,
+        train_seconds=1.0,
+        forward_seconds=1.0,
+        train_peak_mb=0.0,
+        forward_peak_mb=0.0,
+    )
+    slopes = {
+        "full attention": {**flat, "train_flops": 1.7},
+        "rmt-bptt": {**flat, "train_peak_mb": 1.0},
+        "rmt-replay": dict(flat),
+    }
     verdict = report.judge(slopes, flop_slope_limit=1.05, memory_slope_limit=0.15)
     assert verdict.passed and (verdict.rmt_flop_slope, verdict.full_flop_slope) == (1.0, 1.7)
     slopes["rmt-replay"] = {**flat, "train_flops": 1.2, "train_peak_mb": 0.5}
@@ -113,17 +127,20 @@ def test_loglog_slope_and_verdict():
     assert math.isnan(report.judge({"full attention": flat}, 1.05, 0.15).rmt_flop_slope)
 
 
-@pytest.mark.parametrize("call", [
-    lambda: opt_config("gpt2"),
-    lambda: analytic.forward_flops(opt_config("opt-125m"), 0),
-    lambda: analytic.forward_flops(opt_config("opt-125m"), 512, "palm"),
-    lambda: analytic.rmt_flops(opt_config("opt-125m"), -5),
-    lambda: analytic.rmt_flops(opt_config("opt-125m"), 1024, segment_size=0),
-    lambda: analytic.training_flops(1, "adjoint"),
-    lambda: backbone_config("no-such-model", 512),
-    lambda: report.loglog_slope([512], [1.0]),
-    lambda: report.loglog_slope([512, 1024], [0.0, 1.0]),
-])
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda: opt_config("gpt2"),
+        lambda: analytic.forward_flops(opt_config("opt-125m"), 0),
+        lambda: analytic.forward_flops(opt_config("opt-125m"), 512, "palm"),
+        lambda: analytic.rmt_flops(opt_config("opt-125m"), -5),
+        lambda: analytic.rmt_flops(opt_config("opt-125m"), 1024, segment_size=0),
+        lambda: analytic.training_flops(1, "adjoint"),
+        lambda: backbone_config("no-such-model", 512),
+        lambda: report.loglog_slope([512], [1.0]),
+        lambda: report.loglog_slope([512, 1024], [0.0, 1.0]),
+    ],
+)
 def test_bad_input_raises_value_error(call):
     with pytest.raises(ValueError):
         call()
@@ -173,10 +190,19 @@ def test_flops_profiler_in_training_matches_flopcountermode(zero, tmp_path):
     # the profiled micro-batch, rebuilt from the run's own data settings and the segments it drew
     config = TrainConfig()
     tokenizer = load_tokenizer("builtin")
-    segments = {r["step"]: r["train/segments"] for r in map(json.loads, (out / "metrics.jsonl").open())
-                if "train/segments" in r}
-    batches = TrainBatches(TaskGenerator(config.task, tokenizer, seed=config.data_seed), None, micro_batch=2,
-                           grad_accum=1, rank=0, world_size=1, segment_size=16, pad_id=tokenizer.pad_id)
+    segments = {
+        r["step"]: r["train/segments"] for r in map(json.loads, (out / "metrics.jsonl").open()) if "train/segments" in r
+    }
+    batches = TrainBatches(
+        TaskGenerator(config.task, tokenizer, seed=config.data_seed),
+        None,
+        micro_batch=2,
+        grad_accum=1,
+        rank=0,
+        world_size=1,
+        segment_size=16,
+        pad_id=tokenizer.pad_id,
+    )
     for step in (1, 2):
         (batch,) = batches.step(segments[step])
     model = RecurrentMemoryModel.from_pretrained(out / "export")
@@ -194,14 +220,43 @@ def test_flops_profiler_in_training_matches_flopcountermode(zero, tmp_path):
 
 def _train(ds_config: dict, out: Path) -> Path:
     (out.parent / f"{out.name}.json").write_text(json.dumps(ds_config))
-    flags = ["--backbone", "tiny", "--memory", "rmt", "--ds_config", str(out.parent / f"{out.name}.json"),
-             "--out_dir", str(out),
-             "--max_steps", "3", "--micro_batch_size", "2", "--segment_size", "16", "--num_mem_tokens", "4",
-             "--curriculum", "2", "--eval_segments", "1", "--eval_samples", "2", "--eval_every", "100",
-             "--save_every", "0", "--no-baseline"]
+    flags = [
+        "--backbone",
+        "tiny",
+        "--memory",
+        "rmt",
+        "--ds_config",
+        str(out.parent / f"{out.name}.json"),
+        "--out_dir",
+        str(out),
+        "--max_steps",
+        "3",
+        "--micro_batch_size",
+        "2",
+        "--segment_size",
+        "16",
+        "--num_mem_tokens",
+        "4",
+        "--curriculum",
+        "2",
+        "--eval_segments",
+        "1",
+        "--eval_samples",
+        "2",
+        "--eval_every",
+        "100",
+        "--save_every",
+        "0",
+        "--no-baseline",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run([sys.executable, str(ROOT / "launchers" / "train.py"), *flags], env=env,
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "launchers" / "train.py"), *flags],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return out
 

@@ -15,24 +15,40 @@ TOOL = REPO / "tools" / "profile_flops.py"
 
 def run_tool(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    return subprocess.run([sys.executable, str(TOOL), *args], capture_output=True, text=True, env=env,
-                          timeout=timeout)
+    return subprocess.run([sys.executable, str(TOOL), *args], capture_output=True, text=True, env=env, timeout=timeout)
 
 
 def test_help_explains_every_flag():
     result = run_tool("--help")
     assert result.returncode == 0
-    for flag in ("--quick", "--out", "--backbone", "--lengths", "--segment-size", "--mem-tokens", "--modes",
-                 "--memory", "--no-full", "--repeats", "--threads", "--memory-budget-mb", "--flop-slope-limit",
-                 "--memory-slope-limit", "--tensorboard"):
+    for flag in (
+        "--quick",
+        "--out",
+        "--backbone",
+        "--lengths",
+        "--segment-size",
+        "--mem-tokens",
+        "--modes",
+        "--memory",
+        "--no-full",
+        "--repeats",
+        "--threads",
+        "--memory-budget-mb",
+        "--flop-slope-limit",
+        "--memory-slope-limit",
+        "--tensorboard",
+    ):
         assert flag in result.stdout
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--lengths", "512", "0"], "--lengths must all be positive"),
-    (["--segment-size", "-1"], "--segment-size must be positive"),
-    (["--backbone", "no-such-model"], "unknown backbone"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--lengths", "512", "0"], "--lengths must all be positive"),
+        (["--segment-size", "-1"], "--segment-size must be positive"),
+        (["--backbone", "no-such-model"], "unknown backbone"),
+    ],
+)
 def test_bad_arguments_fail_clearly(args, message, tmp_path):
     result = run_tool(*args, "--out", str(tmp_path))
     assert result.returncode != 0 and message in result.stderr
@@ -57,7 +73,9 @@ def test_quick_run_writes_reports_and_passes_the_gate(tmp_path):
     data = json.loads((tmp_path / "report.json").read_text())
     assert data["verdict"]["passed"]
     assert {m["variant"] for m in data["measurements"]} == {
-        "full attention", *(f"{kind}-{mode}" for kind in ("rmt", "armt") for mode in ("bptt", "checkpoint", "replay"))}
+        "full attention",
+        *(f"{kind}-{mode}" for kind in ("rmt", "armt") for mode in ("bptt", "checkpoint", "replay")),
+    }
     # the gate covers ARMT too: its FLOPs grow linearly with length like the RMT's
     for mode in ("bptt", "checkpoint", "replay"):
         assert data["slopes"][f"armt-{mode}"]["train_flops"] <= 1.05

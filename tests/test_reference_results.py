@@ -17,12 +17,28 @@ REFERENCES = ROOT / "docs" / "results"
 
 def evaluate(task: str, segments: int, samples: int, out: Path, model: str = "armt") -> tuple[dict, str]:
     result = subprocess.run(
-        [sys.executable, str(ROOT / "launchers" / "eval.py"), "--model", str(REFERENCES / f"{model}-{task}"),
-         "--task", task, "--eval_segments", str(segments), "--eval_samples", str(samples),
-         "--batch_size", str(samples), "--out", str(out)],
+        [
+            sys.executable,
+            str(ROOT / "launchers" / "eval.py"),
+            "--model",
+            str(REFERENCES / f"{model}-{task}"),
+            "--task",
+            task,
+            "--eval_segments",
+            str(segments),
+            "--eval_samples",
+            str(samples),
+            "--batch_size",
+            str(samples),
+            "--out",
+            str(out),
+        ],
         # every core: the launcher alone would leave one free for other ranks
         env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(len(os.sched_getaffinity(0)))},
-        capture_output=True, text=True, timeout=900)
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads((out / "eval.json").read_text()), result.stdout
 
@@ -41,8 +57,12 @@ def test_memorize_checkpoint_answers_at_a_million_tokens(tmp_path):
     assert evaluation["peak_rss_mb"] < 1000
 
     # tools/plot_results.py draws an evaluation as points of its own, with their sample count
-    plotted = subprocess.run([sys.executable, str(ROOT / "tools" / "plot_results.py"), str(tmp_path), "--out",
-                              str(tmp_path / "plot")], capture_output=True, text=True, timeout=120)
+    plotted = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "plot_results.py"), str(tmp_path), "--out", str(tmp_path / "plot")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert plotted.returncode == 0, plotted.stderr[-2000:]
     new_plot = tmp_path / "plot" / "memorize_by_length.json"
     (curve,) = json.loads(new_plot.read_text())
@@ -52,17 +72,29 @@ def test_memorize_checkpoint_answers_at_a_million_tokens(tmp_path):
 
     # a plot's JSON joins a later plot with its curves unchanged, as docs/results' plots gain evaluations
     earlier_plot = REFERENCES / "memorize_by_length.json"
-    replotted = subprocess.run([sys.executable, str(ROOT / "tools" / "plot_results.py"), str(earlier_plot),
-                                str(new_plot), "--out", str(tmp_path / "replot")],
-                               capture_output=True, text=True, timeout=120)
+    replotted = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "tools" / "plot_results.py"),
+            str(earlier_plot),
+            str(new_plot),
+            "--out",
+            str(tmp_path / "replot"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert replotted.returncode == 0, replotted.stderr[-2000:]
     earlier = json.loads(earlier_plot.read_text())
     assert json.loads((tmp_path / "replot" / "memorize_by_length.json").read_text()) == [
-        {"evaluation": False, **c} for c in earlier] + [curve]
+        {"evaluation": False, **c} for c in earlier
+    ] + [curve]
 
 
-@pytest.mark.parametrize("model, task, segments", [("armt", "detect", 2_048), ("armt", "reason", 1_024),
-                                                    ("rmt", "memorize", 1_024)])
+@pytest.mark.parametrize(
+    "model, task, segments", [("armt", "detect", 2_048), ("armt", "reason", 1_024), ("rmt", "memorize", 1_024)]
+)
 def test_checkpoints_answer_far_beyond_their_training_length(model, task, segments, tmp_path):
     """32 times armt-detect's training length (64 segments), 16 times armt-reason's (the facts sit anywhere,
     the question at the end), 32 times the gated RMT's."""

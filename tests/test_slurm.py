@@ -11,6 +11,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+
 from support.slurm import QUICK_FLAGS, job_info, logged_steps, run, submit, wait_for, wait_until_final
 
 REPO = Path(__file__).resolve().parents[1]
@@ -32,22 +33,42 @@ def tensorboard_steps(out_dir: Path, tag: str) -> list[int]:
 
 
 def test_scripts_are_shellcheck_clean(slurm_env):  # the cluster script installs shellcheck with SLURM
-    result = subprocess.run(["shellcheck", "--external-sources", *map(str, SCRIPTS)], cwd=REPO,
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        ["shellcheck", "--external-sources", *map(str, SCRIPTS)], cwd=REPO, capture_output=True, text=True
+    )
     assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_sbatch_accepts_every_script(slurm_env, tmp_path):
     for script in SBATCH_SCRIPTS:
-        result = subprocess.run(["sbatch", "--test-only", "--nodes=1", "--ntasks-per-node=2", str(script)],
-                                env=slurm_env, capture_output=True, text=True, timeout=60)
+        result = subprocess.run(
+            ["sbatch", "--test-only", "--nodes=1", "--ntasks-per-node=2", str(script)],
+            env=slurm_env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert result.returncode == 0 and "to start at" in result.stderr, f"{script.name}: {result.stderr}"
 
 
 def test_train_job_two_tasks_writes_checkpoint_and_tensorboard(slurm_env, tmp_path):
     out, log = tmp_path / "run", tmp_path / "job.out"
-    job = submit(slurm_env, log, "--nodes=1", "--ntasks-per-node=2", str(REPO / "slurm" / "train.sbatch"),
-                 "--out_dir", str(out), "--max_steps", "6", "--save_every", "3", "--eval_every", "6", *QUICK_FLAGS)
+    job = submit(
+        slurm_env,
+        log,
+        "--nodes=1",
+        "--ntasks-per-node=2",
+        str(REPO / "slurm" / "train.sbatch"),
+        "--out_dir",
+        str(out),
+        "--max_steps",
+        "6",
+        "--save_every",
+        "3",
+        "--eval_every",
+        "6",
+        *QUICK_FLAGS,
+    )
     info = wait_until_final(slurm_env, job, log, timeout=240)
     text = log.read_text()
     assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("COMPLETED", "0:0", "0"), text
@@ -57,15 +78,30 @@ def test_train_job_two_tasks_writes_checkpoint_and_tensorboard(slurm_env, tmp_pa
     for tag in ("step000003", "step000006"):
         # one trainer state per rank: both tasks joined the same 2-rank run
         assert sorted(p.name for p in (checkpoints / tag).glob("trainer_state_rank*.pt")) == [
-            "trainer_state_rank0.pt", "trainer_state_rank1.pt"]
+            "trainer_state_rank0.pt",
+            "trainer_state_rank1.pt",
+        ]
     assert tensorboard_steps(out, "train/loss") == [1, 2, 3, 4, 5, 6]
     assert logged_steps(out) == [1, 2, 3, 4, 5, 6]
 
     # the real evaluation launcher on the exported model, as 2 SLURM tasks, reproduces the run's accuracies
     eval_log = tmp_path / "eval.out"
-    job = submit(slurm_env, eval_log, "--nodes=1", "--ntasks-per-node=2", str(REPO / "slurm" / "eval.sbatch"),
-                 "--model", str(out / "export"), "--out", str(tmp_path / "eval"), "--eval_segments", "1", "2",
-                 "--eval_samples", "8")
+    job = submit(
+        slurm_env,
+        eval_log,
+        "--nodes=1",
+        "--ntasks-per-node=2",
+        str(REPO / "slurm" / "eval.sbatch"),
+        "--model",
+        str(out / "export"),
+        "--out",
+        str(tmp_path / "eval"),
+        "--eval_segments",
+        "1",
+        "2",
+        "--eval_samples",
+        "8",
+    )
     info = wait_until_final(slurm_env, job, eval_log, timeout=180)
     assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), eval_log.read_text()
     evaluated = json.loads((tmp_path / "eval" / "eval.json").read_text())["accuracy"]
@@ -78,9 +114,22 @@ def test_train_job_launched_through_mpi(slurm_env, tmp_path):
     from PyPI) reaches SLURM's PMI2 server, and the 2 tasks find each other through mpi4py and train as one
     2-rank run."""
     out, log = tmp_path / "run", tmp_path / "job.out"
-    job = submit({**slurm_env, "RMT_LAUNCH": "mpi"}, log, "--nodes=1", "--ntasks-per-node=2",
-                 str(REPO / "slurm" / "train.sbatch"), "--out_dir", str(out), "--max_steps", "3", "--save_every", "3",
-                 "--eval_every", "3", *QUICK_FLAGS)
+    job = submit(
+        {**slurm_env, "RMT_LAUNCH": "mpi"},
+        log,
+        "--nodes=1",
+        "--ntasks-per-node=2",
+        str(REPO / "slurm" / "train.sbatch"),
+        "--out_dir",
+        str(out),
+        "--max_steps",
+        "3",
+        "--save_every",
+        "3",
+        "--eval_every",
+        "3",
+        *QUICK_FLAGS,
+    )
     info = wait_until_final(slurm_env, job, log, timeout=240)
     text = log.read_text()
     assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), text
@@ -104,9 +153,22 @@ def test_signalled_job_checkpoints_requeues_and_resumes(slurm_env, tmp_path):
     resumes from that checkpoint and trains to the last step."""
     max_steps = 80
     out, log = tmp_path / "run", tmp_path / "job.out"
-    job = submit(slurm_env, log, "--nodes=1", "--ntasks-per-node=2", str(REPO / "slurm" / "train.sbatch"),
-                 "--out_dir", str(out), "--max_steps", str(max_steps), "--save_every", "0",
-                 "--eval_every", str(max_steps), *QUICK_FLAGS)
+    job = submit(
+        slurm_env,
+        log,
+        "--nodes=1",
+        "--ntasks-per-node=2",
+        str(REPO / "slurm" / "train.sbatch"),
+        "--out_dir",
+        str(out),
+        "--max_steps",
+        str(max_steps),
+        "--save_every",
+        "0",
+        "--eval_every",
+        str(max_steps),
+        *QUICK_FLAGS,
+    )
     # signal once training is under way (the trainer's handler is installed before the first step)
     wait_for(lambda: len(logged_steps(out)) >= 2, timeout=180, what="the first training steps")
     run(["scancel", "--signal=USR1", "--batch", job], slurm_env)
@@ -116,8 +178,11 @@ def test_signalled_job_checkpoints_requeues_and_resumes(slurm_env, tmp_path):
     assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("COMPLETED", "0:0", "1"), text
     assert "rmt: SIGUSR1 received" in text and f"requeueing job {job}" in text
     assert f"rmt: job {job} restart 1" in text
-    stopped = re.search(rf"stopped by signal {SIGUSR1} at step (\d+); checkpoint written, exit code "
-                        rf"{EXIT_PREEMPTED}", text)
+    stopped = re.search(
+        rf"stopped by signal {SIGUSR1} at step (\d+); checkpoint written, exit code "
+        rf"{EXIT_PREEMPTED}",
+        text,
+    )
     assert stopped, text
     stop_step = int(stopped.group(1))
     assert 2 <= stop_step < max_steps
@@ -135,10 +200,29 @@ def test_chain_continues_one_run_in_the_next_job(slurm_env, tmp_path):
     limit), checkpoints and ends successfully instead of requeueing; job 2 then resumes the run to its end."""
     max_steps = 80
     out = tmp_path / "run"
-    chain = [str(REPO / "slurm" / "chain.sh"), "2", "--nodes=1", "--ntasks-per-node=2", f"--output={tmp_path}/job-%j.out",
-             "--"]
-    first, second = run([*chain, "--out_dir", str(out), "--max_steps", str(max_steps), "--save_every", "0",
-                         "--eval_every", str(max_steps), *QUICK_FLAGS], slurm_env).split()
+    chain = [
+        str(REPO / "slurm" / "chain.sh"),
+        "2",
+        "--nodes=1",
+        "--ntasks-per-node=2",
+        f"--output={tmp_path}/job-%j.out",
+        "--",
+    ]
+    first, second = run(
+        [
+            *chain,
+            "--out_dir",
+            str(out),
+            "--max_steps",
+            str(max_steps),
+            "--save_every",
+            "0",
+            "--eval_every",
+            str(max_steps),
+            *QUICK_FLAGS,
+        ],
+        slurm_env,
+    ).split()
     assert job_info(slurm_env, second)["Dependency"] == f"afterok:{first}(unfulfilled)"
     wait_for(lambda: len(logged_steps(out)) >= 2, timeout=180, what="the first training steps")
     run(["scancel", "--signal=USR1", "--batch", first], slurm_env)
@@ -180,8 +264,17 @@ def test_eval_sweep_array_runs_one_value_per_task_with_ranks(slurm_env, tmp_path
     probe.write_text(PROBE)
     values = ["first", "second", "third"]
     env = {**slurm_env, "RMT_SWEEP": " ".join(values), "RMT_EVAL_SCRIPT": str(probe)}
-    job = submit(env, tmp_path / "job-%A_%a.out", "--array=0-2", "--ntasks=2", str(REPO / "slurm" / "eval.sbatch"),
-                 "--model", "{}", "--out", f"{tmp_path}/{{}}")
+    job = submit(
+        env,
+        tmp_path / "job-%A_%a.out",
+        "--array=0-2",
+        "--ntasks=2",
+        str(REPO / "slurm" / "eval.sbatch"),
+        "--model",
+        "{}",
+        "--out",
+        f"{tmp_path}/{{}}",
+    )
     for index, value in enumerate(values):
         task = f"{job}_{index}"
         info = wait_until_final(env, task, tmp_path / f"job-{job}_{index}.out", timeout=120)
@@ -199,10 +292,26 @@ def test_eval_sweep_array_runs_one_value_per_task_with_ranks(slurm_env, tmp_path
 def test_train_job_on_pipeline_stages(slurm_env, tmp_path):
     """slurm/train.sbatch with the shipped pipeline config: the two tasks are the two stages of one pipeline."""
     out, log = tmp_path / "run", tmp_path / "job.out"
-    job = submit(slurm_env, log, "--nodes=1", "--ntasks-per-node=2", str(REPO / "slurm" / "train.sbatch"),
-                 "--ds_config", str(REPO / "ds_configs" / "pipeline.json"), "--out_dir", str(out),
-                 "--max_steps", "2", "--save_every", "2", "--eval_every", "2", *QUICK_FLAGS,
-                 "--micro_batch_size", "4")  # the config's 4 chains
+    job = submit(
+        slurm_env,
+        log,
+        "--nodes=1",
+        "--ntasks-per-node=2",
+        str(REPO / "slurm" / "train.sbatch"),
+        "--ds_config",
+        str(REPO / "ds_configs" / "pipeline.json"),
+        "--out_dir",
+        str(out),
+        "--max_steps",
+        "2",
+        "--save_every",
+        "2",
+        "--eval_every",
+        "2",
+        *QUICK_FLAGS,
+        "--micro_batch_size",
+        "4",
+    )  # the config's 4 chains
     info = wait_until_final(slurm_env, job, log, timeout=240)
     assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), log.read_text()
     names = {p.name for p in (out / "checkpoints" / "step000002").iterdir()}

@@ -15,14 +15,23 @@ from pathlib import Path
 
 import pytest
 import torch
-from support import ROOT
-from support.runs import (LAUNCHER, LOSS_TOLERANCE, SEGMENT, environment, exported_accuracy, launch, losses, run_args,
-                          scalars)
 
 from rmt_scale import ARMTConfig, RecurrentMemoryModel, RMTConfig
 from rmt_scale.data import load_tokenizer
 from rmt_scale.training.distributed import free_port
 from rmt_scale.training.trainer import EXIT_PREEMPTED
+from support import ROOT
+from support.runs import (
+    LAUNCHER,
+    LOSS_TOLERANCE,
+    SEGMENT,
+    environment,
+    exported_accuracy,
+    launch,
+    losses,
+    run_args,
+    scalars,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -55,8 +64,17 @@ def test_ranks_and_zero_stages_follow_the_same_losses(backbone, cpu_adam_built, 
 
     # TensorBoard: every scalar the issue lists, at every step, readable by tensorboard's own reader
     logged = scalars(zero3)
-    for tag in ("train/loss", "train/lr", "train/grad_norm", "curriculum/stage_segments", "perf/tokens_per_s",
-                "perf/peak_memory_mb", "memory/state_norm", "eval/accuracy_1seg", "eval/accuracy_4seg"):
+    for tag in (
+        "train/loss",
+        "train/lr",
+        "train/grad_norm",
+        "curriculum/stage_segments",
+        "perf/tokens_per_s",
+        "perf/peak_memory_mb",
+        "memory/state_norm",
+        "eval/accuracy_1seg",
+        "eval/accuracy_4seg",
+    ):
         assert tag in logged, sorted(logged)
     assert [step for step, _ in logged["train/loss"]] == [1, 2, 3, 4]
     for step, value in logged["train/loss"]:
@@ -88,8 +106,14 @@ def test_resume_after_sigkill_is_exact(backbone, tmp_path):
 
     killed = tmp_path / "killed"
     args = run_args(backbone, killed, max_steps=steps, curriculum="1,2,4", stage_steps=3, save_every=4)
-    process = subprocess.Popen([sys.executable, LAUNCHER, *args], env=environment(), start_new_session=True,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        [sys.executable, LAUNCHER, *args],
+        env=environment(),
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     latest = killed / "checkpoints" / "latest"
     deadline = time.time() + 240
     while not (latest.is_file() and latest.read_text() == "step000004"):
@@ -107,8 +131,10 @@ def test_resume_after_sigkill_is_exact(backbone, tmp_path):
         assert abs(resumed[step] - reference[step]) < 1e-6, (step, resumed[step], reference[step])
     # the resumed TensorBoard log holds each step once (a killed run's extra events are purged)
     assert [step for step, _ in scalars(killed)["train/loss"]] == list(range(1, steps + 1))
-    assert json.loads((killed / "results.json").read_text())["accuracy"] == \
-        json.loads((straight / "results.json").read_text())["accuracy"]
+    assert (
+        json.loads((killed / "results.json").read_text())["accuracy"]
+        == json.loads((straight / "results.json").read_text())["accuracy"]
+    )
 
 
 def test_sigusr1_stops_all_ranks_with_a_checkpoint(backbone, tmp_path):
@@ -118,10 +144,16 @@ def test_sigusr1_stops_all_ranks_with_a_checkpoint(backbone, tmp_path):
     out = tmp_path / "run"
     args = run_args(backbone, out, max_steps=400, eval_every=1000)
     port = str(free_port())
-    ranks = [subprocess.Popen([sys.executable, LAUNCHER, *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                              text=True, env=environment(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2",
-                                                         MASTER_ADDR="127.0.0.1", MASTER_PORT=port))
-             for r in range(2)]
+    ranks = [
+        subprocess.Popen(
+            [sys.executable, LAUNCHER, *args],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=environment(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=port),
+        )
+        for r in range(2)
+    ]
     metrics = out / "metrics.jsonl"
     deadline = time.time() + 240
     while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 3):
@@ -134,8 +166,10 @@ def test_sigusr1_stops_all_ranks_with_a_checkpoint(backbone, tmp_path):
     assert 3 <= stopped_at < 400
     latest = (out / "checkpoints" / "latest").read_text()
     assert latest == f"step{stopped_at:06d}"
-    assert {p.name for p in (out / "checkpoints" / latest).glob("trainer_state_rank*.pt")} == \
-        {"trainer_state_rank0.pt", "trainer_state_rank1.pt"}
+    assert {p.name for p in (out / "checkpoints" / latest).glob("trainer_state_rank*.pt")} == {
+        "trainer_state_rank0.pt",
+        "trainer_state_rank1.pt",
+    }
 
     launch(run_args(backbone, out, max_steps=stopped_at + 2, eval_every=1000) + ["--resume", "auto"], ranks=2)
     assert sorted(losses(out)) == list(range(1, stopped_at + 3))
@@ -161,12 +195,18 @@ def test_baseline_twin_and_accuracy_table(backbone, tmp_path):
     assert RecurrentMemoryModel.from_pretrained(out / "baseline" / "export").memory is None
 
     # tools/plot_results.py turns the run into curves (tokens, accuracy, samples) and a PNG named by its task
-    plotted = subprocess.run([sys.executable, str(ROOT / "tools" / "plot_results.py"), str(out), "--out", str(tmp_path)],
-                             env=environment(), capture_output=True, text=True, timeout=120)
+    plotted = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "plot_results.py"), str(out), "--out", str(tmp_path)],
+        env=environment(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert plotted.returncode == 0, plotted.stderr[-2000:]
     curves = {c["model"]: c for c in json.loads((tmp_path / "memorize_by_length.json").read_text())}
-    assert curves["rmt"]["points"] == [[SEGMENT * int(n), summary["accuracy"]["rmt"][n], summary["eval_samples"][n]]
-                                       for n in ("1", "2", "4")]
+    assert curves["rmt"]["points"] == [
+        [SEGMENT * int(n), summary["accuracy"]["rmt"][n], summary["eval_samples"][n]] for n in ("1", "2", "4")
+    ]
     assert (tmp_path / "memorize_by_length.png").stat().st_size > 10_000
 
 
@@ -175,8 +215,9 @@ def test_launcher_trains_armt_and_its_baseline(backbone, tmp_path):
     ARMT whose streaming accuracy is the run's own."""
     out = tmp_path / "run"
     # steps of 1..4 segments: the memory is written, and read by the next segment, from the first steps
-    args = run_args(backbone, out, memory="armt", d_mem=8, num_heads=2, dpfp_nu=2, curriculum="4", max_steps=4,
-                    eval_every=4)
+    args = run_args(
+        backbone, out, memory="armt", d_mem=8, num_heads=2, dpfp_nu=2, curriculum="4", max_steps=4, eval_every=4
+    )
     result = launch(args + ["--baseline"], ranks=1)
     summary = json.loads((out / "results.json").read_text())["accuracy"]
     assert sorted(summary) == ["armt", "baseline"]
@@ -201,8 +242,9 @@ def test_armt_under_the_shipped_zero3_config_follows_one_rank(backbone, cpu_adam
     """The brief's command with the default memory (ARMT): zero3.json's activation_checkpointing block becomes
     per-segment checkpointing (ARMT's layers stay whole), and 2 ranks follow 1 rank at twice the batch."""
     one = tmp_path / "one"
-    launch(run_args(backbone, one, memory="armt", micro_batch_size=4, ds_config=ROOT / "ds_configs" / "ddp.json"),
-           ranks=1)
+    launch(
+        run_args(backbone, one, memory="armt", micro_batch_size=4, ds_config=ROOT / "ds_configs" / "ddp.json"), ranks=1
+    )
     zero3 = tmp_path / "zero3"
     launch(run_args(backbone, zero3, memory="armt", ds_config=ROOT / "ds_configs" / "zero3.json"), ranks=2)
     reference, observed = losses(one), losses(zero3)
@@ -231,7 +273,7 @@ def test_launcher_trains_an_encoder_classifier_and_its_baseline(tmp_path):
         assert (model.config.cls_token_id, model.config.sep_token_id) == (tokenizer.cls_id, tokenizer.sep_id)
         assert (model.memory_gate is not None) == bool(memory)  # the twin has no memory to gate
     for segments in (1, 4):
-        assert exported_accuracy(out / "export", segments, classes=True) == \
-            pytest.approx(summary["rmt"][str(segments)])
-        assert exported_accuracy(out / "baseline" / "export", segments, classes=True) == \
-            pytest.approx(summary["baseline"][str(segments)])
+        assert exported_accuracy(out / "export", segments, classes=True) == pytest.approx(summary["rmt"][str(segments)])
+        assert exported_accuracy(out / "baseline" / "export", segments, classes=True) == pytest.approx(
+            summary["baseline"][str(segments)]
+        )

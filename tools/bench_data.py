@@ -16,9 +16,15 @@ import time
 
 from torch.utils.data import DataLoader
 
-
-from rmt_scale.data import (ShardStream, TaskGenerator, build_word_tokenizer, collate,
-                            default_background, whole_segments, write_shards)
+from rmt_scale.data import (
+    ShardStream,
+    TaskGenerator,
+    build_word_tokenizer,
+    collate,
+    default_background,
+    whole_segments,
+    write_shards,
+)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -71,19 +77,26 @@ def bench(args, shard_dir: str) -> dict:
         return collate(samples, tokenizer.pad_id, whole_segments(samples, args.segment_size) * args.segment_size)
 
     def into_segments():
-        batches = DataLoader(ShardStream(shard_dir), batch_size=args.batch_size, drop_last=True,
-                             collate_fn=segment_batch)
+        batches = DataLoader(
+            ShardStream(shard_dir), batch_size=args.batch_size, drop_last=True, collate_fn=segment_batch
+        )
         return sum(int(batch["attention_mask"].sum()) for batch in batches)  # real tokens, padding excluded
 
     read_rate, read_tokens = best_rate(read_only, args.passes)
     segment_rate, segment_tokens = best_rate(into_segments, args.passes)
     return {
-        "task": args.task, "tokens_per_sample": args.tokens, "samples": args.samples,
-        "segment_size": args.segment_size, "batch_size": args.batch_size,
+        "task": args.task,
+        "tokens_per_sample": args.tokens,
+        "samples": args.samples,
+        "segment_size": args.segment_size,
+        "batch_size": args.batch_size,
         "background_tokenize_s": background_s,
-        "generate_sample_s": generate_s, "write_sample_s": write_s,
-        "read_tokens": read_tokens, "read_tokens_per_s": read_rate,
-        "segment_batch_tokens": segment_tokens, "segment_batch_tokens_per_s": segment_rate,
+        "generate_sample_s": generate_s,
+        "write_sample_s": write_s,
+        "read_tokens": read_tokens,
+        "read_tokens_per_s": read_rate,
+        "segment_batch_tokens": segment_tokens,
+        "segment_batch_tokens_per_s": segment_rate,
     }
 
 
@@ -99,8 +112,10 @@ def main(argv=None) -> dict:
         (f"generate one {args.tokens:,}-token sample", f"{result['generate_sample_s'] * 1e3:.1f} ms"),
         ("encode + write one sample to a shard", f"{result['write_sample_s'] * 1e3:.1f} ms"),
         ("stream shards -> samples", f"{result['read_tokens_per_s'] / 1e6:.1f} M tokens/s"),
-        (f"stream shards -> batches of {args.batch_size}, padded to {args.segment_size}-token segments",
-         f"{result['segment_batch_tokens_per_s'] / 1e6:.1f} M tokens/s"),
+        (
+            f"stream shards -> batches of {args.batch_size}, padded to {args.segment_size}-token segments",
+            f"{result['segment_batch_tokens_per_s'] / 1e6:.1f} M tokens/s",
+        ),
     ]
     width = max(len(r[0]) for r in rows)
     print(f"| {'measure'.ljust(width)} | value |\n|{'-' * (width + 2)}|-------|")

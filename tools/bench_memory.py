@@ -20,37 +20,66 @@ import json
 import os
 import sys
 
-
 from tqdm import tqdm
 
-from rmt_scale.runtime.allocator import ALLOCATORS
 from rmt_scale.model.presets import BACKBONE_PRESETS
 from rmt_scale.profiling.measure import FULL_ATTENTION, Measurer, Variant
+from rmt_scale.runtime.allocator import ALLOCATORS
 
 DEFAULT_SEGMENTS = [1, 4, 16, 64, 256]
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--backbone", default="opt-bench", choices=sorted(BACKBONE_PRESETS),
-                        help="tiny backbone to measure (default: %(default)s; the launcher's default is opt-quickstart)")
-    parser.add_argument("--segments", type=int, nargs="+", default=DEFAULT_SEGMENTS,
-                        help="numbers of segments to measure (default: %(default)s)")
-    parser.add_argument("--modes", nargs="+", default=["bptt", "checkpoint", "replay"],
-                        choices=["bptt", "checkpoint", "replay"], help="RMT backprop modes to measure")
+    parser.add_argument(
+        "--backbone",
+        default="opt-bench",
+        choices=sorted(BACKBONE_PRESETS),
+        help="tiny backbone to measure (default: %(default)s; the launcher's default is opt-quickstart)",
+    )
+    parser.add_argument(
+        "--segments",
+        type=int,
+        nargs="+",
+        default=DEFAULT_SEGMENTS,
+        help="numbers of segments to measure (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--modes",
+        nargs="+",
+        default=["bptt", "checkpoint", "replay"],
+        choices=["bptt", "checkpoint", "replay"],
+        help="RMT backprop modes to measure",
+    )
     parser.add_argument("--segment_size", type=int, default=512, help="tokens per segment (default: 512)")
     parser.add_argument("--num_mem_tokens", type=int, default=16, help="memory tokens (default: 16)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default: 2)")
-    parser.add_argument("--full_attention_max_tokens", type=int, default=32768,
-                        help="longest input tried with full attention (default: %(default)s)")
-    parser.add_argument("--bptt_max_segments", type=int, default=256,
-                        help="longest input tried in 'bptt' mode, whose memory grows with length (default: 256, "
-                             "about 12 GB with the defaults)")
-    parser.add_argument("--min_seconds", type=float, default=3.0,
-                        help="repeat short measurements until they last this long (default: 3)")
-    parser.add_argument("--allocator", default="auto", choices=ALLOCATORS,
-                        help="CPU allocator of the measured processes; auto = jemalloc when installed, which keeps "
-                             "RSS from growing through glibc fragmentation (see rmt_scale/runtime/allocator.py)")
+    parser.add_argument(
+        "--full_attention_max_tokens",
+        type=int,
+        default=32768,
+        help="longest input tried with full attention (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--bptt_max_segments",
+        type=int,
+        default=256,
+        help="longest input tried in 'bptt' mode, whose memory grows with length (default: 256, "
+        "about 12 GB with the defaults)",
+    )
+    parser.add_argument(
+        "--min_seconds",
+        type=float,
+        default=3.0,
+        help="repeat short measurements until they last this long (default: 3)",
+    )
+    parser.add_argument(
+        "--allocator",
+        default="auto",
+        choices=ALLOCATORS,
+        help="CPU allocator of the measured processes; auto = jemalloc when installed, which keeps "
+        "RSS from growing through glibc fragmentation (see rmt_scale/runtime/allocator.py)",
+    )
     parser.add_argument("--out", default="bench_memory.json", help="where to write the JSON results")
     return parser.parse_args(argv)
 
@@ -58,25 +87,32 @@ def parse_args(argv=None) -> argparse.Namespace:
 def measure(measurer: Measurer, kind: str, mode: str, segments: int, args: argparse.Namespace) -> dict | None:
     """One training step of kind 'backbone' (the plain backbone), 'full' (the same, on the whole input) or 'rmt'."""
     length = args.segment_size * segments
-    variant = (Variant("rmt", mode, args.segment_size, args.num_mem_tokens) if kind == "rmt"
-               else Variant(FULL_ATTENTION, FULL_ATTENTION))
+    variant = (
+        Variant("rmt", mode, args.segment_size, args.num_mem_tokens)
+        if kind == "rmt"
+        else Variant(FULL_ATTENTION, FULL_ATTENTION)
+    )
     result = measurer.measure(variant, length, forward=False)
     if not result.ok:
         print(f"  {kind}/{mode}/{segments}: failed ({result.error})", file=sys.stderr)
         return None
-    return {"kind": kind, "mode": mode, "segments": segments, "tokens": length,
-            "tokens_per_s": round(length / result.train_seconds, 1),
-            "tokens_per_cpu_s": round(length / result.train_cpu_seconds, 1),
-            "peak_rss_mb": round(result.rss_before_mb + result.train_peak_mb, 1),
-            "seconds_per_step": round(result.train_seconds, 3),
-            "cpu_seconds_per_step": round(result.train_cpu_seconds, 3)}
+    return {
+        "kind": kind,
+        "mode": mode,
+        "segments": segments,
+        "tokens": length,
+        "tokens_per_s": round(length / result.train_seconds, 1),
+        "tokens_per_cpu_s": round(length / result.train_cpu_seconds, 1),
+        "peak_rss_mb": round(result.rss_before_mb + result.train_peak_mb, 1),
+        "seconds_per_step": round(result.train_seconds, 3),
+        "cpu_seconds_per_step": round(result.train_cpu_seconds, 3),
+    }
 
 
 def plan(args: argparse.Namespace) -> list[tuple[str, str, int]]:
     jobs = [("backbone", "-", 1)]
     for segments in args.segments:
-        jobs += [("rmt", mode, segments) for mode in args.modes
-                 if mode != "bptt" or segments <= args.bptt_max_segments]
+        jobs += [("rmt", mode, segments) for mode in args.modes if mode != "bptt" or segments <= args.bptt_max_segments]
         # at one segment, full attention is the backbone row
         if 1 < segments and segments * args.segment_size <= args.full_attention_max_tokens:
             jobs.append(("full", "-", segments))
@@ -84,20 +120,30 @@ def plan(args: argparse.Namespace) -> list[tuple[str, str, int]]:
 
 
 def table(results: list[dict], bound: float) -> str:
-    lines = [f"{'model':<16}{'segments':>9}{'tokens':>9}{'tok/s':>10}{'vs bound':>10}{'tok/CPU-s':>11}"
-             f"{'peak RSS MB':>13}", "-" * 78]
+    lines = [
+        f"{'model':<16}{'segments':>9}{'tokens':>9}{'tok/s':>10}{'vs bound':>10}{'tok/CPU-s':>11}{'peak RSS MB':>13}",
+        "-" * 78,
+    ]
     for r in results:
         name = r["kind"] if r["kind"] != "rmt" else f"rmt/{r['mode']}"
-        lines.append(f"{name:<16}{r['segments']:>9}{r['tokens']:>9}{r['tokens_per_s']:>10.0f}"
-                     f"{r['tokens_per_s'] / bound:>10.2f}{r['tokens_per_cpu_s']:>11.0f}{r['peak_rss_mb']:>13.0f}")
+        lines.append(
+            f"{name:<16}{r['segments']:>9}{r['tokens']:>9}{r['tokens_per_s']:>10.0f}"
+            f"{r['tokens_per_s'] / bound:>10.2f}{r['tokens_per_cpu_s']:>11.0f}{r['peak_rss_mb']:>13.0f}"
+        )
     return "\n".join(lines)
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
-    measurer = Measurer(args.backbone, threads=args.threads, repeats=1, min_seconds=args.min_seconds,
-                        allocator=args.allocator, count_flops=False)
+    measurer = Measurer(
+        args.backbone,
+        threads=args.threads,
+        repeats=1,
+        min_seconds=args.min_seconds,
+        allocator=args.allocator,
+        count_flops=False,
+    )
     results = []
     for kind, mode, segments in tqdm(plan(args), desc="bench_memory", unit="run"):
         result = measure(measurer, kind, mode, segments, args)
@@ -106,13 +152,19 @@ def main(argv=None) -> None:
     backbone = next(r for r in results if r["kind"] == "backbone")
     # the RMT processes 2*M memory tokens per segment that are not counted as input tokens
     bound = backbone["tokens_per_s"] * args.segment_size / (args.segment_size + 2 * args.num_mem_tokens)
-    summary = {"settings": vars(args), "allocator_used": measurer.allocator,
-               "throughput_bound_tokens_per_s": round(bound, 1), "results": results}
+    summary = {
+        "settings": vars(args),
+        "allocator_used": measurer.allocator,
+        "throughput_bound_tokens_per_s": round(bound, 1),
+        "results": results,
+    }
     with open(args.out, "w") as f:
         json.dump(summary, f, indent=2)
     print(json.dumps(summary))
-    print(f"\nallocator: {measurer.allocator}; bound = backbone {backbone['tokens_per_s']:.0f} tok/s x {args.segment_size}/"
-          f"{args.segment_size + 2 * args.num_mem_tokens} = {bound:.0f} tok/s")
+    print(
+        f"\nallocator: {measurer.allocator}; bound = backbone {backbone['tokens_per_s']:.0f} tok/s"
+        f" x {args.segment_size}/{args.segment_size + 2 * args.num_mem_tokens} = {bound:.0f} tok/s"
+    )
     print(table(results, bound))
 
 

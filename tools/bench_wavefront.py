@@ -12,7 +12,6 @@ import argparse
 import json
 import time
 
-
 import torch
 from tqdm import tqdm
 from transformers import OPTForCausalLM
@@ -23,15 +22,20 @@ from rmt_scale.model.presets import preset_config
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--segments", type=int, nargs="+", default=[8, 16, 32, 64, 128, 256],
-                   help="numbers of segments to measure")
+    p.add_argument(
+        "--segments", type=int, nargs="+", default=[8, 16, 32, 64, 128, 256], help="numbers of segments to measure"
+    )
     p.add_argument("--segment-size", type=int, default=128, help="tokens per segment")
     p.add_argument("--mem-tokens", type=int, default=16, help="memory tokens per segment")
     p.add_argument("--layers", type=int, default=4, help="decoder layers of the tiny OPT")
     p.add_argument("--batch-size", type=int, default=1, help="samples per batch")
-    p.add_argument("--attention", default="sdpa", choices=["sdpa", "eager"],
-                   help="backbone attention implementation (vmap batches eager attention fully; torch has no "
-                        "batching rule for CPU SDPA and loops over the cells of a diagonal there)")
+    p.add_argument(
+        "--attention",
+        default="sdpa",
+        choices=["sdpa", "eager"],
+        help="backbone attention implementation (vmap batches eager attention fully; torch has no "
+        "batching rule for CPU SDPA and loops over the cells of a diagonal there)",
+    )
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     p.add_argument("--repeats", type=int, default=2, help="timed runs per setting (the fastest is reported)")
     p.add_argument("--out", help="also write the JSON result to this file")
@@ -40,8 +44,14 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def build(args) -> RecurrentMemoryModel:
     torch.manual_seed(0)
-    backbone = OPTForCausalLM(preset_config("opt-bench", max_position_embeddings=args.segment_size + args.mem_tokens,
-                                          num_hidden_layers=args.layers, attn_implementation=args.attention)).eval()
+    backbone = OPTForCausalLM(
+        preset_config(
+            "opt-bench",
+            max_position_embeddings=args.segment_size + args.mem_tokens,
+            num_hidden_layers=args.layers,
+            attn_implementation=args.attention,
+        )
+    ).eval()
     config = ARMTConfig(num_mem_tokens=args.mem_tokens, segment_size=args.segment_size, d_mem=64)
     model = RecurrentMemoryModel(backbone, config).eval()
     with torch.no_grad():  # a memory that stores something, as after training
@@ -76,9 +86,15 @@ def bench(args) -> dict:
         tokens = torch.randint(3, vocab, (args.batch_size, num_segments * args.segment_size))
         seq_s = seconds(model, "sequential", tokens, args.repeats)
         wave_s = seconds(model, "wavefront", tokens, args.repeats)
-        rows.append({"segments": num_segments, "tokens": tokens.numel(),
-                     "sequential_tok_s": tokens.numel() / seq_s, "wavefront_tok_s": tokens.numel() / wave_s,
-                     "speedup": seq_s / wave_s})
+        rows.append(
+            {
+                "segments": num_segments,
+                "tokens": tokens.numel(),
+                "sequential_tok_s": tokens.numel() / seq_s,
+                "wavefront_tok_s": tokens.numel() / wave_s,
+                "speedup": seq_s / wave_s,
+            }
+        )
     return {"settings": vars(args), "max_logit_difference": difference, "rows": rows}
 
 
@@ -89,8 +105,10 @@ def main(argv=None) -> None:
     print("| segments | tokens | sequential tok/s | wavefront tok/s | wavefront / sequential |")
     print("|---|---|---|---|---|")
     for row in result["rows"]:
-        print(f"| {row['segments']} | {row['tokens']} | {row['sequential_tok_s']:.0f} | "
-              f"{row['wavefront_tok_s']:.0f} | {row['speedup']:.2f}x |")
+        print(
+            f"| {row['segments']} | {row['tokens']} | {row['sequential_tok_s']:.0f} | "
+            f"{row['wavefront_tok_s']:.0f} | {row['speedup']:.2f}x |"
+        )
     text = json.dumps(result, indent=2)
     print(text)
     if args.out:

@@ -23,9 +23,12 @@ from pathlib import Path
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("runs", nargs="+",
-                        help="run output directories holding results.json, launchers/eval.py's holding eval.json, "
-                             "or a TASK_by_length.json written by this tool")
+    parser.add_argument(
+        "runs",
+        nargs="+",
+        help="run output directories holding results.json, launchers/eval.py's holding eval.json, "
+        "or a TASK_by_length.json written by this tool",
+    )
     parser.add_argument("--out", default=".", help="directory for the outputs, TASK_by_length.{png,json} (default: .)")
     parser.add_argument("--name", default="", help="file name stem of the outputs (default: TASK_by_length)")
     return parser.parse_args(argv)
@@ -43,27 +46,44 @@ def load(runs: list[str]) -> list[dict]:
             continue
         path = Path(run) / "results.json"
         if not path.is_file():
-            raise SystemExit(f"error: {path} is missing: pass the --out_dir of a finished launchers/train.py run "
-                             "or of launchers/eval.py.")
+            raise SystemExit(
+                f"error: {path} is missing: pass the --out_dir of a finished launchers/train.py run "
+                "or of launchers/eval.py."
+            )
         results = json.loads(path.read_text())
         task = json.loads((Path(run) / "train_config.json").read_text())["task"]
         samples = results.get("eval_samples", {})
         for model, accuracy in results["accuracy"].items():
             points = sorted((int(k) * results["segment_size"], v, samples.get(k)) for k, v in accuracy.items())
-            curves.append({"run": Path(run).name, "task": task, "model": model, "points": points,
-                           "train_tokens": (results["train_segments"] or 0) * results["segment_size"],
-                           "evaluation": False})
+            curves.append(
+                {
+                    "run": Path(run).name,
+                    "task": task,
+                    "model": model,
+                    "points": points,
+                    "train_tokens": (results["train_segments"] or 0) * results["segment_size"],
+                    "evaluation": False,
+                }
+            )
     return curves
 
 
 def load_evaluation(run: Path) -> dict:
     evaluation = json.loads((run / "eval.json").read_text())
     # "memory" and "eval_samples" are missing from the eval.json of older versions of launchers/eval.py
-    points = sorted((int(k) * evaluation["segment_size"], v, evaluation.get("eval_samples"))
-                    for k, v in evaluation["accuracy"].items())
+    points = sorted(
+        (int(k) * evaluation["segment_size"], v, evaluation.get("eval_samples"))
+        for k, v in evaluation["accuracy"].items()
+    )
     # train_tokens 0: an evaluation does not say how long its model's training inputs were
-    return {"run": run.name, "task": evaluation["task"], "model": evaluation.get("memory", "eval"),
-            "points": points, "train_tokens": 0, "evaluation": True}
+    return {
+        "run": run.name,
+        "task": evaluation["task"],
+        "model": evaluation.get("memory", "eval"),
+        "points": points,
+        "train_tokens": 0,
+        "evaluation": True,
+    }
 
 
 def table(curves: list[dict]) -> str:
@@ -74,9 +94,11 @@ def table(curves: list[dict]) -> str:
     return "\n".join(lines)
 
 
-TITLES = {"memorize": "memorize: a fact at the start, the question at the end",
-          "detect": "detect: a fact anywhere, the question at the end",
-          "reason": "reason: two supporting facts anywhere, the question at the end"}
+TITLES = {
+    "memorize": "memorize: a fact at the start, the question at the end",
+    "detect": "detect: a fact anywhere, the question at the end",
+    "reason": "reason: two supporting facts anywhere, the question at the end",
+}
 
 
 def plot(curves: list[dict], path: Path) -> None:

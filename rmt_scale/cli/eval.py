@@ -26,15 +26,27 @@ from .train import EXIT_CONFIG_ERROR
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True,
-                        help="directory written by save_pretrained (a run's export/), with its tokenizer/ inside")
+    parser.add_argument(
+        "--model",
+        required=True,
+        help="directory written by save_pretrained (a run's export/), with its tokenizer/ inside",
+    )
     parser.add_argument("--task", default="memorize", help="task of the evaluation samples (default: memorize)")
-    parser.add_argument("--eval_segments", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32],
-                        help="input lengths to evaluate, in segments (default: %(default)s)")
+    parser.add_argument(
+        "--eval_segments",
+        type=int,
+        nargs="+",
+        default=[1, 2, 4, 8, 16, 32],
+        help="input lengths to evaluate, in segments (default: %(default)s)",
+    )
     parser.add_argument("--eval_samples", type=int, default=64, help="samples per length, split over ranks")
     parser.add_argument("--batch_size", type=int, default=16, help="samples per forward on each rank")
-    parser.add_argument("--data_seed", type=int, default=0,
-                        help="the training run's --data_seed, so the evaluation samples are the same as its own")
+    parser.add_argument(
+        "--data_seed",
+        type=int,
+        default=0,
+        help="the training run's --data_seed, so the evaluation samples are the same as its own",
+    )
     parser.add_argument("--out", help="directory for eval.json (default: the model directory)")
     return parser.parse_args(argv)
 
@@ -53,9 +65,9 @@ def main(argv=None) -> int:
     from ..model import ConfigError, RecurrentMemoryModel
     from ..runtime.memory import peak_rss_mb
     from ..training.batches import EVAL_SEED_OFFSET
+    from ..training.config import as_config_error
     from ..training.distributed import close_distributed, init_distributed
     from ..training.evaluation import evaluate_by_length
-    from ..training.config import as_config_error
     from ..training.experiment import format_table
 
     try:
@@ -75,19 +87,39 @@ def main(argv=None) -> int:
         return EXIT_CONFIG_ERROR
     segment_size = model.config.segment_size
     classes = AnswerClasses(tokenizer) if model.spec.kind == "encoder" else None
-    accuracy = evaluate_by_length(model, generator, sorted(args.eval_segments), segment_size=segment_size,
-                                  samples=args.eval_samples, batch_size=args.batch_size, pad_id=tokenizer.pad_id,
-                                  rank=dist_info.rank, world_size=dist_info.world_size, classes=classes)
+    accuracy = evaluate_by_length(
+        model,
+        generator,
+        sorted(args.eval_segments),
+        segment_size=segment_size,
+        samples=args.eval_samples,
+        batch_size=args.batch_size,
+        pad_id=tokenizer.pad_id,
+        rank=dist_info.rank,
+        world_size=dist_info.world_size,
+        classes=classes,
+    )
     if dist_info.rank == 0:
         peak_rss = peak_rss_mb()
         out = Path(args.out or model_dir)
         out.mkdir(parents=True, exist_ok=True)
         label = model.config.model_type if model.config.num_mem_tokens else "baseline"
-        (out / "eval.json").write_text(json.dumps({
-            "model": str(model_dir), "memory": label, "task": args.task, "segment_size": segment_size,
-            "accuracy": {str(k): v for k, v in accuracy.items()}, "eval_samples": args.eval_samples,
-            "peak_rss_mb": round(peak_rss), "wall_time_s": round(time.perf_counter() - started, 1)},
-            indent=2) + "\n")
+        (out / "eval.json").write_text(
+            json.dumps(
+                {
+                    "model": str(model_dir),
+                    "memory": label,
+                    "task": args.task,
+                    "segment_size": segment_size,
+                    "accuracy": {str(k): v for k, v in accuracy.items()},
+                    "eval_samples": args.eval_samples,
+                    "peak_rss_mb": round(peak_rss),
+                    "wall_time_s": round(time.perf_counter() - started, 1),
+                },
+                indent=2,
+            )
+            + "\n"
+        )
         print(format_table({label: accuracy}, segment_size, None), flush=True)
         print(f"peak RSS of this rank: {peak_rss:.0f} MB", flush=True)
     close_distributed(wait_for_peers=True)

@@ -13,31 +13,174 @@ background by content, never by accident of wording. For realistic long-context 
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Iterable, Sequence
 
 import fsspec
 import numpy as np
 
 from .tars import expand_urls, iter_tar_samples
 
-_NAMES = ("Elena", "Tomas", "Ravi", "Ingrid", "Omar", "Lucia", "Peter", "Aiko", "Nadia", "Hugo", "the old man",
-          "the captain", "the girl", "the stranger", "the doctor", "the farmer", "her brother", "his mother")
-_ADJECTIVES = ("quiet", "old", "bright", "narrow", "distant", "cold", "warm", "heavy", "pale", "green", "dark",
-               "gentle", "strange", "broken", "silent", "small", "wide", "early", "late", "empty", "grey",
-               "golden", "wet", "dry", "steep", "soft", "loud", "thin", "ancient", "restless")
-_NOUNS = ("river", "village", "road", "forest", "hill", "window", "letter", "ship", "harbour", "market",
-          "bridge", "lamp", "field", "storm", "wind", "cart", "horse", "bell", "tower", "book", "coat", "door",
-          "path", "stone", "boat", "song", "fire", "winter", "valley", "crowd", "train", "station", "table",
-          "candle", "mountain", "shore", "cloud", "wall", "orchard", "lake", "chapel", "mill", "well", "gate")
-_VERBS = ("watched", "crossed", "carried", "followed", "remembered", "painted", "passed", "opened", "closed",
-          "found", "lost", "mended", "described", "ignored", "admired", "studied", "visited", "counted",
-          "noticed", "pulled", "pushed", "wrote about", "spoke of", "waited by", "leaned on", "sang about")
-_INTRANSITIVE = ("shone", "faded", "trembled", "slept", "waited", "grew", "burned", "rang", "drifted",
-                 "rested", "sank", "rose", "glowed", "turned", "settled")
-_ADVERBS = ("slowly", "quietly", "again", "at last", "without a word", "for a while", "once more", "suddenly",
-            "carefully", "in silence", "all day", "before dawn", "after supper", "every morning")
+_NAMES = (
+    "Elena",
+    "Tomas",
+    "Ravi",
+    "Ingrid",
+    "Omar",
+    "Lucia",
+    "Peter",
+    "Aiko",
+    "Nadia",
+    "Hugo",
+    "the old man",
+    "the captain",
+    "the girl",
+    "the stranger",
+    "the doctor",
+    "the farmer",
+    "her brother",
+    "his mother",
+)
+_ADJECTIVES = (
+    "quiet",
+    "old",
+    "bright",
+    "narrow",
+    "distant",
+    "cold",
+    "warm",
+    "heavy",
+    "pale",
+    "green",
+    "dark",
+    "gentle",
+    "strange",
+    "broken",
+    "silent",
+    "small",
+    "wide",
+    "early",
+    "late",
+    "empty",
+    "grey",
+    "golden",
+    "wet",
+    "dry",
+    "steep",
+    "soft",
+    "loud",
+    "thin",
+    "ancient",
+    "restless",
+)
+_NOUNS = (
+    "river",
+    "village",
+    "road",
+    "forest",
+    "hill",
+    "window",
+    "letter",
+    "ship",
+    "harbour",
+    "market",
+    "bridge",
+    "lamp",
+    "field",
+    "storm",
+    "wind",
+    "cart",
+    "horse",
+    "bell",
+    "tower",
+    "book",
+    "coat",
+    "door",
+    "path",
+    "stone",
+    "boat",
+    "song",
+    "fire",
+    "winter",
+    "valley",
+    "crowd",
+    "train",
+    "station",
+    "table",
+    "candle",
+    "mountain",
+    "shore",
+    "cloud",
+    "wall",
+    "orchard",
+    "lake",
+    "chapel",
+    "mill",
+    "well",
+    "gate",
+)
+_VERBS = (
+    "watched",
+    "crossed",
+    "carried",
+    "followed",
+    "remembered",
+    "painted",
+    "passed",
+    "opened",
+    "closed",
+    "found",
+    "lost",
+    "mended",
+    "described",
+    "ignored",
+    "admired",
+    "studied",
+    "visited",
+    "counted",
+    "noticed",
+    "pulled",
+    "pushed",
+    "wrote about",
+    "spoke of",
+    "waited by",
+    "leaned on",
+    "sang about",
+)
+_INTRANSITIVE = (
+    "shone",
+    "faded",
+    "trembled",
+    "slept",
+    "waited",
+    "grew",
+    "burned",
+    "rang",
+    "drifted",
+    "rested",
+    "sank",
+    "rose",
+    "glowed",
+    "turned",
+    "settled",
+)
+_ADVERBS = (
+    "slowly",
+    "quietly",
+    "again",
+    "at last",
+    "without a word",
+    "for a while",
+    "once more",
+    "suddenly",
+    "carefully",
+    "in silence",
+    "all day",
+    "before dawn",
+    "after supper",
+    "every morning",
+)
 _PREPOSITIONS = ("near", "beyond", "under", "behind", "across", "beside", "above", "along")
 _TIMES = ("morning", "evening", "night", "afternoon", "spring", "autumn", "summer", "hour", "season")
 _TEMPLATES = (
@@ -51,13 +194,28 @@ _TEMPLATES = (
 )
 
 # Every word the filler can produce, for the built-in word-level tokenizer's vocabulary.
-FILLER_VOCABULARY = tuple(sorted({
-    w.lower()
-    for group in (_NAMES, _ADJECTIVES, _NOUNS, _VERBS, _INTRANSITIVE, _ADVERBS, _PREPOSITIONS, _TIMES, _TEMPLATES)
-    for phrase in group
-    for w in re.findall(r"[A-Za-z]+", phrase)
-    if w not in ("Name", "name", "verb", "adj", "adj2", "noun", "noun2", "adverb", "intransitive", "prep", "time")
-}))
+FILLER_VOCABULARY = tuple(
+    sorted(
+        {
+            w.lower()
+            for group in (
+                _NAMES,
+                _ADJECTIVES,
+                _NOUNS,
+                _VERBS,
+                _INTRANSITIVE,
+                _ADVERBS,
+                _PREPOSITIONS,
+                _TIMES,
+                _TEMPLATES,
+            )
+            for phrase in group
+            for w in re.findall(r"[A-Za-z]+", phrase)
+            if w
+            not in ("Name", "name", "verb", "adj", "adj2", "noun", "noun2", "adverb", "intransitive", "prep", "time")
+        }
+    )
+)
 
 DEFAULT_FILLER_SENTENCES = 20_000  # ~270k tokens with the built-in tokenizer: long enough to rarely repeat
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
@@ -73,9 +231,19 @@ def filler_sentences(count: int, seed: int = 0) -> list[str]:
     sentences = []
     for _ in range(count):
         name = pick(_NAMES)
-        words = dict(name=name, Name=name[0].upper() + name[1:], verb=pick(_VERBS), adj=pick(_ADJECTIVES),
-                     adj2=pick(_ADJECTIVES), noun=pick(_NOUNS), noun2=pick(_NOUNS), adverb=pick(_ADVERBS),
-                     intransitive=pick(_INTRANSITIVE), prep=pick(_PREPOSITIONS), time=pick(_TIMES))
+        words = dict(
+            name=name,
+            Name=name[0].upper() + name[1:],
+            verb=pick(_VERBS),
+            adj=pick(_ADJECTIVES),
+            adj2=pick(_ADJECTIVES),
+            noun=pick(_NOUNS),
+            noun2=pick(_NOUNS),
+            adverb=pick(_ADVERBS),
+            intransitive=pick(_INTRANSITIVE),
+            prep=pick(_PREPOSITIONS),
+            time=pick(_TIMES),
+        )
         sentence = pick(_TEMPLATES).format(**words)
         sentences.append(sentence[0].upper() + sentence[1:])
     return sentences
@@ -92,7 +260,7 @@ class Background:
     sentence_starts: np.ndarray  # int64 token offsets where a sentence begins; starts with 0
 
     @classmethod
-    def from_sentences(cls, sentences: Sequence[str], tokenizer, source: str = "background") -> "Background":
+    def from_sentences(cls, sentences: Sequence[str], tokenizer, source: str = "background") -> Background:
         encoded = [ids for ids in tokenizer.encode_batch(list(sentences)) if len(ids)]
         if not encoded:
             raise ValueError(f"{source} has no text to use as background; give non-empty text files")
@@ -101,11 +269,11 @@ class Background:
         return cls(tokens=np.concatenate(encoded).astype(np.int32), sentence_starts=starts)
 
     @classmethod
-    def from_text(cls, text: str, tokenizer, source: str = "text") -> "Background":
+    def from_text(cls, text: str, tokenizer, source: str = "text") -> Background:
         return cls.from_sentences(split_sentences(text), tokenizer, source)
 
     @classmethod
-    def from_files(cls, urls: str | Iterable[str], tokenizer, max_chars: int | None = None) -> "Background":
+    def from_files(cls, urls: str | Iterable[str], tokenizer, max_chars: int | None = None) -> Background:
         """Plain-text files from any fsspec URL (globs allowed), read in order up to ``max_chars``."""
         paths = fsspec.open_files(urls, "rt", encoding="utf-8")
         if not paths:
@@ -120,7 +288,7 @@ class Background:
         return cls.from_text("\n".join(texts), tokenizer, source=str(urls))
 
     @classmethod
-    def from_text_shards(cls, urls, tokenizer, field: str = "txt", max_chars: int | None = None) -> "Background":
+    def from_text_shards(cls, urls, tokenizer, field: str = "txt", max_chars: int | None = None) -> Background:
         """Text stored in webdataset shards (one ``.txt`` member per book/document), e.g. PG19 as shards."""
         texts, total = [], 0
         for url in expand_urls(urls):

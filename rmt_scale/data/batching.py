@@ -12,7 +12,7 @@ the answers' class ids, ``(batch,)``.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -38,8 +38,10 @@ class AnswerClasses:
     def __call__(self, answer: np.ndarray) -> int:
         ids = tuple(np.asarray(answer).tolist())
         if ids not in self._by_ids:
-            raise ValueError(f"answer ids {list(ids)} are none of the encoder's classes ({', '.join(self.names)}, "
-                             "each under this tokenizer): encoders are trained on tasks answered by a location.")
+            raise ValueError(
+                f"answer ids {list(ids)} are none of the encoder's classes ({', '.join(self.names)}, "
+                "each under this tokenizer): encoders are trained on tasks answered by a location."
+            )
         return self._by_ids[ids]
 
 
@@ -48,8 +50,9 @@ def whole_segments(samples: Sequence[TaskSample], segment_size: int) -> int:
     return -(-max((len(s.tokens) + len(s.answer) for s in samples), default=0) // segment_size)
 
 
-def collate(samples: Sequence[TaskSample], pad_id: int, length: int | None = None,
-            classes: AnswerClasses | None = None) -> dict[str, torch.Tensor]:
+def collate(
+    samples: Sequence[TaskSample], pad_id: int, length: int | None = None, classes: AnswerClasses | None = None
+) -> dict[str, torch.Tensor]:
     """Right-padded ``input_ids``, ``labels`` (the answer only) and ``attention_mask``, ``(batch, length)``;
     ``length`` defaults to the longest sample's. With ``classes``: the context only, and class labels."""
     with_answer = classes is None  # a decoder reads the answer too, to be trained or scored on it
@@ -66,5 +69,8 @@ def collate(samples: Sequence[TaskSample], pad_id: int, length: int | None = Non
         mask[row, :end] = 1
     if not with_answer:
         labels = np.array([classes(sample.answer) for sample in samples], dtype=np.int64)
-    return {"input_ids": torch.from_numpy(input_ids), "labels": torch.from_numpy(labels),
-            "attention_mask": torch.from_numpy(mask)}
+    return {
+        "input_ids": torch.from_numpy(input_ids),
+        "labels": torch.from_numpy(labels),
+        "attention_mask": torch.from_numpy(mask),
+    }

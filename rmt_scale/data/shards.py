@@ -33,8 +33,8 @@ import json
 import logging
 import os
 from collections import deque
+from collections.abc import Iterable, Iterator, Sequence
 from functools import partial
-from typing import Iterable, Iterator, Sequence
 
 import fsspec
 import numpy as np
@@ -52,6 +52,7 @@ SHARD_PATTERN = "shard-{:06d}.tar"
 
 # ----------------------------------------------------------------------------------------------- writing
 
+
 def _npy_bytes(array: np.ndarray) -> bytes:
     buf = io.BytesIO()
     np.save(buf, np.ascontiguousarray(array), allow_pickle=False)
@@ -62,17 +63,32 @@ def encode_sample(sample: TaskSample, key: str) -> dict:
     """The webdataset record (``__key__`` plus field -> bytes) of one sample."""
     if "." in key:
         raise ValueError(f"sample key {key!r} contains a dot; webdataset splits fields at dots")
-    meta = dict(task=sample.task, question=sample.question, answer_text=sample.answer_text, facts=sample.facts,
-                fact_positions=np.asarray(sample.fact_positions).tolist(),
-                fact_lengths=np.asarray(sample.fact_lengths).tolist(), num_tokens=sample.num_tokens,
-                meta=sample.meta)
-    return {"__key__": key, "tokens.npy": _npy_bytes(sample.tokens.astype(np.int32, copy=False)),
-            "answer.npy": _npy_bytes(sample.answer.astype(np.int32, copy=False)),
-            "meta.json": json.dumps(meta).encode()}
+    meta = dict(
+        task=sample.task,
+        question=sample.question,
+        answer_text=sample.answer_text,
+        facts=sample.facts,
+        fact_positions=np.asarray(sample.fact_positions).tolist(),
+        fact_lengths=np.asarray(sample.fact_lengths).tolist(),
+        num_tokens=sample.num_tokens,
+        meta=sample.meta,
+    )
+    return {
+        "__key__": key,
+        "tokens.npy": _npy_bytes(sample.tokens.astype(np.int32, copy=False)),
+        "answer.npy": _npy_bytes(sample.answer.astype(np.int32, copy=False)),
+        "meta.json": json.dumps(meta).encode(),
+    }
 
 
-def write_shards(samples: Iterable[TaskSample], out: str, *, max_samples: int = 64, max_bytes: int = 1 << 30,
-                 extra_index: dict | None = None) -> dict:
+def write_shards(
+    samples: Iterable[TaskSample],
+    out: str,
+    *,
+    max_samples: int = 64,
+    max_bytes: int = 1 << 30,
+    extra_index: dict | None = None,
+) -> dict:
     """Writes samples into ``out/shard-NNNNNN.tar`` (any fsspec URL) and ``out/index.json``; returns the index.
 
     A new shard starts after ``max_samples`` samples or once a shard holds ``max_bytes``.
@@ -108,6 +124,7 @@ def write_shards(samples: Iterable[TaskSample], out: str, *, max_samples: int = 
 
 # ----------------------------------------------------------------------------------------------- reading
 
+
 def _token_ids(data: bytes, vocab_size: int | None) -> np.ndarray:
     try:
         array = np.load(io.BytesIO(data), allow_pickle=False)
@@ -120,8 +137,10 @@ def _token_ids(data: bytes, vocab_size: int | None) -> np.ndarray:
     if vocab_size is not None:
         bad = np.flatnonzero((array < 0) | (array >= vocab_size))
         if bad.size:
-            raise ValueError(f"token id {array[bad[0]]} at position {bad[0]} is outside the vocabulary of "
-                             f"{vocab_size} ids (0..{vocab_size - 1})")
+            raise ValueError(
+                f"token id {array[bad[0]]} at position {bad[0]} is outside the vocabulary of "
+                f"{vocab_size} ids (0..{vocab_size - 1})"
+            )
     return array.astype(np.int32, copy=False)
 
 
@@ -135,8 +154,14 @@ def _meta(data: bytes) -> dict:
 def _decoder(vocab_size: int | None) -> Decoder:
     """webdataset's Decoder with only our two handlers. Its defaults (``pre``/``post``) would unpickle
     ``.pyd``/``.pickle`` members and ``torch.load`` ``.pth``; here every other member stays bytes."""
-    return Decoder([handle_extension("tokens.npy answer.npy", partial(_token_ids, vocab_size=vocab_size)),
-                    handle_extension("meta.json", _meta)], pre=[], post=[])
+    return Decoder(
+        [
+            handle_extension("tokens.npy answer.npy", partial(_token_ids, vocab_size=vocab_size)),
+            handle_extension("meta.json", _meta),
+        ],
+        pre=[],
+        post=[],
+    )
 
 
 def decode_sample(record: dict, url: str, vocab_size: int | None = None) -> TaskSample:
@@ -151,11 +176,18 @@ def decode_sample(record: dict, url: str, vocab_size: int | None = None) -> Task
     except DecodingError as e:  # names the field; the handler's error holds the reason
         raise CorruptShardError(url, f"{key}.{e.k}", str(e.__cause__)) from e.__cause__
     meta = fields["meta.json"]
-    return TaskSample(task=meta["task"], tokens=fields["tokens.npy"], answer=fields["answer.npy"],
-                      question=meta["question"], answer_text=meta["answer_text"], facts=meta["facts"],
-                      fact_positions=np.asarray(meta["fact_positions"], dtype=np.int64),
-                      fact_lengths=np.asarray(meta["fact_lengths"], dtype=np.int64),
-                      num_tokens=meta["num_tokens"], meta={**meta["meta"], "shard": url, "key": key})
+    return TaskSample(
+        task=meta["task"],
+        tokens=fields["tokens.npy"],
+        answer=fields["answer.npy"],
+        question=meta["question"],
+        answer_text=meta["answer_text"],
+        facts=meta["facts"],
+        fact_positions=np.asarray(meta["fact_positions"], dtype=np.int64),
+        fact_lengths=np.asarray(meta["fact_lengths"], dtype=np.int64),
+        num_tokens=meta["num_tokens"],
+        meta={**meta["meta"], "shard": url, "key": key},
+    )
 
 
 def _dist_rank_world() -> tuple[int, int]:
@@ -172,9 +204,18 @@ class ShardStream(IterableDataset):
     checkpoint with :meth:`state_after` even when DataLoader workers did the reading.
     """
 
-    def __init__(self, source: str | Sequence[str], *, counts: Sequence[int] | None = None, rank: int | None = None,
-                 world_size: int | None = None, shuffle: bool = True, seed: int = 0, skip_corrupt: bool = False,
-                 vocab_size: int | None = None):
+    def __init__(
+        self,
+        source: str | Sequence[str],
+        *,
+        counts: Sequence[int] | None = None,
+        rank: int | None = None,
+        world_size: int | None = None,
+        shuffle: bool = True,
+        seed: int = 0,
+        skip_corrupt: bool = False,
+        vocab_size: int | None = None,
+    ):
         self.urls, self.counts = resolve_shards(source, counts)
         default_rank, default_world = _dist_rank_world()
         self.rank = default_rank if rank is None else rank
@@ -183,8 +224,10 @@ class ShardStream(IterableDataset):
             raise ValueError(f"rank {self.rank} is outside world_size {self.world_size}")
         self.total_samples = sum(self.counts)
         if self.total_samples < self.world_size:
-            raise ValueError(f"{self.total_samples} samples cannot give each of {self.world_size} ranks one "
-                             "sample per epoch; write more samples")
+            raise ValueError(
+                f"{self.total_samples} samples cannot give each of {self.world_size} ranks one "
+                "sample per epoch; write more samples"
+            )
         self.shuffle, self.seed, self.skip_corrupt, self.vocab_size = shuffle, seed, skip_corrupt, vocab_size
         self.epoch, self.position, self.corrupt_count = 0, 0, 0
 
@@ -195,8 +238,13 @@ class ShardStream(IterableDataset):
         self.epoch, self.position = epoch, 0
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "position": self.position, "seed": self.seed, "world_size": self.world_size,
-                "total_samples": self.total_samples}
+        return {
+            "epoch": self.epoch,
+            "position": self.position,
+            "seed": self.seed,
+            "world_size": self.world_size,
+            "total_samples": self.total_samples,
+        }
 
     @staticmethod
     def state_after(sample: TaskSample) -> dict:
@@ -206,8 +254,10 @@ class ShardStream(IterableDataset):
     def load_state_dict(self, state: dict) -> None:
         for name in ("seed", "world_size", "total_samples"):
             if name in state and state[name] != getattr(self, name):
-                raise ValueError(f"cannot resume: checkpoint has {name}={state[name]}, this stream has "
-                                 f"{getattr(self, name)}; resume with the same shards, seed and world size")
+                raise ValueError(
+                    f"cannot resume: checkpoint has {name}={state[name]}, this stream has "
+                    f"{getattr(self, name)}; resume with the same shards, seed and world size"
+                )
         self.epoch, self.position = state["epoch"], state["position"]
 
     def _shard_order(self, epoch: int) -> np.ndarray:
@@ -223,8 +273,13 @@ class ShardStream(IterableDataset):
         mine = range(start + worker, per_rank, num_workers)  # rank-local positions this worker yields
         yield from self._fill_gaps(self._read_positions(epoch, mine), mine, epoch)
         if self.corrupt_count:
-            log.warning("rank %d worker %d: skipped %d corrupt samples by the end of epoch %d", self.rank, worker,
-                        self.corrupt_count, epoch)
+            log.warning(
+                "rank %d worker %d: skipped %d corrupt samples by the end of epoch %d",
+                self.rank,
+                worker,
+                self.corrupt_count,
+                epoch,
+            )
         if info is None:  # in-process iteration: the next iter() is the next epoch
             self.epoch, self.position = epoch + 1, 0
 
@@ -241,8 +296,7 @@ class ShardStream(IterableDataset):
             lo, hi = shard_starts[k], shard_starts[k + 1]
             if lo > last:
                 return
-            wanted = [g - lo for g in range(max(first, lo), min(last, hi - 1) + 1)
-                      if (g - first) % positions.step == 0]
+            wanted = [g - lo for g in range(max(first, lo), min(last, hi - 1) + 1) if (g - first) % positions.step == 0]
             if not wanted:
                 continue
             yield from self._read_shard(self.urls[order[k]], wanted)
@@ -290,8 +344,10 @@ class ShardStream(IterableDataset):
                 yield _with_position(item, epoch, position)
                 self.position = position + 1  # only meaningful when iterated in-process
         if pending:
-            raise ValueError(f"rank {self.rank}: every sample of this worker's share is corrupt "
-                             f"({self.corrupt_count} skipped); there is nothing to train on")
+            raise ValueError(
+                f"rank {self.rank}: every sample of this worker's share is corrupt "
+                f"({self.corrupt_count} skipped); there is nothing to train on"
+            )
 
 
 def _with_position(sample: TaskSample, epoch: int, position: int) -> TaskSample:

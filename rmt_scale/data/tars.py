@@ -13,7 +13,7 @@ import json
 import re
 import tarfile
 import zlib
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import fsspec
 from braceexpand import braceexpand
@@ -29,9 +29,11 @@ class CorruptShardError(ValueError):
 
     def __init__(self, url: str, member: str, reason: str):
         self.url, self.member, self.reason = url, member, reason
-        super().__init__(f"corrupt shard {url} at member {member!r}: {reason}. Re-create the shard, or skip "
-                         "such samples (they are counted and logged): --skip_corrupt_samples N in "
-                         "launchers/train.py, skip_corrupt=True in ShardStream")
+        super().__init__(
+            f"corrupt shard {url} at member {member!r}: {reason}. Re-create the shard, or skip "
+            "such samples (they are counted and logged): --skip_corrupt_samples N in "
+            "launchers/train.py, skip_corrupt=True in ShardStream"
+        )
 
 
 def expand_urls(urls: str | Sequence[str]) -> list[str]:
@@ -82,8 +84,9 @@ def iter_tar_samples(url: str, select=None) -> Iterator[dict]:
         return wanted
 
     with fsspec.open(url, "rb") as stream:
-        files = tar_file_expander([{"url": url, "stream": stream}], handler=_end_when_selection_done,
-                                  select_files=select_member)
+        files = tar_file_expander(
+            [{"url": url, "stream": stream}], handler=_end_when_selection_done, select_files=select_member
+        )
         try:
             yield from group_by_keys(files)
         except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as e:  # I/O errors pass: not corruption
@@ -144,20 +147,26 @@ def check_shard_source(source: str) -> None:
     else:
         fs, path = fsspec.core.url_to_fs(source)
         if index_url != source and fs.isfile(path):
-            raise ValueError(f"--shards {source} is a file, but neither a .tar/.tar.gz/.tgz shard nor an index .json: "
-                             f"pass shards, an {INDEX_NAME}, or a directory holding one.")
+            raise ValueError(
+                f"--shards {source} is a file, but neither a .tar/.tar.gz/.tgz shard nor an index .json: "
+                f"pass shards, an {INDEX_NAME}, or a directory holding one."
+            )
         problem = _unreadable(index_url)
         if problem == _MISSING:
-            raise ValueError(f"--shards {source}: {index_url} does not exist. Write shards with tools/make_shards.py "
-                             "(it writes the index), or name the shards, e.g. "
-                             f"'{source.rstrip('/')}/shard-{{000000..000009}}.tar'.")
+            raise ValueError(
+                f"--shards {source}: {index_url} does not exist. Write shards with tools/make_shards.py "
+                "(it writes the index), or name the shards, e.g. "
+                f"'{source.rstrip('/')}/shard-{{000000..000009}}.tar'."
+            )
         if problem:
             raise ValueError(f"--shards {source}: {index_url} {problem}.")
         try:
             urls, _ = _read_index(index_url)
         except (ValueError, KeyError, TypeError) as error:
-            raise ValueError(f"--shards {source}: {index_url} is not a shard index ({type(error).__name__}: {error}); "
-                             "write it again with tools/make_shards.py.") from None
+            raise ValueError(
+                f"--shards {source}: {index_url} is not a shard index ({type(error).__name__}: {error}); "
+                "write it again with tools/make_shards.py."
+            ) from None
     for url in urls:
         problem = _unreadable(url)
         if problem:

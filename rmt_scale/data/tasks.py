@@ -56,8 +56,16 @@ def _fact_offsets(task: str, rng: np.random.Generator, boundaries: np.ndarray, n
     return np.where(nearer_left, boundaries[left], boundaries[right])
 
 
-def make_sample(task: str, num_tokens: int, seed, tokenizer: TextTokenizer, background: Background | None = None,
-                *, story: str | None = None, story_facts: int | None = None) -> TaskSample:
+def make_sample(
+    task: str,
+    num_tokens: int,
+    seed,
+    tokenizer: TextTokenizer,
+    background: Background | None = None,
+    *,
+    story: str | None = None,
+    story_facts: int | None = None,
+) -> TaskSample:
     """One sample of ``task`` whose context plus answer is exactly ``num_tokens`` tokens.
 
     ``seed`` is an int (or a ``np.random.Generator``); the same seed, tokenizer and background always
@@ -76,8 +84,10 @@ def make_sample(task: str, num_tokens: int, seed, tokenizer: TextTokenizer, back
     fact_lengths = np.array([len(f) for f in fact_ids], dtype=np.int64)
     fixed = int(fact_lengths.sum()) + len(question_ids) + len(answer_ids)
     if num_tokens < fixed:
-        raise ValueError(f"num_tokens={num_tokens} is too small for task {task!r}: its facts, question and "
-                         f"answer alone take {fixed} tokens; ask for at least {fixed}")
+        raise ValueError(
+            f"num_tokens={num_tokens} is too small for task {task!r}: its facts, question and "
+            f"answer alone take {fixed} tokens; ask for at least {fixed}"
+        )
 
     filler, boundaries = background.window(rng, num_tokens - fixed)
     offsets = _fact_offsets(task, rng, boundaries, len(fact_ids))
@@ -89,17 +99,33 @@ def make_sample(task: str, num_tokens: int, seed, tokenizer: TextTokenizer, back
     tokens = np.concatenate(pieces).astype(np.int32, copy=False)
     # Each fact lands after its background offset plus all earlier facts.
     positions = offsets + np.concatenate([[0], np.cumsum(fact_lengths)[:-1]])
-    return TaskSample(task=task, tokens=tokens, answer=answer_ids.astype(np.int32), question=tale.question,
-                      answer_text=tale.answer, facts=list(tale.facts), fact_positions=positions.astype(np.int64),
-                      fact_lengths=fact_lengths, num_tokens=num_tokens,
-                      meta={"story": kind, "supporting": list(tale.supporting)})
+    return TaskSample(
+        task=task,
+        tokens=tokens,
+        answer=answer_ids.astype(np.int32),
+        question=tale.question,
+        answer_text=tale.answer,
+        facts=list(tale.facts),
+        fact_positions=positions.astype(np.int64),
+        fact_lengths=fact_lengths,
+        num_tokens=num_tokens,
+        meta={"story": kind, "supporting": list(tale.supporting)},
+    )
 
 
 class TaskGenerator:
     """Holds a tokenizer and a pre-tokenized background; ``sample(i)`` is deterministic in (seed, i)."""
 
-    def __init__(self, task: str, tokenizer: TextTokenizer, background: Background | None = None, *,
-                 seed: int = 0, story: str | None = None, story_facts: int | None = None):
+    def __init__(
+        self,
+        task: str,
+        tokenizer: TextTokenizer,
+        background: Background | None = None,
+        *,
+        seed: int = 0,
+        story: str | None = None,
+        story_facts: int | None = None,
+    ):
         if task not in TASKS:
             raise ValueError(f"unknown task {task!r}; choose one of {TASKS}")
         self.task, self.tokenizer, self.seed = task, tokenizer, seed
@@ -107,8 +133,14 @@ class TaskGenerator:
         self.story, self.story_facts = story, story_facts
 
     def sample(self, index: int, num_tokens: int) -> TaskSample:
-        sample = make_sample(self.task, num_tokens, np.random.default_rng([self.seed, index]), self.tokenizer,
-                             self.background, story=self.story, story_facts=self.story_facts)
+        sample = make_sample(
+            self.task,
+            num_tokens,
+            np.random.default_rng([self.seed, index]),
+            self.tokenizer,
+            self.background,
+            story=self.story,
+            story_facts=self.story_facts,
+        )
         sample.meta.update(seed=self.seed, index=index)
         return sample
-

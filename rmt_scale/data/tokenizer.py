@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from typing import Sequence
+from collections.abc import Sequence
 
 import fsspec
 import numpy as np
@@ -79,8 +79,9 @@ def build_word_tokenizer(extra_words: Sequence[str] = ()) -> TextTokenizer:
     tok.normalizer = normalizers.Lowercase()
     tok.pre_tokenizer = pre_tokenizers.Whitespace()  # words and runs of punctuation
     tok.decoder = decoders.WordPiece(prefix="##")  # joins word-level tokens with spaces, tidies punctuation
-    hf = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token=UNK, pad_token=PAD, eos_token=EOS,
-                                 sep_token=SEP, cls_token=CLS)
+    hf = PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token=UNK, pad_token=PAD, eos_token=EOS, sep_token=SEP, cls_token=CLS
+    )
     return TextTokenizer(hf)
 
 
@@ -99,6 +100,8 @@ def load_tokenizer(name: str | None = None) -> TextTokenizer:
     if os.path.isdir(os.path.expanduser(name)):
         name = os.path.expanduser(name)
     elif not could_be_hub_id(name):
-        raise ValueError(f"tokenizer directory {name!r} does not exist; give a directory saved by "
-                         "save_pretrained / TextTokenizer.save, a Hugging Face id, or 'builtin'")
+        raise ValueError(
+            f"tokenizer directory {name!r} does not exist; give a directory saved by "
+            "save_pretrained / TextTokenizer.save, a Hugging Face id, or 'builtin'"
+        )
     return TextTokenizer(AutoTokenizer.from_pretrained(name))

@@ -4,6 +4,15 @@ from .config import ARMTConfig, ConfigError, RMTConfig
 from .modeling import RecurrentMemoryModel, RMTOutput
 
 __all__ = [
-    "ARMTConfig", "AssociativeMemory", "AssociativeState", "dpfp", "ConfigError", "DECODER_TYPES", "ENCODER_TYPES",
-    "RMTConfig", "RMTOutput", "RecurrentMemoryModel", "UnsupportedBackboneError"
+    "ARMTConfig",
+    "AssociativeMemory",
+    "AssociativeState",
+    "dpfp",
+    "ConfigError",
+    "DECODER_TYPES",
+    "ENCODER_TYPES",
+    "RMTConfig",
+    "RMTOutput",
+    "RecurrentMemoryModel",
+    "UnsupportedBackboneError",
 ]

@@ -87,6 +87,6 @@ class SavedTensorBytes(torch.autograd.graph.saved_tensors_hooks):
 
         super().__init__(pack, lambda tensor: tensor)
 
-    def __enter__(self) -> "SavedTensorBytes":
+    def __enter__(self) -> SavedTensorBytes:
         super().__enter__()
         return self

@@ -43,8 +43,9 @@ class AssociativeMemory(nn.Module):
     def __init__(self, hidden_size: int, config: ARMTConfig):
         super().__init__()
         if hidden_size % config.num_heads:
-            raise ValueError(f"num_heads={config.num_heads} does not divide the hidden size {hidden_size}: "
-                             "pick a divisor of it.")
+            raise ValueError(
+                f"num_heads={config.num_heads} does not divide the hidden size {hidden_size}: pick a divisor of it."
+            )
         self.num_heads, self.d_mem, self.nu = config.num_heads, config.d_mem, config.dpfp_nu
         self.correction = config.correction
         self.head_size = hidden_size // config.num_heads
@@ -144,10 +145,10 @@ class AssociativeState:
         return flat_state(zip(self.matrices, self.normalisers))
 
     @classmethod
-    def from_tuple(cls, flat) -> "AssociativeState":
+    def from_tuple(cls, flat) -> AssociativeState:
         return cls(tuple(flat[0::2]), tuple(flat[1::2]))
 
-    def detach(self) -> "AssociativeState":
+    def detach(self) -> AssociativeState:
         return AssociativeState.from_tuple(tuple(t.detach() for t in self.to_tuple()))
 
 
@@ -162,8 +163,9 @@ class _Session:
 
     def new_state(self) -> tuple[torch.Tensor, ...]:
         if any(pair is None for pair in self.written):
-            raise RuntimeError("a decoder layer was skipped, so its associative memory was not written "
-                               "(turn off layerdrop for ARMT).")
+            raise RuntimeError(
+                "a decoder layer was skipped, so its associative memory was not written (turn off layerdrop for ARMT)."
+            )
         return flat_state(self.written)
 
 
@@ -176,8 +178,9 @@ class AssociativeLayers(nn.Module):
     def __init__(self, backbone: nn.Module, model_type: str, hidden_size: int, config: ARMTConfig):
         super().__init__()
         if model_type not in DECODER_TYPES:
-            raise UnsupportedBackboneError(f"ARMT needs a decoder backbone; {model_type!r} is not one. Supported: "
-                                           f"{', '.join(DECODER_TYPES)}.")
+            raise UnsupportedBackboneError(
+                f"ARMT needs a decoder backbone; {model_type!r} is not one. Supported: {', '.join(DECODER_TYPES)}."
+            )
         layers = decoder_layers(backbone)
         self.memories = nn.ModuleList(AssociativeMemory(hidden_size, config) for _ in layers)
         self._session: _Session | None = None

@@ -6,8 +6,8 @@ on its base model plus its LM head; an encoder through its sequence-classificati
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import transformers
@@ -119,8 +119,9 @@ class _StopBeforeFirstLayer(Exception):
     pass
 
 
-def layer_inputs(backbone: nn.Module, embeds: torch.Tensor, attention_mask: torch.Tensor | None,
-                 position_ids: torch.Tensor) -> tuple[torch.Tensor, tuple, dict]:
+def layer_inputs(
+    backbone: nn.Module, embeds: torch.Tensor, attention_mask: torch.Tensor | None, position_ids: torch.Tensor
+) -> tuple[torch.Tensor, tuple, dict]:
     """The hidden states and the other arguments (masks, positions, rotary embeddings) that a decoder's base
     model hands its first layer; every layer gets the same arguments. Runs only the part before the layers,
     so callers can run the layers one by one (wavefront cells, pipeline stages)."""
@@ -148,8 +149,14 @@ def run_layer(layer: nn.Module, hidden: torch.Tensor, args: tuple, kwargs: dict)
     return out[0] if isinstance(out, tuple) else out
 
 
-def run_decoder(backbone: nn.Module, embeds: torch.Tensor, attention_mask: torch.Tensor | None,
-                position_ids: torch.Tensor, past_key_values=None, use_cache: bool = False):
+def run_decoder(
+    backbone: nn.Module,
+    embeds: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    position_ids: torch.Tensor,
+    past_key_values=None,
+    use_cache: bool = False,
+):
     """Final hidden states (after the final norm) of a decoder's base model, plus its KV cache."""
     out = backbone.base_model(
         inputs_embeds=embeds,

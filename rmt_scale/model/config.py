@@ -84,7 +84,7 @@ class RMTConfig:
         return {"model_type": self.model_type, **dataclasses.asdict(self)}
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "RMTConfig":
+    def from_dict(cls, data: dict[str, Any]) -> RMTConfig:
         data = dict(data)
         model_type = data.pop("model_type", cls.model_type)
         target = _config_class(model_type)
@@ -105,7 +105,7 @@ class RMTConfig:
         (path / CONFIG_NAME).write_text(self.to_json_string())
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path) -> "RMTConfig":
+    def from_pretrained(cls, directory: str | Path) -> RMTConfig:
         path = Path(directory) / CONFIG_NAME
         if not path.is_file():
             raise ConfigError(f"{path} does not exist: pass a directory written by save_pretrained.")
@@ -165,15 +165,19 @@ class ARMTConfig(RMTConfig):
         for name in ("d_mem", "num_heads", "dpfp_nu"):
             self._need_int(name, 1)
         if self.memory_gate:
-            raise ConfigError("memory_gate is an RMT setting: ARMT's memory tokens are the same every segment and "
-                              "its writes are gated by `gating`; set memory_gate=False.")
+            raise ConfigError(
+                "memory_gate is an RMT setting: ARMT's memory tokens are the same every segment and "
+                "its writes are gated by `gating`; set memory_gate=False."
+            )
         for name in ("gating", "gated_normaliser", "correction"):
             self._need_bool(name)
         self._need_choice("write_gate", WRITE_GATES)
         self._need_choice("execution", EXECUTION_MODES)
         if (self.write_gate != "sigmoid" or self.gated_normaliser) and not self.gating:
-            raise ConfigError("write_gate and gated_normaliser shape the write gate, and gating=False has none: "
-                              "set gating=True, or leave them at their defaults.")
+            raise ConfigError(
+                "write_gate and gated_normaliser shape the write gate, and gating=False has none: "
+                "set gating=True, or leave them at their defaults."
+            )
 
 
 def _config_class(model_type: str) -> type[RMTConfig]:

@@ -77,9 +77,16 @@ class GenerationMixin:
     """``generate`` for :class:`RecurrentMemoryModel`, which brings ``forward``, ``step`` and ``config``."""
 
     @torch.no_grad()
-    def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 32, do_sample: bool = False,
-                 temperature: float = 1.0, top_k: int | None = None, eos_token_id: int | None = None,
-                 memory=None) -> torch.Tensor:
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        max_new_tokens: int = 32,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        eos_token_id: int | None = None,
+        memory=None,
+    ) -> torch.Tensor:
         """Continues ``input_ids`` (``(batch, length)``, no padding): the context segments build memory,
         then tokens are decoded from ``[memory | last segment]`` with the backbone's KV cache. When the text
         fills a segment, the segment's write memory is computed and decoding goes on in a fresh segment,
@@ -96,8 +103,10 @@ class GenerationMixin:
         if max_new_tokens < 0:
             raise ValueError(f"max_new_tokens={max_new_tokens} is negative: pass 0 or more.")
         if do_sample and not temperature > 0:
-            raise ValueError(f"temperature={temperature} is invalid: sampling needs a temperature greater than 0; "
-                             "for the most likely tokens pass do_sample=False.")
+            raise ValueError(
+                f"temperature={temperature} is invalid: sampling needs a temperature greater than 0; "
+                "for the most likely tokens pass do_sample=False."
+            )
         if do_sample and top_k is not None and top_k < 1:
             raise ValueError(f"top_k={top_k} is invalid: keep at least 1 token, or pass None to sample from all.")
         context = input_ids.shape[1]

@@ -75,11 +75,12 @@ class RecurrentMemoryModel(GenerationMixin, nn.Module):
         # the step holds references to the backbone and to the parameters above, which the model owns so
         # that their state-dict names stay `memory`, `memory_gate.*` and `associative.*`
         step = step_class(self.spec.kind, config)
-        self.step = step(backbone, self.spec, config, self.memory,
-                         self.associative if step is AssociativeStep else self.memory_gate)
+        self.step = step(
+            backbone, self.spec, config, self.memory, self.associative if step is AssociativeStep else self.memory_gate
+        )
 
     @classmethod
-    def from_backbone(cls, name_or_path: str | Path, config: RMTConfig, **backbone_kwargs) -> "RecurrentMemoryModel":
+    def from_backbone(cls, name_or_path: str | Path, config: RMTConfig, **backbone_kwargs) -> RecurrentMemoryModel:
         """Loads a backbone with ``from_pretrained`` (a hub id or a local directory) and wraps it; an encoder's
         [CLS] and [SEP] ids, unless ``config`` has them, come from the tokenizer in the same place."""
         backbone_config = transformers.AutoConfig.from_pretrained(name_or_path)
@@ -97,12 +98,15 @@ class RecurrentMemoryModel(GenerationMixin, nn.Module):
         directory.mkdir(parents=True, exist_ok=True)
         self.config.save_pretrained(directory)
         self.backbone.save_pretrained(directory / BACKBONE_DIR)
-        own = {name: tensor.detach().contiguous() for name, tensor in self.state_dict().items()
-               if not name.startswith("backbone.")}
+        own = {
+            name: tensor.detach().contiguous()
+            for name, tensor in self.state_dict().items()
+            if not name.startswith("backbone.")
+        }
         save_file(own, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path, **backbone_kwargs) -> "RecurrentMemoryModel":
+    def from_pretrained(cls, directory: str | Path, **backbone_kwargs) -> RecurrentMemoryModel:
         directory = Path(directory)
         config = RMTConfig.from_pretrained(directory)
         backbone_dir = directory / BACKBONE_DIR
@@ -122,13 +126,19 @@ class RecurrentMemoryModel(GenerationMixin, nn.Module):
         missing, unexpected = model.load_state_dict(own, strict=False)
         missing = [name for name in missing if not name.startswith("backbone.")]
         if missing or unexpected:
-            raise ValueError(f"{directory / WEIGHTS_NAME} does not match the config: missing {missing}, "
-                             f"unexpected {unexpected}.")
+            raise ValueError(
+                f"{directory / WEIGHTS_NAME} does not match the config: missing {missing}, unexpected {unexpected}."
+            )
         return model
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                labels: torch.Tensor | None = None, memory: torch.Tensor | AssociativeState | None = None,
-                return_logits: bool = False) -> RMTOutput:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        memory: torch.Tensor | AssociativeState | None = None,
+        return_logits: bool = False,
+    ) -> RMTOutput:
         """Reads ``input_ids`` of any length segment by segment.
 
         Args:
@@ -146,17 +156,27 @@ class RecurrentMemoryModel(GenerationMixin, nn.Module):
         loss, memory, logits = self.step.outputs(state, loss_sum, extras, labels, targets)
         return RMTOutput(loss=loss, memory=memory, logits=logits, num_segments=len(segments))
 
-    def segments(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                 labels: torch.Tensor | None = None, return_logits: bool = False):
+    def segments(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        return_logits: bool = False,
+    ):
         """The checked batch cut into :class:`Segment` s, and the whole input's targets (decoders: the labels
         shifted once; None without labels or for encoders)."""
         attention_mask = check_inputs(input_ids, attention_mask, labels, per_token_labels=self.spec.kind == "decoder")
         targets = self.step.targets(labels, attention_mask)
         segments = [
-            Segment(input_ids[:, start:end], attention_mask[:, start:end],
-                    None if targets is None else targets[:, start:end], return_logits)
-            for start, end in segment_bounds(input_ids.shape[1], self.config.segment_size,
-                                             self.config.segment_alignment)
+            Segment(
+                input_ids[:, start:end],
+                attention_mask[:, start:end],
+                None if targets is None else targets[:, start:end],
+                return_logits,
+            )
+            for start, end in segment_bounds(
+                input_ids.shape[1], self.config.segment_size, self.config.segment_alignment
+            )
         ]
         return segments, targets
 
@@ -168,8 +188,9 @@ def step_class(kind: str, config: RMTConfig) -> type[DecoderStep | EncoderStep]:
     return DecoderStep if kind == "decoder" else EncoderStep
 
 
-def check_backbone(backbone_config: transformers.PretrainedConfig, config: RMTConfig,
-                   vocab_size: int | None = None) -> None:
+def check_backbone(
+    backbone_config: transformers.PretrainedConfig, config: RMTConfig, vocab_size: int | None = None
+) -> None:
     """Raises ConfigError for what the backbone's config alone (``AutoConfig``: no weights read) rules out: an
     unsupported architecture, ARMT around an encoder, an encoder without [CLS]/[SEP] ids, a segment and its
     memory longer than the backbone's positions, or (given the tokenizer's ``vocab_size``) token ids past the
@@ -177,23 +198,31 @@ def check_backbone(backbone_config: transformers.PretrainedConfig, config: RMTCo
     kind = backbone_kind(backbone_config)
     model_type = backbone_config.model_type
     if isinstance(config, ARMTConfig) and kind != "decoder":
-        raise UnsupportedBackboneError(f"ARMT needs a decoder backbone, and {model_type!r} is an encoder: use an "
-                                       "RMTConfig (--memory rmt), or a decoder backbone.")
+        raise UnsupportedBackboneError(
+            f"ARMT needs a decoder backbone, and {model_type!r} is an encoder: use an "
+            "RMTConfig (--memory rmt), or a decoder backbone."
+        )
     if kind == "encoder" and (config.cls_token_id is None or config.sep_token_id is None):
-        raise ConfigError("encoder backbones need cls_token_id and sep_token_id in the RMTConfig: set them from "
-                          "your tokenizer, or load with RecurrentMemoryModel.from_backbone(path) where path has "
-                          "a tokenizer.")
+        raise ConfigError(
+            "encoder backbones need cls_token_id and sep_token_id in the RMTConfig: set them from "
+            "your tokenizer, or load with RecurrentMemoryModel.from_backbone(path) where path has "
+            "a tokenizer."
+        )
     step = step_class(kind, config)
     extra, limit = step.extra_positions(config), max_positions(backbone_config)
     needed = config.segment_size + extra
     if needed > limit:
-        raise ConfigError(f"a segment needs {needed} positions (segment_size={config.segment_size} plus {extra} "
-                          f"for {step.extras}) but the {model_type} backbone has {limit}: lower segment_size to at "
-                          f"most {limit - extra}.")
+        raise ConfigError(
+            f"a segment needs {needed} positions (segment_size={config.segment_size} plus {extra} "
+            f"for {step.extras}) but the {model_type} backbone has {limit}: lower segment_size to at "
+            f"most {limit - extra}."
+        )
     if vocab_size is not None and vocab_size > backbone_config.vocab_size:
-        raise ConfigError(f"the tokenizer has {vocab_size} tokens but the backbone embeds only "
-                          f"{backbone_config.vocab_size}: use the backbone's own tokenizer (or resize the backbone's "
-                          "embeddings).")
+        raise ConfigError(
+            f"the tokenizer has {vocab_size} tokens but the backbone embeds only "
+            f"{backbone_config.vocab_size}: use the backbone's own tokenizer (or resize the backbone's "
+            "embeddings)."
+        )
 
 
 def _readable(path: Path) -> bool:
@@ -205,8 +234,9 @@ def _readable(path: Path) -> bool:
 
 
 def _damaged_weights(path: Path, error: Exception) -> ValueError:
-    return ValueError(f"{path} is damaged ({error}), e.g. truncated by an interrupted copy: copy or save the "
-                      "model again.")
+    return ValueError(
+        f"{path} is damaged ({error}), e.g. truncated by an interrupted copy: copy or save the model again."
+    )
 
 
 def _full_tensor(param: torch.Tensor) -> torch.Tensor:

@@ -16,7 +16,8 @@ Truncated BPTT (``bptt_depth=k``) cuts the state gradient on all but the last ``
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch.utils.checkpoint import checkpoint
@@ -40,8 +41,9 @@ def backpropagate(pairs) -> None:
         torch.autograd.backward(*zip(*pairs))
 
 
-def run_segments(step: Step, state: State, segments: Sequence[Any], mode: str,
-                 bptt_depth: int = -1) -> tuple[torch.Tensor, State, list[Any]]:
+def run_segments(
+    step: Step, state: State, segments: Sequence[Any], mode: str, bptt_depth: int = -1
+) -> tuple[torch.Tensor, State, list[Any]]:
     """Runs ``step`` over ``segments``; returns the summed loss, the final state and each segment's extra."""
     if not torch.is_grad_enabled():
         mode = "bptt"  # nothing to backpropagate: the plain loop already keeps nothing
@@ -92,9 +94,14 @@ def _checkpointed_step(step: Step, state: State, segment: Any):
     # A nested layer checkpoint that offloads keeps its inputs on the device in the first forward and on the
     # host in the recomputation, so the two runs save the same tensors on different devices: torch's check of
     # their metadata would refuse that (it still checks their number).
-    *new_state, loss = checkpoint(tensors_only, *state, use_reentrant=False, preserve_rng_state=True,
-                                  context_fn=lambda: (_first_forward(), contextlib.nullcontext()),
-                                  determinism_check="none")
+    *new_state, loss = checkpoint(
+        tensors_only,
+        *state,
+        use_reentrant=False,
+        preserve_rng_state=True,
+        context_fn=lambda: (_first_forward(), contextlib.nullcontext()),
+        determinism_check="none",
+    )
     return tuple(new_state), loss, extra_box[0]
 
 
@@ -117,7 +124,7 @@ class _MemoryReplay(torch.autograd.Function):
         inputs, rng_states = [], []
         total = None
         with torch.no_grad():
-            for index, segment in enumerate(segments):
+            for segment in segments:
                 inputs.append(state)
                 rng_states.append(torch_rng_state())
                 state, loss, extra = step(state, segment)
@@ -141,4 +148,3 @@ class _MemoryReplay(torch.autograd.Function):
                 # earlier segments are still replayed: their own losses give parameter gradients
                 grad_state = [None] * len(grad_state)
         return (None, None, None, None, None, *grad_state)
-

@@ -83,8 +83,9 @@ def keep_if_empty(new: torch.Tensor, old: torch.Tensor, token_mask: torch.Tensor
     return torch.where(has_tokens.view(shape), new, old.to(new.dtype))
 
 
-def check_inputs(input_ids, attention_mask: torch.Tensor | None, labels: torch.Tensor | None = None,
-                 per_token_labels: bool = True) -> torch.Tensor:
+def check_inputs(
+    input_ids, attention_mask: torch.Tensor | None, labels: torch.Tensor | None = None, per_token_labels: bool = True
+) -> torch.Tensor:
     """Checks a ``(batch, length)`` batch; returns its attention mask (all ones when none is given)."""
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
         shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
@@ -94,18 +95,24 @@ def check_inputs(input_ids, attention_mask: torch.Tensor | None, labels: torch.T
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     elif attention_mask.shape != input_ids.shape:
-        raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)} but input_ids has "
-                         f"{tuple(input_ids.shape)}: give one mask value per token.")
+        raise ValueError(
+            f"attention_mask has shape {tuple(attention_mask.shape)} but input_ids has "
+            f"{tuple(input_ids.shape)}: give one mask value per token."
+        )
     else:
         other = attention_mask[(attention_mask != 0) & (attention_mask != 1)].unique()[:5].tolist()
         if other:
-            raise ValueError(f"attention_mask holds values other than 0 and 1 ({', '.join(map(str, other))}): "
-                             "pass 1 for tokens and 0 for padding.")
+            raise ValueError(
+                f"attention_mask holds values other than 0 and 1 ({', '.join(map(str, other))}): "
+                "pass 1 for tokens and 0 for padding."
+            )
     empty = (attention_mask.sum(dim=1) == 0).nonzero().flatten().tolist()
     if empty:
         raise ValueError(f"samples {empty} have no tokens (their attention_mask is all zero): drop them.")
     expected = input_ids.shape if per_token_labels else input_ids.shape[:1]
     if labels is not None and labels.shape != expected:
-        raise ValueError(f"labels have shape {tuple(labels.shape)} but must have {tuple(expected)} "
-                         f"({'one per token' if per_token_labels else 'one class per sample'}).")
+        raise ValueError(
+            f"labels have shape {tuple(labels.shape)} but must have {tuple(expected)} "
+            f"({'one per token' if per_token_labels else 'one class per sample'})."
+        )
     return attention_mask

@@ -22,8 +22,14 @@ class MemoryTokenStep:
 
     extras = "memory"  # what takes positions besides the segment, for the error message
 
-    def __init__(self, backbone: nn.Module, spec: BackboneSpec, config: RMTConfig, memory: nn.Parameter | None,
-                 gate: MemoryGate | None = None):
+    def __init__(
+        self,
+        backbone: nn.Module,
+        spec: BackboneSpec,
+        config: RMTConfig,
+        memory: nn.Parameter | None,
+        gate: MemoryGate | None = None,
+    ):
         self.backbone, self.spec, self.config, self.memory, self.gate = backbone, spec, config, memory, gate
 
     def memory_tokens(self, batch: int) -> torch.Tensor | None:
@@ -35,19 +41,23 @@ class MemoryTokenStep:
         if memory is None:
             return () if self.memory is None else (self.memory_tokens(batch),)
         if not isinstance(memory, torch.Tensor):
-            raise ValueError(f"memory must be a tensor, the RMTOutput.memory of this model, but got "
-                             f"{type(memory).__name__}.")
+            raise ValueError(
+                f"memory must be a tensor, the RMTOutput.memory of this model, but got {type(memory).__name__}."
+            )
         expected = (batch, self.config.num_mem_tokens, self.spec.hidden_size)
         if self.memory is None or tuple(memory.shape) != expected:
-            raise ValueError(f"memory has shape {tuple(memory.shape)} but this model's memory is {expected}: "
-                             "pass the memory returned by this model for the same batch.")
+            raise ValueError(
+                f"memory has shape {tuple(memory.shape)} but this model's memory is {expected}: "
+                "pass the memory returned by this model for the same batch."
+            )
         return (memory,)
 
     def final_memory(self, state: State):
         return state[0] if self.memory is not None else None
 
-    def next_memory(self, read: torch.Tensor, written: torch.Tensor,
-                    attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def next_memory(
+        self, read: torch.Tensor, written: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """The memory the next segment reads: what this one wrote, through the gate when there is one; with
         ``attention_mask``, samples whose segment is empty keep the memory they read."""
         if self.gate is not None:
@@ -88,8 +98,9 @@ class DecoderStep(MemoryTokenStep):
         targets[attention_mask == 0] = IGNORE_INDEX
         return targets
 
-    def inputs(self, segment: Segment, memory: torch.Tensor | None,
-               tokens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def inputs(
+        self, segment: Segment, memory: torch.Tensor | None, tokens: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """The segment laid out (:attr:`layout`) around ``memory``: its input embeddings and attention mask
         (``tokens``: the segment's token embeddings, when the caller has looked them up)."""
         if tokens is None:
@@ -195,8 +206,14 @@ class AssociativeStep(DecoderStep):
     """ARMT decoder: ``[segment | memory]``, the memory tokens being the same learned embeddings every
     segment. The state is each layer's associative (A, z), flat, read and written by the layer hooks."""
 
-    def __init__(self, backbone: nn.Module, spec: BackboneSpec, config: RMTConfig, memory: nn.Parameter,
-                 associative: AssociativeLayers):
+    def __init__(
+        self,
+        backbone: nn.Module,
+        spec: BackboneSpec,
+        config: RMTConfig,
+        memory: nn.Parameter,
+        associative: AssociativeLayers,
+    ):
         super().__init__(backbone, spec, config, memory)
         self.associative = associative
 
@@ -209,8 +226,9 @@ class AssociativeStep(DecoderStep):
             return self.associative.empty_state(batch, self.backbone.device)
         expected = [tuple(t.shape) for t in self.associative.empty_state(batch, "meta")]
         if not isinstance(memory, AssociativeState) or [tuple(t.shape) for t in memory.to_tuple()] != expected:
-            raise ValueError(f"memory must be the AssociativeState returned by this ARMT for a batch of {batch} "
-                             "samples.")
+            raise ValueError(
+                f"memory must be the AssociativeState returned by this ARMT for a batch of {batch} samples."
+            )
         return memory.to_tuple()
 
     def final_memory(self, state: State) -> AssociativeState:
@@ -218,9 +236,11 @@ class AssociativeStep(DecoderStep):
 
     def run(self, state: State, segments: list[Segment]):
         if any(getattr(layer, "gradient_checkpointing", False) for layer in decoder_layers(self.backbone)):
-            raise ValueError("the backbone's own activation checkpointing would recompute its layers outside the "
-                             "ARMT segment step, without the associative state: disable it and set "
-                             "backprop='checkpoint' or 'replay' in the ARMTConfig instead.")
+            raise ValueError(
+                "the backbone's own activation checkpointing would recompute its layers outside the "
+                "ARMT segment step, without the associative state: disable it and set "
+                "backprop='checkpoint' or 'replay' in the ARMTConfig instead."
+            )
         if self.config.execution == "wavefront" and not torch.is_grad_enabled():
             return run_wavefront(self, state, segments)
         return super().run(state, segments)
@@ -231,8 +251,9 @@ class AssociativeStep(DecoderStep):
             hidden, _ = run_decoder(self.backbone, embeds, padding_mask(mask), positions(mask))
         # under causal attention the tokens do not see the memory tokens after them
         _, loss, logits = self.finish(hidden, segment)
-        new_state = tuple(keep_if_empty(new, old, segment.attention_mask)
-                          for new, old in zip(session.new_state(), state))
+        new_state = tuple(
+            keep_if_empty(new, old, segment.attention_mask) for new, old in zip(session.new_state(), state)
+        )
         return new_state, loss, logits
 
     def segment_decoder(self, state: State, first_segment_size: int) -> AssociativeSegmentDecoder:

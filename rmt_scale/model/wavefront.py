@@ -61,24 +61,27 @@ def run_wavefront(step, state: tuple[torch.Tensor, ...], segments: list):
     loss_sum, extras = None, [None] * num_segments
 
     for diagonal in range(num_segments + num_layers - 1):
-        on_diagonal = [(s, diagonal - s) for s in range(min(num_segments - 1, diagonal), -1, -1)
-                       if diagonal - s < num_layers]  # by layer, ascending
+        on_diagonal = [
+            (s, diagonal - s) for s in range(min(num_segments - 1, diagonal), -1, -1) if diagonal - s < num_layers
+        ]  # by layer, ascending
         if diagonal < num_segments:
             segment = segments[diagonal]
             embeds, mask = step.inputs(segment, step.memory_tokens(segment.input_ids.shape[0]))
             hidden[diagonal], args, kwargs = layer_inputs(backbone, embeds, padding_mask(mask), positions(mask))
             calls[diagonal] = _LayerCall(args, kwargs)
         groups: dict = {}
-        for s, l in on_diagonal:
-            groups.setdefault((tuple(hidden[s].shape), calls[s].signature()), []).append((s, l))
+        for s, layer in on_diagonal:
+            groups.setdefault((tuple(hidden[s].shape), calls[s].signature()), []).append((s, layer))
         for cells_of_group in groups.values():
             outputs = _run_cells(template, params, buffers, cells_of_group, hidden, layer_state, calls)
-            for (s, l), (out, matrix, normaliser) in zip(cells_of_group, outputs):
+            for (s, layer), (out, matrix, normaliser) in zip(cells_of_group, outputs):
                 token_mask = segments[s].attention_mask
-                old_matrix, old_normaliser = layer_state[l]
-                layer_state[l] = (keep_if_empty(matrix, old_matrix, token_mask),
-                                  keep_if_empty(normaliser, old_normaliser, token_mask))
-                if l < num_layers - 1:
+                old_matrix, old_normaliser = layer_state[layer]
+                layer_state[layer] = (
+                    keep_if_empty(matrix, old_matrix, token_mask),
+                    keep_if_empty(normaliser, old_normaliser, token_mask),
+                )
+                if layer < num_layers - 1:
                     hidden[s] = out
                     continue
                 hidden[s] = calls[s] = None  # the segment is done
@@ -89,7 +92,7 @@ def run_wavefront(step, state: tuple[torch.Tensor, ...], segments: list):
 
 def _run_cells(template, params, buffers, cells, hidden, layer_state, calls):
     """Runs the cells ``[(segment, layer), ...]`` (same shapes) as one vmapped call over their layers."""
-    layer_ids = [l for _, l in cells]
+    layer_ids = [layer for _, layer in cells]
     first = layer_ids[0]
     if layer_ids == list(range(first, first + len(cells))):
         pick = slice(first, first + len(cells))  # a view: no copy of the weights
@@ -98,8 +101,8 @@ def _run_cells(template, params, buffers, cells, hidden, layer_state, calls):
     cell_params = {name: value[pick] for name, value in params.items()}
     cell_buffers = {name: value[pick] for name, value in buffers.items()}
     hiddens = torch.stack([hidden[s] for s, _ in cells])
-    matrices = torch.stack([layer_state[l][0] for _, l in cells])
-    normalisers = torch.stack([layer_state[l][1] for _, l in cells])
+    matrices = torch.stack([layer_state[layer][0] for _, layer in cells])
+    normalisers = torch.stack([layer_state[layer][1] for _, layer in cells])
 
     reference = calls[cells[0][0]]
     leaves = list(reference.leaves)

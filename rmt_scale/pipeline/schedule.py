@@ -29,7 +29,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-
 from torch import nn
 
 from ..model.modeling import RMTOutput
@@ -79,8 +78,15 @@ class SegmentPipeline(nn.Module):
             machine, what would have moved off an accelerator), summed over the pipeline's stages.
     """
 
-    def __init__(self, stage: PipelineStage, stage_ranks: list[int], chains: int = 1, group=None, tied_group=None,
-                 offload_stash: bool = False):
+    def __init__(
+        self,
+        stage: PipelineStage,
+        stage_ranks: list[int],
+        chains: int = 1,
+        group=None,
+        tied_group=None,
+        offload_stash: bool = False,
+    ):
         if len(stage_ranks) != stage.num_stages:
             raise ValueError(f"{len(stage_ranks)} ranks given for {stage.num_stages} stages.")
         if chains < 1:
@@ -113,18 +119,19 @@ class SegmentPipeline(nn.Module):
         packed = torch.cat([tensor.reshape(-1) for tensor in tensors])
         self._pending.append((dist.isend(packed, peer), packed))
 
-    def _post_recv(self, peer: int | None, shapes, dtype: torch.dtype) -> "_Posted | None":
+    def _post_recv(self, peer: int | None, shapes, dtype: torch.dtype) -> _Posted | None:
         """Posts the receive of one item's message. Posted ahead of the item, the message can arrive while
         the stage still computes the items before it, rather than after the stage starts waiting for it."""
         if peer is None:
             return None
         if peer == self.rank:
             return _Posted(None, None, shapes)
-        packed = torch.empty(sum(math.prod(shape) for shape in shapes), dtype=dtype,
-                             device=self.stage.model.backbone.device)
+        packed = torch.empty(
+            sum(math.prod(shape) for shape in shapes), dtype=dtype, device=self.stage.model.backbone.device
+        )
         return _Posted(dist.irecv(packed, peer), packed, shapes)
 
-    def _take(self, posted: "_Posted | None") -> tuple[torch.Tensor, ...]:
+    def _take(self, posted: _Posted | None) -> tuple[torch.Tensor, ...]:
         if posted is None:
             return ()
         if posted.work is None:
@@ -134,8 +141,9 @@ class SegmentPipeline(nn.Module):
         return tuple(part.view(shape) for part, shape in zip(posted.packed.split(sizes), posted.shapes))
 
     # ------------------------------------------------------------------ the step
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                labels: torch.Tensor | None = None) -> RMTOutput:
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None
+    ) -> RMTOutput:
         """Runs the batch forward through the stages; ``loss`` (the mean over the batch's labelled tokens, the
         same on every stage) backpropagates through them. The memory is not returned: it lives on the stages."""
         if labels is None:
@@ -146,8 +154,9 @@ class SegmentPipeline(nn.Module):
         self.last_run = run
         return RMTOutput(loss=loss, num_segments=run.num_segments)
 
-    def forward_backward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-                         labels: torch.Tensor) -> PipelineStep:
+    def forward_backward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, labels: torch.Tensor
+    ) -> PipelineStep:
         """One forward and backward (gradients accumulate into ``.grad``); what it measured."""
         output = self(input_ids, attention_mask, labels)
         output.loss.backward()
@@ -159,11 +168,13 @@ class SegmentPipeline(nn.Module):
         self.stashed_bytes += sum(x.numel() * x.element_size() for x in tensors)
         return tuple(_pinned_copy(x) if x.is_cuda else x for x in tensors)
 
-    def _forward_items(self, run: "_Run") -> float:
+    def _forward_items(self, run: _Run) -> float:
         self.stashed_bytes = 0
         stash, states, loss_sum = run.stash, run.states, 0.0
-        inbox = _Inbox(run.items, lambda t, b: self._post_recv(
-            self._source(t), self.stage.received_shapes(run.chains[b][t], t), run.dtype))
+        inbox = _Inbox(
+            run.items,
+            lambda t, b: self._post_recv(self._source(t), self.stage.received_shapes(run.chains[b][t], t), run.dtype),
+        )
         for t, b in run.items:
             segment = run.chains[b][t]
             received = self._take(inbox.next())
@@ -184,7 +195,7 @@ class SegmentPipeline(nn.Module):
         dist.broadcast(loss, self.stage_ranks[-1], group=self.group)
         return float(loss)
 
-    def _backward_items(self, run: "_Run", grad_loss: torch.Tensor) -> None:
+    def _backward_items(self, run: _Run, grad_loss: torch.Tensor) -> None:
         num_segments, depth = run.num_segments, run.bptt_depth
         state_grads: list = [None] * len(run.chains)
         scale = grad_loss.detach().float() / run.num_targets
@@ -318,8 +329,9 @@ class _Run:
         self.timeline.append((kind, t, b, tick - self.started, now - self.started))
 
     def measured(self, loss: float) -> PipelineStep:
-        return PipelineStep(loss, self.num_segments, self.busy_s, (self.finished or time.perf_counter()) - self.started,
-                            self.timeline)
+        return PipelineStep(
+            loss, self.num_segments, self.busy_s, (self.finished or time.perf_counter()) - self.started, self.timeline
+        )
 
 
 class _ChainOfSegments(torch.autograd.Function):
@@ -350,6 +362,15 @@ def _split_chains(segments: list[Segment], chains: int) -> list[list[Segment]]:
     """The batch's segments as ``chains`` chains of sample groups (as even as possible)."""
     batch = segments[0].input_ids.shape[0]
     bounds = [round(i * batch / chains) for i in range(chains + 1)]
-    return [[Segment(s.input_ids[lo:hi], s.attention_mask[lo:hi], None if s.targets is None else s.targets[lo:hi],
-                     s.return_logits) for s in segments]
-            for lo, hi in zip(bounds, bounds[1:])]
+    return [
+        [
+            Segment(
+                s.input_ids[lo:hi],
+                s.attention_mask[lo:hi],
+                None if s.targets is None else s.targets[lo:hi],
+                s.return_logits,
+            )
+            for s in segments
+        ]
+        for lo, hi in zip(bounds, bounds[1:])
+    ]

@@ -35,8 +35,10 @@ def split_layers(num_layers: int, num_stages: int, head_cost: float = 0.0) -> li
     cost: a layer costs 1, and the last stage also pays ``head_cost`` layers for the LM head and loss.
     Ties go to the split that puts more layers first."""
     if not 1 <= num_stages <= num_layers:
-        raise ValueError(f"cannot split {num_layers} decoder layers over {num_stages} pipeline stages: use at "
-                         f"most {num_layers} stages (one layer each at least).")
+        raise ValueError(
+            f"cannot split {num_layers} decoder layers over {num_stages} pipeline stages: use at "
+            f"most {num_layers} stages (one layer each at least)."
+        )
     # best[s][n]: the smallest largest cost of splitting the last n layers over the last s stages
     best = {(1, n): n + head_cost for n in range(1, num_layers + 1)}
     first = {}
@@ -78,8 +80,10 @@ class PipelineStage(nn.Module):
     def __init__(self, model: RecurrentMemoryModel, stage: int, num_stages: int, head_cost: float = 0.0):
         super().__init__()
         if model.spec.kind != "decoder":
-            raise ValueError("pipeline stages split decoder backbones (OPT, GPT-2, Llama family, GPT-NeoX); "
-                             f"{model.spec.model_type} is an encoder: train it with a ZeRO config instead.")
+            raise ValueError(
+                "pipeline stages split decoder backbones (OPT, GPT-2, Llama family, GPT-NeoX); "
+                f"{model.spec.model_type} is an encoder: train it with a ZeRO config instead."
+            )
         self.model, self.stage, self.num_stages = model, stage, num_stages
         self.is_first, self.is_last = stage == 0, stage == num_stages - 1
         self.associative = model.associative is not None
@@ -94,8 +98,11 @@ class PipelineStage(nn.Module):
                 if self.associative:
                     model.associative.memories[index] = nn.Identity()
         self.layers = [layers[i] for i in self.layer_ids]
-        self.cells = [AssociativeCell(layers[i], model.associative.memories[i], self.num_mem)
-                      for i in self.layer_ids] if self.associative else []
+        self.cells = (
+            [AssociativeCell(layers[i], model.associative.memories[i], self.num_mem) for i in self.layer_ids]
+            if self.associative
+            else []
+        )
         self.final_modules = decoder_final_modules(model.backbone)
         self.head = model.backbone.get_output_embeddings()
         self.tied_head = self.head.weight is model.backbone.get_input_embeddings().weight
@@ -153,8 +160,13 @@ class PipelineStage(nn.Module):
     def embeddings_train(self) -> bool:
         return self.model.backbone.get_input_embeddings().weight.requires_grad
 
-    def forward(self, segment: Segment, received: tuple[torch.Tensor, ...], state: tuple[torch.Tensor, ...],
-                tokens: torch.Tensor | None = None) -> StageOutput:
+    def forward(
+        self,
+        segment: Segment,
+        received: tuple[torch.Tensor, ...],
+        state: tuple[torch.Tensor, ...],
+        tokens: torch.Tensor | None = None,
+    ) -> StageOutput:
         """``tokens``: stage 0's :meth:`embed_tokens` of the segment, when the caller looked them up itself
         (to backpropagate into the embedding table once for many segments); looked up here when None."""
         step = self.model.step
@@ -177,8 +189,9 @@ class PipelineStage(nn.Module):
         if self.associative:
             for cell, (matrix, normaliser) in zip(self.cells, layer_states(state)):
                 hidden, *written = cell(hidden, matrix, normaliser, args, kwargs)
-                new_state += [keep_if_empty(new, old, segment.attention_mask)
-                              for new, old in zip(written, (matrix, normaliser))]
+                new_state += [
+                    keep_if_empty(new, old, segment.attention_mask) for new, old in zip(written, (matrix, normaliser))
+                ]
         else:
             for layer in self.layers:
                 hidden = run_layer(layer, hidden, args, kwargs)

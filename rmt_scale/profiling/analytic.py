@@ -40,13 +40,7 @@ CONVENTIONS = {
     # The same, but the input embedding is a table lookup (no FLOPs), as a profiler sees it.
     "chinchilla-no-embed": tuple(t for t in TERMS if t != "embeddings"),
     # Kaplan et al. 2020, Table 1: C_forward = 2 N_non-embedding + 2 n_layer n_ctx d_attn per token.
-    "kaplan": (
-        "embedding_projections",
-        "attention_qkv",
-        "attention_logits",
-        "attention_output",
-        "ffn",
-    ),
+    "kaplan": ("embedding_projections", "attention_qkv", "attention_logits", "attention_output", "ffn"),
 }
 
 # Cost of one training step in units of one forward pass, per way of backpropagating.
@@ -92,11 +86,7 @@ def full_attention_flops(config: OPTConfig, length: int, convention: str = "chin
 
 
 def rmt_flops(
-    config: OPTConfig,
-    length: int,
-    segment_size: int = 512,
-    extra_tokens: int = 0,
-    convention: str = "chinchilla",
+    config: OPTConfig, length: int, segment_size: int = 512, extra_tokens: int = 0, convention: str = "chinchilla"
 ) -> int:
     """Forward FLOPs of RMT over `length` tokens: one backbone pass per segment of
     `segment_size` input tokens plus `extra_tokens` memory/special tokens."""

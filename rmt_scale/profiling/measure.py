@@ -24,9 +24,9 @@ import multiprocessing
 import multiprocessing.forkserver
 import os
 import time
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
-from typing import Callable
 
 import psutil
 import torch
@@ -34,11 +34,11 @@ import transformers
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 from rmt_scale.model import ARMTConfig, RecurrentMemoryModel, RMTConfig
-from rmt_scale.runtime.allocator import allocator_env
 from rmt_scale.model.presets import BACKBONE_PRESETS, preset_config
+from rmt_scale.profiling.opt_configs import OPT_NAMES, opt_config
+from rmt_scale.runtime.allocator import allocator_env
 from rmt_scale.runtime.device import select_accelerator
 from rmt_scale.runtime.memory import peak_rss_mb
-from rmt_scale.profiling.opt_configs import OPT_NAMES, opt_config
 
 FULL_ATTENTION = "full"
 FULL_ATTENTION_LABEL = "full attention"
@@ -114,8 +114,9 @@ def _build_model(variant: Variant, config) -> torch.nn.Module:
     if variant.name == FULL_ATTENTION:
         return backbone
     config_class = ARMTConfig if variant.name == "armt" else RMTConfig
-    memory_config = config_class(num_mem_tokens=variant.num_mem_tokens, segment_size=variant.segment_size,
-                                 bptt_depth=-1, backprop=variant.mode)
+    memory_config = config_class(
+        num_mem_tokens=variant.num_mem_tokens, segment_size=variant.segment_size, bptt_depth=-1, backprop=variant.mode
+    )
     return RecurrentMemoryModel(backbone, memory_config)
 
 
@@ -198,8 +199,17 @@ def deepspeed_counts(fn, model, *args) -> tuple[int, int]:
         profiler.end_profile()
 
 
-def _measure_in_this_process(variant: Variant, length: int, forward: bool, train: bool, backbone: str, threads: int,
-                             repeats: int, min_seconds: float, count_flops: bool) -> Measurement:
+def _measure_in_this_process(
+    variant: Variant,
+    length: int,
+    forward: bool,
+    train: bool,
+    backbone: str,
+    threads: int,
+    repeats: int,
+    min_seconds: float,
+    count_flops: bool,
+) -> Measurement:
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     config = backbone_config(backbone, _positions(variant, length))
@@ -211,8 +221,9 @@ def _measure_in_this_process(variant: Variant, length: int, forward: bool, train
     # The forward pass runs first so that its peak is read before training raises the high-water mark.
     forward_seconds, _ = _fastest_of(repeats, min_seconds, _forward, model, input_ids) if forward else (0.0, 0.0)
     forward_peak = _peak_mb_since(rss_before) if forward else 0.0
-    train_seconds, train_cpu_seconds = (_fastest_of(repeats, min_seconds, _train_step, model, input_ids) if train
-                                        else (0.0, 0.0))
+    train_seconds, train_cpu_seconds = (
+        _fastest_of(repeats, min_seconds, _train_step, model, input_ids) if train else (0.0, 0.0)
+    )
     train_peak = _peak_mb_since(rss_before) if train else 0.0
     deepspeed_flops, deepspeed_macs = deepspeed_counts(_forward, model, input_ids) if count_flops else (0, 0)
     return Measurement(
@@ -239,8 +250,15 @@ class Measurer:
     There is one fork server per process, so every Measurer of a process must use the same allocator.
     """
 
-    def __init__(self, backbone: str, threads: int | None = None, repeats: int = 2, min_seconds: float = 0.0,
-                 allocator: str = "auto", count_flops: bool = True):
+    def __init__(
+        self,
+        backbone: str,
+        threads: int | None = None,
+        repeats: int = 2,
+        min_seconds: float = 0.0,
+        allocator: str = "auto",
+        count_flops: bool = True,
+    ):
         if repeats <= 0:
             raise ValueError(f"repeats must be positive, got {repeats}")
         backbone_config(backbone, 0)  # fail fast on a bad backbone, in this process
@@ -258,8 +276,18 @@ class Measurer:
         if not (forward or train):
             raise ValueError("nothing to measure: pass forward=True, train=True or both")
         with ProcessPoolExecutor(max_workers=1, mp_context=self._context) as pool:
-            future = pool.submit(_measure_in_this_process, variant, length, forward, train, self.backbone, self.threads,
-                                 self.repeats, self.min_seconds, self.count_flops)
+            future = pool.submit(
+                _measure_in_this_process,
+                variant,
+                length,
+                forward,
+                train,
+                self.backbone,
+                self.threads,
+                self.repeats,
+                self.min_seconds,
+                self.count_flops,
+            )
             try:
                 return future.result()
             except Exception as error:  # an OOM kill surfaces as BrokenProcessPool
@@ -276,8 +304,9 @@ def _fork_server(choice: str) -> tuple[multiprocessing.context.BaseContext, str]
     if not _fork_server_allocator:
         environment, allocator = allocator_env(choice)
         # "__main__" too, so that no child re-imports the calling script (and matplotlib with it).
-        context.set_forkserver_preload(["__main__", "torch", "transformers", "rmt_scale.profiling.measure",
-                                        "deepspeed.profiling.flops_profiler"])
+        context.set_forkserver_preload(
+            ["__main__", "torch", "transformers", "rmt_scale.profiling.measure", "deepspeed.profiling.flops_profiler"]
+        )
         saved = dict(os.environ)
         os.environ.update(environment)
         select_accelerator()  # DeepSpeed, imported by the server, must not look for a GPU that is not there
@@ -288,8 +317,10 @@ def _fork_server(choice: str) -> tuple[multiprocessing.context.BaseContext, str]
             os.environ.update(saved)
         _fork_server_allocator[choice] = allocator
     if choice not in _fork_server_allocator:
-        raise RuntimeError(f"allocator {choice!r} asked for, but this process's fork server already runs with "
-                           f"{next(iter(_fork_server_allocator))!r}: measure with one allocator per process.")
+        raise RuntimeError(
+            f"allocator {choice!r} asked for, but this process's fork server already runs with "
+            f"{next(iter(_fork_server_allocator))!r}: measure with one allocator per process."
+        )
     return context, _fork_server_allocator[choice]
 
 
@@ -304,8 +335,13 @@ def _predicted_peak_mb(done: list[Measurement], length: int) -> float:
     return b.train_peak_mb * (length / b.length) ** max(slope, 0.0)
 
 
-def sweep(measurer: Measurer, variants: list[Variant], lengths: list[int], memory_budget_mb: float,
-          on_done: Callable[[Measurement], None] = lambda m: None) -> list[Measurement]:
+def sweep(
+    measurer: Measurer,
+    variants: list[Variant],
+    lengths: list[int],
+    memory_budget_mb: float,
+    on_done: Callable[[Measurement], None] = lambda m: None,
+) -> list[Measurement]:
     """Measures every variant at every length, shortest first. A variant stops at the first length it
     fails at or is predicted to exceed `memory_budget_mb` at (full attention, sooner or later); the
     lengths it leaves out are recorded as skipped."""

@@ -95,7 +95,8 @@ def judge(slopes: dict[str, dict[str, float]], flop_slope_limit: float, memory_s
         for cost in gated:
             if not s[cost] <= memory_slope_limit:
                 verdict.failures.append(
-                    f"{variant} {COSTS[cost]} grows with length (slope {s[cost]:.3f} > {memory_slope_limit})")
+                    f"{variant} {COSTS[cost]} grows with length (slope {s[cost]:.3f} > {memory_slope_limit})"
+                )
     return verdict
 
 
@@ -104,17 +105,28 @@ def counter_agreement(measurements: list[Measurement]) -> list[dict]:
     rows = []
     for m in measurements:
         if m.ok and m.forward_flops and m.deepspeed_forward_macs:
-            rows.append(dict(variant=m.variant, length=m.length, flopcounter=m.forward_flops,
-                             deepspeed_macs_x2=2 * m.deepspeed_forward_macs, deepspeed_flops=m.deepspeed_forward_flops,
-                             matmul_ratio=2 * m.deepspeed_forward_macs / m.forward_flops,
-                             flops_ratio=m.deepspeed_forward_flops / m.forward_flops,
-                             train_over_forward=m.train_flops / m.deepspeed_forward_flops))
+            rows.append(
+                dict(
+                    variant=m.variant,
+                    length=m.length,
+                    flopcounter=m.forward_flops,
+                    deepspeed_macs_x2=2 * m.deepspeed_forward_macs,
+                    deepspeed_flops=m.deepspeed_forward_flops,
+                    matmul_ratio=2 * m.deepspeed_forward_macs / m.forward_flops,
+                    flops_ratio=m.deepspeed_forward_flops / m.forward_flops,
+                    train_over_forward=m.train_flops / m.deepspeed_forward_flops,
+                )
+            )
     return rows
 
 
 def counter_failures(rows: list[dict], tolerance: float = COUNTER_TOLERANCE) -> list[str]:
-    return [f"{r['variant']} @ {r['length']}: DeepSpeed's forward MACs x 2 are {r['matmul_ratio']:.4f} x "
-            f"FlopCounterMode's FLOPs (tolerance {tolerance})" for r in rows if abs(r["matmul_ratio"] - 1) > tolerance]
+    return [
+        f"{r['variant']} @ {r['length']}: DeepSpeed's forward MACs x 2 are {r['matmul_ratio']:.4f} x "
+        f"FlopCounterMode's FLOPs (tolerance {tolerance})"
+        for r in rows
+        if abs(r["matmul_ratio"] - 1) > tolerance
+    ]
 
 
 # ---------------------------------------------------------------------------------------- analytic
@@ -123,8 +135,10 @@ def paper_reproduction() -> list[dict]:
     rows = []
     for convention in analytic.CONVENTIONS:
         for layout in analytic.PAPER_LAYOUTS:
-            ratios = {name: analytic.flop_savings(opt_config(name), analytic.PAPER_LENGTH, layout, convention)
-                      for name in OPT_NAMES}
+            ratios = {
+                name: analytic.flop_savings(opt_config(name), analytic.PAPER_LENGTH, layout, convention)
+                for name in OPT_NAMES
+            }
             errors = {name: ratios[name] / claim - 1 for name, claim in analytic.PAPER_CLAIM.items()}
             rows.append(dict(convention=convention, layout=layout.name, ratios=ratios, relative_error=errors))
     return rows
@@ -135,8 +149,9 @@ def best_match(rows: list[dict]) -> dict:
     return min(rows, key=lambda row: max(abs(e) for e in row["relative_error"].values()))
 
 
-def analytic_sweep(segment_size: int = ANALYTIC_SEGMENT_SIZE, num_mem_tokens: int = ANALYTIC_MEM_TOKENS,
-                   convention: str = "chinchilla") -> dict:
+def analytic_sweep(
+    segment_size: int = ANALYTIC_SEGMENT_SIZE, num_mem_tokens: int = ANALYTIC_MEM_TOKENS, convention: str = "chinchilla"
+) -> dict:
     """Forward and training FLOPs of full attention and RMT (decoder layout: 2 x memory per segment)
     for every OPT size over ANALYTIC_LENGTHS."""
     sweep = {}
@@ -148,8 +163,10 @@ def analytic_sweep(segment_size: int = ANALYTIC_SEGMENT_SIZE, num_mem_tokens: in
             "full_forward": full,
             "rmt_forward": rmt,
             "full_train": [analytic.training_flops(f, "full") for f in full],
-            **{f"rmt_{mode}_train": [analytic.training_flops(f, mode) for f in rmt]
-               for mode in ("bptt", "checkpoint", "replay")},
+            **{
+                f"rmt_{mode}_train": [analytic.training_flops(f, mode) for f in rmt]
+                for mode in ("bptt", "checkpoint", "replay")
+            },
             "full_slope": loglog_slope(ANALYTIC_LENGTHS, full),
             "rmt_slope": loglog_slope(ANALYTIC_LENGTHS, rmt),
         }
@@ -175,48 +192,126 @@ def markdown(report: dict) -> str:
 
     lines += [f"## Paper claim at {analytic.PAPER_LENGTH:,} tokens (analytic forward FLOPs, full / RMT)", ""]
     names = list(OPT_NAMES)
-    lines += _table(["convention", "segment layout", *names],
-                    [[r["convention"], r["layout"], *(r["ratios"][n] for n in names)] for r in report["paper"]])
+    lines += _table(
+        ["convention", "segment layout", *names],
+        [[r["convention"], r["layout"], *(r["ratios"][n] for n in names)] for r in report["paper"]],
+    )
     best = report["paper_best_match"]
-    errors = ", ".join(f"{n}: {best['ratios'][n]:.1f}x vs {c:g}x ({100 * best['relative_error'][n]:+.1f}%)"
-                       for n, c in analytic.PAPER_CLAIM.items())
+    errors = ", ".join(
+        f"{n}: {best['ratios'][n]:.1f}x vs {c:g}x ({100 * best['relative_error'][n]:+.1f}%)"
+        for n, c in analytic.PAPER_CLAIM.items()
+    )
     lines += [f"Closest: **{best['convention']}**, {best['layout']} — {errors}.", ""]
 
     sweep = report["analytic_sweep"]
     at = ANALYTIC_LENGTHS.index(analytic.PAPER_LENGTH)
-    lines += [f"## Analytic FLOPs at {analytic.PAPER_LENGTH:,} tokens (chinchilla convention, "
-              f"{ANALYTIC_SEGMENT_SIZE}-token segments + 2x{ANALYTIC_MEM_TOKENS} memory)", ""]
+    lines += [
+        f"## Analytic FLOPs at {analytic.PAPER_LENGTH:,} tokens (chinchilla convention, "
+        f"{ANALYTIC_SEGMENT_SIZE}-token segments + 2x{ANALYTIC_MEM_TOKENS} memory)",
+        "",
+    ]
     lines += _table(
-        ["backbone", "full fwd", "RMT fwd", "full train", "RMT train (bptt)", "RMT train (replay)",
-         "full slope", "RMT slope"],
-        [[n, s["full_forward"][at], s["rmt_forward"][at], s["full_train"][at], s["rmt_bptt_train"][at],
-          s["rmt_replay_train"][at], s["full_slope"], s["rmt_slope"]] for n, s in sweep.items()])
+        [
+            "backbone",
+            "full fwd",
+            "RMT fwd",
+            "full train",
+            "RMT train (bptt)",
+            "RMT train (replay)",
+            "full slope",
+            "RMT slope",
+        ],
+        [
+            [
+                n,
+                s["full_forward"][at],
+                s["rmt_forward"][at],
+                s["full_train"][at],
+                s["rmt_bptt_train"][at],
+                s["rmt_replay_train"][at],
+                s["full_slope"],
+                s["rmt_slope"],
+            ]
+            for n, s in sweep.items()
+        ],
+    )
 
-    lines += [f"## Measured on `{settings['backbone']}` (segment {settings['segment_size']}, "
-              f"{settings['num_mem_tokens']} memory tokens, threads: {settings['threads']})", ""]
+    lines += [
+        f"## Measured on `{settings['backbone']}` (segment {settings['segment_size']}, "
+        f"{settings['num_mem_tokens']} memory tokens, threads: {settings['threads']})",
+        "",
+    ]
     lines += _table(
-        ["variant", "length", "train FLOPs", "fwd FLOPs", "train s", "train tok/s", "fwd s",
-         "train peak MB", "fwd peak MB"],
-        [[m["variant"], str(m["length"]), m["error"] or m["train_flops"], "" if m["error"] else m["forward_flops"],
-          m["train_seconds"], m["length"] / m["train_seconds"] if m["train_seconds"] else math.nan,
-          m["forward_seconds"], m["train_peak_mb"], m["forward_peak_mb"]] for m in report["measurements"]])
+        [
+            "variant",
+            "length",
+            "train FLOPs",
+            "fwd FLOPs",
+            "train s",
+            "train tok/s",
+            "fwd s",
+            "train peak MB",
+            "fwd peak MB",
+        ],
+        [
+            [
+                m["variant"],
+                str(m["length"]),
+                m["error"] or m["train_flops"],
+                "" if m["error"] else m["forward_flops"],
+                m["train_seconds"],
+                m["length"] / m["train_seconds"] if m["train_seconds"] else math.nan,
+                m["forward_seconds"],
+                m["train_peak_mb"],
+                m["forward_peak_mb"],
+            ]
+            for m in report["measurements"]
+        ],
+    )
     lines += ["### Log-log slopes against length", ""]
-    lines += _table(["variant", *COSTS.values()],
-                    [[variant, *(s[c] for c in COSTS)] for variant, s in report["slopes"].items()])
-    lines += ["### FlopCounterMode vs DeepSpeed's FlopsProfiler (the same forward pass)", "",
-              "DeepSpeed counts a matmul as 2 x MACs and adds LayerNorms, activations, softmax and additions; "
-              "FlopCounterMode counts matmuls and SDPA only. DeepSpeed counts the forward pass only and takes a "
-              "training step as 3 x forward (4 x with `recompute_fwd_factor` 1); the last column is what "
-              "FlopCounterMode counted for the training step. See docs/profiling.md.", ""]
     lines += _table(
-        ["variant", "length", "FlopCounterMode fwd", "DeepSpeed 2 x MACs", "DeepSpeed flops", "2 x MACs / FCM",
-         "flops / FCM", "FCM train / DeepSpeed fwd"],
-        [[r["variant"], str(r["length"]), r["flopcounter"], r["deepspeed_macs_x2"], r["deepspeed_flops"],
-          f"{r['matmul_ratio']:.4f}", f"{r['flops_ratio']:.4f}", r["train_over_forward"]]
-         for r in report["counter_agreement"]])
-    lines += [f"RMT FLOP slope: {verdict['rmt_flop_slope']:.3f} (limit {settings['flop_slope_limit']}), "
-              f"full attention FLOP slope: {verdict['full_flop_slope']:.3f}. "
-              + ("**PASS**" if not verdict["failures"] else "**FAIL**: " + "; ".join(verdict["failures"])), ""]
+        ["variant", *COSTS.values()], [[variant, *(s[c] for c in COSTS)] for variant, s in report["slopes"].items()]
+    )
+    lines += [
+        "### FlopCounterMode vs DeepSpeed's FlopsProfiler (the same forward pass)",
+        "",
+        "DeepSpeed counts a matmul as 2 x MACs and adds LayerNorms, activations, softmax and additions; "
+        "FlopCounterMode counts matmuls and SDPA only. DeepSpeed counts the forward pass only and takes a "
+        "training step as 3 x forward (4 x with `recompute_fwd_factor` 1); the last column is what "
+        "FlopCounterMode counted for the training step. See docs/profiling.md.",
+        "",
+    ]
+    lines += _table(
+        [
+            "variant",
+            "length",
+            "FlopCounterMode fwd",
+            "DeepSpeed 2 x MACs",
+            "DeepSpeed flops",
+            "2 x MACs / FCM",
+            "flops / FCM",
+            "FCM train / DeepSpeed fwd",
+        ],
+        [
+            [
+                r["variant"],
+                str(r["length"]),
+                r["flopcounter"],
+                r["deepspeed_macs_x2"],
+                r["deepspeed_flops"],
+                f"{r['matmul_ratio']:.4f}",
+                f"{r['flops_ratio']:.4f}",
+                r["train_over_forward"],
+            ]
+            for r in report["counter_agreement"]
+        ],
+    )
+    lines += [
+        f"RMT FLOP slope: {verdict['rmt_flop_slope']:.3f} (limit {settings['flop_slope_limit']}), "
+        f"full attention FLOP slope: {verdict['full_flop_slope']:.3f}. "
+        + ("**PASS**" if not verdict["failures"] else "**FAIL**: " + "; ".join(verdict["failures"])),
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -248,8 +343,13 @@ def plots(report: dict, out: Path) -> list[Path]:
         for index, (variant, ms) in enumerate(runs.items()):
             # one colour per variant: training solid, forward dashed
             for cost, style in zip(costs, ("-o", "--x")):
-                axes.plot([m.length for m in ms], [max(getattr(m, cost), 1e-9) for m in ms], style,
-                          color=f"C{index}", label=f"{variant}, {COSTS[cost].split(' ')[0]}")
+                axes.plot(
+                    [m.length for m in ms],
+                    [max(getattr(m, cost), 1e-9) for m in ms],
+                    style,
+                    color=f"C{index}",
+                    label=f"{variant}, {COSTS[cost].split(' ')[0]}",
+                )
         _save(figure, out / filename)
         paths.append(out / filename)
 

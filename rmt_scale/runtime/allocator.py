@@ -45,8 +45,10 @@ def allocator_env(choice: str = "auto", base: dict[str, str] | None = None) -> t
     env = dict(os.environ if base is None else base)
     library = find_jemalloc() if choice != "glibc" else None
     if choice == "jemalloc" and library is None:
-        raise ValueError("jemalloc was asked for but is not installed: apt-get install libjemalloc2, "
-                         "or choose glibc (--allocator glibc; for launchers/train.py, RMT_ALLOCATOR=glibc).")
+        raise ValueError(
+            "jemalloc was asked for but is not installed: apt-get install libjemalloc2, "
+            "or choose glibc (--allocator glibc; for launchers/train.py, RMT_ALLOCATOR=glibc)."
+        )
     if library is None:
         if choice == "auto":
             env.setdefault("MALLOC_MMAP_THRESHOLD_", str(128 * 1024))

@@ -4,14 +4,28 @@ Parallelism stays here; the model code knows nothing of DeepSpeed beyond gatheri
 embedding. ``launchers/train.py`` is the command line; :func:`run` is the same thing from Python.
 """
 
+from .batches import DataError
 from .config import TrainConfig, build_parser, parse_args
 from .curriculum import Curriculum
 from .ds_config import build_ds_config, load_ds_config
 from .evaluation import evaluate_by_length, streaming_correct
 from .experiment import format_table, run
-from .batches import DataError
 from .trainer import EXIT_DATA_ERROR, EXIT_PREEMPTED, Preempted, Trainer
 
-__all__ = ["Curriculum", "DataError", "EXIT_DATA_ERROR", "EXIT_PREEMPTED", "Preempted", "TrainConfig", "Trainer",
-           "build_ds_config", "build_parser", "evaluate_by_length", "format_table", "load_ds_config", "parse_args",
-           "run", "streaming_correct"]
+__all__ = [
+    "Curriculum",
+    "DataError",
+    "EXIT_DATA_ERROR",
+    "EXIT_PREEMPTED",
+    "Preempted",
+    "TrainConfig",
+    "Trainer",
+    "build_ds_config",
+    "build_parser",
+    "evaluate_by_length",
+    "format_table",
+    "load_ds_config",
+    "parse_args",
+    "run",
+    "streaming_correct",
+]

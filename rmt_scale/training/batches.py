@@ -31,9 +31,20 @@ class DataError(Exception):
 class TrainBatches:
     """Yields each step's micro-batches for this rank; ``state_dict`` is the data position."""
 
-    def __init__(self, generator: TaskGenerator | None, shards: ShardStream | None, *, micro_batch: int,
-                 grad_accum: int, rank: int, world_size: int, segment_size: int, pad_id: int, max_corrupt: int = 0,
-                 classes: AnswerClasses | None = None):
+    def __init__(
+        self,
+        generator: TaskGenerator | None,
+        shards: ShardStream | None,
+        *,
+        micro_batch: int,
+        grad_accum: int,
+        rank: int,
+        world_size: int,
+        segment_size: int,
+        pad_id: int,
+        max_corrupt: int = 0,
+        classes: AnswerClasses | None = None,
+    ):
         self.generator, self.shards = generator, shards
         self.micro_batch, self.grad_accum, self.rank, self.world_size = micro_batch, grad_accum, rank, world_size
         self.segment_size, self.pad_id, self.max_corrupt = segment_size, pad_id, max_corrupt
@@ -58,8 +69,10 @@ class TrainBatches:
         batches = []
         for micro in range(self.grad_accum):
             first = self.position + (micro * self.world_size + self.rank) * self.micro_batch
-            samples = [self.generator.sample(i, num_segments * self.segment_size)
-                       for i in range(first, first + self.micro_batch)]
+            samples = [
+                self.generator.sample(i, num_segments * self.segment_size)
+                for i in range(first, first + self.micro_batch)
+            ]
             batches.append(collate(samples, self.pad_id, classes=self.classes))
         self.position += self.micro_batch * self.grad_accum * self.world_size
         return batches
@@ -90,9 +103,11 @@ class TrainBatches:
         if failed.any():
             raise DataError(next(e for e in all_gather_objects(error) if e))
         if self.corrupt_samples > self.max_corrupt:
-            raise DataError(f"{self.corrupt_samples} corrupt samples, more than --skip_corrupt_samples "
-                            f"{self.max_corrupt} (each was logged with its shard and member): re-create those "
-                            "shards, or allow more with --skip_corrupt_samples")
+            raise DataError(
+                f"{self.corrupt_samples} corrupt samples, more than --skip_corrupt_samples "
+                f"{self.max_corrupt} (each was logged with its shard and member): re-create those "
+                "shards, or allow more with --skip_corrupt_samples"
+            )
         return collate(samples, self.pad_id, int(segments.max()) * self.segment_size, self.classes)
 
     def state_dict(self) -> dict:
@@ -117,4 +132,3 @@ def eval_indices(count: int, rank: int, world_size: int) -> range:
         count += world_size - count % world_size  # equal shares, so ranks run the same number of forwards
     per_rank = count // world_size
     return range(rank * per_rank, (rank + 1) * per_rank)
-

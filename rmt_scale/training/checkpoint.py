@@ -90,8 +90,10 @@ def _write_manifest(checkpoint: Path) -> None:
     if rank == 0:
         listing = sorted(str(p.relative_to(checkpoint)) for p in checkpoint.rglob("*") if p.is_file())
     names = all_gather_objects(listing)[0]
-    mine = {name: {"size": (checkpoint / name).stat().st_size, "sha256": _sha256(checkpoint / name)}
-            for name in names[rank::world_size]}
+    mine = {
+        name: {"size": (checkpoint / name).stat().st_size, "sha256": _sha256(checkpoint / name)}
+        for name in names[rank::world_size]
+    }
     files = {name: entry for share in all_gather_objects(mine) for name, entry in share.items()}
     if rank == 0:
         manifest = {"world_size": world_size, "files": dict(sorted(files.items()))}
@@ -135,19 +137,23 @@ def find(out_dir: Path, resume: str) -> Path | None:
         if not candidate.is_dir():
             candidate = directory / resume
         if not candidate.is_dir():
-            raise ValueError(f"--resume={resume!r} is not a checkpoint directory: pass 'auto' or a tag listed in "
-                             f"{directory}.")
+            raise ValueError(
+                f"--resume={resume!r} is not a checkpoint directory: pass 'auto' or a tag listed in {directory}."
+            )
         problem = _problem(candidate)
         if problem:
-            raise ValueError(f"--resume={resume!r} is not a complete checkpoint: {problem}. Pass 'auto' (it falls "
-                             f"back to the newest intact checkpoint) or another tag listed in {directory}.")
+            raise ValueError(
+                f"--resume={resume!r} is not a complete checkpoint: {problem}. Pass 'auto' (it falls "
+                f"back to the newest intact checkpoint) or another tag listed in {directory}."
+            )
         return candidate
     latest = directory / LATEST
     if not latest.is_file():
         return None
     newest = latest.read_text().strip()
-    candidates = sorted((p for p in directory.iterdir() if p.is_dir() and p.name.startswith("step")
-                         and p.name <= newest), reverse=True)
+    candidates = sorted(
+        (p for p in directory.iterdir() if p.is_dir() and p.name.startswith("step") and p.name <= newest), reverse=True
+    )
     skipped = []
     for candidate in candidates:
         problem = _problem(candidate)
@@ -156,8 +162,10 @@ def find(out_dir: Path, resume: str) -> Path | None:
         skipped.append(f"{candidate.name} ({problem})")
         if _rank_and_world()[0] == 0:
             log.warning("--resume auto: skipping checkpoint %s: %s", candidate, problem)
-    raise ValueError(f"--resume auto found no intact checkpoint in {directory}: skipped {'; '.join(skipped)}. "
-                     "Start again with a new --out_dir (or remove the checkpoints directory).")
+    raise ValueError(
+        f"--resume auto found no intact checkpoint in {directory}: skipped {'; '.join(skipped)}. "
+        "Start again with a new --out_dir (or remove the checkpoints directory)."
+    )
 
 
 def _problem(checkpoint: Path) -> str | None:
@@ -173,8 +181,11 @@ def _problem(checkpoint: Path) -> str | None:
         if missing:
             return f"{', '.join(missing)} missing (no {MANIFEST})"
         if rank == 0:
-            log.warning("checkpoint %s has no %s (written by an older version): its files are not verified",
-                        checkpoint, MANIFEST)
+            log.warning(
+                "checkpoint %s has no %s (written by an older version): its files are not verified",
+                checkpoint,
+                MANIFEST,
+            )
         return None
     try:
         manifest = json.loads(manifest_file.read_text())
@@ -202,7 +213,8 @@ def _check_world_size(checkpoint: Path, saved: int, world_size: int) -> None:
         raise ValueError(
             f"cannot resume {checkpoint}: it was written by {saved} ranks and this run has {world_size}. Another "
             "rank count changes the global batch and which samples each rank reads, so the run would not "
-            f"continue the same way; resume with {saved} ranks, or start a new --out_dir.")
+            f"continue the same way; resume with {saved} ranks, or start a new --out_dir."
+        )
 
 
 def read_state(checkpoint: Path) -> dict:
@@ -211,8 +223,10 @@ def read_state(checkpoint: Path) -> dict:
     try:
         return torch.load(state_file, weights_only=False)  # written by this code, and checked against the manifest
     except Exception as error:  # torch raises several types for a damaged file
-        raise ValueError(f"cannot read {state_file} ({type(error).__name__}: {error}); resume from another "
-                         "checkpoint with --resume TAG.") from error
+        raise ValueError(
+            f"cannot read {state_file} ({type(error).__name__}: {error}); resume from another "
+            "checkpoint with --resume TAG."
+        ) from error
 
 
 def load(engine: TrainEngine, checkpoint: Path, state: dict) -> None:

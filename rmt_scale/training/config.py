@@ -29,32 +29,50 @@ MEMORY_KINDS = {"rmt": RMTConfig, "armt": ARMTConfig}
 MODEL_FLAGS = {
     "num_mem_tokens": (8, "memory tokens per segment (0 = no memory)."),
     "segment_size": (32, "input tokens per segment, memory not included."),
-    "backprop": ("bptt", f"gradient through segments: {', '.join(BACKPROP_MODES)}. An 'activation_checkpointing' "
-                 "block in the DeepSpeed config switches 'bptt' to 'checkpoint'; 'replay' is refused with ZeRO-2/3."),
+    "backprop": (
+        "bptt",
+        f"gradient through segments: {', '.join(BACKPROP_MODES)}. An 'activation_checkpointing' "
+        "block in the DeepSpeed config switches 'bptt' to 'checkpoint'; 'replay' is refused with ZeRO-2/3.",
+    ),
     "bptt_depth": (-1, "truncate BPTT to the last k memory transitions (-1: all)."),
 }
 # RMTConfig's fields that only `--memory rmt` uses: (default, help)
 RMT_FLAGS = {
-    "memory_gate": (False, "RMT: update the memory through a learned gate clamped to [0, 1] per channel, so that a "
-                    "segment can leave it exactly as it was, instead of replacing it by what the segment wrote."),
+    "memory_gate": (
+        False,
+        "RMT: update the memory through a learned gate clamped to [0, 1] per channel, so that a "
+        "segment can leave it exactly as it was, instead of replacing it by what the segment wrote.",
+    )
 }
 _ARMT = ARMTConfig()
 # ARMTConfig's own fields, flags of `--memory armt` only: (default, help)
 ARMT_FLAGS = {
     "d_mem": (_ARMT.d_mem, "ARMT: size of keys and queries per associative head, before the DPFP feature map."),
-    "num_heads": (_ARMT.num_heads, "ARMT: associative heads per layer, each with its own memory (not the "
-                  "backbone's attention heads); the hidden size must divide by it."),
+    "num_heads": (
+        _ARMT.num_heads,
+        "ARMT: associative heads per layer, each with its own memory (not the "
+        "backbone's attention heads); the hidden size must divide by it.",
+    ),
     "dpfp_nu": (_ARMT.dpfp_nu, "ARMT: order of the DPFP feature map (features: 2 x dpfp_nu x d_mem)."),
     "gating": (_ARMT.gating, "ARMT: scale each memory write by a learned gate."),
-    "write_gate": (_ARMT.write_gate, "ARMT: the write gate's squashing, sigmoid or clamp (to [0, 1]; can be "
-                   "exactly 0, so that background writes nothing)."),
-    "gated_normaliser": (_ARMT.gated_normaliser, "ARMT: the normaliser sums the gated keys, so that a read is "
-                         "the gated average of what was written and does not fade with the number of segments."),
+    "write_gate": (
+        _ARMT.write_gate,
+        "ARMT: the write gate's squashing, sigmoid or clamp (to [0, 1]; can be "
+        "exactly 0, so that background writes nothing).",
+    ),
+    "gated_normaliser": (
+        _ARMT.gated_normaliser,
+        "ARMT: the normaliser sums the gated keys, so that a read is "
+        "the gated average of what was written and does not fade with the number of segments.",
+    ),
     # off by default: in the quick start the delta rule's writes of the background wear the fact away (0.797
     # at 1,024 segments), while plain gated writes keep it (1.000 there and at 1M tokens; README, quick start)
     "correction": (False, "ARMT: delta-rule writes (store what the memory does not already return)."),
-    "execution": (_ARMT.execution, f"ARMT inference schedule for evaluation: {', '.join(EXECUTION_MODES)} "
-                  "(training always runs segment after segment)."),
+    "execution": (
+        _ARMT.execution,
+        f"ARMT inference schedule for evaluation: {', '.join(EXECUTION_MODES)} "
+        "(training always runs segment after segment).",
+    ),
 }
 # --memory's default, the quick start's: an ARMT keeps the quick start's fact to 1M tokens, an RMT loses it
 # past 2x its training length
@@ -66,70 +84,151 @@ MODEL_MAY_CHANGE_ON_RESUME = ("backprop", "bptt_depth", "execution")
 @dataclass
 class TrainConfig:
     # ---- model
-    backbone: str = field(default="tiny", metadata={"help": (
-        "Hugging Face id or local directory of a causal LM (OPT, GPT-2, Llama, ...) or of a BERT/RoBERTa "
-        "encoder (trained as a sequence classifier whose classes are the answers), or a built-in randomly "
-        "initialised one: 'tiny' (OPT, d=128, 2 layers) or 'tiny-bert' (BERT encoder, d=128, 2 layers).")})
-    tokenizer: str = field(default="", metadata={"help": (
-        "'builtin' (word-level, a few hundred words) or a tokenizer directory/id; default: 'builtin' for the "
-        "built-in backbones, else the backbone's own tokenizer.")})
-    model: RMTConfig = field(default_factory=lambda: MEMORY_KINDS[DEFAULT_MEMORY](**{
-        name: default for name, (default, _) in {**MODEL_FLAGS, **ARMT_FLAGS}.items()}))
+    backbone: str = field(
+        default="tiny",
+        metadata={
+            "help": (
+                "Hugging Face id or local directory of a causal LM (OPT, GPT-2, Llama, ...) or of a BERT/RoBERTa "
+                "encoder (trained as a sequence classifier whose classes are the answers), or a built-in randomly "
+                "initialised one: 'tiny' (OPT, d=128, 2 layers) or 'tiny-bert' (BERT encoder, d=128, 2 layers)."
+            )
+        },
+    )
+    tokenizer: str = field(
+        default="",
+        metadata={
+            "help": (
+                "'builtin' (word-level, a few hundred words) or a tokenizer directory/id; default: 'builtin' for the "
+                "built-in backbones, else the backbone's own tokenizer."
+            )
+        },
+    )
+    model: RMTConfig = field(
+        default_factory=lambda: MEMORY_KINDS[DEFAULT_MEMORY](
+            **{name: default for name, (default, _) in {**MODEL_FLAGS, **ARMT_FLAGS}.items()}
+        )
+    )
     # ---- data
     task: str = field(default="memorize", metadata={"help": f"generated task: {', '.join(TASKS)}."})
-    shards: str = field(default="", metadata={"help": (
-        "shard URLs (brace patterns, index.json or a directory with one) to train on instead of generated "
-        "samples; their lengths replace the curriculum. Evaluation still uses --task.")})
+    shards: str = field(
+        default="",
+        metadata={
+            "help": (
+                "shard URLs (brace patterns, index.json or a directory with one) to train on instead of generated "
+                "samples; their lengths replace the curriculum. Evaluation still uses --task."
+            )
+        },
+    )
     data_seed: int = field(default=0, metadata={"help": "seed of the training samples (evaluation uses another)."})
-    skip_corrupt_samples: int = field(default=0, metadata={"help": (
-        "with --shards: skip up to N corrupt samples over all ranks (unreadable, or token ids outside the "
-        "vocabulary; each is logged and counted in data/corrupt_samples) and stop past N. 0: stop at the "
-        "first. A stop writes a checkpoint first and exits with 65.")})
+    skip_corrupt_samples: int = field(
+        default=0,
+        metadata={
+            "help": (
+                "with --shards: skip up to N corrupt samples over all ranks (unreadable, or token ids outside the "
+                "vocabulary; each is logged and counted in data/corrupt_samples) and stop past N. 0: stop at the "
+                "first. A stop writes a checkpoint first and exits with 65."
+            )
+        },
+    )
     # ---- curriculum
-    curriculum: str = field(default="1,2,4", metadata={"help": (
-        "comma-separated segment counts of the stages; a step in stage n draws its length from 1..n segments.")})
-    promote_accuracy: float = field(default=0.9, metadata={"help": (
-        "go to the next stage once eval accuracy at the stage's length reaches this (1.1: only by budget).")})
-    stage_steps: int = field(default=0, metadata={"help": (
-        "step budget of every stage but the last (0: max_steps split evenly over the stages).")})
+    curriculum: str = field(
+        default="1,2,4",
+        metadata={
+            "help": (
+                "comma-separated segment counts of the stages; a step in stage n draws its length from 1..n segments."
+            )
+        },
+    )
+    promote_accuracy: float = field(
+        default=0.9,
+        metadata={
+            "help": (
+                "go to the next stage once eval accuracy at the stage's length reaches this (1.1: only by budget)."
+            )
+        },
+    )
+    stage_steps: int = field(
+        default=0,
+        metadata={"help": ("step budget of every stage but the last (0: max_steps split evenly over the stages).")},
+    )
     # ---- evaluation
-    eval_segments: str = field(default="1,2,4,16,256,31250", metadata={"help": (
-        "comma-separated segment counts to report accuracy at; lengths past the curriculum test extrapolation "
-        "and are evaluated only at the end.")})
+    eval_segments: str = field(
+        default="1,2,4,16,256,31250",
+        metadata={
+            "help": (
+                "comma-separated segment counts to report accuracy at; lengths past the curriculum test extrapolation "
+                "and are evaluated only at the end."
+            )
+        },
+    )
     eval_samples: int = field(default=64, metadata={"help": "evaluation samples per length (split over ranks)."})
-    eval_max_tokens: int = field(default=4_000_000, metadata={"help": (
-        "tokens read per length at most: a length where --eval_samples samples would read more gets fewer (at "
-        "least 1; the table says how many).")})
+    eval_max_tokens: int = field(
+        default=4_000_000,
+        metadata={
+            "help": (
+                "tokens read per length at most: a length where --eval_samples samples would read more gets fewer (at "
+                "least 1; the table says how many)."
+            )
+        },
+    )
     eval_every: int = field(default=25, metadata={"help": "evaluate every N steps (and at the end)."})
     eval_batch_size: int = field(default=16, metadata={"help": "samples per evaluation forward on each rank."})
-    baseline: bool = field(default=True, metadata={"help": (
-        "also train a no-memory twin (num_mem_tokens=0, same budget) into OUT/baseline and report it next to "
-        "the RMT; --no_baseline skips it.")})
+    baseline: bool = field(
+        default=True,
+        metadata={
+            "help": (
+                "also train a no-memory twin (num_mem_tokens=0, same budget) into OUT/baseline and report it next to "
+                "the RMT; --no_baseline skips it."
+            )
+        },
+    )
     # ---- optimisation
     micro_batch_size: int = field(default=16, metadata={"help": "samples per rank per forward."})
     grad_accum: int = field(default=1, metadata={"help": "gradient accumulation steps."})
     lr: float = field(default=1e-3, metadata={"help": "peak learning rate (fills 'auto' in the DeepSpeed config)."})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
-    warmup_steps: int = field(default=10, metadata={"help": (
-        "linear warmup steps, then linear decay (at least 1 is used: DeepSpeed's warmup starts at lr 0).")})
+    warmup_steps: int = field(
+        default=10,
+        metadata={
+            "help": ("linear warmup steps, then linear decay (at least 1 is used: DeepSpeed's warmup starts at lr 0).")
+        },
+    )
     grad_clip: float = field(default=1.0, metadata={"help": "gradient norm clipping (0: off)."})
     max_steps: int = field(default=300, metadata={"help": "optimizer steps to train."})
     seed: int = field(default=0, metadata={"help": "seed of the weights and of the curriculum draws."})
-    ds_config: str = field(default="ds_configs/ddp.json", metadata={"help": (
-        "DeepSpeed JSON config; 'auto' values are filled from the flags (ds_configs/: ddp, zero2, zero3).")})
+    ds_config: str = field(
+        default="ds_configs/ddp.json",
+        metadata={
+            "help": ("DeepSpeed JSON config; 'auto' values are filled from the flags (ds_configs/: ddp, zero2, zero3).")
+        },
+    )
     # ---- output
     out_dir: str = field(default="runs/quickstart", metadata={"help": "where checkpoints, logs and results go."})
     save_every: int = field(default=100, metadata={"help": "checkpoint every N steps (0: only at the end)."})
     keep_checkpoints: int = field(default=2, metadata={"help": "checkpoints kept on disk (older ones deleted)."})
-    resume: str = field(default="", metadata={"help": (
-        "'' (start fresh; refuses a non-empty checkpoint dir), 'auto' (latest checkpoint in OUT if any) or a "
-        "checkpoint tag/directory.")})
-    export: bool = field(default=True, metadata={"help": (
-        "write OUT/export, a save_pretrained directory for RecurrentMemoryModel.from_pretrained.")})
+    resume: str = field(
+        default="",
+        metadata={
+            "help": (
+                "'' (start fresh; refuses a non-empty checkpoint dir), 'auto' (latest checkpoint in OUT if any) or a "
+                "checkpoint tag/directory."
+            )
+        },
+    )
+    export: bool = field(
+        default=True,
+        metadata={"help": ("write OUT/export, a save_pretrained directory for RecurrentMemoryModel.from_pretrained.")},
+    )
     log_every: int = field(default=1, metadata={"help": "write training scalars every N steps."})
-    collective_timeout_s: int = field(default=600, metadata={"help": (
-        "a rank waiting longer than this in a collective (its peer hangs or died) fails instead of blocking "
-        "the job; raise it if one rank can legitimately work alone longer, e.g. exporting a very large model.")})
+    collective_timeout_s: int = field(
+        default=600,
+        metadata={
+            "help": (
+                "a rank waiting longer than this in a collective (its peer hangs or died) fails instead of blocking "
+                "the job; raise it if one rank can legitimately work alone longer, e.g. exporting a very large model."
+            )
+        },
+    )
 
     # ------------------------------------------------------------------ parsed views
     @property
@@ -143,8 +242,10 @@ class TrainConfig:
     @property
     def eval_samples_by_length(self) -> dict[int, int]:
         """``{num_segments: evaluation samples}`` over ``--eval_segments``."""
-        return {k: samples_at(k * self.model.segment_size, self.eval_samples, self.eval_max_tokens)
-                for k in self.eval_lengths}
+        return {
+            k: samples_at(k * self.model.segment_size, self.eval_samples, self.eval_max_tokens)
+            for k in self.eval_lengths
+        }
 
     @property
     def tokenizer_name(self) -> str:
@@ -161,8 +262,18 @@ class TrainConfig:
     def validate(self) -> None:
         """Raises ConfigError naming the bad flag and the fix; runs when the config is built, from the flags or
         from Python (the model's fields are checked by its config class)."""
-        positive = ("micro_batch_size", "grad_accum", "max_steps", "eval_samples", "eval_max_tokens", "eval_every",
-                    "eval_batch_size", "log_every", "keep_checkpoints", "collective_timeout_s")
+        positive = (
+            "micro_batch_size",
+            "grad_accum",
+            "max_steps",
+            "eval_samples",
+            "eval_max_tokens",
+            "eval_every",
+            "eval_batch_size",
+            "log_every",
+            "keep_checkpoints",
+            "collective_timeout_s",
+        )
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name}={getattr(self, name)} must be at least 1.")
@@ -176,7 +287,7 @@ class TrainConfig:
         stages = self.curriculum_stages
         if stages != sorted(set(stages)):
             raise ConfigError(f"--curriculum={self.curriculum!r} must be increasing, e.g. 1,2,4,8.")
-        self.eval_lengths  # parses, raising on a bad list
+        _ = self.eval_lengths  # the property parses the list, raising on a bad one
 
     def check_paths(self) -> None:
         """Raises ConfigError naming the path and the fix when the backbone, tokenizer, output directory or
@@ -193,8 +304,9 @@ class TrainConfig:
             out.mkdir(parents=True, exist_ok=True)
             tempfile.TemporaryFile(dir=out).close()
         except OSError as error:
-            raise ConfigError(f"--out_dir {out} is not a writable directory ({error.strerror}): pass one you can "
-                             "write to.") from error
+            raise ConfigError(
+                f"--out_dir {out} is not a writable directory ({error.strerror}): pass one you can write to."
+            ) from error
         if self.shards:
             with as_config_error():
                 check_shard_source(self.shards)
@@ -204,25 +316,38 @@ class TrainConfig:
         DeepSpeed config (budget, evaluation and output flags, how gradients are computed and the ARMT's
         inference schedule may change)."""
         # train_config.json written before TrainConfig held the model config has the model flags at the top
-        saved_model = (RMTConfig.from_dict(saved["model"]) if "model" in saved
-                       else RMTConfig(**{name: saved[name] for name in MODEL_FLAGS}))
+        saved_model = (
+            RMTConfig.from_dict(saved["model"])
+            if "model" in saved
+            else RMTConfig(**{name: saved[name] for name in MODEL_FLAGS})
+        )
         pairs = [(name, saved.get(name), getattr(self, name)) for name in RESUME_MUST_MATCH]
         pairs.append(("memory", saved_model.model_type, self.memory))
         old_model, new_model = saved_model.to_dict(), self.model.to_dict()
-        pairs += [(name, old_model.get(name), new_model.get(name)) for name in sorted(new_model.keys() & old_model)
-                  if name not in (*MODEL_MAY_CHANGE_ON_RESUME, "model_type")]
+        pairs += [
+            (name, old_model.get(name), new_model.get(name))
+            for name in sorted(new_model.keys() & old_model)
+            if name not in (*MODEL_MAY_CHANGE_ON_RESUME, "model_type")
+        ]
         changed = [f"--{name} {old!r} -> {new!r}" for name, old, new in pairs if old != new]
         if changed:
-            raise ConfigError(f"cannot resume: the checkpoint was written with other settings ({'; '.join(changed)}); "
-                             "use the checkpoint's flags (OUT/train_config.json) or a new --out_dir.")
+            raise ConfigError(
+                f"cannot resume: the checkpoint was written with other settings ({'; '.join(changed)}); "
+                "use the checkpoint's flags (OUT/train_config.json) or a new --out_dir."
+            )
 
-    def baseline_twin(self) -> "TrainConfig":
+    def baseline_twin(self) -> TrainConfig:
         """The no-memory baseline trained with the same data, curriculum and budget, in ``OUT/baseline``
         (a resumed run resumes its baseline from that directory's latest checkpoint, if it has one)."""
         # an ARMT's twin too is a plain RMTConfig: ARMTConfig needs memory tokens to write from
         rmt_fields = {spec.name: getattr(self.model, spec.name) for spec in dataclasses.fields(RMTConfig)}
-        return dataclasses.replace(self, model=RMTConfig(**{**rmt_fields, "num_mem_tokens": 0}), baseline=False,
-                                   out_dir=str(Path(self.out_dir) / "baseline"), resume="auto" if self.resume else "")
+        return dataclasses.replace(
+            self,
+            model=RMTConfig(**{**rmt_fields, "num_mem_tokens": 0}),
+            baseline=False,
+            out_dir=str(Path(self.out_dir) / "baseline"),
+            resume="auto" if self.resume else "",
+        )
 
     def to_json(self) -> str:
         return json.dumps({**dataclasses.asdict(self), "model": self.model.to_dict()}, indent=2, sort_keys=True) + "\n"
@@ -230,8 +355,18 @@ class TrainConfig:
 
 # flags a resumed run must share with its checkpoint: they shape the weights, the data order or the engine state
 # (and so do the model's fields, but MODEL_MAY_CHANGE_ON_RESUME)
-RESUME_MUST_MATCH = ("backbone", "tokenizer", "task", "shards", "data_seed", "curriculum", "micro_batch_size",
-                     "grad_accum", "seed", "ds_config")
+RESUME_MUST_MATCH = (
+    "backbone",
+    "tokenizer",
+    "task",
+    "shards",
+    "data_seed",
+    "curriculum",
+    "micro_batch_size",
+    "grad_accum",
+    "seed",
+    "ds_config",
+)
 
 
 @contextlib.contextmanager
@@ -255,16 +390,19 @@ def _check_pretrained(flag: str, name: str, required_file: str | None) -> None:
             raise ConfigError(f"--{flag} {name} has no {required_file}: pass a directory saved with save_pretrained.")
         return
     if path.exists():
-        raise ConfigError(f"--{flag} {name} is a file: pass a directory saved with save_pretrained, or a Hugging "
-                         "Face id.")
+        raise ConfigError(
+            f"--{flag} {name} is a file: pass a directory saved with save_pretrained, or a Hugging Face id."
+        )
     if not could_be_hub_id(name):
         raise ConfigError(f"--{flag} {name}: no such directory.")
     from huggingface_hub import constants, try_to_load_from_cache
 
     if required_file and constants.HF_HUB_OFFLINE and not isinstance(try_to_load_from_cache(name, required_file), str):
-        raise ConfigError(f"--{flag} {name} is neither a local directory nor in the Hugging Face cache, and "
-                         "HF_HUB_OFFLINE=1 forbids downloading it: run once without HF_HUB_OFFLINE set, or pass a "
-                         "local directory.")
+        raise ConfigError(
+            f"--{flag} {name} is neither a local directory nor in the Hugging Face cache, and "
+            "HF_HUB_OFFLINE=1 forbids downloading it: run once without HF_HUB_OFFLINE set, or pass a "
+            "local directory."
+        )
 
 
 def _int_list(flag: str, text: str) -> list[int]:
@@ -280,23 +418,33 @@ def _int_list(flag: str, text: str) -> list[int]:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="launchers/train.py",
-        description=("Train a Recurrent Memory Transformer with DeepSpeed, with a curriculum over the number of "
-                     "segments, evaluation by length, TensorBoard logs and exact resume. Run it as "
-                     "`python launchers/train.py ...` (1 process), `deepspeed --num_gpus N launchers/train.py ...`, "
-                     "or under srun/torchrun with RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT set."),
-        epilog=("CPU memory: the launcher first restarts itself under jemalloc when it is installed (Debian "
-                "libjemalloc2), which keeps RSS flat over a long step's segments where glibc's malloc grows; "
-                "environment RMT_ALLOCATOR=auto (default), jemalloc (fail without it) or glibc "
-                "(rmt_scale/runtime/allocator.py)."),
+        description=(
+            "Train a Recurrent Memory Transformer with DeepSpeed, with a curriculum over the number of "
+            "segments, evaluation by length, TensorBoard logs and exact resume. Run it as "
+            "`python launchers/train.py ...` (1 process), `deepspeed --num_gpus N launchers/train.py ...`, "
+            "or under srun/torchrun with RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT set."
+        ),
+        epilog=(
+            "CPU memory: the launcher first restarts itself under jemalloc when it is installed (Debian "
+            "libjemalloc2), which keeps RSS flat over a long step's segments where glibc's malloc grows; "
+            "environment RMT_ALLOCATOR=auto (default), jemalloc (fail without it) or glibc "
+            "(rmt_scale/runtime/allocator.py)."
+        ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     defaults = TrainConfig()
     for spec in dataclasses.fields(TrainConfig):
         if spec.name == "model":
-            parser.add_argument("--memory", choices=list(MEMORY_KINDS), default=defaults.memory, help=(
-                "rmt: memory tokens carried from segment to segment; armt: an associative memory in every "
-                "layer, written from the memory tokens (decoder backbones only; its settings are the ARMT "
-                "flags below)."))
+            parser.add_argument(
+                "--memory",
+                choices=list(MEMORY_KINDS),
+                default=defaults.memory,
+                help=(
+                    "rmt: memory tokens carried from segment to segment; armt: an associative memory in every "
+                    "layer, written from the memory tokens (decoder backbones only; its settings are the ARMT "
+                    "flags below)."
+                ),
+            )
             flags = [*MODEL_FLAGS.items(), *RMT_FLAGS.items(), *ARMT_FLAGS.items()]
         else:
             flags = [(spec.name, (getattr(defaults, spec.name), spec.metadata["help"]))]
@@ -316,12 +464,15 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     namespace.pop("local_rank")
     model_class = MEMORY_KINDS[namespace.pop("memory")]
     model_fields = {name: namespace.pop(name) for name in MODEL_FLAGS}
-    own_flags, other_flags, other = ((ARMT_FLAGS, RMT_FLAGS, "rmt") if model_class is ARMTConfig
-                                     else (RMT_FLAGS, ARMT_FLAGS, "armt"))
+    own_flags, other_flags, other = (
+        (ARMT_FLAGS, RMT_FLAGS, "rmt") if model_class is ARMTConfig else (RMT_FLAGS, ARMT_FLAGS, "armt")
+    )
     model_fields |= {name: namespace.pop(name) for name in own_flags}
     ignored = [f"--{name}" for name in other_flags if namespace.pop(name) != other_flags[name][0]]
     if ignored:
         verb = "applies" if len(ignored) == 1 else "apply"
-        raise ConfigError(f"{', '.join(ignored)} only {verb} to --memory {other}: add --memory {other}, or drop "
-                         f"{'it' if len(ignored) == 1 else 'them'}.")
+        raise ConfigError(
+            f"{', '.join(ignored)} only {verb} to --memory {other}: add --memory {other}, or drop "
+            f"{'it' if len(ignored) == 1 else 'them'}."
+        )
     return TrainConfig(model=model_class(**model_fields), **namespace)

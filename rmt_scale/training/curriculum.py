@@ -45,12 +45,18 @@ class Curriculum:
         return False
 
     def state_dict(self) -> dict:
-        return {"stage": self.stage, "steps_in_stage": self.steps_in_stage, "rng": self.rng.bit_generator.state,
-                "stages": self.stages}
+        return {
+            "stage": self.stage,
+            "steps_in_stage": self.steps_in_stage,
+            "rng": self.rng.bit_generator.state,
+            "stages": self.stages,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         if state["stages"] != self.stages:
-            raise ValueError(f"cannot resume: the checkpoint's curriculum is {state['stages']}, this run's is "
-                             f"{self.stages}; resume with the same --curriculum.")
+            raise ValueError(
+                f"cannot resume: the checkpoint's curriculum is {state['stages']}, this run's is "
+                f"{self.stages}; resume with the same --curriculum."
+            )
         self.stage, self.steps_in_stage = state["stage"], state["steps_in_stage"]
         self.rng.bit_generator.state = state["rng"]

@@ -15,7 +15,6 @@ import torch
 
 from ..runtime.device import select_accelerator
 
-
 # Set for every process by MPI launchers, which set none of torch.distributed's variables: PMI_RANK by MPICH's
 # mpirun and by ``srun --mpi=pmi2``, OMPI_COMM_WORLD_RANK by Open MPI's mpirun, PMIX_RANK by PMIx launchers.
 MPI_RANK_VARIABLES = ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK")
@@ -40,15 +39,21 @@ def init_distributed(timeout_s: float = 600) -> DistInfo:
     has_cuda = select_accelerator()
     mpi = launched_by_mpi()
     if "RANK" not in os.environ and not mpi:
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=os.environ.get("MASTER_PORT", str(free_port())))
+        os.environ.update(
+            RANK="0",
+            WORLD_SIZE="1",
+            LOCAL_RANK="0",
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=os.environ.get("MASTER_PORT", str(free_port())),
+        )
     import deepspeed
 
     # under mpirun or srun --mpi=pmi2, DeepSpeed's MPI discovery (mpi4py) sets RANK, WORLD_SIZE, LOCAL_RANK,
     # MASTER_ADDR (rank 0's host) and MASTER_PORT, the last to distributed_port
     discovery = dict(distributed_port=mpi_master_port()) if mpi else {}
-    deepspeed.init_distributed(dist_backend="nccl" if has_cuda else "gloo",
-                               timeout=datetime.timedelta(seconds=timeout_s), **discovery)
+    deepspeed.init_distributed(
+        dist_backend="nccl" if has_cuda else "gloo", timeout=datetime.timedelta(seconds=timeout_s), **discovery
+    )
     rank, world_size = torch.distributed.get_rank(), torch.distributed.get_world_size()
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if not has_cuda and "OMP_NUM_THREADS" not in os.environ:
@@ -79,8 +84,10 @@ def remove_shm_buffer(rank: int) -> None:
     """Unlinks this rank's buffer of DeepSpeed's shared-memory allreduce (CPU ranks on one machine), which
     DeepSpeed leaves behind: 64 MiB of /dev/shm (RAM) per rank per run, until the machine runs out. Peers
     that still map it keep their mapping."""
-    name = (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
-            f"{os.environ.get('MASTER_PORT', '')}_{rank}")
+    name = (
+        f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+        f"{os.environ.get('MASTER_PORT', '')}_{rank}"
+    )
     Path("/dev/shm", name).unlink(missing_ok=True)
 
 

@@ -14,7 +14,8 @@ from ..model import ARMTConfig, ConfigError, RMTConfig
 from .config import TrainConfig
 
 # Top-level keys DeepSpeed 0.16-0.19 reads (its docs' config reference).
-KNOWN_KEYS = frozenset("""
+KNOWN_KEYS = frozenset(
+    """
 train_batch_size train_micro_batch_size_per_gpu gradient_accumulation_steps optimizer scheduler fp16 bf16 amp
 torch_autocast gradient_clipping prescale_gradients gradient_predivide_factor gradient_allreduce_op sparse_gradients
 zero_optimization zero_allow_untested_optimizer zero_force_ds_cpu_optimizer activation_checkpointing aio
@@ -24,7 +25,8 @@ communication_data_type seq_parallel_communication_data_type sparse_attention pi
 dataloader_drop_last eigenvalue progressive_layer_drop quantize_training weight_quantization nebula
 use_data_before_expert_parallelism use_node_local_storage timers graph_harvesting compile hybrid_engine
 tensor_parallel sequence_parallel_size zero_quantized_weights zero_quantized_gradients disable_python_gc
-""".split())
+""".split()
+)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -51,8 +53,10 @@ def build_ds_config(raw: dict, config: TrainConfig, world_size: int) -> dict:
     """A complete DeepSpeed config: ``"auto"`` filled from ``config``, everything checked."""
     unknown = sorted(set(raw) - KNOWN_KEYS)
     if unknown:
-        raise ConfigError(f"unknown DeepSpeed config keys {unknown} in --ds_config={config.ds_config!r}: check their "
-                         "spelling against https://www.deepspeed.ai/docs/config-json/.")
+        raise ConfigError(
+            f"unknown DeepSpeed config keys {unknown} in --ds_config={config.ds_config!r}: check their "
+            "spelling against https://www.deepspeed.ai/docs/config-json/."
+        )
     ds = copy.deepcopy(raw)
     stages = pipeline_stages(ds, world_size)
     data_parallel = world_size // stages
@@ -76,9 +80,11 @@ def build_ds_config(raw: dict, config: TrainConfig, world_size: int) -> dict:
     if stages > 1 or "pipeline" in ds:
         _check_pipeline(ds, config)
     if config.model.backprop == "replay" and zero_stage(ds) >= 2:
-        raise ConfigError(f"--backprop=replay cannot run with ZeRO stage {zero_stage(ds)}: replay runs a backward "
-                         "per segment inside the step, so ZeRO's gradient hooks reduce each parameter several "
-                         "times. Use --backprop=checkpoint (same peak memory per segment) or a ZeRO-0/1 config.")
+        raise ConfigError(
+            f"--backprop=replay cannot run with ZeRO stage {zero_stage(ds)}: replay runs a backward "
+            "per segment inside the step, so ZeRO's gradient hooks reduce each parameter several "
+            "times. Use --backprop=checkpoint (same peak memory per segment) or a ZeRO-0/1 config."
+        )
     return ds
 
 
@@ -110,9 +116,11 @@ def _fill_flops_profiler(ds: dict, config: TrainConfig) -> None:
     _fill_auto(ds, ("flops_profiler", "recompute_fwd_factor"), float(recomputed))
     profile_step = block.get("profile_step", 1)
     if not 0 <= profile_step < config.max_steps:
-        raise ConfigError(f"flops_profiler.profile_step={profile_step} is never reached: DeepSpeed counts steps from "
-                         f"0 and this run trains --max_steps={config.max_steps}; set profile_step between 0 and "
-                         f"{config.max_steps - 1}.")
+        raise ConfigError(
+            f"flops_profiler.profile_step={profile_step} is never reached: DeepSpeed counts steps from "
+            f"0 and this run trains --max_steps={config.max_steps}; set profile_step between 0 and "
+            f"{config.max_steps - 1}."
+        )
 
 
 def _check_no_auto_left(ds, path: str = "") -> None:
@@ -128,12 +136,16 @@ def _check_batch_sizes(ds: dict, data_parallel: int) -> None:
     accum = ds.get("gradient_accumulation_steps", 1)
     total = ds.get("train_batch_size")
     if micro is None or total is None:
-        raise ConfigError("the DeepSpeed config needs train_micro_batch_size_per_gpu and train_batch_size "
-                         "(set them to \"auto\" to take --micro_batch_size and --grad_accum).")
+        raise ConfigError(
+            "the DeepSpeed config needs train_micro_batch_size_per_gpu and train_batch_size "
+            '(set them to "auto" to take --micro_batch_size and --grad_accum).'
+        )
     if total != micro * accum * data_parallel:
-        raise ConfigError(f"train_batch_size={total} must equal train_micro_batch_size_per_gpu={micro} x "
-                         f"gradient_accumulation_steps={accum} x {data_parallel} data-parallel ranks = "
-                         f"{micro * accum * data_parallel}: fix the numbers or set them to \"auto\".")
+        raise ConfigError(
+            f"train_batch_size={total} must equal train_micro_batch_size_per_gpu={micro} x "
+            f"gradient_accumulation_steps={accum} x {data_parallel} data-parallel ranks = "
+            f'{micro * accum * data_parallel}: fix the numbers or set them to "auto".'
+        )
 
 
 # ---------------------------------------------------------------------- the pipeline block
@@ -144,8 +156,10 @@ def pipeline_stages(ds: dict, world_size: int) -> int:
     if not isinstance(stages, int) or stages < 1:
         raise ConfigError(f"pipeline.stages={stages!r} in the DeepSpeed config must be a positive integer.")
     if world_size % stages:
-        raise ConfigError(f"pipeline.stages={stages} does not divide the {world_size} ranks: start a multiple of "
-                         f"{stages} ranks (stages x data-parallel replicas), or change pipeline.stages.")
+        raise ConfigError(
+            f"pipeline.stages={stages} does not divide the {world_size} ranks: start a multiple of "
+            f"{stages} ranks (stages x data-parallel replicas), or change pipeline.stages."
+        )
     return stages
 
 
@@ -155,25 +169,35 @@ PARTITIONS = ("uniform", "parameters")
 def _check_pipeline(ds: dict, config: TrainConfig) -> None:
     partition = ds["pipeline"].get("partition", "uniform")
     if partition not in PARTITIONS:
-        raise ConfigError(f"pipeline.partition={partition!r}: use 'uniform' (the same number of layers per stage; "
-                         "best when only answers are labelled, as in the tasks) or 'parameters' (the last stage "
-                         "also counts the LM head's parameters; best when every token is labelled).")
+        raise ConfigError(
+            f"pipeline.partition={partition!r}: use 'uniform' (the same number of layers per stage; "
+            "best when only answers are labelled, as in the tasks) or 'parameters' (the last stage "
+            "also counts the LM head's parameters; best when every token is labelled)."
+        )
     chains = ds["pipeline"].get("chains", 1)
     if not isinstance(chains, int) or not 1 <= chains <= config.micro_batch_size:
-        raise ConfigError(f"pipeline.chains={chains!r} must be between 1 and the micro-batch size "
-                         f"({config.micro_batch_size}): it is how many groups of samples are in flight. Raise "
-                         f"--micro_batch_size or lower the config's chains.")
+        raise ConfigError(
+            f"pipeline.chains={chains!r} must be between 1 and the micro-batch size "
+            f"({config.micro_batch_size}): it is how many groups of samples are in flight. Raise "
+            f"--micro_batch_size or lower the config's chains."
+        )
     if zero_stage(ds) > 1:
-        raise ConfigError(f"ZeRO stage {zero_stage(ds)} cannot run with pipeline stages: every stage runs a backward "
-                         "per segment, which ZeRO-2/3's gradient hooks would reduce several times (DeepSpeed's own "
-                         "pipeline engine refuses them too). Use ZeRO stage 0 or 1 in a pipeline config (optimizer "
-                         "offload works with 1), or a ZeRO-3 config without a pipeline block.")
+        raise ConfigError(
+            f"ZeRO stage {zero_stage(ds)} cannot run with pipeline stages: every stage runs a backward "
+            "per segment, which ZeRO-2/3's gradient hooks would reduce several times (DeepSpeed's own "
+            "pipeline engine refuses them too). Use ZeRO stage 0 or 1 in a pipeline config (optimizer "
+            "offload works with 1), or a ZeRO-3 config without a pipeline block."
+        )
     if ds.get("activation_checkpointing", {}).get("partition_activations"):
-        raise ConfigError("activation_checkpointing.partition_activations has no meaning for pipeline stages: "
-                         "remove it (cpu_checkpointing moves what a stage stashes per segment to host memory).")
+        raise ConfigError(
+            "activation_checkpointing.partition_activations has no meaning for pipeline stages: "
+            "remove it (cpu_checkpointing moves what a stage stashes per segment to host memory)."
+        )
     if ds.get("flops_profiler", {}).get("enabled"):
-        raise ConfigError("the flops_profiler block is not supported with pipeline stages (it profiles one module "
-                         "call, and a stage's work is spread over the step): profile without the pipeline block.")
+        raise ConfigError(
+            "the flops_profiler block is not supported with pipeline stages (it profiles one module "
+            "call, and a stage's work is spread over the step): profile without the pipeline block."
+        )
 
 
 def _check_zero_section(ds: dict) -> None:

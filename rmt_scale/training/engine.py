@@ -7,8 +7,9 @@ and the ZeRO-3 gather for export), and :class:`PipelineEngine`, one pipeline sta
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 from unittest import mock
 
 import torch
@@ -56,8 +57,12 @@ class TrainEngine(Protocol):
         return path is not None
 
 
-def build_engine(build_model: Callable[[RMTConfig], torch.nn.Module], model_config: RMTConfig, ds_config: dict,
-                 collective_timeout_s: float) -> TrainEngine:
+def build_engine(
+    build_model: Callable[[RMTConfig], torch.nn.Module],
+    model_config: RMTConfig,
+    ds_config: dict,
+    collective_timeout_s: float,
+) -> TrainEngine:
     """``build_model(model config after the activation mapping)`` in a DeepSpeed engine. Under ZeRO-3 an
     ``HfDeepSpeedConfig`` exists while the model is built, so ``from_config``/``from_pretrained`` build it
     partitioned (``deepspeed.zero.Init()`` around OPT crashes with transformers 5)."""
@@ -76,7 +81,8 @@ def build_engine(build_model: Callable[[RMTConfig], torch.nn.Module], model_conf
     if layers_checkpointed:
         checkpoint_layers(model.backbone, offload)
     engine, _, _, _ = deepspeed.initialize(
-        model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=ds_config)
+        model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=ds_config
+    )
     set_group_timeouts(collective_timeout_s)
     return DataParallelEngine(engine, zero_stage(ds_config), offload, hf_ds_config)
 
@@ -106,8 +112,12 @@ class DataParallelEngine(TrainEngine):
         twice. The profiled step runs torch's own ``F.linear``; ZeRO-3 supports it (``mem_efficient_linear``
         off) and still gathers each layer's weights for its backward."""
         engine = self.engine
-        if not (self.zero_stage == 3 and engine.flops_profiler_enabled() and engine.global_rank == 0
-                and engine.global_steps == engine.flops_profiler_profile_step()):
+        if not (
+            self.zero_stage == 3
+            and engine.flops_profiler_enabled()
+            and engine.global_rank == 0
+            and engine.global_steps == engine.flops_profiler_profile_step()
+        ):
             return contextlib.nullcontext()
         from deepspeed.runtime.zero.partition_parameters import InsertPostInitMethodToModuleSubClasses
 
@@ -144,8 +154,9 @@ class DataParallelEngine(TrainEngine):
         return deepspeed.zero.GatheredParameters(list(self.module.parameters()), modifier_rank=None)
 
 
-def _build_pipeline_engine(build_model, model_config: RMTConfig, ds_config: dict,
-                           collective_timeout_s: float) -> PipelineEngine:
+def _build_pipeline_engine(
+    build_model, model_config: RMTConfig, ds_config: dict, collective_timeout_s: float
+) -> PipelineEngine:
     import deepspeed
 
     topology = StageTopology(dist.get_rank(), dist.get_world_size(), pipeline_stages(ds_config, dist.get_world_size()))
@@ -160,10 +171,17 @@ def _build_pipeline_engine(build_model, model_config: RMTConfig, ds_config: dict
         # first stage only: the tied head's copy on the last stage must be counted once
         param.model_parallel = not (stage.is_last and id(param) in tied and not stage.is_first)
     offload = bool(ds_config.get("activation_checkpointing", {}).get("cpu_checkpointing", False))
-    pipeline = SegmentPipeline(stage, topology.stage_ranks, chains=block.get("chains", 1), group=topology.pipe_group,
-                               tied_group=topology.tied_group, offload_stash=offload)
-    engine, _, _, _ = deepspeed.initialize(model=pipeline, model_parameters=list(owned.values()), config=ds_config,
-                                           mpu=topology)
+    pipeline = SegmentPipeline(
+        stage,
+        topology.stage_ranks,
+        chains=block.get("chains", 1),
+        group=topology.pipe_group,
+        tied_group=topology.tied_group,
+        offload_stash=offload,
+    )
+    engine, _, _, _ = deepspeed.initialize(
+        model=pipeline, model_parameters=list(owned.values()), config=ds_config, mpu=topology
+    )
     set_group_timeouts(collective_timeout_s)
     return PipelineEngine(engine, topology, partial_model=model, build_model=lambda: build_model(model_config))
 

@@ -12,7 +12,7 @@ ranks see the same accuracies.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -27,8 +27,9 @@ PROGRESS_MIN_SEGMENTS = 1024  # lengths from here on show a progress bar (rank 0
 
 
 @torch.no_grad()
-def streaming_correct(model, input_ids: torch.Tensor, labels: torch.Tensor, segment_size: int,
-                      progress: tqdm | None = None) -> torch.Tensor:
+def streaming_correct(
+    model, input_ids: torch.Tensor, labels: torch.Tensor, segment_size: int, progress: tqdm | None = None
+) -> torch.Tensor:
     """Per-sample exact match, reading ``input_ids`` (``(batch, length)`` of any integer type, same length, no
     padding) segment by segment. ``labels``: a decoder's per-token labels for the last ``labels.shape[1]``
     tokens of the input (the whole input, or a tail that covers at least the last segment), whose answer must
@@ -48,8 +49,10 @@ def streaming_correct(model, input_ids: torch.Tensor, labels: torch.Tensor, segm
         return model(last, memory=memory).logits.argmax(dim=-1) == labels
     covered = length - labels.shape[1]  # the tokens before the labels' first one
     if covered > last_start:
-        raise ValueError(f"labels cover the last {labels.shape[1]} tokens, fewer than the last segment's "
-                         f"{length - last_start}: pass labels for the whole last segment or the whole input.")
+        raise ValueError(
+            f"labels cover the last {labels.shape[1]} tokens, fewer than the last segment's "
+            f"{length - last_start}: pass labels for the whole last segment or the whole input."
+        )
     logits = model(last, memory=memory, return_logits=True).logits
     # the token at position p is predicted from position p - 1
     targets = labels[:, last_start + 1 - covered :]
@@ -60,8 +63,14 @@ def streaming_correct(model, input_ids: torch.Tensor, labels: torch.Tensor, segm
     return ((predicted == targets) | ~answer).all(dim=1)
 
 
-def stacked_batch(generator: TaskGenerator, indices: Sequence[int], num_tokens: int, segment_size: int, pad_id: int,
-                  classes: AnswerClasses | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def stacked_batch(
+    generator: TaskGenerator,
+    indices: Sequence[int],
+    num_tokens: int,
+    segment_size: int,
+    pad_id: int,
+    classes: AnswerClasses | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The evaluation samples ``indices`` of ``num_tokens`` tokens as ``(input_ids, labels)`` for
     :func:`streaming_correct`, at 4 bytes a token: int32 tokens (a decoder's followed by the answer),
     right-padded to the longest, and only the last segment's labels (an encoder's: the answer classes). Each
@@ -77,8 +86,9 @@ def stacked_batch(generator: TaskGenerator, indices: Sequence[int], num_tokens: 
         input_ids[row, :context] = sample.tokens
         if classes is None:
             if context < last_start:
-                raise ValueError(f"sample {index}'s answer starts before its last segment: evaluate with "
-                                 "whole-segment lengths.")
+                raise ValueError(
+                    f"sample {index}'s answer starts before its last segment: evaluate with whole-segment lengths."
+                )
             end = context + len(sample.answer)
             input_ids[row, context:end] = labels[row, context - last_start : end - last_start] = sample.answer
         else:
@@ -98,9 +108,20 @@ def samples_at(num_tokens: int, samples: int, max_tokens: int | None) -> int:
     return max(1, min(samples, max_tokens // num_tokens))
 
 
-def evaluate_by_length(model, generator: TaskGenerator, lengths: list[int], *, segment_size: int, samples: int,
-                       batch_size: int, pad_id: int, rank: int, world_size: int,
-                       classes: AnswerClasses | None = None, max_tokens: int | None = None) -> dict[int, float]:
+def evaluate_by_length(
+    model,
+    generator: TaskGenerator,
+    lengths: list[int],
+    *,
+    segment_size: int,
+    samples: int,
+    batch_size: int,
+    pad_id: int,
+    rank: int,
+    world_size: int,
+    classes: AnswerClasses | None = None,
+    max_tokens: int | None = None,
+) -> dict[int, float]:
     """``{num_segments: accuracy}`` over ``samples`` fixed evaluation samples per length (fewer past
     ``max_tokens``, see ``samples_at``); ``classes`` for an encoder."""
     was_training = model.training
@@ -113,12 +134,18 @@ def evaluate_by_length(model, generator: TaskGenerator, lengths: list[int], *, s
         counts = torch.zeros(2, dtype=torch.float64)
         batches = range(0, len(mine), batch_size)
         per_batch = num_segments - 1 if model.config.num_mem_tokens else 0  # segments before the last
-        progress = tqdm(total=per_batch * len(batches), desc=f"evaluating {num_segments} segments", unit="seg",
-                        leave=False, disable=rank != 0 or num_segments < PROGRESS_MIN_SEGMENTS or not per_batch)
+        progress = tqdm(
+            total=per_batch * len(batches),
+            desc=f"evaluating {num_segments} segments",
+            unit="seg",
+            leave=False,
+            disable=rank != 0 or num_segments < PROGRESS_MIN_SEGMENTS or not per_batch,
+        )
         for start in batches:
             # a batch's samples are drawn when it starts, so only one batch of them is held at a time
-            input_ids, labels = stacked_batch(generator, mine[start : start + batch_size], num_segments * segment_size,
-                                              segment_size, pad_id, classes)
+            input_ids, labels = stacked_batch(
+                generator, mine[start : start + batch_size], num_segments * segment_size, segment_size, pad_id, classes
+            )
             correct = streaming_correct(model, input_ids.to(device), labels.to(device), segment_size, progress)
             counts += torch.tensor([correct.sum().item(), correct.numel()], dtype=torch.float64)
         progress.close()

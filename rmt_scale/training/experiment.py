@@ -13,8 +13,12 @@ from .distributed import init_distributed
 from .trainer import Trainer
 
 
-def format_table(results: dict[str, dict[int, float]], segment_size: int, trained_segments: int | None,
-                 samples: dict[int, int] | None = None) -> str:
+def format_table(
+    results: dict[str, dict[int, float]],
+    segment_size: int,
+    trained_segments: int | None,
+    samples: dict[int, int] | None = None,
+) -> str:
     """Markdown table of accuracy by length, one column per model, and with ``samples`` one saying how many
     samples each length was evaluated on; lengths past training are marked."""
     names = list(results)
@@ -49,14 +53,19 @@ def run(config: TrainConfig) -> dict:
     if dist_info.rank == 0:
         summary = {
             "accuracy": {name: {str(k): v for k, v in accuracy.items()} for name, accuracy in results.items()},
-            "segment_size": config.model.segment_size, "train_segments": trained,
+            "segment_size": config.model.segment_size,
+            "train_segments": trained,
             "eval_samples": {str(k): count for k, count in config.eval_samples_by_length.items()},
-            "max_steps": config.max_steps, "world_size": dist_info.world_size,
-            "wall_time_s": time.perf_counter() - started, "allocator": current_allocator(),
+            "max_steps": config.max_steps,
+            "world_size": dist_info.world_size,
+            "wall_time_s": time.perf_counter() - started,
+            "allocator": current_allocator(),
         }
         Path(config.out_dir, "results.json").write_text(json.dumps(summary, indent=2) + "\n")
         trained_on = f"shards {config.shards}" if config.shards else f"up to {trained} segments"
-        print(f"\nexact-answer accuracy by input length (trained on {trained_on}, "
-              f"{config.model.segment_size}-token segments):")
+        print(
+            f"\nexact-answer accuracy by input length (trained on {trained_on}, "
+            f"{config.model.segment_size}-token segments):"
+        )
         print(format_table(results, config.model.segment_size, trained, config.eval_samples_by_length), flush=True)
     return results

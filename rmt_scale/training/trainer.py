@@ -27,15 +27,15 @@ from ..model import AssociativeState, RecurrentMemoryModel, RMTConfig
 from ..model.backbones import auto_model_class, backbone_kind
 from ..model.modeling import check_backbone
 from ..model.presets import BUILTIN_BACKBONES, preset_config
+from ..runtime.memory import peak_rss_mb
 from . import checkpoint, signals
+from .batches import EVAL_SEED_OFFSET, DataError, TrainBatches
 from .config import TrainConfig, as_config_error
 from .curriculum import Curriculum
-from .batches import EVAL_SEED_OFFSET, DataError, TrainBatches
 from .distributed import DistInfo
 from .ds_config import build_ds_config, load_ds_config
 from .engine import build_engine
 from .evaluation import evaluate_by_length
-from ..runtime.memory import peak_rss_mb
 from .metrics import MetricsLogger
 
 # Exit code after a SIGUSR1/SIGTERM stop with a checkpoint written: "requeue me" (BSD EX_TEMPFAIL).
@@ -48,14 +48,19 @@ class Preempted(Exception):
     """Training stopped on a signal after writing a checkpoint; the launcher exits with EXIT_PREEMPTED."""
 
 
-def backbone_setup(backbone_name: str, tokenizer: TextTokenizer,
-                   model_config: RMTConfig) -> tuple[transformers.PretrainedConfig, RMTConfig]:
+def backbone_setup(
+    backbone_name: str, tokenizer: TextTokenizer, model_config: RMTConfig
+) -> tuple[transformers.PretrainedConfig, RMTConfig]:
     """The backbone's config (a built-in preset's, or ``AutoConfig``'s: no weights read) and the model config
     for it, checked together with the tokenizer (``check_backbone``). An encoder becomes a sequence classifier
     with one class per answer (``AnswerClasses``), its segments framed with the tokenizer's [CLS] and [SEP]."""
     if backbone_name in BUILTIN_BACKBONES:
-        backbone_config = preset_config(BUILTIN_BACKBONES[backbone_name], vocab_size=tokenizer.vocab_size,
-                                        pad_token_id=tokenizer.pad_id, eos_token_id=tokenizer.eos_id)
+        backbone_config = preset_config(
+            BUILTIN_BACKBONES[backbone_name],
+            vocab_size=tokenizer.vocab_size,
+            pad_token_id=tokenizer.pad_id,
+            eos_token_id=tokenizer.eos_id,
+        )
     else:
         backbone_config = transformers.AutoConfig.from_pretrained(backbone_name)
     if backbone_kind(backbone_config) == "encoder":
@@ -65,8 +70,9 @@ def backbone_setup(backbone_name: str, tokenizer: TextTokenizer,
     return backbone_config, model_config
 
 
-def build_model(backbone_name: str, tokenizer: TextTokenizer, seed: int,
-                model_config: RMTConfig) -> RecurrentMemoryModel:
+def build_model(
+    backbone_name: str, tokenizer: TextTokenizer, seed: int, model_config: RMTConfig
+) -> RecurrentMemoryModel:
     """The backbone (built-in, or ``from_pretrained``) of ``backbone_setup`` wrapped with memory. Under ZeRO-3
     the engine has created an ``HfDeepSpeedConfig``, so ``from_config``/``from_pretrained`` build it
     partitioned."""
@@ -76,8 +82,9 @@ def build_model(backbone_name: str, tokenizer: TextTokenizer, seed: int,
     if backbone_name in BUILTIN_BACKBONES:
         backbone = auto.from_config(backbone_config)
     else:  # a pretrained encoder's own classification head, if any, is replaced by one over the answers
-        backbone = auto.from_pretrained(backbone_name, config=backbone_config,
-                                        ignore_mismatched_sizes=backbone_kind(backbone_config) == "encoder")
+        backbone = auto.from_pretrained(
+            backbone_name, config=backbone_config, ignore_mismatched_sizes=backbone_kind(backbone_config) == "encoder"
+        )
     # the memory's initial value must not depend on how the backbone was built (partitioned or not)
     torch.manual_seed(seed + 1)
     return RecurrentMemoryModel(backbone, model_config)
@@ -98,8 +105,12 @@ class Trainer:
                 config.check_resumable(json.loads(self.resume_state["config"]))
             self.tokenizer = load_tokenizer(config.tokenizer_name)
             backbone_setup(config.backbone, self.tokenizer, config.model)
-        self.engine = build_engine(partial(build_model, config.backbone, self.tokenizer, config.seed), config.model,
-                                   self.ds_config, config.collective_timeout_s)
+        self.engine = build_engine(
+            partial(build_model, config.backbone, self.tokenizer, config.seed),
+            config.model,
+            self.ds_config,
+            config.collective_timeout_s,
+        )
         self.model = self.engine.module
         # an encoder is trained and scored on the answer's class; a decoder on the answer's tokens
         self.classes = AnswerClasses(self.tokenizer) if self.model.spec.kind == "encoder" else None
@@ -108,18 +119,35 @@ class Trainer:
         stage_steps = config.stage_steps or -(-config.max_steps // len(stages))
         self.curriculum = Curriculum(stages, config.promote_accuracy, stage_steps, config.seed)
         generator = TaskGenerator(config.task, self.tokenizer, seed=config.data_seed)
-        self.eval_generator = TaskGenerator(config.task, self.tokenizer, generator.background,
-                                            seed=config.data_seed + EVAL_SEED_OFFSET)
+        self.eval_generator = TaskGenerator(
+            config.task, self.tokenizer, generator.background, seed=config.data_seed + EVAL_SEED_OFFSET
+        )
         # the stages of a pipeline read the same batches; replicas read different ones
         data_rank, data_world = self.engine.data_rank, self.engine.data_world_size
-        shards = (ShardStream(config.shards, rank=data_rank, world_size=data_world,
-                              seed=config.data_seed, skip_corrupt=config.skip_corrupt_samples > 0,
-                              vocab_size=self.tokenizer.vocab_size) if config.shards else None)
-        self.batches = TrainBatches(None if shards else generator, shards, micro_batch=config.micro_batch_size,
-                                    grad_accum=config.grad_accum, rank=data_rank,
-                                    world_size=data_world, segment_size=config.model.segment_size,
-                                    pad_id=self.tokenizer.pad_id, max_corrupt=config.skip_corrupt_samples,
-                                    classes=self.classes)
+        shards = (
+            ShardStream(
+                config.shards,
+                rank=data_rank,
+                world_size=data_world,
+                seed=config.data_seed,
+                skip_corrupt=config.skip_corrupt_samples > 0,
+                vocab_size=self.tokenizer.vocab_size,
+            )
+            if config.shards
+            else None
+        )
+        self.batches = TrainBatches(
+            None if shards else generator,
+            shards,
+            micro_batch=config.micro_batch_size,
+            grad_accum=config.grad_accum,
+            rank=data_rank,
+            world_size=data_world,
+            segment_size=config.model.segment_size,
+            pad_id=self.tokenizer.pad_id,
+            max_corrupt=config.skip_corrupt_samples,
+            classes=self.classes,
+        )
         self.step = 0
         self.saved_step = -1
         self.accuracy: dict[int, float] = {}
@@ -129,8 +157,10 @@ class Trainer:
         found = checkpoint.find(self.out_dir, self.config.resume) if self.config.resume else None
         existing = self.out_dir / "checkpoints" / checkpoint.LATEST
         if not self.config.resume and existing.is_file():
-            raise ValueError(f"{self.out_dir} already holds checkpoints: pass --resume auto to continue that run, "
-                             "or a new --out_dir to start another.")
+            raise ValueError(
+                f"{self.out_dir} already holds checkpoints: pass --resume auto to continue that run, "
+                "or a new --out_dir to start another."
+            )
         return found
 
     def _write_run_files(self) -> None:
@@ -172,8 +202,10 @@ class Trainer:
                 if self._stop_requested():
                     self._save()
                     source = signals.received() or "from another rank"
-                    logger.write(f"[{self.label}] stopped by signal {source} at step {self.step}; checkpoint written, "
-                                 f"exit code {EXIT_PREEMPTED}")
+                    logger.write(
+                        f"[{self.label}] stopped by signal {source} at step {self.step}; checkpoint written, "
+                        f"exit code {EXIT_PREEMPTED}"
+                    )
                     raise Preempted
             if not self.accuracy:
                 self._evaluate(logger, final=True)
@@ -188,13 +220,17 @@ class Trainer:
         """The step's data was read before its forward, so the model is as the last step left it: worth a
         checkpoint (unless nothing has been trained since the start or the resume)."""
         if self.step == 0 or self.saved_step == self.step:
-            logger.write(f"[{self.label}] stopped at step {self.step} on a data error (no new checkpoint: no step "
-                         "trained since the last one)")
+            logger.write(
+                f"[{self.label}] stopped at step {self.step} on a data error (no new checkpoint: no step "
+                "trained since the last one)"
+            )
             return
         self._save()
-        logger.write(f"[{self.label}] stopped at step {self.step} on a data error; checkpoint written, exit code "
-                     f"{EXIT_DATA_ERROR}; once the data is fixed (or --skip_corrupt_samples raised), --resume auto "
-                     "continues")
+        logger.write(
+            f"[{self.label}] stopped at step {self.step} on a data error; checkpoint written, exit code "
+            f"{EXIT_DATA_ERROR}; once the data is fixed (or --skip_corrupt_samples raised), --resume auto "
+            "continues"
+        )
 
     def _train_step(self, logger: MetricsLogger) -> None:
         curriculum_before = self.curriculum.state_dict()
@@ -228,9 +264,15 @@ class Trainer:
         total_tokens *= self.engine.data_world_size / self.dist.world_size  # a pipeline's stages saw the same tokens
         tokens_per_s = total_tokens / max(time.perf_counter() - started, 1e-9)
         if self.step % self.config.log_every == 0 or self.step == self.config.max_steps:
-            values = {"train/loss": loss, "train/lr": self.engine.lr, "train/grad_norm": grad_norm,
-                      "train/segments": num_segments, "curriculum/stage_segments": self.curriculum.max_segments,
-                      "perf/tokens_per_s": tokens_per_s, "perf/peak_memory_mb": peak_memory_mb()}
+            values = {
+                "train/loss": loss,
+                "train/lr": self.engine.lr,
+                "train/grad_norm": grad_norm,
+                "train/segments": num_segments,
+                "curriculum/stage_segments": self.curriculum.max_segments,
+                "perf/tokens_per_s": tokens_per_s,
+                "perf/peak_memory_mb": peak_memory_mb(),
+            }
             if memory_norms:
                 values["memory/state_norm"] = memory_norm
             if self.engine.offloaded_bytes is not None:
@@ -248,17 +290,30 @@ class Trainer:
         if not (final or config.shards):
             lengths = [k for k in lengths if k <= max(config.curriculum_stages)]
         self.accuracy = evaluate_by_length(
-            self.engine.whole_model(), self.eval_generator, lengths, segment_size=config.model.segment_size,
-            samples=config.eval_samples, batch_size=config.eval_batch_size, pad_id=self.tokenizer.pad_id,
-            rank=self.dist.rank, world_size=self.dist.world_size, classes=self.classes,
-            max_tokens=config.eval_max_tokens)
+            self.engine.whole_model(),
+            self.eval_generator,
+            lengths,
+            segment_size=config.model.segment_size,
+            samples=config.eval_samples,
+            batch_size=config.eval_batch_size,
+            pad_id=self.tokenizer.pad_id,
+            rank=self.dist.rank,
+            world_size=self.dist.world_size,
+            classes=self.classes,
+            max_tokens=config.eval_max_tokens,
+        )
         logger.scalars(self.step, {f"eval/accuracy_{k}seg": acc for k, acc in self.accuracy.items()})
         stage = self.curriculum.max_segments
         if self.curriculum.maybe_promote(self.accuracy):
             # a stage's own length is evaluated only when --eval_segments lists it
-            measured = (f"accuracy {self.accuracy[stage]:.2f} at {stage} segments" if stage in self.accuracy
-                        else f"stage {stage} segments (not in --eval_segments) done")
-            logger.write(f"[{self.label}] step {self.step}: {measured} -> stage {self.curriculum.max_segments} segments")
+            measured = (
+                f"accuracy {self.accuracy[stage]:.2f} at {stage} segments"
+                if stage in self.accuracy
+                else f"stage {stage} segments (not in --eval_segments) done"
+            )
+            logger.write(
+                f"[{self.label}] step {self.step}: {measured} -> stage {self.curriculum.max_segments} segments"
+            )
 
     def _stop_requested(self) -> bool:
         flag = torch.tensor([1.0 if signals.received() is not None else 0.0], device=self.dist.device)
@@ -270,8 +325,13 @@ class Trainer:
         if self.saved_step == self.step:
             return
         self.saved_step = self.step
-        state = {"step": self.step, "curriculum": self.curriculum.state_dict(), "data": self.batches.state_dict(),
-                 "accuracy": self.accuracy, "config": self.config.to_json()}
+        state = {
+            "step": self.step,
+            "curriculum": self.curriculum.state_dict(),
+            "data": self.batches.state_dict(),
+            "accuracy": self.accuracy,
+            "config": self.config.to_json(),
+        }
         checkpoint.save(self.engine, self.out_dir / "checkpoints", self.step, state, self.config.keep_checkpoints)
 
     # ------------------------------------------------------------------ export

@@ -26,9 +26,23 @@ LOSS_TOLERANCE = 1e-5
 
 
 def run_args(backbone: Path, out: Path, **flags) -> list[str]:
-    settings = dict(backbone=backbone, tokenizer="builtin", memory="rmt", segment_size=SEGMENT, num_mem_tokens=4,
-                    micro_batch_size=2, curriculum="1,2", eval_segments="1,2,4", eval_samples=8, eval_every=2,
-                    max_steps=4, save_every=0, lr=3e-3, warmup_steps=1, out_dir=out)
+    settings = dict(
+        backbone=backbone,
+        tokenizer="builtin",
+        memory="rmt",
+        segment_size=SEGMENT,
+        num_mem_tokens=4,
+        micro_batch_size=2,
+        curriculum="1,2",
+        eval_segments="1,2,4",
+        eval_samples=8,
+        eval_every=2,
+        max_steps=4,
+        save_every=0,
+        lr=3e-3,
+        warmup_steps=1,
+        out_dir=out,
+    )
     settings.update(flags)
     args = []
     for name, value in settings.items():
@@ -77,6 +91,12 @@ def exported_accuracy(export: Path, segments: int, classes: bool = False) -> flo
     model = RecurrentMemoryModel.from_pretrained(export).eval()
     tokenizer = load_tokenizer(str(export / "tokenizer"))
     generator = TaskGenerator("memorize", tokenizer, seed=EVAL_SEED_OFFSET)
-    input_ids, labels = stacked_batch(generator, range(8), segments * SEGMENT, SEGMENT, tokenizer.pad_id,
-                                      AnswerClasses(tokenizer) if classes else None)
+    input_ids, labels = stacked_batch(
+        generator,
+        range(8),
+        segments * SEGMENT,
+        SEGMENT,
+        tokenizer.pad_id,
+        AnswerClasses(tokenizer) if classes else None,
+    )
     return streaming_correct(model, input_ids, labels, SEGMENT).float().mean().item()

@@ -8,11 +8,29 @@ import subprocess
 import time
 from pathlib import Path
 
-FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
-                "DEADLINE", "PREEMPTED"}
+FINAL_STATES = {
+    "COMPLETED",
+    "FAILED",
+    "CANCELLED",
+    "TIMEOUT",
+    "NODE_FAIL",
+    "OUT_OF_MEMORY",
+    "BOOT_FAIL",
+    "DEADLINE",
+    "PREEMPTED",
+}
 # Small and fast: evaluation only at the end, on few samples of one length; no no-memory twin.
-QUICK_FLAGS = ["--memory", "rmt", "--no-baseline", "--micro_batch_size", "2", "--eval_samples", "8",
-               "--eval_segments", "1,2"]
+QUICK_FLAGS = [
+    "--memory",
+    "rmt",
+    "--no-baseline",
+    "--micro_batch_size",
+    "2",
+    "--eval_samples",
+    "8",
+    "--eval_segments",
+    "1,2",
+]
 
 
 def run(command: list[str], env: dict[str, str]) -> str:
@@ -43,11 +61,12 @@ def wait_for(condition, timeout: float, what: str, poll: float = 0.5):
 
 def wait_until_final(env: dict[str, str], job: str, log: Path, timeout: float) -> dict[str, str]:
     try:
-        return wait_for(lambda: (info := job_info(env, job))["JobState"] in FINAL_STATES and info, timeout,
-                        f"job {job} to finish")
+        return wait_for(
+            lambda: (info := job_info(env, job))["JobState"] in FINAL_STATES and info, timeout, f"job {job} to finish"
+        )
     except AssertionError:
         subprocess.run(["scancel", job], env=env)
-        raise AssertionError(f"job {job} did not finish; its log:\n{log.read_text() if log.exists() else ''}")
+        raise AssertionError(f"job {job} did not finish; its log:\n{log.read_text() if log.exists() else ''}") from None
 
 
 def logged_steps(out_dir: Path) -> list[int]:
