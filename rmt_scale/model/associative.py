@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .backbones import DECODER_TYPES, UnsupportedBackboneError, decoder_layers, run_layer
+from .backbones import decoder_layers, run_layer
 from .config import ARMTConfig
 
 EPS = 1e-5
@@ -175,12 +175,9 @@ class AssociativeLayers(nn.Module):
     The hooks act only inside :meth:`session`, which a segment step opens around its backbone call, so the
     backbone behaves as usual elsewhere, and a recomputation (checkpoint, replay) sets the state again."""
 
-    def __init__(self, backbone: nn.Module, model_type: str, hidden_size: int, config: ARMTConfig):
+    def __init__(self, backbone: nn.Module, hidden_size: int, config: ARMTConfig):
+        """``backbone`` is a decoder (``modeling.check_backbone`` refuses ARMT around anything else)."""
         super().__init__()
-        if model_type not in DECODER_TYPES:
-            raise UnsupportedBackboneError(
-                f"ARMT needs a decoder backbone; {model_type!r} is not one. Supported: {', '.join(DECODER_TYPES)}."
-            )
         layers = decoder_layers(backbone)
         self.memories = nn.ModuleList(AssociativeMemory(hidden_size, config) for _ in layers)
         self._session: _Session | None = None

@@ -62,7 +62,7 @@ class RecurrentMemoryModel(GenerationMixin, nn.Module):
         if isinstance(config, ARMTConfig):
             # the width of the residual stream inside the layers (OPT-350m projects its embeddings in)
             width = getattr(backbone.config, "hidden_size", self.spec.hidden_size)
-            self.associative = AssociativeLayers(backbone, self.spec.model_type, width, config)
+            self.associative = AssociativeLayers(backbone, width, config)
         self.memory = None
         if config.num_mem_tokens > 0:
             embedding = backbone.get_input_embeddings().weight
