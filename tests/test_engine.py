@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from rmt_scale.data import TaskGenerator, build_word_tokenizer
-from rmt_scale.model import ARMTConfig, RMTConfig
+from rmt_scale.model import ARMTConfig, ConfigError, RMTConfig
 from rmt_scale.model.activations import LayerOffload, SavedTensorBytes, checkpoint_layers
 from rmt_scale.model.presets import preset_config
 from rmt_scale.training import TrainConfig
@@ -87,11 +87,12 @@ def test_bad_pipeline_configs_are_refused(change, world_size, message):
         build_ds_config(raw, TrainConfig(micro_batch_size=4), world_size=world_size)
 
 
-def test_replay_with_zero_is_refused():
-    replay = TrainConfig(model=RMTConfig(backprop="replay"))
-    raw = load_ds_config(str(CONFIGS / "zero2.json"))
-    with pytest.raises(ValueError, match="--backprop=replay cannot run with ZeRO stage 2"):
-        build_ds_config(raw, replay, world_size=1)
+@pytest.mark.parametrize("mode", ["replay", "sublinear"])
+def test_replay_with_zero_is_refused(mode):
+    replay = TrainConfig(model=RMTConfig(backprop=mode))
+    for name, stage in (("zero2.json", 2), ("zero3.json", 3)):
+        with pytest.raises(ConfigError, match=f"--backprop={mode} cannot run with ZeRO stage {stage}"):
+            build_ds_config(load_ds_config(str(CONFIGS / name)), replay, world_size=1)
     build_ds_config(load_ds_config(str(CONFIGS / "ddp.json")), replay, world_size=1)
 
 

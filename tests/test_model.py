@@ -78,7 +78,7 @@ def test_config_round_trips_through_json_and_dispatches_by_model_type(tmp_path, 
         (RMTConfig, "num_mem_tokens", -1, "num_mem_tokens=-1"),
         (RMTConfig, "segment_size", 0, "segment_size=0"),
         (RMTConfig, "bptt_depth", -2, "bptt_depth=-2"),
-        (RMTConfig, "backprop", "magic", "bptt, checkpoint, replay"),
+        (RMTConfig, "backprop", "magic", "bptt, checkpoint, replay, sublinear"),
         (RMTConfig, "segment_alignment", "middle", "left, right"),
         (ARMTConfig, "num_mem_tokens", 0, "at least 1.*RMTConfig\\(num_mem_tokens=0\\)"),
         (ARMTConfig, "d_mem", 0, "d_mem=0"),
@@ -198,8 +198,9 @@ def test_checkpoint_and_replay_give_the_bptt_gradients(load_backbone, variant, f
     x = ids(2, 37)
     labels = torch.tensor([0, 2]) if family == "bert" else x
     results = {}
-    for mode in ("bptt", "checkpoint", "replay"):
-        model = build(load_backbone, variant, family, backprop=mode, bptt_depth=bptt_depth)
+    modes = {"bptt": {}, "checkpoint": {}, "replay": {}, "sublinear": {}, "sublinear-2": {"state_keep_every": 2}}
+    for mode, settings in modes.items():
+        model = build(load_backbone, variant, family, backprop=mode.split("-")[0], bptt_depth=bptt_depth, **settings)
         out = model(x, labels=labels)
         out.loss.backward()
         results[mode] = (out.loss.detach(), out.memory.detach(), gradients(model))
@@ -209,7 +210,7 @@ def test_checkpoint_and_replay_give_the_bptt_gradients(load_backbone, variant, f
         assert grads["associative.memories.1.gate.weight"].abs().sum() > 0
     elif bptt_depth == -1:  # with truncation, a classification loss at the end cannot reach the initial memory
         assert grads["memory"].abs().sum() > 0
-    for mode in ("checkpoint", "replay"):
+    for mode in list(modes)[1:]:
         other_loss, other_memory, other_grads = results[mode]
         torch.testing.assert_close(other_loss, loss, atol=1e-6, rtol=1e-6)
         assert_memory_close(other_memory, memory, atol=1e-6, rtol=1e-6)

@@ -349,6 +349,10 @@ def test_resume_reads_flat_configs_of_older_checkpoints():
     TrainConfig(model=RMTConfig(num_mem_tokens=8, segment_size=32, backprop="replay", bptt_depth=2)).check_resumable(
         flat
     )  # how gradients are computed may change
+    sublinear = RMTConfig(
+        num_mem_tokens=8, segment_size=32, backprop="sublinear", state_keep_every=4, state_offload="disk"
+    )
+    TrainConfig(model=sublinear).check_resumable(flat)  # and where their states are kept
     with pytest.raises(ValueError, match=r"cannot resume: .*\(--segment_size 32 -> 16\)"):
         TrainConfig(model=RMTConfig(num_mem_tokens=8, segment_size=16)).check_resumable(flat)
 

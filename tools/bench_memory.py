@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Training throughput and peak memory of the RMT against its backbone and against full attention.
+"""Training throughput and peak memory of the RMT and the ARMT against their backbone and against full attention.
 
 Each configuration runs in a fresh process of the profiler's measuring core (rmt_scale/profiling/measure.py),
 so that its peak RSS is its own. Throughput counts input tokens (memory tokens excluded) per second of
@@ -8,9 +8,12 @@ CPU second of the measuring process, which other jobs on a shared machine slow d
 
     python tools/bench_memory.py                       # the opt-bench backbone, 1..256 segments
     python tools/bench_memory.py --segments 1 4 --modes replay --out bench.json
-    # the 1M-token row of the launcher's tiny default (8,929 segments of 112 tokens; minutes per mode)
+    # the 1M-token rows of the launcher's tiny default (8,929 segments of 112 tokens; minutes per mode)
     python tools/bench_memory.py --backbone opt-quickstart --segment_size 112 --num_mem_tokens 8 --threads 1 \
         --segments 1 8929 --modes checkpoint replay --min_seconds 3
+    # the launcher's default ARMT, and the RMT, trained on 1,000,000 tokens with sublinear backprop
+    python tools/bench_memory.py --backbone opt-quickstart --segment_size 100 --num_mem_tokens 8 --threads 1 \
+        --segments 1 10000 --memory armt rmt --modes sublinear --full_attention_max_tokens 0
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import sys
 
 from tqdm import tqdm
 
+from rmt_scale.model.config import BACKPROP_MODES
 from rmt_scale.model.presets import BACKBONE_PRESETS
 from rmt_scale.profiling.measure import FULL_ATTENTION, Measurer, Variant
 from rmt_scale.runtime.allocator import ALLOCATORS
@@ -48,8 +52,15 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--modes",
         nargs="+",
         default=["bptt", "checkpoint", "replay"],
-        choices=["bptt", "checkpoint", "replay"],
-        help="RMT backprop modes to measure",
+        choices=BACKPROP_MODES,
+        help="backprop modes to measure (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--memory",
+        nargs="+",
+        default=["rmt"],
+        choices=["rmt", "armt"],
+        help="memory models to measure (default: %(default)s; armt: the launcher's default ARMT settings)",
     )
     parser.add_argument("--segment_size", type=int, default=512, help="tokens per segment (default: 512)")
     parser.add_argument("--num_mem_tokens", type=int, default=16, help="memory tokens (default: 16)")
@@ -85,11 +96,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def measure(measurer: Measurer, kind: str, mode: str, segments: int, args: argparse.Namespace) -> dict | None:
-    """One training step of kind 'backbone' (the plain backbone), 'full' (the same, on the whole input) or 'rmt'."""
+    """One training step of kind 'backbone' (the plain backbone), 'full' (the same, on the whole input), 'rmt' or
+    'armt'."""
     length = args.segment_size * segments
     variant = (
-        Variant("rmt", mode, args.segment_size, args.num_mem_tokens)
-        if kind == "rmt"
+        Variant(kind, mode, args.segment_size, args.num_mem_tokens)
+        if kind in ("rmt", "armt")
         else Variant(FULL_ATTENTION, FULL_ATTENTION)
     )
     result = measurer.measure(variant, length, forward=False)
@@ -112,7 +124,12 @@ def measure(measurer: Measurer, kind: str, mode: str, segments: int, args: argpa
 def plan(args: argparse.Namespace) -> list[tuple[str, str, int]]:
     jobs = [("backbone", "-", 1)]
     for segments in args.segments:
-        jobs += [("rmt", mode, segments) for mode in args.modes if mode != "bptt" or segments <= args.bptt_max_segments]
+        jobs += [
+            (memory, mode, segments)
+            for memory in args.memory
+            for mode in args.modes
+            if mode != "bptt" or segments <= args.bptt_max_segments
+        ]
         # at one segment, full attention is the backbone row
         if 1 < segments and segments * args.segment_size <= args.full_attention_max_tokens:
             jobs.append(("full", "-", segments))
@@ -120,15 +137,20 @@ def plan(args: argparse.Namespace) -> list[tuple[str, str, int]]:
 
 
 def table(results: list[dict], bound: float) -> str:
+    """One row a run; ``vs 1 seg`` is its tokens/s over the same model's and mode's at one segment."""
+    one_segment = {(r["kind"], r["mode"]): r["tokens_per_s"] for r in results if r["segments"] == 1}
     lines = [
-        f"{'model':<16}{'segments':>9}{'tokens':>9}{'tok/s':>10}{'vs bound':>10}{'tok/CPU-s':>11}{'peak RSS MB':>13}",
-        "-" * 78,
+        f"{'model':<18}{'segments':>9}{'tokens':>9}{'tok/s':>10}{'vs bound':>10}{'vs 1 seg':>10}{'tok/CPU-s':>11}"
+        f"{'peak RSS MB':>13}",
+        "-" * 90,
     ]
     for r in results:
-        name = r["kind"] if r["kind"] != "rmt" else f"rmt/{r['mode']}"
+        name = r["kind"] if r["mode"] == "-" else f"{r['kind']}/{r['mode']}"
+        single = one_segment.get((r["kind"], r["mode"]))
+        versus = f"{r['tokens_per_s'] / single:>10.2f}" if single else f"{'-':>10}"
         lines.append(
-            f"{name:<16}{r['segments']:>9}{r['tokens']:>9}{r['tokens_per_s']:>10.0f}"
-            f"{r['tokens_per_s'] / bound:>10.2f}{r['tokens_per_cpu_s']:>11.0f}{r['peak_rss_mb']:>13.0f}"
+            f"{name:<18}{r['segments']:>9}{r['tokens']:>9}{r['tokens_per_s']:>10.0f}{r['tokens_per_s'] / bound:>10.2f}"
+            f"{versus}{r['tokens_per_cpu_s']:>11.0f}{r['peak_rss_mb']:>13.0f}"
         )
     return "\n".join(lines)
 

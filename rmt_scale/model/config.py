@@ -8,7 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
-BACKPROP_MODES = ("bptt", "checkpoint", "replay")
+BACKPROP_MODES = ("bptt", "checkpoint", "replay", "sublinear")
+STATE_OFFLOADS = ("none", "cpu", "disk")
 SEGMENT_ALIGNMENTS = ("left", "right")
 CONFIG_NAME = "rmt_config.json"
 
@@ -28,8 +29,15 @@ class RMTConfig:
         backprop: ``"bptt"`` keeps every segment's activations (fastest, memory grows with segments);
             ``"checkpoint"`` recomputes each segment in backward (activation checkpointing per segment);
             ``"replay"`` runs all segments without grad, then replays them last to first
-            (memory replay backprop). The last two keep peak memory independent of the number of segments
-            and give the same gradients as ``"bptt"``.
+            (memory replay backprop); ``"sublinear"`` replays too, keeping the state of every
+            ``state_keep_every``-th segment only and recomputing the others. The last three keep activation
+            memory independent of the number of segments and give the same gradients as ``"bptt"``; the
+            states they keep grow with the segments (``checkpoint``, ``replay``) or with their square root.
+        state_keep_every: ``"sublinear"``'s k: the state is kept at every k-th segment; 0 = ceil(sqrt(S)) for
+            S segments, which bounds the kept states by about 2 sqrt(S) for one extra forward per segment.
+        state_offload: where ``"replay"`` and ``"sublinear"`` keep their states: ``"none"`` (the model's
+            device), ``"cpu"`` (host memory, pinned on CUDA) or ``"disk"`` (spill files).
+        state_offload_dir: the directory of the spill files ("": the system's temporary directory).
         segment_alignment: ``"left"`` cuts segments from the first token (the last one may be short);
             ``"right"`` cuts from the last token (the first one may be short), so the end of the text,
             where the question usually is, fills a whole segment.
@@ -44,6 +52,9 @@ class RMTConfig:
     segment_size: int = 512
     bptt_depth: int = -1
     backprop: str = "bptt"
+    state_keep_every: int = 0
+    state_offload: str = "none"
+    state_offload_dir: str = ""
     segment_alignment: str = "left"
     cls_token_id: int | None = None
     sep_token_id: int | None = None
@@ -61,6 +72,10 @@ class RMTConfig:
         if self.bptt_depth != -1:
             need_int("bptt_depth", 0)
         self._need_choice("backprop", BACKPROP_MODES)
+        need_int("state_keep_every", 0)
+        self._need_choice("state_offload", STATE_OFFLOADS)
+        if not isinstance(self.state_offload_dir, str):
+            raise ConfigError(f"state_offload_dir={self.state_offload_dir!r} is invalid: it must be a directory path.")
         self._need_choice("segment_alignment", SEGMENT_ALIGNMENTS)
         for name in ("cls_token_id", "sep_token_id"):
             if getattr(self, name) is not None:

@@ -2,21 +2,33 @@
 
 A *step* maps ``(state, segment) -> (new_state, loss_sum, extra)``: ``state`` is a tuple of tensors carried
 between segments (memory tokens, associative matrices, ...), ``loss_sum`` a scalar summed over the segment's
-labelled tokens and ``extra`` whatever the caller wants back per segment (logits, or None). The three
-drivers below compute the same value and the same gradients; they differ in what they keep alive:
+labelled tokens and ``extra`` whatever the caller wants back per segment (logits, or None). The drivers below
+compute the same value and the same gradients; they differ in what they keep alive:
 
 - ``bptt``: every segment's activations (fast; memory grows with the number of segments);
 - ``checkpoint``: each segment's input state only, recomputing the segment in backward;
 - ``replay``: memory replay backprop. Forward runs without grad and keeps each segment's input state;
-  backward recomputes segments last to first, handing the state gradient back one segment at a time.
+  backward recomputes segments last to first, handing the state gradient back one segment at a time;
+- ``sublinear``: replay that keeps the input state of every k-th segment only (k = ceil(sqrt(S)) for S
+  segments unless set). Backward recomputes a block's states from its first one, without grad, then
+  replays the block: state memory O(sqrt(S)) for one more forward per segment than ``replay``. ARMT's state
+  is a matrix per layer, so this is what bounds its memory on million-token inputs.
 
-Truncated BPTT (``bptt_depth=k``) cuts the state gradient on all but the last ``k`` transitions.
+The states that ``replay`` and ``sublinear`` keep can live on the device, in host memory or in a spill file
+(:class:`StateStore`). Truncated BPTT (``bptt_depth=k``) cuts the state gradient on all but the last ``k``
+transitions; segments before those that carry no labels are then run without grad and keep nothing.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
+import os
+import shutil
+import tempfile
+import weakref
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -26,6 +38,27 @@ from ..rng import restored_torch_rng, torch_rng_state
 
 State = tuple[torch.Tensor, ...]
 Step = Callable[[State, Any], tuple[State, torch.Tensor, Any]]
+
+SPILL_PREFIX = "rmt-states-"  # spill directories are named SPILL_PREFIX + the pid of the process that made them
+
+
+@dataclass
+class StateMemory:
+    """What the last gradient-enabled chain kept of its states: ``kept_bytes`` at the peak, of which
+    ``offloaded_bytes`` in host memory or on disk, and how many states that was."""
+
+    kept_bytes: int = 0
+    offloaded_bytes: int = 0
+    kept_states: int = 0
+
+
+_last_state_memory: StateMemory | None = None
+
+
+def last_state_memory() -> StateMemory | None:
+    """What the last replayed chain of this process kept of its states; None before the first (the trainer logs
+    it as TensorBoard scalars)."""
+    return _last_state_memory
 
 
 def keeps_gradient(index: int, num_segments: int, bptt_depth: int) -> bool:
@@ -41,20 +74,49 @@ def backpropagate(pairs) -> None:
         torch.autograd.backward(*zip(*pairs))
 
 
+def needs_backward(labelled: Sequence[bool], bptt_depth: int) -> list[bool]:
+    """Which segments a backward must visit: those with labels, those whose output state carries gradient to a
+    later segment, and the last (its state is the chain's output)."""
+    n = len(labelled)
+    return [labelled[i] or i == n - 1 or keeps_gradient(i + 1, n, bptt_depth) for i in range(n)]
+
+
 def run_segments(
-    step: Step, state: State, segments: Sequence[Any], mode: str, bptt_depth: int = -1
+    step: Step,
+    state: State,
+    segments: Sequence[Any],
+    mode: str,
+    bptt_depth: int = -1,
+    *,
+    labelled: Sequence[bool] | None = None,
+    keep_every: int = 0,
+    offload: str = "none",
+    offload_dir: str = "",
 ) -> tuple[torch.Tensor, State, list[Any]]:
-    """Runs ``step`` over ``segments``; returns the summed loss, the final state and each segment's extra."""
+    """Runs ``step`` over ``segments``; returns the summed loss, the final state and each segment's extra.
+
+    ``labelled[i]`` says whether segment ``i`` has labelled tokens (None: all of them); ``keep_every`` is
+    ``sublinear``'s k (0: ceil(sqrt(S))); ``offload`` and ``offload_dir`` say where ``replay`` and
+    ``sublinear`` keep their states."""
     if not torch.is_grad_enabled():
-        mode = "bptt"  # nothing to backpropagate: the plain loop already keeps nothing
-    if mode == "replay":
-        return _run_replay(step, state, segments, bptt_depth)
+        return _run_loop(step, state, segments, "bptt", [False] * len(segments))
+    backward = needs_backward(labelled or [True] * len(segments), bptt_depth)
+    if mode in ("replay", "sublinear"):
+        every = 1 if mode == "replay" else keep_every or math.isqrt(len(segments) - 1) + 1
+        return _run_replay(step, state, segments, bptt_depth, backward, every, StateStore(offload, offload_dir))
+    return _run_loop(step, state, segments, mode, backward, bptt_depth)
+
+
+def _run_loop(step: Step, state: State, segments: Sequence[Any], mode: str, backward: list[bool], bptt_depth: int = -1):
     total = None
     extras = []
     for index, segment in enumerate(segments):
         if index > 0 and not keeps_gradient(index, len(segments), bptt_depth):
             state = tuple(t.detach() for t in state)
-        if mode == "checkpoint":
+        if not backward[index]:
+            with torch.no_grad():
+                state, loss, extra = step(state, segment)
+        elif mode == "checkpoint":
             state, loss, extra = _checkpointed_step(step, state, segment)
         else:
             state, loss, extra = step(state, segment)
@@ -105,46 +167,170 @@ def _checkpointed_step(step: Step, state: State, segment: Any):
     return tuple(new_state), loss, extra_box[0]
 
 
-def _run_replay(step: Step, state: State, segments: Sequence[Any], bptt_depth: int):
+class StateStore:
+    """Where replayed chains keep segment states: ``none`` on their device, ``cpu`` in host memory (pinned,
+    copied without blocking, when they come from CUDA), ``disk`` in files under ``directory`` (the system's
+    temporary directory by default), removed as they are read back and, whatever happens, with the store."""
+
+    def __init__(self, offload: str = "none", directory: str = ""):
+        self.offload, self.directory = offload, directory or None
+        self.spill_dir: str | None = None
+        self.kept: dict[int, tuple] = {}
+        self.peak = StateMemory()
+
+    def put(self, key: int, state: State) -> None:
+        size = sum(t.numel() * t.element_size() for t in state)
+        if self.offload == "cpu":
+            stored = tuple(_to_host(t) for t in state)
+        elif self.offload == "disk":
+            stored = self._spill(key, state)
+        else:
+            stored = state
+        self.kept[key] = (stored, size, [(t.device, t.dtype) for t in state])
+        self._count()
+
+    def pop(self, key: int) -> State:
+        stored, _, placement = self.kept.pop(key)
+        if self.offload == "disk":
+            path = stored
+            stored = torch.load(path, weights_only=True)
+            os.remove(path)
+        return tuple(t.to(device, non_blocking=True) for t, (device, _) in zip(stored, placement))
+
+    def _spill(self, key: int, state: State) -> str:
+        if self.spill_dir is None:
+            try:
+                self.spill_dir = tempfile.mkdtemp(prefix=f"{SPILL_PREFIX}{os.getpid()}-", dir=self.directory)
+            except OSError as error:
+                raise OSError(
+                    f"cannot create a state spill directory in {self.directory or tempfile.gettempdir()}"
+                    f" ({error.strerror}): pass a writable state_offload_dir, or state_offload='cpu'."
+                ) from error
+            weakref.finalize(self, shutil.rmtree, self.spill_dir, ignore_errors=True)
+        path = os.path.join(self.spill_dir, f"state-{key}.pt")
+        try:
+            torch.save([t.detach().cpu() for t in state], path)
+        except (OSError, RuntimeError) as error:
+            with contextlib.suppress(OSError):
+                os.remove(path)
+            raise OSError(
+                f"cannot spill a segment state to {path} ({error}): free space there, pass another "
+                "state_offload_dir, or use state_offload='cpu'."
+            ) from error
+        return path
+
+    def _count(self) -> None:
+        global _last_state_memory
+        kept = sum(size for _, size, _ in self.kept.values())
+        if kept >= self.peak.kept_bytes:
+            self.peak = _last_state_memory = StateMemory(kept, 0 if self.offload == "none" else kept, len(self.kept))
+
+
+def _to_host(tensor: torch.Tensor) -> torch.Tensor:
+    if tensor.device.type == "cpu":
+        return tensor
+    host = torch.empty(tensor.shape, dtype=tensor.dtype, device="cpu", pin_memory=True)
+    return host.copy_(tensor, non_blocking=True)
+
+
+def _run_replay(
+    step: Step,
+    state: State,
+    segments: Sequence[Any],
+    bptt_depth: int,
+    backward: list[bool],
+    keep_every: int,
+    store: StateStore,
+):
     extras: list[Any] = []
     # The parameters are not inputs of the Function, so without this anchor a stateless chain (no memory
     # tokens) would return a loss that autograd considers constant.
     anchor = torch.zeros((), requires_grad=True)
-    loss, *final_state = _MemoryReplay.apply(step, segments, bptt_depth, extras, anchor, *state)
+    plan = _ReplayPlan(step, segments, bptt_depth, backward, keep_every, store, extras)
+    loss, *final_state = _MemoryReplay.apply(plan, anchor, *state)
     return loss, tuple(final_state), extras
 
 
+@dataclass
+class _ReplayPlan:
+    step: Step
+    segments: Sequence[Any]
+    bptt_depth: int
+    backward: list[bool]
+    keep_every: int
+    store: StateStore
+    extras: list[Any]
+
+    def block_of(self, index: int) -> int:
+        return index - index % self.keep_every
+
+    def block_start_kept(self, index: int) -> bool:
+        """A block's first state is kept when a segment of the block is visited by the backward."""
+        return index % self.keep_every == 0 and any(self.backward[index : index + self.keep_every])
+
+
 class _MemoryReplay(torch.autograd.Function):
-    """Memory replay backprop. Parameter gradients accumulate into ``.grad`` during the replay, so this
-    mode supports ``loss.backward()`` (not ``torch.autograd.grad`` w.r.t. parameters)."""
+    """Memory replay backprop over blocks of ``keep_every`` segments (one block per segment for ``replay``).
+    Parameter gradients accumulate into ``.grad`` during the replay, so this mode supports ``loss.backward()``
+    (not ``torch.autograd.grad`` w.r.t. parameters)."""
 
     @staticmethod
-    def forward(ctx, step, segments, bptt_depth, extras, anchor, *state):
-        ctx.step, ctx.segments, ctx.bptt_depth = step, segments, bptt_depth
-        inputs, rng_states = [], []
+    def forward(ctx, plan: _ReplayPlan, anchor, *state):
+        ctx.plan = plan
+        block_rng = {}
         total = None
         with torch.no_grad():
-            for segment in segments:
-                inputs.append(state)
-                rng_states.append(torch_rng_state())
-                state, loss, extra = step(state, segment)
+            for index, segment in enumerate(plan.segments):
+                if plan.block_start_kept(index):
+                    plan.store.put(index, state)
+                    block_rng[index] = torch_rng_state()
+                state, loss, extra = plan.step(state, segment)
                 total = loss if total is None else total + loss
-                extras.append(extra)
-        ctx.inputs, ctx.rng_states = inputs, rng_states
+                plan.extras.append(extra)
+        ctx.block_rng = block_rng
         return (total, *state)
 
     @staticmethod
     def backward(ctx, grad_loss, *grad_state):
-        num_segments = len(ctx.segments)
+        plan = ctx.plan
+        num_segments = len(plan.segments)
         grad_state = list(grad_state)
-        for index in reversed(range(num_segments)):
-            state_in = tuple(t.detach().requires_grad_(t.is_floating_point()) for t in ctx.inputs[index])
-            with torch.enable_grad(), restored_torch_rng(ctx.rng_states[index]):
-                new_state, loss, _ = ctx.step(state_in, ctx.segments[index])
-            backpropagate([(loss, grad_loss), *zip(new_state, grad_state)])
-            grad_state = [t.grad if t.requires_grad else None for t in state_in]
-            ctx.inputs[index] = None  # free the stored state as soon as it is replayed
-            if index > 0 and not keeps_gradient(index, num_segments, ctx.bptt_depth):
-                # earlier segments are still replayed: their own losses give parameter gradients
-                grad_state = [None] * len(grad_state)
-        return (None, None, None, None, None, *grad_state)
+        for start in sorted(ctx.block_rng, reverse=True):
+            end = min(start + plan.keep_every, num_segments)
+            while not plan.backward[end - 1]:
+                end -= 1
+            inputs, rng_states = _recompute_block(plan, start, end, ctx.block_rng.pop(start))
+            for index in reversed(range(start, end)):
+                state_in, rng = inputs.pop(), rng_states.pop()
+                if not plan.backward[index]:
+                    grad_state = [None] * len(grad_state)
+                    continue
+                grad_state = _replay_segment(plan, index, state_in, rng, grad_loss, grad_state)
+                if index > 0 and not keeps_gradient(index, num_segments, plan.bptt_depth):
+                    # earlier segments are still replayed: their own losses give parameter gradients
+                    grad_state = [None] * len(grad_state)
+        return (None, None, *grad_state)
+
+
+def _recompute_block(plan: _ReplayPlan, start: int, end: int, rng: dict):
+    """The input states and RNG states of segments ``start..end-1``, recomputed without grad from the block's
+    kept first state with the generators it first ran with, so that dropout draws the same masks."""
+    state = plan.store.pop(start)
+    inputs, rng_states = [], []
+    with torch.no_grad(), restored_torch_rng(rng):
+        for index in range(start, end):
+            inputs.append(state)
+            rng_states.append(torch_rng_state())
+            if index + 1 < end:
+                state, _, _ = plan.step(state, plan.segments[index])
+    return inputs, rng_states
+
+
+def _replay_segment(plan: _ReplayPlan, index: int, state: State, rng: dict, grad_loss, grad_state: list):
+    """Runs segment ``index`` with grad and backpropagates its loss and the gradient of its output state;
+    returns the gradient of its input state."""
+    state_in = tuple(t.detach().requires_grad_(t.is_floating_point()) for t in state)
+    with torch.enable_grad(), restored_torch_rng(rng):
+        new_state, loss, _ = plan.step(state_in, plan.segments[index])
+    backpropagate([(loss, grad_loss), *zip(new_state, grad_state)])
+    return [t.grad if t.requires_grad else None for t in state_in]

@@ -17,6 +17,11 @@ class Segment:
     return_logits: bool
 
 
+def has_labels(segment: Segment) -> bool:
+    """Whether a segment has a token that its loss counts."""
+    return segment.targets is not None and bool((segment.targets != IGNORE_INDEX).any())
+
+
 @dataclass(frozen=True)
 class SegmentLayout:
     """A decoder's segment: ``read`` memory positions before its tokens, ``write`` ones after them, all holding

@@ -13,7 +13,7 @@ from .config import RMTConfig
 from .gate import MemoryGate
 from .generation import AssociativeSegmentDecoder, SegmentDecoder
 from .recurrence import State, run_segments
-from .segments import IGNORE_INDEX, Segment, SegmentLayout, keep_if_empty, padding_mask, positions
+from .segments import IGNORE_INDEX, Segment, SegmentLayout, has_labels, keep_if_empty, padding_mask, positions
 from .wavefront import run_wavefront
 
 
@@ -65,7 +65,20 @@ class MemoryTokenStep:
         return written if attention_mask is None else keep_if_empty(written, read, attention_mask)
 
     def run(self, state: State, segments: list[Segment]):
-        return run_segments(self, state, segments, self.config.backprop, self.config.bptt_depth)
+        config = self.config
+        # with every transition in the gradient, every segment is visited anyway: no need to look at the labels
+        labelled = None if config.bptt_depth < 0 else [has_labels(segment) for segment in segments]
+        return run_segments(
+            self,
+            state,
+            segments,
+            config.backprop,
+            config.bptt_depth,
+            labelled=labelled,
+            keep_every=config.state_keep_every,
+            offload=config.state_offload,
+            offload_dir=config.state_offload_dir,
+        )
 
 
 class DecoderStep(MemoryTokenStep):

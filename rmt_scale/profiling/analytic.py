@@ -10,7 +10,8 @@ Counting conventions (all counts are multiply-adds x 2, i.e. one FLOP per add an
 * Attention is counted over the full n x n score matrix, as Chinchilla and FlopCounterMode do; the
   causal mask's saving (about half the scores) is not taken.
 * Training = 3 x forward (the backward pass costs two forwards). Recomputation adds one more
-  forward: activation checkpointing and memory replay both cost 4 x forward.
+  forward: activation checkpointing and memory replay both cost 4 x forward; sublinear replay, which also
+  rebuilds each block of states once, 5 x forward.
 * An RMT segment is one backbone forward over `segment_size + extra_tokens` positions (the memory
   tokens, and any special tokens, ride along in every segment); a last partial segment is
   counted at its real size.
@@ -44,7 +45,7 @@ CONVENTIONS = {
 }
 
 # Cost of one training step in units of one forward pass, per way of backpropagating.
-TRAINING_MULTIPLIER = {"full": 3, "bptt": 3, "checkpoint": 4, "replay": 4}
+TRAINING_MULTIPLIER = {"full": 3, "bptt": 3, "checkpoint": 4, "replay": 4, "sublinear": 5}
 
 
 def _check_positive(**values: int) -> None:

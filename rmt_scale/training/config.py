@@ -35,6 +35,17 @@ MODEL_FLAGS = {
         "block in the DeepSpeed config switches 'bptt' to 'checkpoint'; 'replay' is refused with ZeRO-2/3.",
     ),
     "bptt_depth": (-1, "truncate BPTT to the last k memory transitions (-1: all)."),
+    "state_keep_every": (
+        0,
+        "sublinear backprop: keep the recurrent state of every k-th segment only and recompute the others "
+        "(0: k = ceil(sqrt(segments)), about 2 sqrt(segments) states kept for one extra forward per segment).",
+    ),
+    "state_offload": (
+        "none",
+        "where replay and sublinear backprop keep segment states: none (the model's device), cpu (host memory, "
+        "pinned on CUDA) or disk (spill files under --state_offload_dir).",
+    ),
+    "state_offload_dir": ("", "directory of the state spill files (default: the system's temporary directory)."),
 }
 # RMTConfig's fields that only `--memory rmt` uses: (default, help)
 RMT_FLAGS = {
@@ -78,7 +89,9 @@ ARMT_FLAGS = {
 # past 2x its training length
 DEFAULT_MEMORY = "armt"
 # model fields a resumed run may change: how gradients are computed, or the inference schedule, not what is trained
-MODEL_MAY_CHANGE_ON_RESUME = ("backprop", "bptt_depth", "execution")
+MODEL_MAY_CHANGE_ON_RESUME = (
+    "backprop", "bptt_depth", "state_keep_every", "state_offload", "state_offload_dir", "execution"
+)  # fmt: skip
 
 
 @dataclass
@@ -319,7 +332,7 @@ class TrainConfig:
         saved_model = (
             RMTConfig.from_dict(saved["model"])
             if "model" in saved
-            else RMTConfig(**{name: saved[name] for name in MODEL_FLAGS})
+            else RMTConfig(**{name: saved[name] for name in MODEL_FLAGS if name in saved})
         )
         pairs = [(name, saved.get(name), getattr(self, name)) for name in RESUME_MUST_MATCH]
         pairs.append(("memory", saved_model.model_type, self.memory))

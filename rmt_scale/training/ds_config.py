@@ -79,9 +79,9 @@ def build_ds_config(raw: dict, config: TrainConfig, world_size: int) -> dict:
     _check_zero_section(ds)
     if stages > 1 or "pipeline" in ds:
         _check_pipeline(ds, config)
-    if config.model.backprop == "replay" and zero_stage(ds) >= 2:
+    if config.model.backprop in ("replay", "sublinear") and zero_stage(ds) >= 2:
         raise ConfigError(
-            f"--backprop=replay cannot run with ZeRO stage {zero_stage(ds)}: replay runs a backward "
+            f"--backprop={config.model.backprop} cannot run with ZeRO stage {zero_stage(ds)}: it runs a backward "
             "per segment inside the step, so ZeRO's gradient hooks reduce each parameter several "
             "times. Use --backprop=checkpoint (same peak memory per segment) or a ZeRO-0/1 config."
         )
@@ -111,8 +111,9 @@ def _fill_flops_profiler(ds: dict, config: TrainConfig) -> None:
         return
     _fill_auto(ds, ("flops_profiler", "output_file"), str(Path(config.out_dir) / FLOPS_PROFILE_FILE))
     model_config, layers_checkpointed, _ = activation_settings(config.model, ds)
-    # segments recomputed once in backward; checkpointed layers once more inside that recomputation
-    recomputed = (model_config.backprop != "bptt") + layers_checkpointed
+    # segments recomputed once in backward (sublinear: twice, once to rebuild a block's states); checkpointed
+    # layers once more inside that recomputation
+    recomputed = {"bptt": 0, "sublinear": 2}.get(model_config.backprop, 1) + layers_checkpointed
     _fill_auto(ds, ("flops_profiler", "recompute_fwd_factor"), float(recomputed))
     profile_step = block.get("profile_step", 1)
     if not 0 <= profile_step < config.max_steps:

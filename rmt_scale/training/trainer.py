@@ -27,6 +27,7 @@ from ..model import AssociativeState, RecurrentMemoryModel, RMTConfig
 from ..model.backbones import auto_model_class, backbone_kind
 from ..model.modeling import check_backbone
 from ..model.presets import BUILTIN_BACKBONES, preset_config
+from ..model.recurrence import last_state_memory
 from ..runtime.memory import peak_rss_mb
 from . import checkpoint, signals
 from .batches import EVAL_SEED_OFFSET, DataError, TrainBatches
@@ -251,6 +252,7 @@ class Trainer:
             if output.memory is not None:
                 memory_norms.append(state_norm(output.memory))
             tokens += int(batch["attention_mask"].sum())
+            num_segments = output.num_segments  # the input's own length: shards fix it, not the curriculum
         self.step += 1
         # loss and tokens over all ranks; each rank's loss is a mean over the same number of answer tokens
         memory_norm = torch.stack(memory_norms).mean() if memory_norms else torch.tensor(0.0)
@@ -277,6 +279,10 @@ class Trainer:
                 values["memory/state_norm"] = memory_norm
             if self.engine.offloaded_bytes is not None:
                 values["memory/offloaded_bytes"] = self.engine.offloaded_bytes
+            kept = last_state_memory()
+            if kept is not None:  # replay and sublinear backprop: the segment states kept from forward to backward
+                values["memory/state_kept_bytes"] = kept.kept_bytes
+                values["memory/state_offloaded_bytes"] = kept.offloaded_bytes
             if self.config.shards:
                 values["data/corrupt_samples"] = self.batches.corrupt_samples
             logger.scalars(self.step, values)
