@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import gc
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -137,3 +140,25 @@ def test_segments_without_labels_outside_the_truncated_gradient_keep_nothing():
     torch.testing.assert_close(other_loss, loss)
     for name in grads:
         torch.testing.assert_close(other[name], grads[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_spill_directories_of_killed_processes_are_removed(tmp_path):
+    """A run killed mid-step (SIGKILL runs no cleanup) leaves its spill directory; the next spill in the same
+    place removes it, and leaves those of live processes alone."""
+    killed = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    first = StateStore("disk", str(tmp_path))
+    first.put(0, (torch.zeros(2),))  # its directory's name gives the prefix of this host's spills
+    host_prefix = next(tmp_path.glob(f"{SPILL_PREFIX}*")).name.rsplit("-", 2)[0]
+    del first
+    orphan = tmp_path / f"{host_prefix}-{killed.pid}-abcd"
+    orphan.mkdir()
+    (orphan / "state-0.pt").write_bytes(b"x" * 1000)
+    alive = tmp_path / f"{host_prefix}-{os.getpid()}-efgh"
+    alive.mkdir()
+    killed.kill()
+    killed.wait()
+    gc.collect()
+    store = StateStore("disk", str(tmp_path))
+    store.put(0, (torch.ones(2),))
+    assert not orphan.exists() and alive.exists()
+    torch.testing.assert_close(store.pop(0)[0], torch.ones(2))

@@ -22,6 +22,7 @@ transitions; segments before those that carry no labels are then run without gra
 from __future__ import annotations
 
 import contextlib
+import glob
 import math
 import os
 import shutil
@@ -39,7 +40,7 @@ from ..rng import restored_torch_rng, torch_rng_state
 State = tuple[torch.Tensor, ...]
 Step = Callable[[State, Any], tuple[State, torch.Tensor, Any]]
 
-SPILL_PREFIX = "rmt-states-"  # spill directories are named SPILL_PREFIX + the pid of the process that made them
+SPILL_PREFIX = "rmt-states-"  # spill directories: SPILL_PREFIX + host + pid of the process that made them
 
 
 @dataclass
@@ -199,11 +200,13 @@ class StateStore:
 
     def _spill(self, key: int, state: State) -> str:
         if self.spill_dir is None:
+            parent = self.directory or tempfile.gettempdir()
+            _remove_orphaned_spills(parent)
             try:
-                self.spill_dir = tempfile.mkdtemp(prefix=f"{SPILL_PREFIX}{os.getpid()}-", dir=self.directory)
+                self.spill_dir = tempfile.mkdtemp(prefix=f"{SPILL_PREFIX}{_host()}-{os.getpid()}-", dir=parent)
             except OSError as error:
                 raise OSError(
-                    f"cannot create a state spill directory in {self.directory or tempfile.gettempdir()}"
+                    f"cannot create a state spill directory in {parent}"
                     f" ({error.strerror}): pass a writable state_offload_dir, or state_offload='cpu'."
                 ) from error
             weakref.finalize(self, shutil.rmtree, self.spill_dir, ignore_errors=True)
@@ -224,6 +227,29 @@ class StateStore:
         kept = sum(size for _, size, _ in self.kept.values())
         if kept >= self.peak.kept_bytes:
             self.peak = _last_state_memory = StateMemory(kept, 0 if self.offload == "none" else kept, len(self.kept))
+
+
+def _host() -> str:
+    return os.uname().nodename.replace("-", "_")
+
+
+def _remove_orphaned_spills(parent: str) -> None:
+    """Removes the spill directories that processes of this host left when they were killed (SIGKILL runs no
+    cleanup): a killed run resumed with ``--resume auto`` leaves no spill files behind."""
+    for entry in glob.glob(os.path.join(glob.escape(parent), f"{SPILL_PREFIX}{_host()}-*-*")):
+        pid = os.path.basename(entry)[len(SPILL_PREFIX) + len(_host()) + 1 :].split("-")[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(entry, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def _to_host(tensor: torch.Tensor) -> torch.Tensor:
