@@ -36,3 +36,23 @@ def test_curriculum_promotes_on_accuracy_or_budget():
     curriculum.draw()
     assert curriculum.maybe_promote() and curriculum.max_segments == 4
     assert not curriculum.maybe_promote({4: 1.0})  # the last stage stays
+
+
+def test_a_promotion_says_whether_accuracy_or_budget_made_it():
+    """Issue 30, item 10: "accuracy 0.25 at 2 segments -> stage 4" read as a promotion by accuracy when the
+    budget made it."""
+    curriculum = Curriculum([1, 2, 4], promote_accuracy=0.95, stage_steps=3, seed=0)
+    curriculum.draw()
+    assert curriculum.maybe_promote({1: 0.5}) is None
+    assert curriculum.maybe_promote({1: 0.97}) == "accuracy 0.970 >= 0.95 at 1 segment"
+    for _ in range(3):
+        curriculum.draw()
+    assert curriculum.maybe_promote({2: 0.25}) == "budget: 3 steps at 2 segments, accuracy 0.250 < 0.95"
+    assert curriculum.max_segments == 4
+
+
+def test_a_budget_promotion_without_an_evaluation_at_the_stage_says_so():
+    curriculum = Curriculum([1, 2], promote_accuracy=0.9, stage_steps=2, seed=0)
+    curriculum.draw()
+    curriculum.draw()
+    assert curriculum.maybe_promote({4: 1.0}) == "budget: 2 steps at 1 segment"

@@ -16,8 +16,10 @@ from rmt_scale.data import build_word_tokenizer
 from rmt_scale.model import ARMTConfig, ConfigError, RMTConfig
 from rmt_scale.training import (
     EXIT_DATA_ERROR,
+    EXIT_DIVERGED,
     EXIT_PREEMPTED,
     DataError,
+    Diverged,
     Preempted,
     TrainConfig,
     build_parser,
@@ -113,6 +115,58 @@ def test_a_config_built_in_python_fails_like_the_flag(flag, value):
     assert str(from_python.value) == str(from_flag.value)
 
 
+@pytest.mark.parametrize(
+    "flag, value, message",
+    [
+        ("lr", "nan", "--lr=nan must be a finite number"),
+        ("lr", "inf", "--lr=inf must be a finite number"),
+        ("lr", "-1", "--lr=-1.0 must be positive"),
+        ("grad_clip", "nan", "--grad_clip=nan must be a finite number"),
+        ("grad_clip", "-1", r"--grad_clip=-1.0 must be 0 \(no clipping\) or more"),
+        ("weight_decay", "inf", "--weight_decay=inf must be a finite number"),
+        ("weight_decay", "-0.1", r"--weight_decay=-0.1 must be 0 \(no decay\) or more"),
+        ("promote_accuracy", "nan", "--promote_accuracy=nan must be a finite number"),
+        ("promote_accuracy", "-0.5", "--promote_accuracy=-0.5 must be an accuracy from 0 to 1, or above 1"),
+        ("seed", "-1", "--seed=-1 must be 0 or more"),
+        ("data_seed", "-1", "--data_seed=-1 must be 0 or more"),
+        ("max_nonfinite_steps", "0", "--max_nonfinite_steps=0 must be at least 1"),
+    ],
+)
+def test_numbers_out_of_range_name_their_flag(flag, value, message):
+    """Issue 30, items 9 and 16: NaN passes every `<` and `>=` check, so a NaN lr, clip or threshold used to be
+    accepted; a negative seed failed deep inside numpy."""
+    with pytest.raises(ConfigError, match=f"^{message}"):
+        parse_args([f"--{flag}", value])
+
+
+def test_bptt_depth_names_both_allowed_forms():
+    assert parse_args(["--bptt_depth", "-1"]).model.bptt_depth == -1
+    assert parse_args(["--bptt_depth", "0"]).model.bptt_depth == 0
+    with pytest.raises(ConfigError, match=r"bptt_depth=-5 is invalid: it must be -1 \(all transitions\) or an "):
+        parse_args(["--bptt_depth", "-5"])
+
+
+def test_help_names_the_baseline_switch_that_exists():
+    """--help advertised --no_baseline, which argparse refuses: the switch is --no-baseline."""
+    text = build_parser().format_help()
+    assert "--no_baseline" not in text
+    assert parse_args(["--no-baseline"]).baseline is False
+
+
+def test_the_documented_tiny_bert_commands_start():
+    """docs/training.md's encoder commands: `--backbone tiny-bert` alone meets the default --memory armt, which
+    needs a decoder, so the documented command must say --memory rmt."""
+    commands = [
+        line.split()[2:]
+        for line in (ROOT / "docs" / "training.md").read_text().splitlines()
+        if line.startswith("python launchers/train.py --backbone tiny-bert")
+    ]
+    assert commands
+    for argv in commands:
+        config = parse_args(argv)
+        backbone_setup(config.backbone, build_word_tokenizer(), config.model)
+
+
 def test_run_checks_the_paths_before_any_work(tmp_path):
     (tmp_path / "notes.txt").write_text("not a directory\n")
     with pytest.raises(ConfigError, match="--backbone /nonexistent: no such directory"):
@@ -157,6 +211,8 @@ def test_only_a_config_error_exits_2(capsys):
     assert capsys.readouterr().err == "error: --lr=0 must be positive.\n"
     assert exit_status(raising(DataError("sample 3 is corrupt"))) == EXIT_DATA_ERROR
     assert exit_status(raising(Preempted())) == EXIT_PREEMPTED
+    assert exit_status(raising(Diverged("the run diverged"))) == EXIT_DIVERGED == 3
+    assert capsys.readouterr().err.endswith("error: the run diverged\n")
     with pytest.raises(ValueError, match="mid-run"):
         exit_status(raising(ValueError("mid-run")))
 

@@ -69,8 +69,9 @@ class RMTConfig:
         need_int = self._need_int
         need_int("num_mem_tokens", 0)
         need_int("segment_size", 1)
-        if self.bptt_depth != -1:
-            need_int("bptt_depth", 0)
+        depth = self.bptt_depth
+        if depth != -1 and (isinstance(depth, bool) or not isinstance(depth, int) or depth < 0):
+            raise ConfigError(f"bptt_depth={depth!r} is invalid: it must be -1 (all transitions) or an integer >= 0.")
         self._need_choice("backprop", BACKPROP_MODES)
         need_int("state_keep_every", 0)
         self._need_choice("state_offload", STATE_OFFLOADS)

@@ -10,12 +10,14 @@ from .curriculum import Curriculum
 from .ds_config import build_ds_config, load_ds_config
 from .evaluation import evaluate_by_length, streaming_correct
 from .experiment import format_table, run
-from .trainer import EXIT_DATA_ERROR, EXIT_PREEMPTED, Preempted, Trainer
+from .trainer import EXIT_DATA_ERROR, EXIT_DIVERGED, EXIT_PREEMPTED, Diverged, Preempted, Trainer
 
 __all__ = [
     "Curriculum",
     "DataError",
+    "Diverged",
     "EXIT_DATA_ERROR",
+    "EXIT_DIVERGED",
     "EXIT_PREEMPTED",
     "Preempted",
     "TrainConfig",

@@ -12,6 +12,7 @@ import argparse
 import contextlib
 import dataclasses
 import json
+import math
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -156,7 +157,8 @@ class TrainConfig:
         default=0.9,
         metadata={
             "help": (
-                "go to the next stage once eval accuracy at the stage's length reaches this (1.1: only by budget)."
+                "go to the next stage once eval accuracy at the stage's length reaches this (above 1, e.g. 1.1: only "
+                "by budget)."
             )
         },
     )
@@ -191,7 +193,7 @@ class TrainConfig:
         metadata={
             "help": (
                 "also train a no-memory twin (num_mem_tokens=0, same budget) into OUT/baseline and report it next to "
-                "the RMT; --no_baseline skips it."
+                "the RMT; --no-baseline skips it."
             )
         },
     )
@@ -203,11 +205,23 @@ class TrainConfig:
     warmup_steps: int = field(
         default=10,
         metadata={
-            "help": ("linear warmup steps, then linear decay (at least 1 is used: DeepSpeed's warmup starts at lr 0).")
+            "help": (
+                "linear warmup steps (step s of N trains at lr x s/N), then linear decay to lr/(max_steps + 1 - N) at "
+                "the last step; 0 or 1: the full lr from step 1."
+            )
         },
     )
     grad_clip: float = field(default=1.0, metadata={"help": "gradient norm clipping (0: off)."})
     max_steps: int = field(default=300, metadata={"help": "optimizer steps to train."})
+    max_nonfinite_steps: int = field(
+        default=5,
+        metadata={
+            "help": (
+                "a step whose loss is not finite (on any rank) is skipped, its update dropped and counted in "
+                "train/skipped_nonfinite; this many in a row stop the run with a checkpoint and exit code 3."
+            )
+        },
+    )
     seed: int = field(default=0, metadata={"help": "seed of the weights and of the curriculum draws."})
     ds_config: str = field(
         default="ds_configs/ddp.json",
@@ -286,17 +300,31 @@ class TrainConfig:
             "log_every",
             "keep_checkpoints",
             "collective_timeout_s",
+            "max_nonfinite_steps",
         )
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name}={getattr(self, name)} must be at least 1.")
-        for name in ("save_every", "warmup_steps", "stage_steps", "skip_corrupt_samples"):
+        for name in ("save_every", "warmup_steps", "stage_steps", "skip_corrupt_samples", "seed", "data_seed"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{name}={getattr(self, name)} must be 0 or more.")
         if self.task not in TASKS:
             raise ConfigError(f"--task={self.task!r} is unknown: choose one of {', '.join(TASKS)}.")
+        # NaN passes every comparison below, so finiteness is checked first
+        for name in ("lr", "weight_decay", "grad_clip", "promote_accuracy"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ConfigError(f"--{name}={getattr(self, name)} must be a finite number.")
         if self.lr <= 0:
             raise ConfigError(f"--lr={self.lr} must be positive.")
+        for name, meaning in (("weight_decay", "no decay"), ("grad_clip", "no clipping")):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"--{name}={getattr(self, name)} must be 0 ({meaning}) or more.")
+        if self.promote_accuracy < 0:
+            raise ConfigError(
+                f"--promote_accuracy={self.promote_accuracy} must be an accuracy from 0 to 1, or above 1 to "
+                "promote by budget only."
+            )
         stages = self.curriculum_stages
         if stages != sorted(set(stages)):
             raise ConfigError(f"--curriculum={self.curriculum!r} must be increasing, e.g. 1,2,4,8.")

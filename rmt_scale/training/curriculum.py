@@ -31,18 +31,24 @@ class Curriculum:
         self.steps_in_stage += 1
         return int(self.rng.integers(1, self.max_segments + 1))
 
-    def maybe_promote(self, accuracy_by_segments: dict[int, float] | None = None) -> bool:
-        """Moves to the next stage when the stage's accuracy or step budget says so; returns whether it did."""
+    def maybe_promote(self, accuracy_by_segments: dict[int, float] | None = None) -> str | None:
+        """Moves to the next stage when the stage's accuracy or step budget says so; returns why, as a log line's
+        words ("accuracy 0.970 >= 0.95 at 2 segments", "budget: 50 steps at 2 segments, accuracy 0.250 < 0.95"), or
+        None if it did not."""
         if self.is_last_stage:
-            return False
+            return None
+        segments = f"{self.max_segments} segment{'s' if self.max_segments > 1 else ''}"
         accuracy = (accuracy_by_segments or {}).get(self.max_segments)
-        by_accuracy = accuracy is not None and accuracy >= self.promote_accuracy
-        by_budget = self.stage_steps > 0 and self.steps_in_stage >= self.stage_steps
-        if by_accuracy or by_budget:
-            self.stage += 1
-            self.steps_in_stage = 0
-            return True
-        return False
+        if accuracy is not None and accuracy >= self.promote_accuracy:
+            reason = f"accuracy {accuracy:.3f} >= {self.promote_accuracy:g} at {segments}"
+        elif self.stage_steps > 0 and self.steps_in_stage >= self.stage_steps:
+            measured = "" if accuracy is None else f", accuracy {accuracy:.3f} < {self.promote_accuracy:g}"
+            reason = f"budget: {self.steps_in_stage} steps at {segments}{measured}"
+        else:
+            return None
+        self.stage += 1
+        self.steps_in_stage = 0
+        return reason
 
     def state_dict(self) -> dict:
         return {

@@ -69,10 +69,11 @@ def build_ds_config(raw: dict, config: TrainConfig, world_size: int) -> dict:
         ("optimizer", "params", "weight_decay"): config.weight_decay,
         ("scheduler", "params", "warmup_max_lr"): config.lr,
         ("scheduler", "params", "warmup_num_steps"): max(1, min(config.warmup_steps, config.max_steps)),
-        ("scheduler", "params", "total_num_steps"): config.max_steps,
     }
     for keys, value in fills.items():
         _fill_auto(ds, keys, value)
+    # the decay reaches 0 one iteration after the last step's, so that the last step still trains
+    _fill_auto(ds, ("scheduler", "params", "total_num_steps"), config.max_steps + (scheduler_start(ds) or 0))
     _fill_flops_profiler(ds, config)
     _check_no_auto_left(ds)
     _check_batch_sizes(ds, data_parallel)
@@ -86,6 +87,27 @@ def build_ds_config(raw: dict, config: TrainConfig, world_size: int) -> dict:
             "times. Use --backprop=checkpoint (same peak memory per segment) or a ZeRO-0/1 config."
         )
     return ds
+
+
+# DeepSpeed's schedulers whose iterations engine.py aligns with the steps (``scheduler_start``)
+WARMUP_SCHEDULERS = ("WarmupLR", "WarmupDecayLR")
+
+
+def scheduler_start(ds: dict) -> int | None:
+    """The iteration of a WarmupLR/WarmupDecayLR scheduler that step 1 trains at (None: another scheduler, or none).
+
+    DeepSpeed sets their lr at iteration i to ``min + (max - min) * gamma(i)``, linear warmup ``gamma(i) = i / W`` for
+    i < W with W = max(2, warmup_num_steps), then 1 (or the linear decay ``(total - i) / (total - W)``), and steps the
+    scheduler after each optimizer step. Left alone, it sets the warmup's min lr at construction ("iteration -1"), so
+    step s trains at iteration s - 2: the first two steps at lr 0, and the lr it reports after a step is the next
+    step's. engine.py sets iteration 1 before step 1, so step s trains at iteration s (lr * s / W in the warmup), or
+    iteration 2 with warmup_num_steps <= 1, whose warmup DeepSpeed still spreads over 2 iterations, so that
+    ``--warmup_steps 0`` (or 1) trains step 1 at the full lr."""
+    scheduler = ds.get("scheduler") or {}
+    if scheduler.get("type") not in WARMUP_SCHEDULERS:
+        return None
+    warmup = (scheduler.get("params") or {}).get("warmup_num_steps", 1000)  # DeepSpeed's default
+    return 2 if isinstance(warmup, int) and warmup <= 1 else 1
 
 
 def _fill_auto(ds: dict, keys: tuple[str, ...], value) -> None:

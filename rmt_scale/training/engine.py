@@ -19,7 +19,7 @@ from ..model import RMTConfig
 from ..model.activations import LayerOffload, checkpoint_layers
 from ..pipeline import PipelineStage, SegmentPipeline, StageTopology, head_cost_in_layers
 from .distributed import set_group_timeouts
-from .ds_config import activation_settings, pipeline_stages, zero_stage
+from .ds_config import activation_settings, pipeline_stages, scheduler_start, zero_stage
 
 
 class TrainEngine(Protocol):
@@ -37,15 +37,31 @@ class TrainEngine(Protocol):
 
     def forward(self, batch: dict): ...
     def backward(self, loss: torch.Tensor) -> None: ...
-    def step(self) -> float | None: ...
+    def step(self, skip: bool = False) -> float | None: ...
     def whole_model(self) -> torch.nn.Module: ...
     def gathered_parameters(self) -> contextlib.AbstractContextManager: ...
     @property
     def offloaded_bytes(self) -> int | None: ...
 
-    @property
-    def lr(self) -> float:
-        return self.engine.get_lr()[0]
+    # the lr the last optimizer step trained at (DeepSpeed's get_lr() after a step is the next step's)
+    lr: float = 0.0
+
+    def _optimizer_step(self, skip: bool) -> None:
+        """``engine.step()`` at an accumulation boundary. ``skip`` (the step's loss was not finite) drops the update
+        as DeepSpeed's fp16 loss scaler does on an overflow: the engine counts it in ``skipped_steps``, does not
+        step the scheduler and zeroes the gradients. ZeRO's optimizers skip a step whose gradient norm is not
+        finite on their own; the plain optimizer of ZeRO-0 is told to through its ``overflow`` flag."""
+        self.lr = self.engine.get_lr()[0]
+        optimizer = self.engine.optimizer
+        if not skip or hasattr(optimizer, "overflow"):
+            self.engine.step()
+            return
+        with mock.patch.object(optimizer, "step", lambda *args, **kwargs: None, create=True):
+            optimizer.overflow = True
+            try:
+                self.engine.step()
+            finally:
+                del optimizer.overflow
 
     def save(self, directory: Path, tag: str) -> None:
         """Every rank writes its share (model, optimizer, ZeRO partitions) into ``directory/tag``."""
@@ -84,7 +100,16 @@ def build_engine(
         model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=ds_config
     )
     set_group_timeouts(collective_timeout_s)
+    _align_scheduler(engine, ds_config)
     return DataParallelEngine(engine, zero_stage(ds_config), offload, hf_ds_config)
+
+
+def _align_scheduler(engine, ds_config: dict) -> None:
+    """Step 1 trains at the scheduler's iteration ``scheduler_start`` (ds_config.py says why); a resume then loads
+    the checkpoint's iteration and lr over it."""
+    start = scheduler_start(ds_config)
+    if start is not None and engine.lr_scheduler is not None:
+        engine.lr_scheduler.step(start)
 
 
 class DataParallelEngine(TrainEngine):
@@ -128,7 +153,7 @@ class DataParallelEngine(TrainEngine):
         with self._plain_linear_while_profiled():  # checkpointed segments recompute with the same function
             self.engine.backward(loss)
 
-    def step(self) -> float | None:
+    def step(self, skip: bool = False) -> float | None:
         """ZeRO stages compute the norm while reducing their partitions; without ZeRO every rank holds the whole
         (already averaged) gradient after backward."""
         if not self.engine.is_gradient_accumulation_boundary():
@@ -139,7 +164,7 @@ class DataParallelEngine(TrainEngine):
         if self.zero_stage == 0:
             grads = [p.grad.detach().float().norm() for p in self.module.parameters() if p.grad is not None]
             norm = torch.stack(grads).norm().item() if grads else 0.0
-        self.engine.step()
+        self._optimizer_step(skip)
         return norm if norm is not None else float(self.engine.get_global_grad_norm() or 0.0)
 
     @property
@@ -183,6 +208,7 @@ def _build_pipeline_engine(
         model=pipeline, model_parameters=list(owned.values()), config=ds_config, mpu=topology
     )
     set_group_timeouts(collective_timeout_s)
+    _align_scheduler(engine, ds_config)
     return PipelineEngine(engine, topology, partial_model=model, build_model=lambda: build_model(model_config))
 
 
@@ -202,10 +228,12 @@ class PipelineEngine(TrainEngine):
     def backward(self, loss: torch.Tensor) -> None:
         self.engine.backward(loss)
 
-    def step(self) -> float | None:
-        boundary = self.engine.is_gradient_accumulation_boundary()
-        self.engine.step()
-        return float(self.engine.get_global_grad_norm() or 0.0) if boundary else None
+    def step(self, skip: bool = False) -> float | None:
+        if not self.engine.is_gradient_accumulation_boundary():
+            self.engine.step()
+            return None
+        self._optimizer_step(skip)
+        return float(self.engine.get_global_grad_norm() or 0.0)
 
     @property
     def offloaded_bytes(self) -> int | None:  # what the stages stash per segment, with cpu_checkpointing

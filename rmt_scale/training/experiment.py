@@ -35,10 +35,10 @@ def format_table(
 
 def run(config: TrainConfig) -> dict:
     """Trains (and evaluates) as configured; returns ``{"rmt": {segments: accuracy}, "baseline": ...}``.
-    Raises ``Preempted`` when a stop signal ended the run early, ``DataError`` when corrupt data did (both
-    after writing a checkpoint), and ``ConfigError``, before any work, for flags or paths that cannot work
-    (``TrainConfig`` checks its values when it is built; the paths, the DeepSpeed config, the resume and the
-    backbone are checked here, before a model is built)."""
+    Raises ``Preempted`` when a stop signal ended the run early, ``DataError`` when corrupt data did, ``Diverged``
+    when the loss stayed non-finite (all after writing a checkpoint), and ``ConfigError``, before any work, for
+    flags or paths that cannot work (``TrainConfig`` checks its values when it is built; the paths, the DeepSpeed
+    config, the resume and the backbone are checked here, before a model is built)."""
     config.check_paths()
     dist_info = init_distributed(config.collective_timeout_s)
     started = time.perf_counter()

@@ -8,6 +8,7 @@ written here with torch's SummaryWriter.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from tqdm import tqdm
@@ -32,7 +33,9 @@ class MetricsLogger:
             return
         for tag, value in values.items():
             self.writer.add_scalar(tag, value, step)
-        self.jsonl.write(json.dumps({"step": step, **values}) + "\n")
+        # JSON has no NaN or Infinity: a non-finite value (a diverged loss) is written as null
+        finite = {tag: value if math.isfinite(value) else None for tag, value in values.items()}
+        self.jsonl.write(json.dumps({"step": step, **finite}, allow_nan=False) + "\n")
         self.jsonl.flush()
 
     def progress(self, loss: float, accuracy: float | None, tokens_per_s: float) -> None:

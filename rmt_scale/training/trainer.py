@@ -43,6 +43,14 @@ from .metrics import MetricsLogger
 EXIT_PREEMPTED = 75
 # Exit code after corrupt training data stopped the run (BSD EX_DATAERR): rerunning alone does not help.
 EXIT_DATA_ERROR = 65
+# Exit code after --max_nonfinite_steps steps in a row had a non-finite loss: the run diverged (a lower --lr or a
+# --grad_clip may help; rerunning alone does not).
+EXIT_DIVERGED = 3
+
+
+class Diverged(Exception):
+    """Training stopped after ``--max_nonfinite_steps`` consecutive non-finite losses, with a checkpoint written;
+    the launcher exits with EXIT_DIVERGED."""
 
 
 class Preempted(Exception):
@@ -151,6 +159,8 @@ class Trainer:
         )
         self.step = 0
         self.saved_step = -1
+        # steps whose update was dropped for a non-finite loss: in all, and in a row up to the current step
+        self.skipped_nonfinite = self.nonfinite_in_a_row = 0
         self.accuracy: dict[int, float] = {}
 
     # ------------------------------------------------------------------ setup helpers
@@ -197,7 +207,7 @@ class Trainer:
                 if self.step % config.eval_every == 0 or self.step == config.max_steps:
                     self._evaluate(logger, final=self.step == config.max_steps)
                 else:
-                    self.curriculum.maybe_promote()
+                    self._promote(logger)
                 if config.save_every and self.step % config.save_every == 0 and self.step < config.max_steps:
                     self._save()
                 if self._stop_requested():
@@ -243,12 +253,15 @@ class Trainer:
             raise
         started = time.perf_counter()
         losses, memory_norms, tokens = [], [], 0
-        for batch in batches:
+        for micro, batch in enumerate(batches):
             batch = {name: tensor.to(self.dist.device) for name, tensor in batch.items()}
             output = self.engine.forward(batch)
             self.engine.backward(output.loss)
-            grad_norm = self.engine.step()  # the step's last micro-batch ends the accumulation: its norm counts
             losses.append(output.loss.detach().float())
+            # the step's last micro-batch ends the accumulation (its norm counts): drop the update if any rank's
+            # loss in the step was not finite, as DeepSpeed's loss scaler drops an overflowed one
+            skip = micro == len(batches) - 1 and not self._losses_finite(losses)
+            grad_norm = self.engine.step(skip=skip)
             if output.memory is not None:
                 memory_norms.append(state_norm(output.memory))
             tokens += int(batch["attention_mask"].sum())
@@ -263,6 +276,13 @@ class Trainer:
             summary[0] /= self.dist.world_size
             summary[2] /= self.dist.world_size
         loss, total_tokens, memory_norm = summary.tolist()
+        self.skipped_nonfinite += skip
+        self.nonfinite_in_a_row = self.nonfinite_in_a_row + 1 if skip else 0
+        if skip:
+            logger.write(
+                f"[{self.label}] step {self.step}: the loss is not finite ({loss}); the update was skipped "
+                f"({self.nonfinite_in_a_row} in a row, {self.config.max_nonfinite_steps} stop the run)"
+            )
         total_tokens *= self.engine.data_world_size / self.dist.world_size  # a pipeline's stages saw the same tokens
         tokens_per_s = total_tokens / max(time.perf_counter() - started, 1e-9)
         if self.step % self.config.log_every == 0 or self.step == self.config.max_steps:
@@ -270,6 +290,7 @@ class Trainer:
                 "train/loss": loss,
                 "train/lr": self.engine.lr,
                 "train/grad_norm": grad_norm,
+                "train/skipped_nonfinite": self.skipped_nonfinite,
                 "train/segments": num_segments,
                 "curriculum/stage_segments": self.curriculum.max_segments,
                 "perf/tokens_per_s": tokens_per_s,
@@ -287,6 +308,25 @@ class Trainer:
                 values["data/corrupt_samples"] = self.batches.corrupt_samples
             logger.scalars(self.step, values)
         logger.progress(loss, self.accuracy.get(self.curriculum.max_segments), tokens_per_s)
+        if self.nonfinite_in_a_row >= self.config.max_nonfinite_steps:
+            self._save()  # the skipped steps left the weights as the last finite step made them
+            logger.write(
+                f"[{self.label}] stopped at step {self.step}: the loss was not finite for {self.nonfinite_in_a_row} "
+                f"steps in a row (--max_nonfinite_steps); checkpoint written with the weights of step "
+                f"{self.step - self.nonfinite_in_a_row}, exit code {EXIT_DIVERGED}; lower --lr (or set --grad_clip) "
+                "and train again"
+            )
+            raise Diverged(
+                f"the loss was not finite for {self.nonfinite_in_a_row} steps in a row up to step {self.step}: "
+                "the run diverged; lower --lr (or set --grad_clip) and train again."
+            )
+
+    def _losses_finite(self, losses: list[torch.Tensor]) -> bool:
+        """Whether every rank's losses of this step are finite (the same answer on all ranks)."""
+        bad = (~torch.isfinite(torch.stack(losses))).any().float().reshape(1).to(self.dist.device)
+        if self.dist.world_size > 1:
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        return not bool(bad.item())
 
     def _evaluate(self, logger: MetricsLogger, final: bool = False) -> None:
         """Accuracy by length. Lengths past the curriculum (extrapolation, up to millions of tokens) are
@@ -309,16 +349,15 @@ class Trainer:
             max_tokens=config.eval_max_tokens,
         )
         logger.scalars(self.step, {f"eval/accuracy_{k}seg": acc for k, acc in self.accuracy.items()})
-        stage = self.curriculum.max_segments
-        if self.curriculum.maybe_promote(self.accuracy):
-            # a stage's own length is evaluated only when --eval_segments lists it
-            measured = (
-                f"accuracy {self.accuracy[stage]:.2f} at {stage} segments"
-                if stage in self.accuracy
-                else f"stage {stage} segments (not in --eval_segments) done"
-            )
+        self._promote(logger, self.accuracy)
+
+    def _promote(self, logger: MetricsLogger, accuracy: dict[int, float] | None = None) -> None:
+        """The curriculum's next stage, if the stage's accuracy or budget says so, logged with which of the two."""
+        reason = self.curriculum.maybe_promote(accuracy)
+        if reason is not None:
             logger.write(
-                f"[{self.label}] step {self.step}: {measured} -> stage {self.curriculum.max_segments} segments"
+                f"[{self.label}] step {self.step}: promoted by {reason} -> stage {self.curriculum.max_segments} "
+                "segments"
             )
 
     def _stop_requested(self) -> bool:
