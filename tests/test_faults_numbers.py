@@ -14,8 +14,9 @@ import torch
 from safetensors.torch import load_file
 
 from rmt_scale.training import EXIT_DIVERGED, TrainConfig, build_ds_config, load_ds_config
-from rmt_scale.training.engine import _align_scheduler
-from support.runs import LAUNCHER, environment, launch, run_args
+from rmt_scale.training.distributed import free_port
+from rmt_scale.training.engine import align_scheduler
+from support.runs import DEEPSPEED, LAUNCHER, environment, launch, run_args
 
 LR = 1e-3
 
@@ -41,7 +42,7 @@ def test_step_s_trains_at_the_schedules_lr_for_step_s(warmup):
     assert ds["scheduler"]["type"] == "WarmupDecayLR"
     optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=LR)
     scheduler = WarmupDecayLR(optimizer, **ds["scheduler"]["params"])
-    _align_scheduler(SimpleNamespace(lr_scheduler=scheduler), ds)
+    align_scheduler(SimpleNamespace(lr_scheduler=scheduler), ds)
     applied = []
     for _ in range(max_steps):
         applied.append(optimizer.param_groups[0]["lr"])
@@ -86,17 +87,19 @@ def test_warmup_0_trains_step_1_at_the_full_lr_and_logs_the_lr_each_step_used(ba
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("ds_config", ["ddp", "zero2"])
-def test_a_diverged_run_skips_its_non_finite_steps_then_stops_with_a_checkpoint(backbone, tmp_path, ds_config):
+@pytest.mark.parametrize("ds_config, ranks", [("ddp", 1), ("zero2", 1), ("ddp", 2)])
+def test_a_diverged_run_skips_its_non_finite_steps_then_stops_with_a_checkpoint(backbone, tmp_path, ds_config, ranks):
     """Issue 30, item 9: `--lr inf` trained to NaN and exited 0, with NaN in metrics.jsonl. lr 1e30 is finite
     (and accepted): step 1 throws every weight to about 1e30 and every later loss is NaN. Those steps' updates
     are skipped and counted, and the second in a row stops the run with the weights of step 1 saved. ZeRO-0's
-    plain optimizer is told to skip; ZeRO-2's skips the step on its own (its gradient norm is not finite)."""
+    plain optimizer is told to skip; ZeRO-2's skips the step on its own (its gradient norm is not finite). On 2
+    ranks both decide together, and the deepspeed launcher passes the exit code on."""
     out = tmp_path / "run"
     flags = dict(lr=1e30, warmup_steps=0, max_steps=8, eval_every=100, save_every=1, keep_checkpoints=3)
     args = run_args(backbone, out, ds_config=f"ds_configs/{ds_config}.json", **flags)
+    launcher = [sys.executable] if ranks == 1 else [DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port())]
     result = subprocess.run(
-        [sys.executable, LAUNCHER, *args, "--max_nonfinite_steps", "2"],
+        [*launcher, LAUNCHER, *args, "--max_nonfinite_steps", "2"],
         env=environment(),
         capture_output=True,
         text=True,

@@ -100,11 +100,11 @@ def build_engine(
         model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=ds_config
     )
     set_group_timeouts(collective_timeout_s)
-    _align_scheduler(engine, ds_config)
+    align_scheduler(engine, ds_config)
     return DataParallelEngine(engine, zero_stage(ds_config), offload, hf_ds_config)
 
 
-def _align_scheduler(engine, ds_config: dict) -> None:
+def align_scheduler(engine, ds_config: dict) -> None:
     """Step 1 trains at the scheduler's iteration ``scheduler_start`` (ds_config.py says why); a resume then loads
     the checkpoint's iteration and lr over it."""
     start = scheduler_start(ds_config)
@@ -208,7 +208,7 @@ def _build_pipeline_engine(
         model=pipeline, model_parameters=list(owned.values()), config=ds_config, mpu=topology
     )
     set_group_timeouts(collective_timeout_s)
-    _align_scheduler(engine, ds_config)
+    align_scheduler(engine, ds_config)
     return PipelineEngine(engine, topology, partial_model=model, build_model=lambda: build_model(model_config))
 
 
