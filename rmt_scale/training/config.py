@@ -310,11 +310,11 @@ class TrainConfig:
                 raise ConfigError(f"--{name}={getattr(self, name)} must be 0 or more.")
         if self.task not in TASKS:
             raise ConfigError(f"--task={self.task!r} is unknown: choose one of {', '.join(TASKS)}.")
-        # NaN passes every comparison below, so finiteness is checked first
+        # NaN compares false with everything, so it would pass the range checks below: finiteness first
         for name in ("lr", "weight_decay", "grad_clip", "promote_accuracy"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise ConfigError(f"--{name}={getattr(self, name)} must be a finite number.")
+                raise ConfigError(f"--{name}={value} must be a finite number.")
         if self.lr <= 0:
             raise ConfigError(f"--lr={self.lr} must be positive.")
         for name, meaning in (("weight_decay", "no decay"), ("grad_clip", "no clipping")):
