@@ -82,10 +82,17 @@ def save(engine: TrainEngine, directory: Path, step: int, trainer_state: dict, k
         directory.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(directory / tmp_tag, ignore_errors=True)  # left by a run killed while saving
     _barrier()
+    full = False
     try:
         engine.save(directory, tmp_tag)
-        torch.save({**trainer_state, "rng": rng_state()}, directory / tmp_tag / STATE_FILE.format(rank))
-        full = False
+    except (OSError, RuntimeError) as error:
+        if not _disk_full(error, directory):
+            raise
+        full = True
+        _barrier()  # DeepSpeed's save ends in a barrier, which the other ranks wait in
+    try:
+        if not full:
+            torch.save({**trainer_state, "rng": rng_state()}, directory / tmp_tag / STATE_FILE.format(rank))
     except (OSError, RuntimeError) as error:
         if not _disk_full(error, directory):
             raise
