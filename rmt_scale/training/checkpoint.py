@@ -31,6 +31,7 @@ import json
 import logging
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -82,21 +83,12 @@ def save(engine: TrainEngine, directory: Path, step: int, trainer_state: dict, k
         directory.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(directory / tmp_tag, ignore_errors=True)  # left by a run killed while saving
     _barrier()
-    full = False
-    try:
-        engine.save(directory, tmp_tag)
-    except (OSError, RuntimeError) as error:
-        if not _disk_full(error, directory):
-            raise
-        full = True
+    state_file = directory / tmp_tag / STATE_FILE.format(rank)
+    full = _fills_disk(lambda: engine.save(directory, tmp_tag), directory)
+    if full:
         _barrier()  # DeepSpeed's save ends in a barrier, which the other ranks wait in
-    try:
-        if not full:
-            torch.save({**trainer_state, "rng": rng_state()}, directory / tmp_tag / STATE_FILE.format(rank))
-    except (OSError, RuntimeError) as error:
-        if not _disk_full(error, directory):
-            raise
-        full = True
+    else:
+        full = _fills_disk(lambda: torch.save({**trainer_state, "rng": rng_state()}, state_file), directory)
     if any(all_gather_objects(full)):  # every rank stops, not only those whose disk filled
         _raise_disk_full(directory, directory / tmp_tag)
     _write_manifest(directory / tmp_tag)
@@ -110,10 +102,17 @@ def save(engine: TrainEngine, directory: Path, step: int, trainer_state: dict, k
     return directory / tag
 
 
-def _disk_full(error: OSError | RuntimeError, path: Path) -> bool:
-    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
-        return True
-    return shutil.disk_usage(path).free < FULL_DISK_BYTES
+def _fills_disk(write: Callable[[], object], directory: Path) -> bool:
+    """Runs ``write``: True when it failed on a full disk; any other error propagates."""
+    try:
+        write()
+    except (OSError, RuntimeError) as error:
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if shutil.disk_usage(directory).free < FULL_DISK_BYTES:
+            return True
+        raise
+    return False
 
 
 def _raise_disk_full(directory: Path, partial: Path) -> None:
