@@ -8,11 +8,12 @@
 The process restarts itself first under the CPU allocator of rmt_scale/runtime/allocator.py: jemalloc when installed
 (RMT_ALLOCATOR=auto|jemalloc|glibc chooses).
 
-Exit codes: 0 done; 2 bad configuration or path (a ConfigError: nothing was started); 3 the run diverged
-(--max_nonfinite_steps steps in a row had a non-finite loss: their updates were skipped, a checkpoint written); 65
-corrupt training data (a checkpoint was written if a step trained since the last one); 75 stopped by SIGUSR1/SIGTERM
-after writing a checkpoint (rerun with --resume auto). Any other error is a bug or a failure of the run: its
-traceback, exit code 1.
+Exit codes: 0 done; 2 bad configuration or path (a ConfigError: nothing was started; --out_dir in use by another
+run included); 3 the run diverged (--max_nonfinite_steps steps in a row had a non-finite loss: their updates were
+skipped, a checkpoint written); 65 corrupt training data (a checkpoint was written if a step trained since the last
+one); 74 the disk filled up while a checkpoint was written (the partial one is removed; free space, then --resume
+auto); 75 stopped by SIGUSR1/SIGTERM/SIGINT after writing a checkpoint (rerun with --resume auto). Any other error is
+a bug or a failure of the run: its traceback, exit code 1.
 """
 
 from __future__ import annotations
@@ -50,17 +51,31 @@ def main(argv: list[str] | None = None) -> int:
 
 def exit_status(job: Callable[[], object]) -> int:
     """Runs ``job`` and returns the launcher's exit code: 0, ``EXIT_CONFIG_ERROR`` after a ConfigError,
-    ``EXIT_DATA_ERROR`` after a DataError, ``EXIT_DIVERGED`` after a run whose loss stayed non-finite (each printed
-    in one line), ``EXIT_PREEMPTED`` after a stop signal.
-    Anything else (a ValueError from inside the run included) propagates with its traceback."""
+    ``EXIT_DATA_ERROR`` after a DataError, ``EXIT_DIVERGED`` after a run whose loss stayed non-finite,
+    ``EXIT_DISK_FULL`` after a DiskFull (each printed in one line), ``EXIT_PREEMPTED`` after a stop signal. Anything
+    else (a ValueError from inside the run included) propagates with its traceback."""
     from ..model.config import ConfigError
-    from ..training import EXIT_DATA_ERROR, EXIT_DIVERGED, EXIT_PREEMPTED, DataError, Diverged, Preempted
+    from ..training import (
+        EXIT_DATA_ERROR,
+        EXIT_DISK_FULL,
+        EXIT_DIVERGED,
+        EXIT_PREEMPTED,
+        DataError,
+        DiskFull,
+        Diverged,
+        Preempted,
+    )
 
+    codes = {
+        ConfigError: EXIT_CONFIG_ERROR,
+        DataError: EXIT_DATA_ERROR,
+        Diverged: EXIT_DIVERGED,
+        DiskFull: EXIT_DISK_FULL,
+    }
     try:
         job()
-    except (ConfigError, DataError, Diverged) as error:
+    except tuple(codes) as error:
         print(f"error: {error}", file=sys.stderr)
-        codes = {ConfigError: EXIT_CONFIG_ERROR, DataError: EXIT_DATA_ERROR, Diverged: EXIT_DIVERGED}
         return next(code for kind, code in codes.items() if isinstance(error, kind))
     except Preempted:
         return EXIT_PREEMPTED

@@ -5,18 +5,21 @@ embedding. ``launchers/train.py`` is the command line; :func:`run` is the same t
 """
 
 from .batches import DataError
+from .checkpoint import DiskFull
 from .config import TrainConfig, build_parser, parse_args
 from .curriculum import Curriculum
 from .ds_config import build_ds_config, load_ds_config
 from .evaluation import evaluate_by_length, streaming_correct
 from .experiment import format_table, run
-from .trainer import EXIT_DATA_ERROR, EXIT_DIVERGED, EXIT_PREEMPTED, Diverged, Preempted, Trainer
+from .trainer import EXIT_DATA_ERROR, EXIT_DISK_FULL, EXIT_DIVERGED, EXIT_PREEMPTED, Diverged, Preempted, Trainer
 
 __all__ = [
     "Curriculum",
     "DataError",
+    "DiskFull",
     "Diverged",
     "EXIT_DATA_ERROR",
+    "EXIT_DISK_FULL",
     "EXIT_DIVERGED",
     "EXIT_PREEMPTED",
     "Preempted",

@@ -12,19 +12,26 @@ any moment leaves either the previous checkpoint or the new one as ``latest``, n
 Each rank's trainer state holds the step, the curriculum (stage and its RNG), the data position and the
 Python/NumPy/torch RNG states, so ``--resume`` continues the exact same run.
 
-Files can still be damaged afterwards (a full disk, a copy cut short, a bad block). ``--resume auto``
-therefore checks the manifest before loading and falls back to the newest older checkpoint that matches
-it, saying which ones it skipped and why. Checkpoints written before manifests existed are checked only
-for one trainer state per rank.
+Files can still be damaged afterwards (a copy cut short, a bad block). ``--resume auto`` therefore takes
+the newest checkpoint that matches its manifest, whatever ``latest`` says (a copy may lose it, or a kill
+between the rename and ``latest``), saying which ones it skipped and why. Checkpoints written before
+manifests existed are checked only for one trainer state per rank.
+
+A run only ever deletes or overwrites checkpoints of its own chain: a fresh run refuses a directory that
+holds checkpoints, and a resume from a named checkpoint refuses one with newer checkpoints; so what lies past
+the resume point is only what ``--resume auto`` skipped as damaged. A full disk while saving removes the
+partial directory and raises ``DiskFull``, leaving ``latest`` at the previous checkpoint.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -39,6 +46,13 @@ LATEST = "latest"
 TMP_PREFIX = ".tmp-"
 MANIFEST = "manifest.json"
 STATE_FILE = "trainer_state_rank{}.pt"
+# torch's zip writer reports a write that ran out of space as RuntimeError ("unexpected pos"), without errno;
+# a failed save that leaves less than this free on the disk counts as a full disk
+FULL_DISK_BYTES = 2**20
+
+
+class DiskFull(Exception):
+    """The disk ran out of space while a checkpoint was written; the partial checkpoint was removed."""
 
 
 def tag_for(step: int) -> str:
@@ -60,7 +74,8 @@ def _sha256(path: Path) -> str:
 
 
 def save(engine: TrainEngine, directory: Path, step: int, trainer_state: dict, keep: int) -> Path:
-    """Saves on every rank (DeepSpeed needs all of them); returns the final checkpoint directory."""
+    """Saves on every rank (DeepSpeed needs all of them); returns the final checkpoint directory. Raises
+    ``DiskFull`` on every rank when a rank's disk ran out of space, after removing the partial checkpoint."""
     rank = _rank_and_world()[0]
     tag = tag_for(step)
     tmp_tag = TMP_PREFIX + tag
@@ -68,9 +83,14 @@ def save(engine: TrainEngine, directory: Path, step: int, trainer_state: dict, k
         directory.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(directory / tmp_tag, ignore_errors=True)  # left by a run killed while saving
     _barrier()
-    engine.save(directory, tmp_tag)
-    torch.save({**trainer_state, "rng": rng_state()}, directory / tmp_tag / STATE_FILE.format(rank))
-    _barrier()
+    state_file = directory / tmp_tag / STATE_FILE.format(rank)
+    full = _fills_disk(lambda: engine.save(directory, tmp_tag), directory)
+    if full:
+        _barrier()  # DeepSpeed's save ends in a barrier, which the other ranks wait in
+    else:
+        full = _fills_disk(lambda: torch.save({**trainer_state, "rng": rng_state()}, state_file), directory)
+    if any(all_gather_objects(full)):  # every rank stops, not only those whose disk filled
+        _raise_disk_full(directory, directory / tmp_tag)
     _write_manifest(directory / tmp_tag)
     if rank == 0:
         final = directory / tag
@@ -80,6 +100,34 @@ def save(engine: TrainEngine, directory: Path, step: int, trainer_state: dict, k
         _prune(directory, step, keep)
     _barrier()
     return directory / tag
+
+
+def _fills_disk(write: Callable[[], object], directory: Path) -> bool:
+    """Runs ``write``: True when it failed on a full disk; any other error propagates."""
+    try:
+        write()
+    except (OSError, RuntimeError) as error:
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if shutil.disk_usage(directory).free < FULL_DISK_BYTES:
+            return True
+        raise
+    return False
+
+
+def _raise_disk_full(directory: Path, partial: Path) -> None:
+    """Removes the partial checkpoint (it would keep the disk full) and raises DiskFull naming the last intact
+    one, which ``latest`` still points to."""
+    if _rank_and_world()[0] == 0:
+        shutil.rmtree(partial, ignore_errors=True)
+    _barrier()
+    latest = directory / LATEST
+    last = (
+        f"the last intact checkpoint is {latest.read_text().strip()} (resume with --resume auto)"
+        if latest.is_file()
+        else "no checkpoint was written yet"
+    )
+    raise DiskFull(f"disk full at {partial}: free space or pass another --out_dir; {last}")
 
 
 def _write_manifest(checkpoint: Path) -> None:
@@ -112,11 +160,17 @@ def _write_atomically(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def checkpoints(directory: Path) -> list[Path]:
+    """The checkpoint directories (complete or not, but not ``.tmp-`` ones) in ``directory``, oldest first."""
+    if not directory.is_dir():
+        return []
+    return sorted(p for p in directory.iterdir() if p.is_dir() and p.name.startswith("step"))
+
+
 def _prune(directory: Path, step: int, keep: int) -> None:
-    """Keeps the ``keep`` newest checkpoints up to ``step``. Newer ones belong to the run that a resume went
-    back from (past a damaged checkpoint, or to an older ``--resume`` tag); ``latest`` no longer leads to
-    them, so they go too."""
-    tags = sorted(p for p in directory.iterdir() if p.is_dir() and p.name.startswith("step"))
+    """Keeps the ``keep`` newest checkpoints up to ``step``. Newer ones can only be damaged ones that
+    ``--resume auto`` went back past (``find`` refuses to resume before intact ones), so they go too."""
+    tags = checkpoints(directory)
     kept = [p for p in tags if p.name <= tag_for(step)][-keep:]
     for old in tags:
         if old not in kept:
@@ -126,10 +180,12 @@ def _prune(directory: Path, step: int, keep: int) -> None:
 def find(out_dir: Path, resume: str) -> Path | None:
     """The checkpoint directory that ``--resume`` names, checked against its manifest.
 
-    ``auto``: the latest in ``OUT`` that checks out, going back from ``latest`` past damaged ones (each is
-    logged with the reason); None when there is none yet. A named tag or directory is used only if it checks
-    out. Raises ValueError when nothing usable is left, or the checkpoint was written by another number of
-    ranks. Under torch.distributed every rank must call this: they check a share of the files each and agree.
+    ``auto``: the newest in ``OUT`` that checks out, going back past damaged ones (each is logged with the
+    reason); None when there is none yet. ``latest`` is not needed: each checkpoint carries its own manifest.
+    A named tag or directory is used only if it checks out and no checkpoint in ``OUT`` is newer (the run
+    would overwrite them). Raises ValueError when nothing usable is left, or the checkpoint was written by
+    another number of ranks. Under torch.distributed every rank must call this: they check a share of the
+    files each and agree.
     """
     directory = out_dir / "checkpoints"
     if resume != "auto":
@@ -146,25 +202,26 @@ def find(out_dir: Path, resume: str) -> Path | None:
                 f"--resume={resume!r} is not a complete checkpoint: {problem}. Pass 'auto' (it falls "
                 f"back to the newest intact checkpoint) or another tag listed in {directory}."
             )
+        newer = [p.name for p in checkpoints(directory) if p.name > candidate.name]
+        if newer:
+            raise ValueError(
+                f"--resume={resume!r}: {directory} holds newer checkpoints ({', '.join(newer)}) that this run "
+                "would overwrite: move them out of it, or resume from a copy of the checkpoint in another --out_dir."
+            )
         return candidate
-    latest = directory / LATEST
-    if not latest.is_file():
-        return None
-    newest = latest.read_text().strip()
-    candidates = sorted(
-        (p for p in directory.iterdir() if p.is_dir() and p.name.startswith("step") and p.name <= newest), reverse=True
-    )
     skipped = []
-    for candidate in candidates:
+    for candidate in reversed(checkpoints(directory)):
         problem = _problem(candidate)
         if problem is None:
             return candidate
         skipped.append(f"{candidate.name} ({problem})")
         if _rank_and_world()[0] == 0:
             log.warning("--resume auto: skipping checkpoint %s: %s", candidate, problem)
+    if not skipped:
+        return None
     raise ValueError(
         f"--resume auto found no intact checkpoint in {directory}: skipped {'; '.join(skipped)}. "
-        "Start again with a new --out_dir (or remove the checkpoints directory)."
+        "Start again with a new --out_dir."
     )
 
 

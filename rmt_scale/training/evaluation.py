@@ -12,7 +12,7 @@ ranks see the same accuracies.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -121,9 +121,12 @@ def evaluate_by_length(
     world_size: int,
     classes: AnswerClasses | None = None,
     max_tokens: int | None = None,
+    between_batches: Callable[[], None] | None = None,
 ) -> dict[int, float]:
     """``{num_segments: accuracy}`` over ``samples`` fixed evaluation samples per length (fewer past
-    ``max_tokens``, see ``samples_at``); ``classes`` for an encoder."""
+    ``max_tokens``, see ``samples_at``); ``classes`` for an encoder. ``between_batches`` is called before every
+    batch, on every rank as often (their shares are equal, see ``eval_indices``), so it may run a collective; it
+    may raise to stop the evaluation (the trainer's stop signal), which leaves the model in eval mode."""
     was_training = model.training
     model.eval()
     results = {}
@@ -142,6 +145,8 @@ def evaluate_by_length(
             disable=rank != 0 or num_segments < PROGRESS_MIN_SEGMENTS or not per_batch,
         )
         for start in batches:
+            if between_batches is not None:
+                between_batches()
             # a batch's samples are drawn when it starts, so only one batch of them is held at a time
             input_ids, labels = stacked_batch(
                 generator, mine[start : start + batch_size], num_segments * segment_size, segment_size, pad_id, classes

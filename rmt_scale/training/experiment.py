@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 from ..runtime.allocator import current_allocator
+from . import lock
 from .config import TrainConfig
 from .distributed import init_distributed
 from .trainer import Trainer
@@ -44,28 +45,30 @@ def run(config: TrainConfig) -> dict:
     started = time.perf_counter()
     results = {}
     runs = [config] + ([config.baseline_twin()] if config.baseline and config.model.num_mem_tokens else [])
-    for run_config in runs:
-        trainer = Trainer(run_config, dist_info)
-        results[trainer.label] = trainer.fit()
-        del trainer  # free the engine (and its ZeRO-3 partitions) before the next one is built
-        gc.collect()
-    trained = None if config.shards else max(config.curriculum_stages)
-    if dist_info.rank == 0:
-        summary = {
-            "accuracy": {name: {str(k): v for k, v in accuracy.items()} for name, accuracy in results.items()},
-            "segment_size": config.model.segment_size,
-            "train_segments": trained,
-            "eval_samples": {str(k): count for k, count in config.eval_samples_by_length.items()},
-            "max_steps": config.max_steps,
-            "world_size": dist_info.world_size,
-            "wall_time_s": time.perf_counter() - started,
-            "allocator": current_allocator(),
-        }
-        Path(config.out_dir, "results.json").write_text(json.dumps(summary, indent=2) + "\n")
-        trained_on = f"shards {config.shards}" if config.shards else f"up to {trained} segments"
-        print(
-            f"\nexact-answer accuracy by input length (trained on {trained_on}, "
-            f"{config.model.segment_size}-token segments):"
-        )
-        print(format_table(results, config.model.segment_size, trained, config.eval_samples_by_length), flush=True)
+    # one run per directory (the baseline's is inside it), held until results.json is written
+    with lock.hold(Path(config.out_dir), dist_info.rank):
+        for run_config in runs:
+            trainer = Trainer(run_config, dist_info)
+            results[trainer.label] = trainer.fit()
+            del trainer  # free the engine (and its ZeRO-3 partitions) before the next one is built
+            gc.collect()
+        trained = None if config.shards else max(config.curriculum_stages)
+        if dist_info.rank == 0:
+            summary = {
+                "accuracy": {name: {str(k): v for k, v in accuracy.items()} for name, accuracy in results.items()},
+                "segment_size": config.model.segment_size,
+                "train_segments": trained,
+                "eval_samples": {str(k): count for k, count in config.eval_samples_by_length.items()},
+                "max_steps": config.max_steps,
+                "world_size": dist_info.world_size,
+                "wall_time_s": time.perf_counter() - started,
+                "allocator": current_allocator(),
+            }
+            Path(config.out_dir, "results.json").write_text(json.dumps(summary, indent=2) + "\n")
+            trained_on = f"shards {config.shards}" if config.shards else f"up to {trained} segments"
+            print(
+                f"\nexact-answer accuracy by input length (trained on {trained_on}, "
+                f"{config.model.segment_size}-token segments):"
+            )
+            print(format_table(results, config.model.segment_size, trained, config.eval_samples_by_length), flush=True)
     return results

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 from tqdm import tqdm
@@ -23,8 +24,9 @@ class MetricsLogger:
             return
         from torch.utils.tensorboard import SummaryWriter
 
-        # purge_step drops events a killed run wrote after the checkpoint we resume from
+        # purge_step drops events a killed run wrote after the checkpoint we resume from; metrics.jsonl likewise
         self.writer = SummaryWriter(str(out_dir / "tensorboard"), purge_step=start_step + 1 if start_step else None)
+        purge_jsonl(out_dir / "metrics.jsonl", start_step)
         self.jsonl = open(out_dir / "metrics.jsonl", "a")
         self.bar = tqdm(total=max_steps, initial=start_step, desc=label, dynamic_ncols=True, mininterval=1.0)
 
@@ -56,3 +58,23 @@ class MetricsLogger:
             self.bar.close()
             self.writer.close()
             self.jsonl.close()
+
+
+def purge_jsonl(path: Path, start_step: int) -> None:
+    """Drops the lines of steps after ``start_step``: a killed or failed run logged them past the checkpoint
+    that this run starts from (all of them for a fresh run), and they are logged again."""
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    kept = [line for line in lines if (step := _step(line)) is not None and step <= start_step]
+    if len(kept) < len(lines):
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(kept))
+        os.replace(tmp, path)
+
+
+def _step(line: str) -> int | None:
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):  # a line cut short by a kill
+        return None

@@ -43,6 +43,9 @@ from .metrics import MetricsLogger
 EXIT_PREEMPTED = 75
 # Exit code after corrupt training data stopped the run (BSD EX_DATAERR): rerunning alone does not help.
 EXIT_DATA_ERROR = 65
+# Exit code after the disk filled up while a checkpoint was written (BSD EX_IOERR): free space, then resume.
+EXIT_DISK_FULL = 74
+
 # Exit code after --max_nonfinite_steps steps in a row had a non-finite loss: the run diverged (a lower --lr or a
 # --grad_clip may help; rerunning alone does not).
 EXIT_DIVERGED = 3
@@ -166,8 +169,8 @@ class Trainer:
     # ------------------------------------------------------------------ setup helpers
     def _find_resume(self) -> Path | None:
         found = checkpoint.find(self.out_dir, self.config.resume) if self.config.resume else None
-        existing = self.out_dir / "checkpoints" / checkpoint.LATEST
-        if not self.config.resume and existing.is_file():
+        directory = self.out_dir / "checkpoints"
+        if not self.config.resume and (checkpoint.checkpoints(directory) or (directory / checkpoint.LATEST).exists()):
             raise ValueError(
                 f"{self.out_dir} already holds checkpoints: pass --resume auto to continue that run, "
                 "or a new --out_dir to start another."
@@ -204,28 +207,35 @@ class Trainer:
                 except DataError:
                     self._save_on_data_error(logger)
                     raise
-                if self.step % config.eval_every == 0 or self.step == config.max_steps:
-                    self._evaluate(logger, final=self.step == config.max_steps)
+                if self.step == config.max_steps:
+                    break
+                if self.step % config.eval_every == 0:
+                    self._evaluate(logger)
                 else:
                     self._promote(logger)
-                if config.save_every and self.step % config.save_every == 0 and self.step < config.max_steps:
+                if config.save_every and self.step % config.save_every == 0:
                     self._save()
                 if self._stop_requested():
-                    self._save()
-                    source = signals.received() or "from another rank"
-                    logger.write(
-                        f"[{self.label}] stopped by signal {source} at step {self.step}; checkpoint written, "
-                        f"exit code {EXIT_PREEMPTED}"
-                    )
-                    raise Preempted
-            if not self.accuracy:
-                self._evaluate(logger, final=True)
+                    self._stop(logger)
+            # checkpointed first: the final evaluation (minutes at long lengths) then risks nothing, and a stop
+            # signal may cut it short (a resume repeats it)
             self._save()
+            self._evaluate(logger, final=True)
             if config.export:
                 self.export(self.out_dir / "export")
         finally:
             logger.close()
         return self.accuracy
+
+    def _stop(self, logger: MetricsLogger, during: str = "") -> None:
+        """Checkpoints (if not done yet) and raises Preempted: the launcher exits with EXIT_PREEMPTED."""
+        self._save()
+        source = signals.received() or "from another rank"
+        logger.write(
+            f"[{self.label}] stopped by signal {source} at step {self.step}{during}; checkpoint written, "
+            f"exit code {EXIT_PREEMPTED}"
+        )
+        raise Preempted
 
     def _save_on_data_error(self, logger: MetricsLogger) -> None:
         """The step's data was read before its forward, so the model is as the last step left it: worth a
@@ -335,6 +345,9 @@ class Trainer:
         lengths = config.eval_lengths
         if not (final or config.shards):
             lengths = [k for k in lengths if k <= max(config.curriculum_stages)]
+        # only the final evaluation gives way to a stop signal: the promotion that follows one during training
+        # shapes the steps after it, so cutting it short would make the resumed run differ
+        stop = partial(self._stop_if_requested, logger) if final else None
         self.accuracy = evaluate_by_length(
             self.engine.whole_model(),
             self.eval_generator,
@@ -347,6 +360,7 @@ class Trainer:
             world_size=self.dist.world_size,
             classes=self.classes,
             max_tokens=config.eval_max_tokens,
+            between_batches=stop,
         )
         logger.scalars(self.step, {f"eval/accuracy_{k}seg": acc for k, acc in self.accuracy.items()})
         self._promote(logger, self.accuracy)
@@ -359,6 +373,10 @@ class Trainer:
                 f"[{self.label}] step {self.step}: promoted by {reason} -> stage {self.curriculum.max_segments} "
                 "segments"
             )
+
+    def _stop_if_requested(self, logger: MetricsLogger) -> None:
+        if self._stop_requested():
+            self._stop(logger, during=" during the final evaluation (a resume repeats it)")
 
     def _stop_requested(self) -> bool:
         flag = torch.tensor([1.0 if signals.received() is not None else 0.0], device=self.dist.device)
