@@ -421,3 +421,32 @@ def test_unsupported_architectures_are_named(backbone_dirs):
         RecurrentMemoryModel(
             transformers.BertForSequenceClassification.from_pretrained(backbone_dirs["bert"]), RMTConfig(segment_size=8)
         )
+
+
+def test_token_ids_must_be_integers_inside_the_vocabulary(load_backbone):
+    model = rmt(load_backbone, "opt")
+    with pytest.raises(ValueError, match=r"dtype torch.float32.*input_ids.long\(\)"):
+        model(ids(1, 10).float())
+    too_large = ids(1, 10)
+    too_large[0, 4], too_large[0, 7] = VOCAB, VOCAB + 5
+    with pytest.raises(ValueError, match=f"input_ids hold ids from {VOCAB} to {VOCAB + 5}.*vocabulary of {VOCAB}"):
+        model(too_large)
+    with pytest.raises(ValueError, match="input_ids hold ids from -1 to -1"):
+        model(torch.full((1, 10), -1))
+    with pytest.raises(ValueError, match=f"labels hold ids from {VOCAB} to {VOCAB}"):
+        model(ids(1, 10), labels=torch.full((1, 10), VOCAB))
+    with pytest.raises(ValueError, match="input_ids hold ids"):
+        model.generate(too_large, max_new_tokens=1)
+
+
+@pytest.mark.parametrize("variant", ["rmt", "armt"])
+@pytest.mark.parametrize("backprop", ["bptt", "replay"])
+def test_labels_that_are_all_ignored_give_a_zero_loss_that_backpropagates(load_backbone, variant, backprop):
+    model = build(load_backbone, variant, "opt", backprop=backprop)
+    loss = model(ids(2, 20), labels=torch.full((2, 20), -100)).loss
+    assert loss.item() == 0.0
+    loss.backward()
+    assert gradients(model) and all(not grad.any() for grad in gradients(model).values())
+    memoryless = rmt(load_backbone, "opt", num_mem_tokens=0)
+    memoryless(ids(2, 20), labels=torch.full((2, 20), -100)).loss.backward()
+    assert model(ids(2, 20)).loss is None

@@ -7,7 +7,7 @@ from .batching import AnswerClasses, collate, whole_segments
 from .shards import ShardStream, decode_sample, encode_sample, write_shards
 from .tars import CorruptShardError, check_shard_source, expand_urls, iter_tar_samples, resolve_shards
 from .tasks import TASKS, TaskGenerator, TaskSample, make_sample
-from .tokenizer import TextTokenizer, build_word_tokenizer, could_be_hub_id, load_tokenizer
+from .tokenizer import TextTokenizer, build_word_tokenizer, could_be_hub_id, has_tokenizer, load_tokenizer
 
 __all__ = [
     "ACTORS",
@@ -39,5 +39,6 @@ __all__ = [
     "TextTokenizer",
     "build_word_tokenizer",
     "could_be_hub_id",
+    "has_tokenizer",
     "load_tokenizer",
 ]

@@ -32,6 +32,9 @@ class BackboneSpec:
     num_layers: int
 
 
+SUPPORTED = f"Supported decoders: {', '.join(DECODER_TYPES)}; encoders: {', '.join(ENCODER_TYPES)}."
+
+
 def backbone_kind(config) -> str:
     """``"decoder"`` or ``"encoder"``, from the backbone's config alone (``AutoConfig``, no weights)."""
     model_type = getattr(config, "model_type", None)
@@ -39,10 +42,22 @@ def backbone_kind(config) -> str:
         return "decoder"
     if model_type in ENCODER_TYPES:
         return "encoder"
-    raise UnsupportedBackboneError(
-        f"architecture {model_type!r} is not supported. Supported decoders: {', '.join(DECODER_TYPES)}; "
-        f"encoders: {', '.join(ENCODER_TYPES)}."
-    )
+    raise UnsupportedBackboneError(f"architecture {model_type!r} is not supported. {SUPPORTED}")
+
+
+def pretrained_config(name_or_path) -> transformers.PretrainedConfig:
+    """``AutoConfig``'s config of a backbone (a hub id or a directory), refused unless its family is supported:
+    the first thing read of a backbone, so nothing else (tokenizer, weights, transformers' own list of every
+    model type it knows) comes before that answer."""
+    try:
+        config = transformers.AutoConfig.from_pretrained(name_or_path)
+    except ValueError as error:  # no model_type in config.json, or one this transformers does not know
+        raise UnsupportedBackboneError(
+            f"{name_or_path}/config.json names no architecture transformers knows: pass a backbone saved with "
+            f"save_pretrained. {SUPPORTED}"
+        ) from error
+    backbone_kind(config)
+    return config
 
 
 def auto_model_class(config) -> type:

@@ -14,7 +14,14 @@ from torch import nn
 from transformers.utils import ModelOutput
 
 from .associative import AssociativeLayers, AssociativeState
-from .backbones import UnsupportedBackboneError, auto_model_class, backbone_kind, describe_backbone, max_positions
+from .backbones import (
+    UnsupportedBackboneError,
+    auto_model_class,
+    backbone_kind,
+    describe_backbone,
+    max_positions,
+    pretrained_config,
+)
 from .config import ARMTConfig, ConfigError, RMTConfig
 from .gate import MemoryGate
 from .generation import GenerationMixin
@@ -83,7 +90,7 @@ class RecurrentMemoryModel(GenerationMixin, nn.Module):
     def from_backbone(cls, name_or_path: str | Path, config: RMTConfig, **backbone_kwargs) -> RecurrentMemoryModel:
         """Loads a backbone with ``from_pretrained`` (a hub id or a local directory) and wraps it; an encoder's
         [CLS] and [SEP] ids, unless ``config`` has them, come from the tokenizer in the same place."""
-        backbone_config = transformers.AutoConfig.from_pretrained(name_or_path)
+        backbone_config = pretrained_config(name_or_path)
         if backbone_kind(backbone_config) == "encoder" and (config.cls_token_id is None or config.sep_token_id is None):
             tokenizer = transformers.AutoTokenizer.from_pretrained(name_or_path)
             config.cls_token_id = tokenizer.cls_token_id if config.cls_token_id is None else config.cls_token_id
@@ -146,7 +153,9 @@ class RecurrentMemoryModel(GenerationMixin, nn.Module):
             attention_mask: ``(batch, length)``, 0 at padding (either side). A sample whose text has ended
                 (or not yet begun) keeps its memory unchanged through the segments it has no tokens in.
             labels: decoders: ``(batch, length)`` token ids, not shifted, ``-100`` where no loss is wanted
-                (padding is ignored too); encoders: ``(batch,)`` class ids.
+                (padding is ignored too); labels that are all ``-100`` give a loss of zero that still
+                backpropagates (zero gradients), so a training loop needs no special case for a batch without
+                targets; encoders: ``(batch,)`` class ids.
             memory: the memory to start from (``RMTOutput.memory`` of a previous call); default: learned.
             return_logits: decoders only: also return all logits (memory grows with the input length).
         """
@@ -165,7 +174,13 @@ class RecurrentMemoryModel(GenerationMixin, nn.Module):
     ):
         """The checked batch cut into :class:`Segment` s, and the whole input's targets (decoders: the labels
         shifted once; None without labels or for encoders)."""
-        attention_mask = check_inputs(input_ids, attention_mask, labels, per_token_labels=self.spec.kind == "decoder")
+        attention_mask = check_inputs(
+            input_ids,
+            attention_mask,
+            labels,
+            per_token_labels=self.spec.kind == "decoder",
+            vocab_size=self.backbone.get_input_embeddings().num_embeddings,
+        )
         targets = self.step.targets(labels, attention_mask)
         segments = [
             Segment(

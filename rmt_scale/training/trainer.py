@@ -24,7 +24,7 @@ import transformers
 
 from ..data import AnswerClasses, ShardStream, TaskGenerator, TextTokenizer, load_tokenizer
 from ..model import AssociativeState, RecurrentMemoryModel, RMTConfig
-from ..model.backbones import auto_model_class, backbone_kind
+from ..model.backbones import auto_model_class, backbone_kind, pretrained_config
 from ..model.modeling import check_backbone
 from ..model.presets import BUILTIN_BACKBONES, preset_config
 from ..model.recurrence import last_state_memory
@@ -63,7 +63,7 @@ def backbone_setup(
             eos_token_id=tokenizer.eos_id,
         )
     else:
-        backbone_config = transformers.AutoConfig.from_pretrained(backbone_name)
+        backbone_config = pretrained_config(backbone_name)
     if backbone_kind(backbone_config) == "encoder":
         model_config = dataclasses.replace(model_config, cls_token_id=tokenizer.cls_id, sep_token_id=tokenizer.sep_id)
         backbone_config.num_labels = len(AnswerClasses(tokenizer))
