@@ -10,7 +10,7 @@ import argparse
 
 from tqdm import tqdm
 
-from ..data import STORY_KINDS, TASKS, Background, TaskGenerator, load_tokenizer, write_shards
+from ..data import STORY_KINDS, TASKS, Background, TaskGenerator, load_tokenizer, tokenizer_index_fields, write_shards
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -90,7 +90,7 @@ def main(argv=None) -> None:
             "tokens": args.tokens,
             "seed": args.seed,
             "story": args.story,
-            "tokenizer": "tokenizer",
+            **tokenizer_index_fields(tokenizer, args.tokenizer),
         },
     )
     tokenizer.save(f"{args.out.rstrip('/')}/tokenizer")  # the exact tokenizer travels with its data

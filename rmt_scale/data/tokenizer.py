@@ -12,6 +12,8 @@ saved next to every run as a standard ``tokenizer.json`` + ``tokenizer_config.js
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import tempfile
 from collections.abc import Sequence
@@ -61,6 +63,13 @@ class TextTokenizer:
             return []
         ids = self.hf([" " + t for t in texts], add_special_tokens=False)["input_ids"]
         return [np.asarray(x, dtype=np.int32) for x in ids]
+
+    @property
+    def fingerprint(self) -> str:
+        """A hash of the vocabulary and the special ids: tokenizers with different fingerprints give different
+        ids (shards record it, so a run with another tokenizer is refused before it reads them)."""
+        parts = [sorted(self.hf.get_vocab().items()), self.eos_id, self.pad_id, self.cls_id, self.sep_id]
+        return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
 
     def decode(self, ids) -> str:
         return self.hf.decode(np.asarray(ids).tolist())

@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 import transformers
 
-from ..data import AnswerClasses, ShardStream, TaskGenerator, TextTokenizer, load_tokenizer
+from ..data import AnswerClasses, ShardStream, TaskGenerator, TextTokenizer, check_shard_tokenizer, load_tokenizer
 from ..model import AssociativeState, RecurrentMemoryModel, RMTConfig
 from ..model.backbones import auto_model_class, backbone_kind, pretrained_config
 from ..model.modeling import check_backbone
@@ -105,6 +105,8 @@ class Trainer:
             if self.resume_state is not None:
                 config.check_resumable(json.loads(self.resume_state["config"]))
             self.tokenizer = load_tokenizer(config.tokenizer_name)
+            if config.shards:
+                check_shard_tokenizer(config.shards, self.tokenizer, config.tokenizer_name)
             backbone_setup(config.backbone, self.tokenizer, config.model)
         self.engine = build_engine(
             partial(build_model, config.backbone, self.tokenizer, config.seed),
