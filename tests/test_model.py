@@ -18,7 +18,19 @@ from rmt_scale import (
     RMTConfig,
     UnsupportedBackboneError,
 )
-from support.models import CLS_ID, DECODERS, ENCODERS, SEP_ID, VOCAB, assert_states_close, build, ids, rmt, rmt_gated
+from support.models import (
+    CLS_ID,
+    DECODERS,
+    ENCODERS,
+    SEP_ID,
+    VOCAB,
+    armt,
+    assert_states_close,
+    build,
+    ids,
+    rmt,
+    rmt_gated,
+)
 
 
 def gradients(model: RecurrentMemoryModel) -> dict[str, torch.Tensor]:
@@ -450,3 +462,26 @@ def test_labels_that_are_all_ignored_give_a_zero_loss_that_backpropagates(load_b
     memoryless = rmt(load_backbone, "opt", num_mem_tokens=0)
     memoryless(ids(2, 20), labels=torch.full((2, 20), -100)).loss.backward()
     assert model(ids(2, 20)).loss is None
+
+
+def test_an_incomplete_or_edited_model_directory_is_named(load_backbone, tmp_path):
+    armt(load_backbone, "opt").save_pretrained(tmp_path / "armt")
+    config = tmp_path / "armt" / "rmt_config.json"
+    saved = config.read_text()
+    config.write_text(saved.replace('"num_mem_tokens": 3', '"num_mem_tokens": 5'))
+    with pytest.raises(
+        ValueError,
+        match=re.escape(f"{tmp_path}/armt/memory.safetensors does not fit {config}, which was edited after saving ")
+        + r"\(memory \(3, 32\) in the weights, \(5, 32\) by the config\): restore the saved rmt_config.json",
+    ):
+        RecurrentMemoryModel.from_pretrained(tmp_path / "armt")
+    config.write_text(saved.replace('"gating": true', '"gating": false'))
+    with pytest.raises(ValueError, match=r"does not match .*rmt_config.json \(missing \[\], unexpected \['associative"):
+        RecurrentMemoryModel.from_pretrained(tmp_path / "armt")
+    config.write_text(saved)
+    for name in ("memory.safetensors", "backbone/config.json"):
+        (tmp_path / "armt" / name).rename(tmp_path / "moved")
+        with pytest.raises(ValueError, match=f"{tmp_path}/armt/{name} does not exist: copy the whole model directory"):
+            RecurrentMemoryModel.from_pretrained(tmp_path / "armt")
+        (tmp_path / "moved").rename(tmp_path / "armt" / name)
+    RecurrentMemoryModel.from_pretrained(tmp_path / "armt")

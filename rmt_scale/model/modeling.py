@@ -22,7 +22,7 @@ from .backbones import (
     max_positions,
     pretrained_config,
 )
-from .config import ARMTConfig, ConfigError, RMTConfig
+from .config import CONFIG_NAME, ARMTConfig, ConfigError, RMTConfig
 from .gate import MemoryGate
 from .generation import GenerationMixin
 from .segments import Segment, check_inputs, segment_bounds
@@ -116,7 +116,12 @@ class RecurrentMemoryModel(GenerationMixin, nn.Module):
     def from_pretrained(cls, directory: str | Path, **backbone_kwargs) -> RecurrentMemoryModel:
         directory = Path(directory)
         config = RMTConfig.from_pretrained(directory)
-        backbone_dir = directory / BACKBONE_DIR
+        weights, backbone_dir = directory / WEIGHTS_NAME, directory / BACKBONE_DIR
+        for path in (weights, backbone_dir / "config.json"):  # before the backbone, which may take minutes to read
+            if not path.is_file():
+                raise ValueError(
+                    f"{path} does not exist: copy the whole model directory, or write it again with save_pretrained."
+                )
         architectures = transformers.AutoConfig.from_pretrained(backbone_dir).architectures or []
         if not architectures or not hasattr(transformers, architectures[0]):
             raise ValueError(f"{backbone_dir}/config.json names no known architecture; re-save the model.")
@@ -127,14 +132,26 @@ class RecurrentMemoryModel(GenerationMixin, nn.Module):
             raise _damaged_weights(damaged[0] if damaged else backbone_dir, error) from error
         model = cls(backbone, config)
         try:
-            own = load_file(str(directory / WEIGHTS_NAME))
+            own = load_file(str(weights))
         except SafetensorError as error:
-            raise _damaged_weights(directory / WEIGHTS_NAME, error) from error
+            raise _damaged_weights(weights, error) from error
+        expected = model.state_dict()
+        resized = [
+            f"{name} {tuple(tensor.shape)} in the weights, {tuple(expected[name].shape)} by the config"
+            for name, tensor in own.items()
+            if name in expected and tensor.shape != expected[name].shape
+        ]
+        if resized:
+            raise ValueError(
+                f"{weights} does not fit {directory / CONFIG_NAME}, which was edited after saving "
+                f"({'; '.join(resized)}): restore the saved rmt_config.json, or train a model of the new shape."
+            )
         missing, unexpected = model.load_state_dict(own, strict=False)
         missing = [name for name in missing if not name.startswith("backbone.")]
         if missing or unexpected:
             raise ValueError(
-                f"{directory / WEIGHTS_NAME} does not match the config: missing {missing}, unexpected {unexpected}."
+                f"{weights} does not match {directory / CONFIG_NAME} (missing {missing}, unexpected "
+                f"{unexpected}): restore the saved rmt_config.json, or train a model of the new shape."
             )
         return model
 
