@@ -3,10 +3,13 @@ and the fix, a ConfigError (exit 2 from the launchers)."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import transformers
 
-from rmt_scale.data import build_word_tokenizer
+from rmt_scale.cli.make_shards import main as make_shards
+from rmt_scale.data import build_word_tokenizer, filler_sentences
 from rmt_scale.model import ConfigError
 from rmt_scale.model.backbones import UnsupportedBackboneError, pretrained_config
 from rmt_scale.training import TrainConfig
@@ -45,3 +48,44 @@ def test_a_backbone_directory_without_a_tokenizer_asks_for_one(backbone_dirs, tm
     with pytest.raises(ConfigError, match=r"empty has no tokenizer: pass --tokenizer \(a tokenizer directory, or"):
         TrainConfig(tokenizer=str(tmp_path / "empty"), out_dir=str(tmp_path / "out")).check_paths()
     TrainConfig(backbone=str(backbone_dirs["opt"]), tokenizer="builtin", out_dir=str(tmp_path / "out")).check_paths()
+
+
+# ------------------------------------------------------------------------------------------ make_shards
+def test_make_shards_refuses_bad_input_in_one_line_before_writing(tmp_path, capsys):
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "image.png").write_bytes(bytes(range(128, 256)) * 8)
+    (tmp_path / "a_file").write_text("")
+    out = tmp_path / "out"
+    base = ["--task", "memorize", "--out", str(out)]
+    cases = {
+        "--samples 0 must be at least 1.": ["--samples", "0", "--tokens", "100"],
+        "--samples -3 must be at least 1.": ["--samples", "-3", "--tokens", "100"],
+        "--tokens 100 0 must be at least 1.": ["--samples", "1", "--tokens", "100", "0"],
+        "--tokens 5 is too short: the facts, question and answer of some memorize samples take 11 tokens; ask for "
+        "at least 11.": ["--samples", "1", "--tokens", "5"],
+        f"background file {tmp_path}/missing.txt does not exist": ["--background", str(tmp_path / "missing.txt")],
+        f"{tmp_path}/empty.txt has no text to use as background": ["--background", str(tmp_path / "empty.txt")],
+        f"background {tmp_path}/image.png is not UTF-8 text": ["--background", str(tmp_path / "image.png")],
+        f"--out {tmp_path}/a_file is a file: pass a directory": ["--out", str(tmp_path / "a_file")],
+    }
+    for message, flags in cases.items():
+        flags = flags if "--samples" in flags else ["--samples", "1", "--tokens", "100", *flags]
+        assert make_shards([*base, *flags]) == 2, message
+        err = capsys.readouterr().err
+        assert err == f"error: {message}\n" if message.endswith(".") else err.startswith(f"error: {message}"), err
+        assert err.count("\n") == 1
+    assert not out.exists()
+
+
+def test_make_shards_warns_when_the_tokenizer_does_not_know_the_background(tmp_path, capsys):
+    (tmp_path / "book.txt").write_text("Der Regen fiel auf den Hafen. Das Schiff wartete. " * 40)
+    flags = ["--task", "detect", "--samples", "1", "--tokens", "200", "--background", str(tmp_path / "book.txt")]
+    assert make_shards([*flags, "--out", str(tmp_path / "out")]) == 0
+    assert re.search(
+        r"warning: tokenizer builtin reads \d\d% of the background's tokens as \[UNK\]: pass --tokenizer with one "
+        r"that knows the text",
+        capsys.readouterr().err,
+    )
+    (tmp_path / "book.txt").write_text(" ".join(filler_sentences(200)))
+    assert make_shards([*flags, "--out", str(tmp_path / "known")]) == 0
+    assert "warning" not in capsys.readouterr().err
