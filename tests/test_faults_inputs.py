@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 
 import pytest
+import torch
 import transformers
 
 from rmt_scale.cli.make_shards import main as make_shards
@@ -13,6 +14,8 @@ from rmt_scale.data import build_word_tokenizer, filler_sentences
 from rmt_scale.model import ConfigError
 from rmt_scale.model.backbones import UnsupportedBackboneError, pretrained_config
 from rmt_scale.training import TrainConfig
+from rmt_scale.training.evaluation import batch_bytes
+from rmt_scale.training.trainer import backbone_setup, check_batch_memory
 
 SUPPORTED = r"Supported decoders: opt, gpt2, llama, mistral, qwen2, gpt_neox; encoders: bert, roberta\."
 
@@ -89,3 +92,24 @@ def test_make_shards_warns_when_the_tokenizer_does_not_know_the_background(tmp_p
     (tmp_path / "book.txt").write_text(" ".join(filler_sentences(200)))
     assert make_shards([*flags, "--out", str(tmp_path / "known")]) == 0
     assert "warning" not in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------ memory
+def test_batches_that_cannot_fit_are_refused_with_the_estimate_and_the_flag(tmp_path):
+    tokenizer = build_word_tokenizer()
+    cpu = torch.device("cpu")
+    cases = {
+        r"--micro_batch_size 100000000 at 4 segments needs at least \d+\.\d GiB \(its tokens and one segment's "
+        r"activations\) but this host has \d+\.\d GiB available: lower --micro_batch_size or the longest "
+        r"--curriculum stage\.": TrainConfig(micro_batch_size=10**8),
+        # one sample (--eval_max_tokens) of 32 billion tokens
+        r"--eval_segments 1000000000 with --eval_batch_size 1 needs at least .*: lower --eval_segments or "
+        r"--eval_batch_size\.": TrainConfig(eval_segments="1,1000000000"),
+    }
+    for message, config in cases.items():
+        backbone_config, _ = backbone_setup(config.backbone, tokenizer, config.model)
+        with pytest.raises(ConfigError, match=message):
+            check_batch_memory(config, backbone_config, 1, cpu)
+    backbone_config, _ = backbone_setup("tiny", tokenizer, TrainConfig().model)
+    check_batch_memory(TrainConfig(), backbone_config, 1, cpu)  # the quick start's
+    assert batch_bytes(2, 100, 4, 20, 8, layers=3, logits=50) == (4 * 100 * 4, 2 * (20 * 8 * 3 * 32 + 4 * 50))

@@ -247,11 +247,11 @@ class TrainConfig:
     # ------------------------------------------------------------------ parsed views
     @property
     def curriculum_stages(self) -> list[int]:
-        return _int_list("curriculum", self.curriculum)
+        return int_list("curriculum", self.curriculum)
 
     @property
     def eval_lengths(self) -> list[int]:
-        return _int_list("eval_segments", self.eval_segments)
+        return int_list("eval_segments", self.eval_segments)
 
     @property
     def eval_samples_by_length(self) -> dict[int, int]:
@@ -425,7 +425,7 @@ def _check_pretrained(flag: str, name: str, required_file: str | None) -> None:
         )
 
 
-def _int_list(flag: str, text: str) -> list[int]:
+def int_list(flag: str, text: str) -> list[int]:
     try:
         values = [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
