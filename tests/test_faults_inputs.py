@@ -3,7 +3,10 @@ and the fix, a ConfigError (exit 2 from the launchers)."""
 
 from __future__ import annotations
 
+import json
 import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -16,6 +19,7 @@ from rmt_scale.model.backbones import UnsupportedBackboneError, pretrained_confi
 from rmt_scale.training import TrainConfig
 from rmt_scale.training.evaluation import batch_bytes
 from rmt_scale.training.trainer import backbone_setup, check_batch_memory
+from support import ROOT
 
 SUPPORTED = r"Supported decoders: opt, gpt2, llama, mistral, qwen2, gpt_neox; encoders: bert, roberta\."
 
@@ -113,3 +117,25 @@ def test_batches_that_cannot_fit_are_refused_with_the_estimate_and_the_flag(tmp_
     backbone_config, _ = backbone_setup("tiny", tokenizer, TrainConfig().model)
     check_batch_memory(TrainConfig(), backbone_config, 1, cpu)  # the quick start's
     assert batch_bytes(2, 100, 4, 20, 8, layers=3, logits=50) == (4 * 100 * 4, 2 * (20 * 8 * 3 * 32 + 4 * 50))
+
+
+# ------------------------------------------------------------------------------------------ plot_results
+def test_plot_results_refuses_to_merge_tasks(tmp_path):
+    run, evaluation = tmp_path / "memorize-armt", tmp_path / "eval-detect"
+    run.mkdir()
+    (run / "train_config.json").write_text(json.dumps({"task": "memorize"}))
+    results = {"accuracy": {"armt": {"1": 1.0}}, "segment_size": 32, "train_segments": 4, "eval_samples": {"1": 8}}
+    (run / "results.json").write_text(json.dumps(results))
+    evaluation.mkdir()
+    (evaluation / "eval.json").write_text(json.dumps({"task": "detect", "segment_size": 32, "accuracy": {"4": 0.5}}))
+    plotted = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "plot_results.py"), str(run), str(evaluation), "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+    )
+    assert plotted.returncode == 2, plotted.stderr
+    assert plotted.stderr == (
+        "error: the runs are of different tasks (memorize: memorize-armt; detect: eval-detect): plot one task at "
+        "a time.\n"
+    )
+    assert not list(tmp_path.glob("*_by_length.*"))
