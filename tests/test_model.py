@@ -4,6 +4,7 @@ tested on both, and RMT's own."""
 from __future__ import annotations
 
 import re
+import warnings
 
 import numpy as np
 import pytest
@@ -485,3 +486,13 @@ def test_an_incomplete_or_edited_model_directory_is_named(load_backbone, tmp_pat
             RecurrentMemoryModel.from_pretrained(tmp_path / "armt")
         (tmp_path / "moved").rename(tmp_path / "armt" / name)
     RecurrentMemoryModel.from_pretrained(tmp_path / "armt")
+
+
+def test_backbones_are_called_without_deprecated_arguments(load_backbone):
+    """transformers 5 warns at every call that passes the KV cache as past_key_values, even as None."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        for family in DECODERS:
+            model = rmt(load_backbone, family)
+            model(ids(1, 10), labels=ids(1, 10))
+            model.generate(ids(1, 10), max_new_tokens=2)

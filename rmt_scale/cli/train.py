@@ -15,6 +15,7 @@ checkpoint (rerun with --resume auto). Any other error is a bug or a failure of 
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from collections.abc import Callable
@@ -32,6 +33,9 @@ def main(argv: list[str] | None = None) -> int:
     # imported before it: the rest of the package imports torch.
     restart_launcher()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # DeepSpeed's warmup schedulers warn, as they are built at every start, that a learning rate was asked of them
+    # "before it has started": their own constructor asks it
+    logging.getLogger("DeepSpeed").addFilter(lambda record: "before it has started" not in record.getMessage())
     from ..training import signals
 
     signals.install()  # before the slow start-up, so an early SIGUSR1/SIGTERM is kept, not fatal

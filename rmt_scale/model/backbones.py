@@ -6,6 +6,8 @@ on its base model plus its LM head; an encoder through its sequence-classificati
 
 from __future__ import annotations
 
+import functools
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -173,14 +175,22 @@ def run_decoder(
     use_cache: bool = False,
 ):
     """Final hidden states (after the final norm) of a decoder's base model, plus its KV cache."""
+    name = cache_argument(type(backbone.base_model))
     out = backbone.base_model(
         inputs_embeds=embeds,
         attention_mask=attention_mask,
         position_ids=position_ids,
-        past_key_values=past_key_values,
         use_cache=use_cache,
+        **{name: past_key_values},
     )
-    return out.last_hidden_state, out.past_key_values
+    return out.last_hidden_state, getattr(out, name)
+
+
+@functools.cache
+def cache_argument(model_class: type) -> str:
+    """What the base model calls its KV cache: ``cache`` from transformers 5 on, which warns on every call that
+    passes the older ``past_key_values``, even as None."""
+    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
 
 
 def run_encoder(backbone: nn.Module, embeds: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor):
