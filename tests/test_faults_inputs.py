@@ -7,19 +7,23 @@ import json
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 import transformers
 
+from rmt_scale import ARMTConfig, RecurrentMemoryModel
 from rmt_scale.cli.make_shards import main as make_shards
-from rmt_scale.data import build_word_tokenizer, filler_sentences
+from rmt_scale.data import TaskGenerator, build_word_tokenizer, filler_sentences, tokenizer_index_fields, write_shards
 from rmt_scale.model import ConfigError
 from rmt_scale.model.backbones import UnsupportedBackboneError, pretrained_config
+from rmt_scale.model.presets import preset_config
 from rmt_scale.training import TrainConfig
 from rmt_scale.training.evaluation import batch_bytes
 from rmt_scale.training.trainer import backbone_setup, check_batch_memory
 from support import ROOT
+from support.runs import LAUNCHER, environment, launch, run_args
 
 SUPPORTED = r"Supported decoders: opt, gpt2, llama, mistral, qwen2, gpt_neox; encoders: bert, roberta\."
 
@@ -139,3 +143,103 @@ def test_plot_results_refuses_to_merge_tasks(tmp_path):
         "a time.\n"
     )
     assert not list(tmp_path.glob("*_by_length.*"))
+
+
+# ------------------------------------------------------------------------------------------ the launchers
+NOISE = ("built successfully", "before it has started", "FutureWarning", "deprecated")
+
+
+def export(directory: Path, **config) -> Path:
+    """A small exported ARMT with its tokenizer, as a run's export/ holds them."""
+    tokenizer = build_word_tokenizer()
+    backbone = transformers.AutoModelForCausalLM.from_config(
+        preset_config("test-opt", vocab_size=tokenizer.vocab_size, max_position_embeddings=64)
+    )
+    RecurrentMemoryModel(backbone, ARMTConfig(num_mem_tokens=4, segment_size=16, d_mem=4, **config)).save_pretrained(
+        directory
+    )
+    tokenizer.save(str(directory / "tokenizer"))
+    return directory
+
+
+@pytest.mark.slow
+def test_launchers_refuse_bad_input_in_one_line_before_any_work(tmp_path, t5_dir, backbone):
+    """Each case is the real launcher in its own process (all at once, to keep the test short)."""
+    ddp = json.loads((ROOT / "ds_configs" / "ddp.json").read_text())
+    (tmp_path / "list.json").write_text("[]")
+    ddp["optimizer"]["params"]["lr"] = "banana"
+    (tmp_path / "banana.json").write_text(json.dumps(ddp))
+    shards = tmp_path / "shards"
+    builtin = build_word_tokenizer()
+    generator = TaskGenerator("memorize", builtin)
+    write_shards([generator.sample(0, 32)], str(shards), extra_index=tokenizer_index_fields(builtin, "builtin"))
+    build_word_tokenizer(extra_words=["zebra"]).save(str(tmp_path / "zebra"))
+    edited = export(tmp_path / "edited")
+    config = edited / "rmt_config.json"
+    config.write_text(config.read_text().replace('"num_mem_tokens": 4', '"num_mem_tokens": 6'))
+    incomplete = export(tmp_path / "incomplete")
+    (incomplete / "memory.safetensors").unlink()
+    model = export(tmp_path / "model")
+    train = [sys.executable, LAUNCHER, "--out_dir", str(tmp_path / "out")]
+    evaluate = [sys.executable, str(ROOT / "launchers" / "eval.py"), "--out", str(tmp_path / "eval")]
+    cases = {
+        "architecture 't5' is not supported. Supported decoders: opt, gpt2": [*train, "--backbone", str(t5_dir)],
+        f"{backbone} has no tokenizer: pass --tokenizer (a tokenizer directory, or builtin).": [
+            *train,
+            "--backbone",
+            str(backbone),
+        ],
+        f"--ds_config='{tmp_path}/list.json' holds a JSON array, not an object": [
+            *train,
+            "--ds_config",
+            str(tmp_path / "list.json"),
+        ],
+        "optimizer.params.lr='banana' in --ds_config": [*train, "--ds_config", str(tmp_path / "banana.json")],
+        f"--shards {shards} were made with tokenizer builtin, this run uses {tmp_path}/zebra: pass --tokenizer "
+        f"{shards}/tokenizer": [*train, "--shards", str(shards), "--tokenizer", str(tmp_path / "zebra")],
+        "--micro_batch_size 100000000 at 4 segments needs at least": [*train, "--micro_batch_size", "100000000"],
+        f"{edited}/memory.safetensors does not fit {config}": [*evaluate, "--model", str(edited)],
+        f"{incomplete}/memory.safetensors does not exist": [*evaluate, "--model", str(incomplete)],
+        "--eval_segments 1000000000 with --batch_size 16 needs at least": [
+            *evaluate,
+            "--model",
+            str(model),
+            "--eval_segments",
+            "1,1000000000",
+        ],
+    }
+    processes = {
+        message: subprocess.Popen(command, env=environment(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for message, command in cases.items()
+    }
+    for message, process in processes.items():
+        stdout, stderr = process.communicate(timeout=300)
+        assert process.returncode == 2, (message, stderr[-3000:])
+        # transformers' bar as it reads a model's backbone is the only other output
+        lines = [line for line in stderr.splitlines() if line.strip() and not line.startswith("Loading weights")]
+        assert len(lines) == 1 and lines[0].startswith(f"error: {message}"), (message, stderr)
+        assert stdout == "", (message, stdout)
+    assert not (tmp_path / "out" / "checkpoints").exists() and not (tmp_path / "eval").exists()
+
+
+@pytest.mark.slow
+def test_eval_takes_comma_lists_and_writes_outside_the_model_directory(tmp_path, backbone):
+    """Its default output is runs/eval/NAME of the working directory: evaluating a checkpoint kept in a repository
+    leaves it as it was. Neither launcher prints what the user cannot act on."""
+    model = export(tmp_path / "armt-memorize")
+    before = sorted(path.name for path in model.rglob("*"))
+    evaluated = subprocess.run(
+        [sys.executable, str(ROOT / "launchers" / "eval.py"), "--model", str(model), "--eval_segments", "1,2", "4"],
+        cwd=tmp_path,
+        env=environment(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    assert sorted(path.name for path in model.rglob("*")) == before
+    result = json.loads((tmp_path / "runs" / "eval" / "armt-memorize" / "eval.json").read_text())
+    assert sorted(result["accuracy"]) == ["1", "2", "4"]
+    trained = launch(run_args(backbone, tmp_path / "run", max_steps=2), ranks=1)
+    for output in (evaluated.stdout + evaluated.stderr, trained.stdout + trained.stderr):
+        assert not [noise for noise in NOISE if noise in output], output
