@@ -313,7 +313,7 @@ class TrainConfig:
         if self.tokenizer not in ("", "builtin"):
             _check_pretrained("tokenizer", self.tokenizer, None)  # tokenizers are saved in several layouts
         tokenizer_dir = Path(self.tokenizer_name).expanduser()
-        if tokenizer_dir.is_dir() and not has_tokenizer(str(tokenizer_dir)):
+        if self.tokenizer_name != "builtin" and tokenizer_dir.is_dir() and not has_tokenizer(str(tokenizer_dir)):
             raise ConfigError(
                 f"{self.tokenizer_name} has no tokenizer: pass --tokenizer (a tokenizer directory, or builtin)."
             )
