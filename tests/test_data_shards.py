@@ -18,7 +18,9 @@ from rmt_scale.data import (
     ShardStream,
     TaskGenerator,
     build_word_tokenizer,
+    check_shard_tokenizer,
     iter_tar_samples,
+    tokenizer_index_fields,
     write_shards,
 )
 
@@ -335,3 +337,25 @@ def test_background_text_shards_read_through_the_same_reader(tok, tmp_path):
     assert np.array_equal(background.tokens, Background.from_text("\n".join(books), tok).tokens)
     cut = Background.from_text_shards(str(tmp_path / "books-{0..1}.tar"), tok, max_chars=len(books[0]))
     assert np.array_equal(cut.tokens, Background.from_text(books[0], tok).tokens)
+
+
+def test_shards_of_another_tokenizer_are_refused_before_reading(samples, tok, tmp_path):
+    """The ids of another tokenizer mean other words, or fall outside the vocabulary and read as corrupt."""
+    other = build_word_tokenizer(extra_words=["zebra"])
+    out = str(tmp_path / "shards")
+    write_shards(samples[:2], out, extra_index=tokenizer_index_fields(tok, "builtin"))
+    check_shard_tokenizer(out, build_word_tokenizer(), "builtin")
+    with pytest.raises(
+        ValueError,
+        match=f"--shards {out} were made with tokenizer builtin, this run uses my-tok: pass --tokenizer "
+        f"{out}/tokenizer .* or re-create the shards with --tokenizer my-tok",
+    ):
+        check_shard_tokenizer(out, other, "my-tok")
+    # an index written before it recorded the tokenizer: the one saved next to the shards is compared
+    old = str(tmp_path / "old")
+    write_shards(samples[:2], old, extra_index={"tokenizer": "tokenizer"})
+    tok.save(f"{old}/tokenizer")
+    check_shard_tokenizer(old, tok, "builtin")
+    with pytest.raises(ValueError, match=f"made with tokenizer {old}/tokenizer, this run uses my-tok"):
+        check_shard_tokenizer(old, other, "my-tok")
+    check_shard_tokenizer(f"{out}/shard-000000.tar", other, "my-tok")  # no index: nothing to compare

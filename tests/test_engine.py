@@ -53,6 +53,40 @@ def test_unknown_key_is_refused():
         build_ds_config(raw, TrainConfig(), world_size=1)
 
 
+def test_a_config_of_the_wrong_shape_or_types_names_the_key(tmp_path):
+    listed = tmp_path / "list.json"
+    listed.write_text("[1, 2]")
+    with pytest.raises(ConfigError, match=f"--ds_config='{listed}' holds a JSON array, not an object"):
+        load_ds_config(str(listed))
+    ddp = load_ds_config(str(CONFIGS / "ddp.json"))
+    cases = {
+        "optimizer.params.lr='banana' in --ds_config='ds_configs/ddp.json' must be a number, or \"auto\"": (
+            "optimizer",
+            {**ddp["optimizer"], "params": {"lr": "banana"}},
+        ),
+        r"optimizer.params.betas=\[0.9, 'x'\] .* must be a number \(or a list of numbers\)": (
+            "optimizer",
+            {**ddp["optimizer"], "params": {"betas": [0.9, "x"]}},
+        ),
+        r"optimizer.type='Adamm' .* is not a optimizer DeepSpeed builds: use one of DeepSpeed's \(adagrad, adam, ": (
+            "optimizer",
+            {"type": "Adamm"},
+        ),
+        r"scheduler.type='Cosine' .* use one of DeepSpeed's \(LRRangeTest, OneCycle, ": (
+            "scheduler",
+            {"type": "Cosine"},
+        ),
+        "scheduler in --ds_config='ds_configs/ddp.json' is a JSON string: make it an object": ("scheduler", "WarmupLR"),
+    }
+    for message, (key, value) in cases.items():
+        with pytest.raises(ConfigError, match=message):
+            build_ds_config(ddp | {key: value}, TrainConfig(), world_size=1)
+    # DeepSpeed's names in any case, and torch's classes, are built
+    for optimizer in ({"type": "adamw"}, {"type": "SGD", "params": {"lr": "auto", "momentum": 0.9}}):
+        build_ds_config(ddp | {"optimizer": optimizer}, TrainConfig(), world_size=1)
+    build_ds_config(ddp | {"scheduler": {"type": "StepLR", "params": {"step_size": 5}}}, TrainConfig(), world_size=1)
+
+
 def test_batch_sizes_that_do_not_divide_are_refused():
     raw = load_ds_config(str(CONFIGS / "ddp.json")) | {"train_batch_size": 30, "train_micro_batch_size_per_gpu": 4}
     with pytest.raises(ValueError, match=r"train_batch_size=30 must equal .* x 2 data-parallel ranks = 8"):

@@ -13,6 +13,7 @@ from rmt_scale import ARMTConfig, RecurrentMemoryModel, RMTConfig
 from rmt_scale.data import LOCATIONS, AnswerClasses, TaskGenerator, build_word_tokenizer, collate
 from rmt_scale.model.presets import preset_config
 from rmt_scale.model.segments import IGNORE_INDEX
+from rmt_scale.training import evaluation
 from rmt_scale.training.evaluation import samples_at, stacked_batch, streaming_correct
 
 SEGMENT = 16
@@ -158,3 +159,21 @@ def test_long_lengths_get_fewer_samples_down_to_one():
     assert samples_at(1_000_000, 64, 4_000_000) == 4
     assert samples_at(10_000_000, 64, 4_000_000) == 1
     assert samples_at(10_000_000, 64, None) == 64
+
+
+def test_the_progress_bar_counts_every_segment_read(tokenizer, monkeypatch):
+    bars = []
+
+    class Recorded(evaluation.tqdm):
+        def close(self):
+            if not self.disable:  # tqdm closes again when it is collected
+                bars.append((self.n, self.total))
+            super().close()
+
+    monkeypatch.setattr(evaluation, "tqdm", Recorded)
+    monkeypatch.setattr(evaluation, "PROGRESS_MIN_SEGMENTS", 1)
+    model = build("rmt", tokenizer.vocab_size, tokenizer)
+    generator = TaskGenerator("memorize", tokenizer, seed=1)
+    common = dict(segment_size=SEGMENT, samples=4, batch_size=2, pad_id=tokenizer.pad_id, rank=0, world_size=1)
+    evaluation.evaluate_by_length(model, generator, [3, 5], **common)
+    assert bars == [(6, 6), (10, 10)]  # 2 batches of 3 and of 5 segments

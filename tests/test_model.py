@@ -4,6 +4,7 @@ tested on both, and RMT's own."""
 from __future__ import annotations
 
 import re
+import warnings
 
 import numpy as np
 import pytest
@@ -18,7 +19,19 @@ from rmt_scale import (
     RMTConfig,
     UnsupportedBackboneError,
 )
-from support.models import CLS_ID, DECODERS, ENCODERS, SEP_ID, VOCAB, assert_states_close, build, ids, rmt, rmt_gated
+from support.models import (
+    CLS_ID,
+    DECODERS,
+    ENCODERS,
+    SEP_ID,
+    VOCAB,
+    armt,
+    assert_states_close,
+    build,
+    ids,
+    rmt,
+    rmt_gated,
+)
 
 
 def gradients(model: RecurrentMemoryModel) -> dict[str, torch.Tensor]:
@@ -421,3 +434,65 @@ def test_unsupported_architectures_are_named(backbone_dirs):
         RecurrentMemoryModel(
             transformers.BertForSequenceClassification.from_pretrained(backbone_dirs["bert"]), RMTConfig(segment_size=8)
         )
+
+
+def test_token_ids_must_be_integers_inside_the_vocabulary(load_backbone):
+    model = rmt(load_backbone, "opt")
+    with pytest.raises(ValueError, match=r"dtype torch.float32.*input_ids.long\(\)"):
+        model(ids(1, 10).float())
+    too_large = ids(1, 10)
+    too_large[0, 4], too_large[0, 7] = VOCAB, VOCAB + 5
+    with pytest.raises(ValueError, match=f"input_ids hold ids from {VOCAB} to {VOCAB + 5}.*vocabulary of {VOCAB}"):
+        model(too_large)
+    with pytest.raises(ValueError, match="input_ids hold ids from -1 to -1"):
+        model(torch.full((1, 10), -1))
+    with pytest.raises(ValueError, match=f"labels hold ids from {VOCAB} to {VOCAB}"):
+        model(ids(1, 10), labels=torch.full((1, 10), VOCAB))
+    with pytest.raises(ValueError, match="input_ids hold ids"):
+        model.generate(too_large, max_new_tokens=1)
+
+
+@pytest.mark.parametrize("variant", ["rmt", "armt"])
+@pytest.mark.parametrize("backprop", ["bptt", "replay"])
+def test_labels_that_are_all_ignored_give_a_zero_loss_that_backpropagates(load_backbone, variant, backprop):
+    model = build(load_backbone, variant, "opt", backprop=backprop)
+    loss = model(ids(2, 20), labels=torch.full((2, 20), -100)).loss
+    assert loss.item() == 0.0
+    loss.backward()
+    assert gradients(model) and all(not grad.any() for grad in gradients(model).values())
+    memoryless = rmt(load_backbone, "opt", num_mem_tokens=0)
+    memoryless(ids(2, 20), labels=torch.full((2, 20), -100)).loss.backward()
+    assert model(ids(2, 20)).loss is None
+
+
+def test_an_incomplete_or_edited_model_directory_is_named(load_backbone, tmp_path):
+    armt(load_backbone, "opt").save_pretrained(tmp_path / "armt")
+    config = tmp_path / "armt" / "rmt_config.json"
+    saved = config.read_text()
+    config.write_text(saved.replace('"num_mem_tokens": 3', '"num_mem_tokens": 5'))
+    with pytest.raises(
+        ValueError,
+        match=re.escape(f"{tmp_path}/armt/memory.safetensors does not fit {config}, which was edited after saving ")
+        + r"\(memory \(3, 32\) in the weights, \(5, 32\) by the config\): restore the saved rmt_config.json",
+    ):
+        RecurrentMemoryModel.from_pretrained(tmp_path / "armt")
+    config.write_text(saved.replace('"gating": true', '"gating": false'))
+    with pytest.raises(ValueError, match=r"does not match .*rmt_config.json \(missing \[\], unexpected \['associative"):
+        RecurrentMemoryModel.from_pretrained(tmp_path / "armt")
+    config.write_text(saved)
+    for name in ("memory.safetensors", "backbone/config.json"):
+        (tmp_path / "armt" / name).rename(tmp_path / "moved")
+        with pytest.raises(ValueError, match=f"{tmp_path}/armt/{name} does not exist: copy the whole model directory"):
+            RecurrentMemoryModel.from_pretrained(tmp_path / "armt")
+        (tmp_path / "moved").rename(tmp_path / "armt" / name)
+    RecurrentMemoryModel.from_pretrained(tmp_path / "armt")
+
+
+def test_backbones_are_called_without_deprecated_arguments(load_backbone):
+    """transformers 5 warns at every call that passes the KV cache as past_key_values, even as None."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        for family in DECODERS:
+            model = rmt(load_backbone, family)
+            model(ids(1, 10), labels=ids(1, 10))
+            model.generate(ids(1, 10), max_new_tokens=2)

@@ -11,14 +11,19 @@ it (the memory model and its no-memory twin) becomes a curve, labelled by the di
 may also be the --out directory of launchers/eval.py (its eval.json): its lengths become points drawn as
 stars, for the long evaluations with more samples than a training run's own. An argument may also be a
 TASK_by_length.json this tool wrote: its curves are kept, so that a new evaluation joins a plot whose runs
-are gone.
+are gone. All of them must be of one task. Exit codes: 0 done; 2 bad input (one line).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
+
+
+class InputError(Exception):
+    """An argument this tool cannot plot: printed as one line, exit code 2."""
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -46,9 +51,8 @@ def load(runs: list[str]) -> list[dict]:
             continue
         path = Path(run) / "results.json"
         if not path.is_file():
-            raise SystemExit(
-                f"error: {path} is missing: pass the --out_dir of a finished launchers/train.py run "
-                "or of launchers/eval.py."
+            raise InputError(
+                f"{path} is missing: pass the --out_dir of a finished launchers/train.py run or of launchers/eval.py."
             )
         results = json.loads(path.read_text())
         task = json.loads((Path(run) / "train_config.json").read_text())["task"]
@@ -65,6 +69,12 @@ def load(runs: list[str]) -> list[dict]:
                     "evaluation": False,
                 }
             )
+    tasks = {}
+    for curve in curves:
+        tasks.setdefault(curve["task"], []).append(curve["run"])
+    if len(tasks) > 1:
+        listed = "; ".join(f"{task}: {', '.join(dict.fromkeys(runs))}" for task, runs in tasks.items())
+        raise InputError(f"the runs are of different tasks ({listed}): plot one task at a time.")
     return curves
 
 
@@ -123,15 +133,19 @@ def plot(curves: list[dict], path: Path) -> None:
     axis.set_ylim(-0.02, 1.05)
     axis.set_xlabel("input length, tokens (log scale)")
     axis.set_ylabel("exact-answer accuracy")
-    axis.set_title(" / ".join(TITLES[task] for task in dict.fromkeys(curve["task"] for curve in curves)))
+    axis.set_title(TITLES[curves[0]["task"]])
     axis.legend(fontsize=8, loc="center right")
     figure.tight_layout()
     figure.savefig(path, dpi=110)
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> int:
     args = parse_args(argv)
-    curves = load(args.runs)
+    try:
+        curves = load(args.runs)
+    except InputError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     name = args.name or f"{curves[0]['task']}_by_length"
@@ -139,7 +153,8 @@ def main(argv=None) -> None:
     plot(curves, out / f"{name}.png")
     print(json.dumps(curves))
     print(table(curves))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

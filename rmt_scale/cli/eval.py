@@ -25,19 +25,18 @@ from .train import EXIT_CONFIG_ERROR
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument(
         "--model",
         required=True,
         help="directory written by save_pretrained (a run's export/), with its tokenizer/ inside",
     )
-    parser.add_argument("--task", default="memorize", help="task of the evaluation samples (default: memorize)")
+    parser.add_argument("--task", default="memorize", help="task of the evaluation samples")
     parser.add_argument(
         "--eval_segments",
-        type=int,
         nargs="+",
-        default=[1, 2, 4, 8, 16, 32],
-        help="input lengths to evaluate, in segments (default: %(default)s)",
+        default="1,2,4,8,16,32",
+        help="input lengths to evaluate, in segments: space- or comma-separated (1 4 16 or 1,4,16, as train.py)",
     )
     parser.add_argument("--eval_samples", type=int, default=64, help="samples per length, split over ranks")
     parser.add_argument("--batch_size", type=int, default=16, help="samples per forward on each rank")
@@ -47,8 +46,26 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=0,
         help="the training run's --data_seed, so the evaluation samples are the same as its own",
     )
-    parser.add_argument("--out", help="directory for eval.json (default: the model directory)")
+    parser.add_argument(
+        "--out",
+        help="directory for eval.json (default: runs/eval/NAME in the working directory, NAME the model "
+        "directory's name, or its run's for a run's export/; never the model directory)",
+    )
     return parser.parse_args(argv)
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The module docstring as written, and every flag's default."""
+
+    def _get_help_string(self, action):
+        # a flag without a default (None) says in its help what happens instead
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
+def default_out(model_dir: Path) -> Path:
+    """runs/eval/NAME: the model directory stays as it was (a reference checkpoint in the repository too)."""
+    model_dir = model_dir.resolve()
+    return Path("runs", "eval", model_dir.parent.name if model_dir.name == "export" else model_dir.name)
 
 
 def main(argv=None) -> int:
@@ -64,33 +81,52 @@ def main(argv=None) -> int:
     from ..data import AnswerClasses, TaskGenerator, load_tokenizer
     from ..model import ConfigError, RecurrentMemoryModel
     from ..runtime.memory import peak_rss_mb
-    from ..training.batches import EVAL_SEED_OFFSET
-    from ..training.config import as_config_error
+    from ..training.batches import EVAL_SEED_OFFSET, eval_indices
+    from ..training.config import as_config_error, int_list
     from ..training.distributed import close_distributed, init_distributed
-    from ..training.evaluation import evaluate_by_length
+    from ..training.evaluation import batch_bytes, check_memory, evaluate_by_length
     from ..training.experiment import format_table
 
     try:
         with as_config_error():  # what the flags name, read before any evaluation: a damaged model is bad input
             model_dir = Path(args.model)
+            segments = args.eval_segments  # the default is one string, given values a list
+            segments = segments if isinstance(segments, str) else ",".join(segments)
+            lengths = sorted(set(int_list("eval_segments", segments)))
             if not (model_dir / "tokenizer").is_dir():
                 raise ConfigError(f"{model_dir} has no tokenizer/ directory: pass a run's export/ directory.")
-            if min(args.eval_segments) <= 0 or args.eval_samples <= 0 or args.batch_size <= 0:
-                raise ConfigError("--eval_segments, --eval_samples and --batch_size must be positive.")
-            dist_info = init_distributed()
-            model = RecurrentMemoryModel.from_pretrained(model_dir).to(dist_info.device).eval()
+            if args.eval_samples <= 0 or args.batch_size <= 0:
+                raise ConfigError("--eval_samples and --batch_size must be positive.")
+            model = RecurrentMemoryModel.from_pretrained(model_dir).eval()
             tokenizer = load_tokenizer(str(model_dir / "tokenizer"))
             generator = TaskGenerator(args.task, tokenizer, seed=args.data_seed + EVAL_SEED_OFFSET)
+            dist_info = init_distributed()
+            segment_size = model.config.segment_size
+            batch = min(args.batch_size, len(eval_indices(args.eval_samples, 0, dist_info.world_size)))
+            positions = segment_size + model.step.extra_positions(model.config)
+            check_memory(
+                f"--eval_segments {lengths[-1]} with --batch_size {batch}",
+                batch_bytes(
+                    batch,
+                    lengths[-1] * segment_size,
+                    4,
+                    positions,
+                    model.spec.hidden_size,
+                    logits=segment_size * tokenizer.vocab_size if model.spec.kind == "decoder" else 0,
+                ),
+                dist_info.device,
+                "lower --eval_segments or --batch_size",
+            )
+            model.to(dist_info.device)
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         close_distributed(wait_for_peers=False)
         return EXIT_CONFIG_ERROR
-    segment_size = model.config.segment_size
     classes = AnswerClasses(tokenizer) if model.spec.kind == "encoder" else None
     accuracy = evaluate_by_length(
         model,
         generator,
-        sorted(args.eval_segments),
+        lengths,
         segment_size=segment_size,
         samples=args.eval_samples,
         batch_size=args.batch_size,
@@ -101,7 +137,7 @@ def main(argv=None) -> int:
     )
     if dist_info.rank == 0:
         peak_rss = peak_rss_mb()
-        out = Path(args.out or model_dir)
+        out = Path(args.out) if args.out else default_out(model_dir)
         out.mkdir(parents=True, exist_ok=True)
         label = model.config.model_type if model.config.num_mem_tokens else "baseline"
         (out / "eval.json").write_text(

@@ -7,10 +7,12 @@ Example: python tools/make_shards.py --task memorize --tokens 1000000 --samples 
 from __future__ import annotations
 
 import argparse
+import sys
 
 from tqdm import tqdm
 
-from ..data import STORY_KINDS, TASKS, Background, TaskGenerator, load_tokenizer, write_shards
+from ..data import STORY_KINDS, TASKS, Background, TaskGenerator, load_tokenizer, tokenizer_index_fields, write_shards
+from .train import EXIT_CONFIG_ERROR
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -68,17 +70,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def main(argv=None) -> None:
+# a background that the tokenizer turns into more unknown tokens than this is mostly lost: say so
+UNKNOWN_SHARE_WARNING = 0.05
+
+
+def main(argv=None) -> int:
     args = parse_args(argv)
-    tokenizer = load_tokenizer(args.tokenizer)
-    background = None
-    if args.background:
-        background = Background.from_files(args.background, tokenizer, max_chars=args.background_chars)
-    elif args.background_shards:
-        background = Background.from_text_shards(args.background_shards, tokenizer, max_chars=args.background_chars)
-    generator = TaskGenerator(
-        args.task, tokenizer, background, seed=args.seed, story=args.story, story_facts=args.story_facts
-    )
+    from ..model import ConfigError
+
+    try:
+        tokenizer, generator = prepare(args)
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
     samples = (generator.sample(i, args.tokens[i % len(args.tokens)]) for i in range(args.samples))
     index = write_shards(
         tqdm(samples, total=args.samples, desc=f"{args.task} samples", unit="sample"),
@@ -90,8 +94,55 @@ def main(argv=None) -> None:
             "tokens": args.tokens,
             "seed": args.seed,
             "story": args.story,
-            "tokenizer": "tokenizer",
+            **tokenizer_index_fields(tokenizer, args.tokenizer),
         },
     )
     tokenizer.save(f"{args.out.rstrip('/')}/tokenizer")  # the exact tokenizer travels with its data
     print(f"wrote {index['total_samples']} samples in {len(index['shards'])} shards to {args.out}")
+    return 0
+
+
+def prepare(args: argparse.Namespace):
+    """The tokenizer and the sample generator, after every check that can fail before a shard is written
+    (a ConfigError naming the flag and the fix)."""
+    import fsspec
+    import numpy as np
+
+    from ..model import ConfigError
+    from ..training.config import as_config_error
+
+    for flag in ("samples", "tokens", "shard_samples", "shard_bytes", "background_chars"):
+        values = getattr(args, flag)
+        values = values if isinstance(values, list) else [values]
+        if min(values) < 1:
+            raise ConfigError(f"--{flag.replace('_', '-')} {' '.join(map(str, values))} must be at least 1.")
+    fs, root = fsspec.core.url_to_fs(args.out)
+    if fs.isfile(root):
+        raise ConfigError(f"--out {args.out} is a file: pass a directory (it is created if missing).")
+    with as_config_error():
+        tokenizer = load_tokenizer(args.tokenizer)
+        background = None
+        if args.background:
+            background = Background.from_files(args.background, tokenizer, max_chars=args.background_chars)
+        elif args.background_shards:
+            background = Background.from_text_shards(args.background_shards, tokenizer, max_chars=args.background_chars)
+        generator = TaskGenerator(
+            args.task, tokenizer, background, seed=args.seed, story=args.story, story_facts=args.story_facts
+        )
+    unknown = tokenizer.hf.unk_token_id
+    if background is not None and unknown is not None:
+        share = float(np.mean(background.tokens == unknown))
+        if share > UNKNOWN_SHARE_WARNING:
+            print(
+                f"warning: tokenizer {args.tokenizer} reads {share:.0%} of the background's tokens as "
+                f"{tokenizer.hf.unk_token}: pass --tokenizer with one that knows the text (e.g. the backbone's).",
+                file=sys.stderr,
+            )
+    # every sample's story, before any is written: sample i's facts, question and answer must fit its length
+    needed = max(generator.min_tokens(i) for i in range(args.samples))
+    if min(args.tokens) < needed:
+        raise ConfigError(
+            f"--tokens {min(args.tokens)} is too short: the facts, question and answer of some {args.task} "
+            f"samples take {needed} tokens; ask for at least {needed}."
+        )
+    return tokenizer, generator

@@ -18,6 +18,7 @@ a bug or a failure of the run: its traceback, exit code 1.
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from collections.abc import Callable
@@ -35,6 +36,9 @@ def main(argv: list[str] | None = None) -> int:
     # imported before it: the rest of the package imports torch.
     restart_launcher()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # DeepSpeed's warmup schedulers warn, as they are built at every start, that a learning rate was asked of them
+    # "before it has started": their own constructor asks it
+    logging.getLogger("DeepSpeed").addFilter(lambda record: "before it has started" not in record.getMessage())
     from ..training import signals
 
     signals.install()  # before the slow start-up, so an early SIGUSR1/SIGTERM is kept, not fatal

@@ -4,10 +4,17 @@ collate that turns samples into model batches."""
 from .babi import ACTORS, LOCATIONS, OBJECTS, STORY_KINDS, Story, make_story
 from .background import Background, default_background, filler_sentences, split_sentences
 from .batching import AnswerClasses, collate, whole_segments
-from .shards import ShardStream, decode_sample, encode_sample, write_shards
+from .shards import (
+    ShardStream,
+    check_shard_tokenizer,
+    decode_sample,
+    encode_sample,
+    tokenizer_index_fields,
+    write_shards,
+)
 from .tars import CorruptShardError, check_shard_source, expand_urls, iter_tar_samples, resolve_shards
 from .tasks import TASKS, TaskGenerator, TaskSample, make_sample
-from .tokenizer import TextTokenizer, build_word_tokenizer, could_be_hub_id, load_tokenizer
+from .tokenizer import TextTokenizer, build_word_tokenizer, could_be_hub_id, has_tokenizer, load_tokenizer
 
 __all__ = [
     "ACTORS",
@@ -24,6 +31,8 @@ __all__ = [
     "collate",
     "whole_segments",
     "ShardStream",
+    "check_shard_tokenizer",
+    "tokenizer_index_fields",
     "decode_sample",
     "encode_sample",
     "write_shards",
@@ -39,5 +48,6 @@ __all__ = [
     "TextTokenizer",
     "build_word_tokenizer",
     "could_be_hub_id",
+    "has_tokenizer",
     "load_tokenizer",
 ]

@@ -254,6 +254,14 @@ def split_sentences(text: str) -> list[str]:
     return [s for s in _SENTENCE_END.split(" ".join(text.split())) if s]
 
 
+def _names(urls: str | Iterable[str]) -> str:
+    return urls if isinstance(urls, str) else ", ".join(urls)
+
+
+def _not_text(name: str, error: UnicodeDecodeError) -> str:
+    return f"background {name} is not UTF-8 text (an invalid byte at offset {error.start}): give plain-text files."
+
+
 @dataclass(frozen=True)
 class Background:
     tokens: np.ndarray  # int32, all sentences back to back
@@ -263,7 +271,7 @@ class Background:
     def from_sentences(cls, sentences: Sequence[str], tokenizer, source: str = "background") -> Background:
         encoded = [ids for ids in tokenizer.encode_batch(list(sentences)) if len(ids)]
         if not encoded:
-            raise ValueError(f"{source} has no text to use as background; give non-empty text files")
+            raise ValueError(f"{source} has no text to use as background: give non-empty text files.")
         lengths = np.fromiter((len(ids) for ids in encoded), dtype=np.int64, count=len(encoded))
         starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
         return cls(tokens=np.concatenate(encoded).astype(np.int32), sentence_starts=starts)
@@ -277,15 +285,20 @@ class Background:
         """Plain-text files from any fsspec URL (globs allowed), read in order up to ``max_chars``."""
         paths = fsspec.open_files(urls, "rt", encoding="utf-8")
         if not paths:
-            raise ValueError(f"no background files match {urls!r}")
+            raise ValueError(f"no background files match {_names(urls)}: give existing text files or globs.")
         texts, total = [], 0
         for of in paths:
-            with of as f:
-                texts.append(f.read(None if max_chars is None else max_chars - total))
+            try:
+                with of as f:
+                    texts.append(f.read(None if max_chars is None else max_chars - total))
+            except FileNotFoundError:
+                raise ValueError(f"background file {of.path} does not exist: give existing text files.") from None
+            except UnicodeDecodeError as error:
+                raise ValueError(_not_text(of.path, error)) from None
             total += len(texts[-1])
             if max_chars is not None and total >= max_chars:
                 break
-        return cls.from_text("\n".join(texts), tokenizer, source=str(urls))
+        return cls.from_text("\n".join(texts), tokenizer, source=_names(urls))
 
     @classmethod
     def from_text_shards(cls, urls, tokenizer, field: str = "txt", max_chars: int | None = None) -> Background:
@@ -294,11 +307,14 @@ class Background:
         for url in expand_urls(urls):
             for sample in iter_tar_samples(url):
                 if field in sample:
-                    texts.append(sample[field].decode("utf-8"))
+                    try:
+                        texts.append(sample[field].decode("utf-8"))
+                    except UnicodeDecodeError as error:
+                        raise ValueError(_not_text(f"{url} member {sample['__key__']}.{field}", error)) from None
                     total += len(texts[-1])
                 if max_chars is not None and total >= max_chars:
-                    return cls.from_text("\n".join(texts)[:max_chars], tokenizer, source=str(urls))
-        return cls.from_text("\n".join(texts), tokenizer, source=str(urls))
+                    return cls.from_text("\n".join(texts)[:max_chars], tokenizer, source=_names(urls))
+        return cls.from_text("\n".join(texts), tokenizer, source=_names(urls))
 
     def window(self, rng: np.random.Generator, length: int) -> tuple[np.ndarray, np.ndarray]:
         """``length`` background tokens starting at a random sentence, and the sentence starts inside them.

@@ -43,8 +43,9 @@ from torch.utils.data import IterableDataset, get_worker_info
 from webdataset import TarWriter
 from webdataset.autodecode import Decoder, DecodingError, handle_extension
 
-from .tars import INDEX_NAME, CorruptShardError, iter_tar_samples, resolve_shards
+from .tars import INDEX_NAME, CorruptShardError, iter_tar_samples, resolve_shards, shard_index
 from .tasks import TaskSample
+from .tokenizer import TextTokenizer, has_tokenizer, load_tokenizer
 
 log = logging.getLogger(__name__)
 SHARD_PATTERN = "shard-{:06d}.tar"
@@ -120,6 +121,32 @@ def write_shards(
     with fsspec.open(f"{out}/{INDEX_NAME}", "w") as f:
         json.dump(index, f, indent=1)
     return index
+
+
+def tokenizer_index_fields(tokenizer: TextTokenizer, name: str) -> dict:
+    """What ``index.json`` records of the tokenizer the shards were made with (saved in ``tokenizer/`` too)."""
+    return {"tokenizer": "tokenizer", "tokenizer_name": name, "tokenizer_fingerprint": tokenizer.fingerprint}
+
+
+def check_shard_tokenizer(source: str | Sequence[str], tokenizer: TextTokenizer, name: str) -> None:
+    """Raises ValueError when shards were made with another tokenizer than ``tokenizer`` (called ``name``): their
+    ids would mean other words, or fall outside the vocabulary and read as corrupt samples. Compared with what
+    their index records, or for shards written before it recorded that, with the tokenizer saved next to them
+    (when it is a local directory); shards named without an index are not checked."""
+    found = shard_index(source)
+    if found is None:
+        return
+    index_url, index = found
+    saved = f"{index_url.rpartition('/')[0]}/{index.get('tokenizer', 'tokenizer')}"
+    made_with = index.get("tokenizer_fingerprint")
+    if made_with is None and os.path.isdir(saved) and has_tokenizer(saved):
+        made_with = load_tokenizer(saved).fingerprint
+    if made_with is not None and made_with != tokenizer.fingerprint:
+        raise ValueError(
+            f"--shards {source} were made with tokenizer {index.get('tokenizer_name', saved)}, this run uses "
+            f"{name}: pass --tokenizer {saved} (their tokenizer, saved with them) or re-create the shards "
+            f"with --tokenizer {name}."
+        )
 
 
 # ----------------------------------------------------------------------------------------------- reading

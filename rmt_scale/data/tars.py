@@ -114,6 +114,15 @@ def _index_url(source: str | Sequence[str]) -> str | None:
     return None
 
 
+def shard_index(source: str | Sequence[str]) -> tuple[str, dict] | None:
+    """``(index URL, its JSON)`` when ``source`` names an index (or a directory holding one); None for shard URLs."""
+    index_url = _index_url(source)
+    if index_url is None:
+        return None
+    with fsspec.open(index_url, "r") as f:
+        return index_url, json.load(f)
+
+
 def _read_index(index_url: str) -> tuple[list[str], list[int]]:
     with fsspec.open(index_url, "r") as f:
         index = json.load(f)

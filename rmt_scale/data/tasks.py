@@ -56,6 +56,14 @@ def _fact_offsets(task: str, rng: np.random.Generator, boundaries: np.ndarray, n
     return np.where(nearer_left, boundaries[left], boundaries[right])
 
 
+def _story_ids(kind: str, rng: np.random.Generator, story_facts: int | None, tokenizer: TextTokenizer):
+    """A sample's story (its first draws of ``rng``) and the ids of its facts, question and answer."""
+    tale: Story = make_story(kind, rng, story_facts)
+    fact_ids = tokenizer.encode_batch(list(tale.facts))
+    question_ids, answer_ids = tokenizer.encode_batch([tale.question, tale.answer])
+    return tale, fact_ids, question_ids, answer_ids
+
+
 def make_sample(
     task: str,
     num_tokens: int,
@@ -77,10 +85,7 @@ def make_sample(
     rng = _rng(seed)
     background = default_background(tokenizer) if background is None else background
     kind = story or _DEFAULT_STORY[task]
-    tale: Story = make_story(kind, rng, story_facts)
-
-    fact_ids = tokenizer.encode_batch(list(tale.facts))
-    question_ids, answer_ids = tokenizer.encode_batch([tale.question, tale.answer])
+    tale, fact_ids, question_ids, answer_ids = _story_ids(kind, rng, story_facts, tokenizer)
     fact_lengths = np.array([len(f) for f in fact_ids], dtype=np.int64)
     fixed = int(fact_lengths.sum()) + len(question_ids) + len(answer_ids)
     if num_tokens < fixed:
@@ -131,6 +136,15 @@ class TaskGenerator:
         self.task, self.tokenizer, self.seed = task, tokenizer, seed
         self.background = default_background(tokenizer) if background is None else background
         self.story, self.story_facts = story, story_facts
+
+    def min_tokens(self, index: int) -> int:
+        """The fewest tokens sample ``index`` can have (its facts, question and answer, without background): a
+        tool asking for many samples can check every length before it writes any."""
+        kind = self.story or _DEFAULT_STORY[self.task]
+        _, fact_ids, question_ids, answer_ids = _story_ids(
+            kind, np.random.default_rng([self.seed, index]), self.story_facts, self.tokenizer
+        )
+        return sum(map(len, fact_ids)) + len(question_ids) + len(answer_ids)
 
     def sample(self, index: int, num_tokens: int) -> TaskSample:
         sample = make_sample(

@@ -12,6 +12,8 @@ saved next to every run as a standard ``tokenizer.json`` + ``tokenizer_config.js
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import tempfile
 from collections.abc import Sequence
@@ -25,6 +27,17 @@ from .babi import VOCABULARY as BABI_VOCABULARY
 from .background import FILLER_VOCABULARY
 
 PAD, UNK, EOS, SEP, CLS = "[PAD]", "[UNK]", "[EOS]", "[SEP]", "[CLS]"
+# Files AutoTokenizer builds a tokenizer from. A directory with none of them, such as a backbone saved alone, gets
+# an empty tokenizer of its family or a request to install sentencepiece: neither says the tokenizer is missing.
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.json",
+    "vocab.txt",
+    "spiece.model",
+    "tokenizer.model",
+    "sentencepiece.bpe.model",
+)
 SPECIAL_TOKENS = (PAD, UNK, EOS, SEP)
 PUNCTUATION = tuple(".,;:!?'\"-()")
 
@@ -50,6 +63,13 @@ class TextTokenizer:
             return []
         ids = self.hf([" " + t for t in texts], add_special_tokens=False)["input_ids"]
         return [np.asarray(x, dtype=np.int32) for x in ids]
+
+    @property
+    def fingerprint(self) -> str:
+        """A hash of the vocabulary and the special ids: tokenizers with different fingerprints give different
+        ids (shards record it, so a run with another tokenizer is refused before it reads them)."""
+        parts = [sorted(self.hf.get_vocab().items()), self.eos_id, self.pad_id, self.cls_id, self.sep_id]
+        return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
 
     def decode(self, ids) -> str:
         return self.hf.decode(np.asarray(ids).tolist())
@@ -90,6 +110,11 @@ def could_be_hub_id(name: str) -> bool:
     return not name.startswith(("/", ".", "~")) and name.count("/") <= 1
 
 
+def has_tokenizer(directory: str) -> bool:
+    """Whether a local directory holds a tokenizer (one of ``TOKENIZER_FILES``)."""
+    return any(os.path.isfile(os.path.join(directory, name)) for name in TOKENIZER_FILES)
+
+
 def load_tokenizer(name: str | None = None) -> TextTokenizer:
     """The built-in tokenizer (``None`` or ``"builtin"``), or ``AutoTokenizer.from_pretrained(name)``: a
     directory saved by ``save_pretrained`` / :meth:`TextTokenizer.save`, or a Hugging Face id."""
@@ -99,6 +124,11 @@ def load_tokenizer(name: str | None = None) -> TextTokenizer:
 
     if os.path.isdir(os.path.expanduser(name)):
         name = os.path.expanduser(name)
+        if not has_tokenizer(name):
+            raise ValueError(
+                f"{name} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}): pass a tokenizer "
+                "directory, or 'builtin'."
+            )
     elif not could_be_hub_id(name):
         raise ValueError(
             f"tokenizer directory {name!r} does not exist; give a directory saved by "

@@ -6,6 +6,8 @@ on its base model plus its LM head; an encoder through its sequence-classificati
 
 from __future__ import annotations
 
+import functools
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -32,6 +34,9 @@ class BackboneSpec:
     num_layers: int
 
 
+SUPPORTED = f"Supported decoders: {', '.join(DECODER_TYPES)}; encoders: {', '.join(ENCODER_TYPES)}."
+
+
 def backbone_kind(config) -> str:
     """``"decoder"`` or ``"encoder"``, from the backbone's config alone (``AutoConfig``, no weights)."""
     model_type = getattr(config, "model_type", None)
@@ -39,10 +44,22 @@ def backbone_kind(config) -> str:
         return "decoder"
     if model_type in ENCODER_TYPES:
         return "encoder"
-    raise UnsupportedBackboneError(
-        f"architecture {model_type!r} is not supported. Supported decoders: {', '.join(DECODER_TYPES)}; "
-        f"encoders: {', '.join(ENCODER_TYPES)}."
-    )
+    raise UnsupportedBackboneError(f"architecture {model_type!r} is not supported. {SUPPORTED}")
+
+
+def pretrained_config(name_or_path) -> transformers.PretrainedConfig:
+    """``AutoConfig``'s config of a backbone (a hub id or a directory), refused unless its family is supported:
+    the first thing read of a backbone, so nothing else (tokenizer, weights, transformers' own list of every
+    model type it knows) comes before that answer."""
+    try:
+        config = transformers.AutoConfig.from_pretrained(name_or_path)
+    except ValueError as error:  # no model_type in config.json, or one this transformers does not know
+        raise UnsupportedBackboneError(
+            f"{name_or_path}/config.json names no architecture transformers knows: pass a backbone saved with "
+            f"save_pretrained. {SUPPORTED}"
+        ) from error
+    backbone_kind(config)
+    return config
 
 
 def auto_model_class(config) -> type:
@@ -158,14 +175,22 @@ def run_decoder(
     use_cache: bool = False,
 ):
     """Final hidden states (after the final norm) of a decoder's base model, plus its KV cache."""
+    name = cache_argument(type(backbone.base_model))
     out = backbone.base_model(
         inputs_embeds=embeds,
         attention_mask=attention_mask,
         position_ids=position_ids,
-        past_key_values=past_key_values,
         use_cache=use_cache,
+        **{name: past_key_values},
     )
-    return out.last_hidden_state, out.past_key_values
+    return out.last_hidden_state, getattr(out, name)
+
+
+@functools.cache
+def cache_argument(model_class: type) -> str:
+    """What the base model calls its KV cache: ``cache`` from transformers 5 on, which warns on every call that
+    passes the older ``past_key_values``, even as None."""
+    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
 
 
 def run_encoder(backbone: nn.Module, embeds: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor):

@@ -98,7 +98,7 @@ class GenerationMixin:
         (> 0), restricted to the ``top_k`` (>= 1) most likely ones when given."""
         if self.spec.kind != "decoder":
             raise ValueError("generate needs a decoder backbone; encoders classify, call the model instead.")
-        check_inputs(input_ids, None)
+        check_inputs(input_ids, None, vocab_size=self.backbone.get_input_embeddings().num_embeddings)
         state = self.step.initial_state(input_ids.shape[0], memory)
         if max_new_tokens < 0:
             raise ValueError(f"max_new_tokens={max_new_tokens} is negative: pass 0 or more.")

@@ -14,8 +14,15 @@ from torch import nn
 from transformers.utils import ModelOutput
 
 from .associative import AssociativeLayers, AssociativeState
-from .backbones import UnsupportedBackboneError, auto_model_class, backbone_kind, describe_backbone, max_positions
-from .config import ARMTConfig, ConfigError, RMTConfig
+from .backbones import (
+    UnsupportedBackboneError,
+    auto_model_class,
+    backbone_kind,
+    describe_backbone,
+    max_positions,
+    pretrained_config,
+)
+from .config import CONFIG_NAME, ARMTConfig, ConfigError, RMTConfig
 from .gate import MemoryGate
 from .generation import GenerationMixin
 from .segments import Segment, check_inputs, segment_bounds
@@ -83,7 +90,7 @@ class RecurrentMemoryModel(GenerationMixin, nn.Module):
     def from_backbone(cls, name_or_path: str | Path, config: RMTConfig, **backbone_kwargs) -> RecurrentMemoryModel:
         """Loads a backbone with ``from_pretrained`` (a hub id or a local directory) and wraps it; an encoder's
         [CLS] and [SEP] ids, unless ``config`` has them, come from the tokenizer in the same place."""
-        backbone_config = transformers.AutoConfig.from_pretrained(name_or_path)
+        backbone_config = pretrained_config(name_or_path)
         if backbone_kind(backbone_config) == "encoder" and (config.cls_token_id is None or config.sep_token_id is None):
             tokenizer = transformers.AutoTokenizer.from_pretrained(name_or_path)
             config.cls_token_id = tokenizer.cls_token_id if config.cls_token_id is None else config.cls_token_id
@@ -109,7 +116,12 @@ class RecurrentMemoryModel(GenerationMixin, nn.Module):
     def from_pretrained(cls, directory: str | Path, **backbone_kwargs) -> RecurrentMemoryModel:
         directory = Path(directory)
         config = RMTConfig.from_pretrained(directory)
-        backbone_dir = directory / BACKBONE_DIR
+        weights, backbone_dir = directory / WEIGHTS_NAME, directory / BACKBONE_DIR
+        for path in (weights, backbone_dir / "config.json"):  # before the backbone, which may take minutes to read
+            if not path.is_file():
+                raise ValueError(
+                    f"{path} does not exist: copy the whole model directory, or write it again with save_pretrained."
+                )
         architectures = transformers.AutoConfig.from_pretrained(backbone_dir).architectures or []
         if not architectures or not hasattr(transformers, architectures[0]):
             raise ValueError(f"{backbone_dir}/config.json names no known architecture; re-save the model.")
@@ -120,14 +132,26 @@ class RecurrentMemoryModel(GenerationMixin, nn.Module):
             raise _damaged_weights(damaged[0] if damaged else backbone_dir, error) from error
         model = cls(backbone, config)
         try:
-            own = load_file(str(directory / WEIGHTS_NAME))
+            own = load_file(str(weights))
         except SafetensorError as error:
-            raise _damaged_weights(directory / WEIGHTS_NAME, error) from error
+            raise _damaged_weights(weights, error) from error
+        expected = model.state_dict()
+        resized = [
+            f"{name} {tuple(tensor.shape)} in the weights, {tuple(expected[name].shape)} by the config"
+            for name, tensor in own.items()
+            if name in expected and tensor.shape != expected[name].shape
+        ]
+        if resized:
+            raise ValueError(
+                f"{weights} does not fit {directory / CONFIG_NAME}, which was edited after saving "
+                f"({'; '.join(resized)}): restore the saved rmt_config.json, or train a model of the new shape."
+            )
         missing, unexpected = model.load_state_dict(own, strict=False)
         missing = [name for name in missing if not name.startswith("backbone.")]
         if missing or unexpected:
             raise ValueError(
-                f"{directory / WEIGHTS_NAME} does not match the config: missing {missing}, unexpected {unexpected}."
+                f"{weights} does not match {directory / CONFIG_NAME} (missing {missing}, unexpected "
+                f"{unexpected}): restore the saved rmt_config.json, or train a model of the new shape."
             )
         return model
 
@@ -146,7 +170,9 @@ class RecurrentMemoryModel(GenerationMixin, nn.Module):
             attention_mask: ``(batch, length)``, 0 at padding (either side). A sample whose text has ended
                 (or not yet begun) keeps its memory unchanged through the segments it has no tokens in.
             labels: decoders: ``(batch, length)`` token ids, not shifted, ``-100`` where no loss is wanted
-                (padding is ignored too); encoders: ``(batch,)`` class ids.
+                (padding is ignored too); labels that are all ``-100`` give a loss of zero that still
+                backpropagates (zero gradients), so a training loop needs no special case for a batch without
+                targets; encoders: ``(batch,)`` class ids.
             memory: the memory to start from (``RMTOutput.memory`` of a previous call); default: learned.
             return_logits: decoders only: also return all logits (memory grows with the input length).
         """
@@ -165,7 +191,13 @@ class RecurrentMemoryModel(GenerationMixin, nn.Module):
     ):
         """The checked batch cut into :class:`Segment` s, and the whole input's targets (decoders: the labels
         shifted once; None without labels or for encoders)."""
-        attention_mask = check_inputs(input_ids, attention_mask, labels, per_token_labels=self.spec.kind == "decoder")
+        attention_mask = check_inputs(
+            input_ids,
+            attention_mask,
+            labels,
+            per_token_labels=self.spec.kind == "decoder",
+            vocab_size=self.backbone.get_input_embeddings().num_embeddings,
+        )
         targets = self.step.targets(labels, attention_mask)
         segments = [
             Segment(

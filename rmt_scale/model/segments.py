@@ -89,14 +89,25 @@ def keep_if_empty(new: torch.Tensor, old: torch.Tensor, token_mask: torch.Tensor
 
 
 def check_inputs(
-    input_ids, attention_mask: torch.Tensor | None, labels: torch.Tensor | None = None, per_token_labels: bool = True
+    input_ids,
+    attention_mask: torch.Tensor | None,
+    labels: torch.Tensor | None = None,
+    per_token_labels: bool = True,
+    vocab_size: int | None = None,
 ) -> torch.Tensor:
-    """Checks a ``(batch, length)`` batch; returns its attention mask (all ones when none is given)."""
+    """Checks a ``(batch, length)`` batch (with ``vocab_size``: its ids, and per-token labels, in the vocabulary);
+    returns its attention mask (all ones when none is given)."""
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
         shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
         raise ValueError(f"input_ids must be a (batch, length) tensor, got {shape}: add a batch dimension.")
     if input_ids.numel() == 0:
         raise ValueError(f"input_ids is empty (shape {tuple(input_ids.shape)}): pass at least one token.")
+    if input_ids.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"input_ids have dtype {input_ids.dtype}, but token ids are integers: pass input_ids.long().")
+    if vocab_size is not None:
+        _check_ids("input_ids", input_ids, vocab_size)
+        if labels is not None and per_token_labels:
+            _check_ids("labels", labels[labels != IGNORE_INDEX], vocab_size)
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     elif attention_mask.shape != input_ids.shape:
@@ -121,3 +132,13 @@ def check_inputs(
             f"({'one per token' if per_token_labels else 'one class per sample'})."
         )
     return attention_mask
+
+
+def _check_ids(name: str, ids: torch.Tensor, vocab_size: int) -> None:
+    # the embedding's own error ("index out of range in self") names neither the ids nor the vocabulary
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
+        outside = ids[(ids < 0) | (ids >= vocab_size)]
+        raise ValueError(
+            f"{name} hold ids from {int(outside.min())} to {int(outside.max())}, outside the vocabulary of "
+            f"{vocab_size} tokens (ids 0 to {vocab_size - 1}): tokenize with the backbone's own tokenizer."
+        )

@@ -154,13 +154,31 @@ class DecoderStep(MemoryTokenStep):
         return F.cross_entropy(logits.float(), targets[selected], reduction="sum"), None
 
     def outputs(self, state: State, loss_sum, logits: list, labels, targets):
-        """``(loss, memory, logits)``: the mean loss over every labelled token; logits with return_logits."""
-        num_targets = int((targets != IGNORE_INDEX).sum()) if targets is not None else 0
-        loss = loss_sum / num_targets if num_targets else None
+        """``(loss, memory, logits)``: the mean loss over every labelled token (zero when every label is -100;
+        None without labels); logits with return_logits."""
+        if targets is None:
+            loss = None
+        elif num_targets := int((targets != IGNORE_INDEX).sum()):
+            loss = loss_sum / num_targets
+        else:
+            loss = no_targets_loss(loss_sum, state)
         return loss, self.final_memory(state), None if logits[0] is None else torch.cat(logits, dim=1)
 
     def segment_decoder(self, state: State, first_segment_size: int) -> SegmentDecoder:
         return SegmentDecoder(self, state, first_segment_size)
+
+
+def no_targets_loss(loss_sum: torch.Tensor, state: State) -> torch.Tensor:
+    """The loss of labels that are all -100: zero, yet connected to the graph through the final memory, so that
+    ``loss.backward()`` gives zero gradients (and every rank of a data-parallel step reduces them). A model
+    without memory has nothing to connect through: its zero requires grad and gives no gradient."""
+    zero = loss_sum.float() * 0
+    for tensor in state:
+        if tensor.requires_grad:
+            zero = zero + tensor.float().sum() * 0
+    if torch.is_grad_enabled() and not zero.requires_grad:
+        zero.requires_grad_()
+    return zero
 
 
 class EncoderStep(MemoryTokenStep):

@@ -17,8 +17,9 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..data import TASKS, could_be_hub_id
+from ..data import TASKS, could_be_hub_id, has_tokenizer
 from ..data.tars import check_shard_source
+from ..model.backbones import pretrained_config
 from ..model.config import BACKPROP_MODES, EXECUTION_MODES, ARMTConfig, ConfigError, RMTConfig
 from ..model.presets import BUILTIN_BACKBONES
 from .evaluation import samples_at
@@ -260,11 +261,11 @@ class TrainConfig:
     # ------------------------------------------------------------------ parsed views
     @property
     def curriculum_stages(self) -> list[int]:
-        return _int_list("curriculum", self.curriculum)
+        return int_list("curriculum", self.curriculum)
 
     @property
     def eval_lengths(self) -> list[int]:
-        return _int_list("eval_segments", self.eval_segments)
+        return int_list("eval_segments", self.eval_segments)
 
     @property
     def eval_samples_by_length(self) -> dict[int, int]:
@@ -336,8 +337,14 @@ class TrainConfig:
         there, which is why building the config does not)."""
         if self.backbone not in BUILTIN_BACKBONES:
             _check_pretrained("backbone", self.backbone, "config.json")
+            pretrained_config(self.backbone)  # an unsupported family, before the tokenizer is read
         if self.tokenizer not in ("", "builtin"):
             _check_pretrained("tokenizer", self.tokenizer, None)  # tokenizers are saved in several layouts
+        tokenizer_dir = Path(self.tokenizer_name).expanduser()
+        if self.tokenizer_name != "builtin" and tokenizer_dir.is_dir() and not has_tokenizer(str(tokenizer_dir)):
+            raise ConfigError(
+                f"{self.tokenizer_name} has no tokenizer: pass --tokenizer (a tokenizer directory, or builtin)."
+            )
         out = Path(self.out_dir)
         if out.exists() and not out.is_dir():
             raise ConfigError(f"--out_dir {out} is a file: pass a directory (it is created if missing).")
@@ -446,7 +453,7 @@ def _check_pretrained(flag: str, name: str, required_file: str | None) -> None:
         )
 
 
-def _int_list(flag: str, text: str) -> list[int]:
+def int_list(flag: str, text: str) -> list[int]:
     try:
         values = [int(v) for v in text.split(",") if v.strip()]
     except ValueError:

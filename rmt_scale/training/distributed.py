@@ -5,8 +5,11 @@ object exchange. DeepSpeed is imported only to join, after the accelerator is ch
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import io
 import os
+import re
 import socket
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +21,7 @@ from ..runtime.device import select_accelerator
 # Set for every process by MPI launchers, which set none of torch.distributed's variables: PMI_RANK by MPICH's
 # mpirun and by ``srun --mpi=pmi2``, OMPI_COMM_WORLD_RANK by Open MPI's mpirun, PMIX_RANK by PMIx launchers.
 MPI_RANK_VARIABLES = ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK")
+OP_BUILT = re.compile(r"DeepSpeed \S+ built successfully")
 
 
 @dataclass
@@ -51,9 +55,16 @@ def init_distributed(timeout_s: float = 600) -> DistInfo:
     # under mpirun or srun --mpi=pmi2, DeepSpeed's MPI discovery (mpi4py) sets RANK, WORLD_SIZE, LOCAL_RANK,
     # MASTER_ADDR (rank 0's host) and MASTER_PORT, the last to distributed_port
     discovery = dict(distributed_port=mpi_master_port()) if mpi else {}
-    deepspeed.init_distributed(
-        dist_backend="nccl" if has_cuda else "gloo", timeout=datetime.timedelta(seconds=timeout_s), **discovery
-    )
+    # DeepSpeed prints "DeepSpeed <its CPU shared-memory op> built successfully" at every start, with print
+    captured = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(captured):
+            deepspeed.init_distributed(
+                dist_backend="nccl" if has_cuda else "gloo", timeout=datetime.timedelta(seconds=timeout_s), **discovery
+            )
+    finally:
+        lines = captured.getvalue().splitlines(keepends=True)
+        print("".join(line for line in lines if not OP_BUILT.fullmatch(line.rstrip("\n"))), end="", flush=True)
     rank, world_size = torch.distributed.get_rank(), torch.distributed.get_world_size()
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if not has_cuda and "OMP_NUM_THREADS" not in os.environ:

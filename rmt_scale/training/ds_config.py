@@ -28,6 +28,11 @@ tensor_parallel sequence_parallel_size zero_quantized_weights zero_quantized_gra
 """.split()
 )
 
+# the blocks this module reads (and DeepSpeed's engine after it) as objects
+SECTIONS = ("optimizer", "scheduler", "zero_optimization", "activation_checkpointing", "pipeline", "flops_profiler")
+# scheduler params whose value is a word, not a number
+WORD_PARAMS = frozenset({"warmup_type"})
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -40,9 +45,20 @@ def load_ds_config(path: str) -> dict:
     if not file.is_file():
         raise ConfigError(f"--ds_config={path!r} does not exist: pass a JSON file such as ds_configs/zero3.json.")
     try:
-        return json.loads(file.read_text())
+        raw = json.loads(file.read_text())
     except json.JSONDecodeError as error:
         raise ConfigError(f"--ds_config={path!r} is not valid JSON: {error}.") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(
+            f"--ds_config={path!r} holds a JSON {_json_type(raw)}, not an object: write the config as "
+            '{"key": value, ...}, as ds_configs/ddp.json does.'
+        )
+    return raw
+
+
+def _json_type(value) -> str:
+    names = {list: "array", str: "string", bool: "boolean", type(None): "null", dict: "object"}
+    return names.get(type(value), "number")
 
 
 def zero_stage(ds_config: dict) -> int:
@@ -57,6 +73,12 @@ def build_ds_config(raw: dict, config: TrainConfig, world_size: int) -> dict:
             f"unknown DeepSpeed config keys {unknown} in --ds_config={config.ds_config!r}: check their "
             "spelling against https://www.deepspeed.ai/docs/config-json/."
         )
+    for key in SECTIONS:
+        if key in raw and not isinstance(raw[key], dict):
+            raise ConfigError(
+                f"{key} in --ds_config={config.ds_config!r} is a JSON {_json_type(raw[key])}: make it an object, "
+                'e.g. {"type": ..., "params": {...}} (see ds_configs/ddp.json).'
+            )
     ds = copy.deepcopy(raw)
     stages = pipeline_stages(ds, world_size)
     data_parallel = world_size // stages
@@ -76,6 +98,8 @@ def build_ds_config(raw: dict, config: TrainConfig, world_size: int) -> dict:
     _fill_auto(ds, ("scheduler", "params", "total_num_steps"), config.max_steps + (scheduler_start(ds) or 0))
     _fill_flops_profiler(ds, config)
     _check_no_auto_left(ds)
+    for section in ("optimizer", "scheduler"):
+        _check_optimizer_section(ds, section, config.ds_config)
     _check_batch_sizes(ds, data_parallel)
     _check_zero_section(ds)
     if stages > 1 or "pipeline" in ds:
@@ -152,6 +176,44 @@ def _check_no_auto_left(ds, path: str = "") -> None:
             _check_no_auto_left(value, f"{path}.{key}" if path else key)
     elif ds == "auto":
         raise ConfigError(f"DeepSpeed config key {path!r} is 'auto' but no flag fills it: give it a value.")
+
+
+def _check_optimizer_section(ds: dict, section: str, path: str) -> None:
+    """The optimizer or scheduler block: a type DeepSpeed builds (its own or torch's) and params that are numbers
+    where numbers go; DeepSpeed would fail inside torch with a traceback that names neither."""
+    import torch
+    from deepspeed.runtime.config import DEEPSPEED_OPTIMIZERS
+    from deepspeed.runtime.lr_schedules import VALID_LR_SCHEDULES
+
+    block = ds.get(section)
+    if block is None:
+        return
+    name = block.get("type")
+    # what DeepSpeed's engine accepts: its own names (any case), else a class of torch's of that name
+    if section == "optimizer":
+        torch_module, own = torch.optim, DEEPSPEED_OPTIMIZERS
+        known = isinstance(name, str) and name.lower() in own
+    else:
+        torch_module, own = torch.optim.lr_scheduler, VALID_LR_SCHEDULES
+        known = name in own
+    known = known or (isinstance(name, str) and isinstance(getattr(torch_module, name, None), type))
+    choices = f"one of DeepSpeed's ({', '.join(own)}) or a class of {torch_module.__name__}"
+    if not known:
+        raise ConfigError(
+            f"{section}.type={name!r} in --ds_config={path!r} is not a {section} DeepSpeed builds: use {choices}."
+        )
+    params = block.get("params", {})
+    if not isinstance(params, dict):
+        raise ConfigError(f"{section}.params in --ds_config={path!r} must be an object of parameter values.")
+    for key, value in params.items():
+        values = value if isinstance(value, list) else [value]
+        if key in WORD_PARAMS or all(v is None or isinstance(v, (int, float)) for v in values):
+            continue
+        raise ConfigError(
+            f"{section}.params.{key}={value!r} in --ds_config={path!r} must be a number"
+            f'{" (or a list of numbers)" if isinstance(value, list) else ""}, or "auto" where a flag fills it '
+            "(lr, weight_decay, the scheduler's steps and warmup_max_lr)."
+        )
 
 
 def _check_batch_sizes(ds: dict, data_parallel: int) -> None:

@@ -20,10 +20,46 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from ..data import AnswerClasses, TaskGenerator
+from ..model.config import ConfigError
 from ..model.segments import IGNORE_INDEX
 from .batches import eval_indices
 
 PROGRESS_MIN_SEGMENTS = 1024  # lengths from here on show a progress bar (rank 0): they take minutes
+# Bytes a forward holds per position and hidden unit of one layer, at least: a few float32 tensors of the hidden
+# width (residual, norm, attention output) and the MLP's wider one. Low on purpose: only a batch that cannot
+# fit is refused.
+ACTIVATION_BYTES = 32
+
+
+def batch_bytes(
+    batch: int, length: int, token_bytes: int, positions: int, hidden: int, layers: int = 1, logits: int = 0
+) -> tuple[int, int]:
+    """``(tokens, segment)``: a lower bound of the bytes a batch of ``batch`` samples of ``length`` tokens holds
+    at once. Its tokens at ``token_bytes`` each (plus two samples' worth, the one being drawn and its pieces),
+    and one segment of ``positions`` through ``layers`` layers (1 without grad, where a layer's activations go
+    once the next has run) plus ``logits`` float32 values per sample (the vocabulary times the segment where a
+    segment's logits are kept)."""
+    tokens = (batch + 2) * length * token_bytes
+    return tokens, batch * (positions * hidden * layers * ACTIVATION_BYTES + 4 * logits)
+
+
+def check_memory(subject: str, needed: tuple[int, int], device: torch.device, fix: str) -> None:
+    """Raises ConfigError when ``needed`` (``batch_bytes``: host-side tokens, and one segment on ``device``)
+    exceeds the memory available: the host's (``psutil``), and the GPU's free memory on CUDA, where the tokens
+    are copied to as well."""
+    import psutil
+
+    tokens, segment = needed
+    host = psutil.virtual_memory().available
+    checks = [("this host", tokens + (0 if device.type == "cuda" else segment), host)]
+    if device.type == "cuda":
+        checks.append((str(device), tokens + segment, torch.cuda.mem_get_info(device)[0]))
+    for where, wanted, available in checks:
+        if wanted > available:
+            raise ConfigError(
+                f"{subject} needs at least {wanted / 2**30:.1f} GiB (its tokens and one segment's activations) "
+                f"but {where} has {available / 2**30:.1f} GiB available: {fix}."
+            )
 
 
 @torch.no_grad()
@@ -34,7 +70,7 @@ def streaming_correct(
     padding) segment by segment. ``labels``: a decoder's per-token labels for the last ``labels.shape[1]``
     tokens of the input (the whole input, or a tail that covers at least the last segment), whose answer must
     lie in the last segment (true for task samples of whole segments); or an encoder's classes, ``(batch,)``.
-    ``progress`` advances by one per segment read."""
+    ``progress`` advances by one per segment read, the last included."""
     length = input_ids.shape[1]
     last_start = (length - 1) // segment_size * segment_size
     memory = None
@@ -46,7 +82,10 @@ def streaming_correct(
             progress.update(1)
     last = input_ids[:, last_start:].long()
     if labels.dim() == 1:  # an encoder's logits are already its last segment's classification
-        return model(last, memory=memory).logits.argmax(dim=-1) == labels
+        correct = model(last, memory=memory).logits.argmax(dim=-1) == labels
+        if progress is not None:
+            progress.update(1)
+        return correct
     covered = length - labels.shape[1]  # the tokens before the labels' first one
     if covered > last_start:
         raise ValueError(
@@ -54,6 +93,8 @@ def streaming_correct(
             f"{length - last_start}: pass labels for the whole last segment or the whole input."
         )
     logits = model(last, memory=memory, return_logits=True).logits
+    if progress is not None:
+        progress.update(1)
     # the token at position p is predicted from position p - 1
     targets = labels[:, last_start + 1 - covered :]
     predicted = logits[:, :-1].argmax(dim=-1)
@@ -136,13 +177,13 @@ def evaluate_by_length(
         mine = eval_indices(count, rank, world_size)
         counts = torch.zeros(2, dtype=torch.float64)
         batches = range(0, len(mine), batch_size)
-        per_batch = num_segments - 1 if model.config.num_mem_tokens else 0  # segments before the last
+        with_memory = bool(model.config.num_mem_tokens)  # without memory only the last segment is read
         progress = tqdm(
-            total=per_batch * len(batches),
+            total=num_segments * len(batches),
             desc=f"evaluating {num_segments} segments",
             unit="seg",
             leave=False,
-            disable=rank != 0 or num_segments < PROGRESS_MIN_SEGMENTS or not per_batch,
+            disable=rank != 0 or num_segments < PROGRESS_MIN_SEGMENTS or not with_memory,
         )
         for start in batches:
             if between_batches is not None:

@@ -22,10 +22,10 @@ import torch
 import torch.distributed as dist
 import transformers
 
-from ..data import AnswerClasses, ShardStream, TaskGenerator, TextTokenizer, load_tokenizer
+from ..data import AnswerClasses, ShardStream, TaskGenerator, TextTokenizer, check_shard_tokenizer, load_tokenizer
 from ..model import AssociativeState, RecurrentMemoryModel, RMTConfig
-from ..model.backbones import auto_model_class, backbone_kind
-from ..model.modeling import check_backbone
+from ..model.backbones import auto_model_class, backbone_kind, pretrained_config
+from ..model.modeling import check_backbone, step_class
 from ..model.presets import BUILTIN_BACKBONES, preset_config
 from ..model.recurrence import last_state_memory
 from ..runtime.memory import peak_rss_mb
@@ -36,7 +36,7 @@ from .curriculum import Curriculum
 from .distributed import DistInfo
 from .ds_config import build_ds_config, load_ds_config
 from .engine import build_engine
-from .evaluation import evaluate_by_length
+from .evaluation import batch_bytes, check_memory, evaluate_by_length
 from .metrics import MetricsLogger
 
 # Exit code after a SIGUSR1/SIGTERM stop with a checkpoint written: "requeue me" (BSD EX_TEMPFAIL).
@@ -74,12 +74,40 @@ def backbone_setup(
             eos_token_id=tokenizer.eos_id,
         )
     else:
-        backbone_config = transformers.AutoConfig.from_pretrained(backbone_name)
+        backbone_config = pretrained_config(backbone_name)
     if backbone_kind(backbone_config) == "encoder":
         model_config = dataclasses.replace(model_config, cls_token_id=tokenizer.cls_id, sep_token_id=tokenizer.sep_id)
         backbone_config.num_labels = len(AnswerClasses(tokenizer))
     check_backbone(backbone_config, model_config, tokenizer.vocab_size)
     return backbone_config, model_config
+
+
+def check_batch_memory(config: TrainConfig, backbone_config, world_size: int, device: torch.device) -> None:
+    """Refuses (``check_memory``) a micro-batch of the longest curriculum stage, or an evaluation batch of the
+    longest evaluation length, that cannot fit even by a lower bound of what it holds, before anything is built.
+    Training: int64 ids, labels and mask, and one segment's activations through every layer; evaluation: int32
+    ids, and one segment without grad with its logits."""
+    model, segment = config.model, config.model.segment_size
+    kind = backbone_kind(backbone_config)
+    positions = segment + step_class(kind, model).extra_positions(model)
+    hidden, layers = backbone_config.hidden_size, backbone_config.num_hidden_layers
+    if not config.shards:  # a shard sample's length is known once it is read
+        stage = max(config.curriculum_stages)
+        check_memory(
+            f"--micro_batch_size {config.micro_batch_size} at {stage} segments",
+            batch_bytes(config.micro_batch_size, stage * segment, 24, positions, hidden, layers),
+            device,
+            "lower --micro_batch_size or the longest --curriculum stage",
+        )
+    length, samples = max(config.eval_samples_by_length.items())
+    batch = min(config.eval_batch_size, -(-samples // world_size))
+    logits = segment * backbone_config.vocab_size if kind == "decoder" else 0
+    check_memory(
+        f"--eval_segments {length} with --eval_batch_size {batch}",
+        batch_bytes(batch, length * segment, 4, positions, hidden, logits=logits),
+        device,
+        "lower --eval_segments or --eval_batch_size",
+    )
 
 
 def build_model(
@@ -116,7 +144,10 @@ class Trainer:
             if self.resume_state is not None:
                 config.check_resumable(json.loads(self.resume_state["config"]))
             self.tokenizer = load_tokenizer(config.tokenizer_name)
-            backbone_setup(config.backbone, self.tokenizer, config.model)
+            if config.shards:
+                check_shard_tokenizer(config.shards, self.tokenizer, config.tokenizer_name)
+            backbone_config, _ = backbone_setup(config.backbone, self.tokenizer, config.model)
+            check_batch_memory(config, backbone_config, dist_info.world_size, dist_info.device)
         self.engine = build_engine(
             partial(build_model, config.backbone, self.tokenizer, config.seed),
             config.model,
