@@ -174,12 +174,14 @@ class StateStore:
     temporary directory by default), removed as they are read back and, whatever happens, with the store."""
 
     def __init__(self, offload: str = "none", directory: str = ""):
-        self.offload, self.directory = offload, directory or None
+        self.offload, self.directory = offload, directory
         self.spill_dir: str | None = None
-        self.kept: dict[int, tuple] = {}
+        self.kept: dict[int, tuple] = {}  # key -> (tensors or spill path, their devices, bytes)
+        self.kept_bytes = 0
         self.peak = StateMemory()
 
     def put(self, key: int, state: State) -> None:
+        global _last_state_memory
         size = sum(t.numel() * t.element_size() for t in state)
         if self.offload == "cpu":
             stored = tuple(_to_host(t) for t in state)
@@ -187,16 +189,20 @@ class StateStore:
             stored = self._spill(key, state)
         else:
             stored = state
-        self.kept[key] = (stored, size, [(t.device, t.dtype) for t in state])
-        self._count()
+        self.kept[key] = (stored, [t.device for t in state], size)
+        self.kept_bytes += size
+        if self.kept_bytes >= self.peak.kept_bytes:
+            offloaded = 0 if self.offload == "none" else self.kept_bytes
+            self.peak = _last_state_memory = StateMemory(self.kept_bytes, offloaded, len(self.kept))
 
     def pop(self, key: int) -> State:
-        stored, _, placement = self.kept.pop(key)
+        stored, devices, size = self.kept.pop(key)
+        self.kept_bytes -= size
         if self.offload == "disk":
             path = stored
             stored = torch.load(path, weights_only=True)
             os.remove(path)
-        return tuple(t.to(device, non_blocking=True) for t, (device, _) in zip(stored, placement))
+        return tuple(t.to(device, non_blocking=True) for t, device in zip(stored, devices))
 
     def _spill(self, key: int, state: State) -> str:
         if self.spill_dir is None:
@@ -221,12 +227,6 @@ class StateStore:
                 "state_offload_dir, or use state_offload='cpu'."
             ) from error
         return path
-
-    def _count(self) -> None:
-        global _last_state_memory
-        kept = sum(size for _, size, _ in self.kept.values())
-        if kept >= self.peak.kept_bytes:
-            self.peak = _last_state_memory = StateMemory(kept, 0 if self.offload == "none" else kept, len(self.kept))
 
 
 def _host() -> str:
@@ -286,9 +286,6 @@ class _ReplayPlan:
     keep_every: int
     store: StateStore
     extras: list[Any]
-
-    def block_of(self, index: int) -> int:
-        return index - index % self.keep_every
 
     def block_start_kept(self, index: int) -> bool:
         """A block's first state is kept when a segment of the block is visited by the backward."""
