@@ -41,6 +41,17 @@ State = tuple[torch.Tensor, ...]
 Step = Callable[[State, Any], tuple[State, torch.Tensor, Any]]
 
 SPILL_PREFIX = "rmt-states-"  # spill directories: SPILL_PREFIX + host + pid of the process that made them
+FULL_DISK_BYTES = 2**20  # a failed spill that leaves less than this free counts as a full disk
+
+
+class StateSpillError(OSError):
+    """A segment state could not be written to its spill file (a full or read-only ``state_offload_dir``)."""
+
+
+def keep_interval(mode: str, num_segments: int, keep_every: int = 0) -> int:
+    """Every how many segments ``replay`` (1) and ``sublinear`` (``keep_every``, else ceil(sqrt(S))) keep a
+    state; a chain of S segments keeps at most ``ceil(S / keep_interval)`` of them."""
+    return 1 if mode == "replay" else keep_every or math.isqrt(num_segments - 1) + 1
 
 
 @dataclass
@@ -103,7 +114,7 @@ def run_segments(
         return _run_loop(step, state, segments, "bptt", [False] * len(segments))
     backward = needs_backward(labelled or [True] * len(segments), bptt_depth)
     if mode in ("replay", "sublinear"):
-        every = 1 if mode == "replay" else keep_every or math.isqrt(len(segments) - 1) + 1
+        every = keep_interval(mode, len(segments), keep_every)
         return _run_replay(step, state, segments, bptt_depth, backward, every, StateStore(offload, offload_dir))
     return _run_loop(step, state, segments, mode, backward, bptt_depth)
 
@@ -211,7 +222,7 @@ class StateStore:
             try:
                 self.spill_dir = tempfile.mkdtemp(prefix=f"{SPILL_PREFIX}{_host()}-{os.getpid()}-", dir=parent)
             except OSError as error:
-                raise OSError(
+                raise StateSpillError(
                     f"cannot create a state spill directory in {parent}"
                     f" ({error.strerror}): pass a writable state_offload_dir, or state_offload='cpu'."
                 ) from error
@@ -222,11 +233,21 @@ class StateStore:
         except (OSError, RuntimeError) as error:
             with contextlib.suppress(OSError):
                 os.remove(path)
-            raise OSError(
-                f"cannot spill a segment state to {path} ({error}): free space there, pass another "
-                "state_offload_dir, or use state_offload='cpu'."
+            raise StateSpillError(
+                f"cannot spill a segment state to {path} ({_spill_failure(error, self.spill_dir)}): free space "
+                "there, pass another state_offload_dir, or use state_offload='cpu'."
             ) from error
         return path
+
+
+def _spill_failure(error: Exception, directory: str) -> str:
+    """Why a spill failed, in a few words: torch's zip writer reports a full disk as a RuntimeError
+    ("unexpected pos ...", several lines) without errno."""
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror
+    if shutil.disk_usage(directory).free < FULL_DISK_BYTES:
+        return "no space left on the device"
+    return str(error).splitlines()[0]
 
 
 def _host() -> str:

@@ -25,9 +25,10 @@ import transformers
 from ..data import AnswerClasses, ShardStream, TaskGenerator, TextTokenizer, check_shard_tokenizer, load_tokenizer
 from ..model import AssociativeState, RecurrentMemoryModel, RMTConfig
 from ..model.backbones import auto_model_class, backbone_kind, pretrained_config
+from ..model.config import ConfigError
 from ..model.modeling import check_backbone, step_class
 from ..model.presets import BUILTIN_BACKBONES, preset_config
-from ..model.recurrence import last_state_memory
+from ..model.recurrence import StateSpillError, keep_interval, last_state_memory
 from ..runtime.memory import peak_rss_mb
 from . import checkpoint, signals
 from .batches import EVAL_SEED_OFFSET, DataError, TrainBatches
@@ -110,6 +111,25 @@ def check_batch_memory(config: TrainConfig, backbone_config, world_size: int, de
     )
 
 
+def check_spill_space(config: TrainConfig, model: RecurrentMemoryModel) -> None:
+    """Refuses ``--state_offload disk`` when the spill directory has less space free than the states that one
+    rank keeps for a micro-batch of the longest curriculum stage (a lower bound: each file's header comes on
+    top, and ranks that share the directory each keep as much)."""
+    if not config.spills_states or config.shards:  # a shard sample's length is known once it is read
+        return
+    segments = max(config.curriculum_stages)
+    kept = -(-segments // keep_interval(config.model.backprop, segments, config.model.state_keep_every))
+    state = model.step.initial_state(config.micro_batch_size)
+    needed = kept * sum(t.numel() * t.element_size() for t in state)
+    free = shutil.disk_usage(config.state_spill_dir).free
+    if needed > free:
+        raise ConfigError(
+            f"--state_offload disk spills {needed / 2**20:.1f} MiB of segment states ({kept} per micro-batch at "
+            f"{segments} segments) into {config.state_spill_dir}, which has {free / 2**20:.1f} MiB free: free "
+            "space there, pass another --state_offload_dir, or --state_offload cpu."
+        )
+
+
 def build_model(
     backbone_name: str, tokenizer: TextTokenizer, seed: int, model_config: RMTConfig
 ) -> RecurrentMemoryModel:
@@ -155,6 +175,7 @@ class Trainer:
             config.collective_timeout_s,
         )
         self.model = self.engine.module
+        check_spill_space(config, self.model)
         # an encoder is trained and scored on the answer's class; a decoder on the answer's tokens
         self.classes = AnswerClasses(self.tokenizer) if self.model.spec.kind == "encoder" else None
 
@@ -238,6 +259,9 @@ class Trainer:
                 except DataError:
                     self._save_on_data_error(logger)
                     raise
+                except StateSpillError as error:  # the step's spill files go with its store: nothing is left
+                    last = checkpoint.last_intact(self.out_dir / "checkpoints")
+                    raise checkpoint.DiskFull(f"{str(error).rstrip('.')}; {last}") from error
                 if self.step == config.max_steps:
                     break
                 if self.step % config.eval_every == 0:
