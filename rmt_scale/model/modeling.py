@@ -27,7 +27,7 @@ from .config import CONFIG_NAME, ARMTConfig, ConfigError, RMTConfig
 from .gate import MemoryGate
 from .generation import GenerationMixin
 from .gguf import is_gguf, load_gguf_tokenizer, without_gguf_mark
-from .segments import Segment, check_inputs, segment_bounds
+from .segments import Segment, check_inputs, packing_order, segment_bounds, unpacked
 from .steps import AssociativeStep, DecoderStep, EncoderStep
 
 BACKBONE_DIR = "backbone"
@@ -189,10 +189,12 @@ class RecurrentMemoryModel(GenerationMixin, nn.Module):
             memory: the memory to start from (``RMTOutput.memory`` of a previous call); default: learned.
             return_logits: decoders only: also return all logits (memory grows with the input length).
         """
-        segments, targets = self.segments(input_ids, attention_mask, labels, return_logits)
+        segments, targets, order = self.segments(input_ids, attention_mask, labels, return_logits)
         state = self.step.initial_state(input_ids.shape[0], memory)
         loss_sum, state, extras = self.step.run(state, segments)
         loss, memory, logits = self.step.outputs(state, loss_sum, extras, labels, targets)
+        if order is not None and return_logits and self.spec.kind == "decoder":
+            logits = unpacked(logits, order)
         return RMTOutput(loss=loss, memory=memory, logits=logits, num_segments=len(segments))
 
     def segments(
@@ -202,8 +204,10 @@ class RecurrentMemoryModel(GenerationMixin, nn.Module):
         labels: torch.Tensor | None = None,
         return_logits: bool = False,
     ):
-        """The checked batch cut into :class:`Segment` s, and the whole input's targets (decoders: the labels
-        shifted once; None without labels or for encoders)."""
+        """The checked batch cut into :class:`Segment` s, the whole input's targets (decoders: the labels
+        shifted once; None without labels or for encoders), both in the order the segments take the tokens,
+        and that order (``packing_order``; None when it is the input's own). Left-aligned segments take each
+        row's tokens from its first real one, so a padded sample is cut exactly as the sample alone."""
         attention_mask = check_inputs(
             input_ids,
             attention_mask,
@@ -211,7 +215,12 @@ class RecurrentMemoryModel(GenerationMixin, nn.Module):
             per_token_labels=self.spec.kind == "decoder",
             vocab_size=self.backbone.get_input_embeddings().num_embeddings,
         )
+        # shifted before packing, so that each target stays with the token that predicts it
         targets = self.step.targets(labels, attention_mask)
+        order = packing_order(attention_mask) if self.config.segment_alignment == "left" else None
+        if order is not None:
+            input_ids, attention_mask = input_ids.gather(1, order), attention_mask.gather(1, order)
+            targets = None if targets is None else targets.gather(1, order)
         segments = [
             Segment(
                 input_ids[:, start:end],
@@ -223,7 +232,7 @@ class RecurrentMemoryModel(GenerationMixin, nn.Module):
                 input_ids.shape[1], self.config.segment_size, self.config.segment_alignment
             )
         ]
-        return segments, targets
+        return segments, targets, order
 
 
 def step_class(kind: str, config: RMTConfig) -> type[DecoderStep | EncoderStep]:

@@ -352,19 +352,24 @@ class TrainConfig:
             raise ConfigError(
                 f"{self.tokenizer_name} has no tokenizer: pass --tokenizer (a tokenizer directory, or builtin)."
             )
-        out = Path(self.out_dir)
-        if out.exists() and not out.is_dir():
-            raise ConfigError(f"--out_dir {out} is a file: pass a directory (it is created if missing).")
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-            tempfile.TemporaryFile(dir=out).close()
-        except OSError as error:
-            raise ConfigError(
-                f"--out_dir {out} is not a writable directory ({error.strerror}): pass one you can write to."
-            ) from error
+        _check_writable_dir("out_dir", Path(self.out_dir), "pass one you can write to")
+        if self.spills_states:
+            _check_writable_dir(
+                "state_offload_dir", Path(self.state_spill_dir), "pass one you can write to, or --state_offload cpu"
+            )
         if self.shards:
             with as_config_error():
                 check_shard_source(self.shards)
+
+    @property
+    def spills_states(self) -> bool:
+        """Whether training keeps segment states in spill files (``--state_offload disk`` under replay or
+        sublinear backprop; the other modes keep no states)."""
+        return self.model.state_offload == "disk" and self.model.backprop in ("replay", "sublinear")
+
+    @property
+    def state_spill_dir(self) -> str:
+        return self.model.state_offload_dir or tempfile.gettempdir()
 
     def check_resumable(self, saved: dict) -> None:
         """Refuses to resume a checkpoint written with a different model (``--memory`` included), data, batch or
@@ -434,6 +439,17 @@ def as_config_error():
         raise
     except ValueError as error:
         raise ConfigError(str(error)) from error
+
+
+def _check_writable_dir(flag: str, path: Path, fix: str) -> None:
+    """Creates ``path`` if missing and writes a file there: ConfigError naming ``--flag`` and ``fix`` otherwise."""
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"--{flag} {path} is a file: pass a directory (it is created if missing).")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=path).close()
+    except OSError as error:
+        raise ConfigError(f"--{flag} {path} is not a writable directory ({error.strerror}): {fix}.") from error
 
 
 def _check_pretrained(flag: str, name: str, required_file: str | None) -> None:
