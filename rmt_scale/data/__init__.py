@@ -1,11 +1,12 @@
-"""Long-context task data: bAbI-style facts in background text, tokenizers, streamed tar shards, and the
-collate that turns samples into model batches."""
+"""Long-context task data: bAbI-style facts in background text, documents for language modelling, tokenizers,
+streamed tar shards, and the collate that turns samples into model batches."""
 
 from .babi import ACTORS, LOCATIONS, OBJECTS, STORY_KINDS, Story, make_story
 from .background import Background, default_background, filler_sentences, split_sentences
 from .batching import AnswerClasses, collate, whole_segments
 from .shards import (
     ShardStream,
+    check_shard_task,
     check_shard_tokenizer,
     decode_sample,
     encode_sample,
@@ -14,6 +15,7 @@ from .shards import (
 )
 from .tars import CorruptShardError, check_shard_source, expand_urls, iter_tar_samples, resolve_shards
 from .tasks import TASKS, TaskGenerator, TaskSample, make_sample
+from .text import LAYOUTS, LM_TASK, Document, DocumentError, LMCounts, iter_documents, lm_prefix, lm_samples
 from .tokenizer import TextTokenizer, build_word_tokenizer, could_be_hub_id, has_tokenizer, load_tokenizer
 
 __all__ = [
@@ -31,6 +33,7 @@ __all__ = [
     "collate",
     "whole_segments",
     "ShardStream",
+    "check_shard_task",
     "check_shard_tokenizer",
     "tokenizer_index_fields",
     "decode_sample",
@@ -45,6 +48,14 @@ __all__ = [
     "TaskGenerator",
     "TaskSample",
     "make_sample",
+    "LAYOUTS",
+    "LM_TASK",
+    "Document",
+    "DocumentError",
+    "LMCounts",
+    "iter_documents",
+    "lm_prefix",
+    "lm_samples",
     "TextTokenizer",
     "build_word_tokenizer",
     "could_be_hub_id",
