@@ -3,7 +3,7 @@ streamed tar shards, and the collate that turns samples into model batches."""
 
 from .babi import ACTORS, LOCATIONS, OBJECTS, STORY_KINDS, Story, make_story
 from .background import Background, default_background, filler_sentences, split_sentences
-from .batching import AnswerClasses, collate, whole_segments
+from .batching import AnswerClasses, collate, collate_lm, whole_segments
 from .shards import (
     ShardStream,
     check_shard_task,
@@ -31,6 +31,7 @@ __all__ = [
     "split_sentences",
     "AnswerClasses",
     "collate",
+    "collate_lm",
     "whole_segments",
     "ShardStream",
     "check_shard_task",
