@@ -231,7 +231,8 @@ def _next_token_loss(logits: torch.Tensor, input_ids: torch.Tensor, mask: torch.
 @torch.no_grad()
 def loss_by_segment(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, segment_size: int) -> torch.Tensor:
     """``(segments, 2)``: each segment's loss sum and number of targets, read segment by segment with the memory
-    passed on (a model without memory reads each segment alone)."""
+    passed on (a model without memory reads each segment alone). Padding goes on the right, and every sample needs
+    a token in the last segment (the model refuses a sample without tokens)."""
     memory, totals = None, []
     for start in range(0, input_ids.shape[1], segment_size):
         ids, mask = input_ids[:, start : start + segment_size], attention_mask[:, start : start + segment_size]
@@ -272,20 +273,23 @@ def evaluate_by_segment(
 ) -> dict[int, float]:
     """``{k: mean next-token loss of segment k}`` over ``samples`` cut to ``max_segments`` segments, for
     ``score(input_ids, attention_mask)`` (:func:`loss_by_segment` or :func:`full_attention_loss_by_segment` with
-    their model bound). Ranks split the samples in equal shares (a share longer than the samples wraps around)
-    and sum their totals, so every rank returns the same numbers."""
+    their model bound). A batch holds samples of one segment count, so that every sample has tokens in every
+    segment it is read at. Ranks split each count's samples in equal shares (a share longer than the samples
+    wraps around, so all ranks run as many forwards) and sum their totals: every rank returns the same numbers."""
     samples = [lm_prefix(s, max_segments * segment_size) for s in samples]
-    length = whole_segments(samples, segment_size) * segment_size  # every batch as long: one total per segment
-    mine = [samples[i % len(samples)] for i in eval_indices(len(samples), rank, world_size)]
-    totals = torch.zeros(length // segment_size, 2, dtype=torch.float64)
-    for start in range(0, len(mine), batch_size):
-        batch = collate_lm(mine[start : start + batch_size], pad_id, length)
-        totals += score(batch["input_ids"].to(device), batch["attention_mask"].to(device)).cpu()
+    counts = [whole_segments([s], segment_size) for s in samples]
+    totals = torch.zeros(max(counts), 2, dtype=torch.float64)
+    for count in sorted(set(counts)):
+        group = [s for s, c in zip(samples, counts) if c == count]
+        mine = [group[i % len(group)] for i in eval_indices(len(group), rank, world_size)]
+        for start in range(0, len(mine), batch_size):
+            batch = collate_lm(mine[start : start + batch_size], pad_id, count * segment_size)
+            totals[:count] += score(batch["input_ids"].to(device), batch["attention_mask"].to(device)).cpu()
     if dist.is_initialized() and world_size > 1:
         totals = totals.to(device)
         dist.all_reduce(totals)
         totals = totals.cpu()
-    return {k: loss / count if count else math.nan for k, (loss, count) in enumerate(totals.tolist(), 1)}
+    return {k: loss / targets if targets else math.nan for k, (loss, targets) in enumerate(totals.tolist(), 1)}
 
 
 def segment_report(
