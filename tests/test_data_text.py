@@ -26,7 +26,7 @@ from rmt_scale.data import (
 )
 
 # real reStructuredText from Debian's python3-doc (tools/install_system_packages.sh installs it)
-PYTHON_DOCS = sorted(glob.glob("/usr/share/doc/python3*/html/_sources/library/os*.txt"))[:3]
+PYTHON_DOCS = sorted(glob.glob("/usr/share/doc/python3-doc/html/_sources/library/os*.txt"))[:3]
 
 
 def write_tar(path, members: dict[str, bytes]) -> None:

@@ -397,7 +397,7 @@ class TrainConfig:
         for flag in ("shards", "eval_shards"):
             if getattr(self, flag):
                 with as_config_error():
-                    check_shard_source(getattr(self, flag))
+                    check_shard_source(getattr(self, flag), f"--{flag}")
 
     def check_resumable(self, saved: dict) -> None:
         """Refuses to resume a checkpoint written with a different model (``--memory`` included), data, batch or
