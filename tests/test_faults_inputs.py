@@ -7,6 +7,7 @@ import json
 import re
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,7 @@ from rmt_scale.data import TaskGenerator, build_word_tokenizer, filler_sentences
 from rmt_scale.model import ConfigError
 from rmt_scale.model.backbones import UnsupportedBackboneError, pretrained_config
 from rmt_scale.model.presets import preset_config
+from rmt_scale.model.recurrence import kept_at_peak
 from rmt_scale.training import TrainConfig
 from rmt_scale.training.evaluation import batch_bytes
 from rmt_scale.training.trainer import backbone_setup, check_batch_memory
@@ -107,9 +109,12 @@ def test_batches_that_cannot_fit_are_refused_with_the_estimate_and_the_flag(tmp_
     tokenizer = build_word_tokenizer()
     cpu = torch.device("cpu")
     cases = {
-        r"--micro_batch_size 100000000 at 4 segments needs at least \d+\.\d GiB \(its tokens and one segment's "
-        r"activations\) but this host has \d+\.\d GiB available: lower --micro_batch_size or the longest "
-        r"--curriculum stage\.": TrainConfig(micro_batch_size=10**8),
+        r"a step of --micro_batch_size 100000000 on the longest --curriculum stage, 4 segments, with --backprop "
+        r"bptt needs at least \d+\.\d GiB \(its tokens, 4 segments' activations and 4 kept states\) but this "
+        r"host has \d+\.\d GiB available: use --backprop sublinear \(about 2 sqrt\(segments\) states\), "
+        r"--state_offload cpu or disk, or lower --micro_batch_size or the sample length\.": TrainConfig(
+            micro_batch_size=10**8
+        ),
         # one sample (--eval_max_tokens) of 32 billion tokens
         r"--eval_segments 1000000000 with --eval_batch_size 1 needs at least .*: lower --eval_segments or "
         r"--eval_batch_size\.": TrainConfig(eval_segments="1,1000000000"),
@@ -117,10 +122,51 @@ def test_batches_that_cannot_fit_are_refused_with_the_estimate_and_the_flag(tmp_
     for message, config in cases.items():
         backbone_config, _ = backbone_setup(config.backbone, tokenizer, config.model)
         with pytest.raises(ConfigError, match=message):
-            check_batch_memory(config, backbone_config, 1, cpu)
+            check_batch_memory(config, backbone_config, 1, cpu, {})
     backbone_config, _ = backbone_setup("tiny", tokenizer, TrainConfig().model)
-    check_batch_memory(TrainConfig(), backbone_config, 1, cpu)  # the quick start's
+    check_batch_memory(TrainConfig(), backbone_config, 1, cpu, {})  # the quick start's
     assert batch_bytes(2, 100, 4, 20, 8, layers=3, logits=50) == (4 * 100 * 4, 2 * (20 * 8 * 3 * 32 + 4 * 50))
+
+
+def test_what_each_backprop_mode_keeps_at_its_peak():
+    last_only = [False] * 99 + [True]
+    assert kept_at_peak("bptt", last_only) == (100, 100)
+    assert kept_at_peak("bptt", last_only, bptt_depth=3) == (4, 4)  # the last segment and the 3 it reaches back
+    assert kept_at_peak("checkpoint", last_only) == (1, 100)
+    assert kept_at_peak("replay", last_only) == (1, 100)
+    assert kept_at_peak("sublinear", last_only) == (1, 10 + 10)  # k = 10: 10 block starts, one block recomputed
+    assert kept_at_peak("sublinear", last_only, keep_every=25) == (1, 4 + 25)
+    assert kept_at_peak("sublinear", last_only, bptt_depth=30) == (1, 4 + 10)  # blocks 6-9 reach the labels
+
+
+def test_the_default_launcher_on_million_token_shards_stops_with_the_estimate_and_the_fix(tmp_path):
+    """Issue 26: the launcher's defaults (ARMT, bptt, 16 samples a micro-batch) on 1M-token samples would grow
+    past any host's memory; checkpoint and replay keep every segment's ARMT state. Each is refused before any
+    work with what it needs; sublinear backprop passes the same check."""
+    shards = tmp_path / "shards"
+    flags = ["--task", "memorize", "--tokens", "1000000", "--samples", "1", "--out", str(shards)]
+    assert make_shards(flags) == 0
+    assert json.loads((shards / "index.json").read_text())["max_sample_tokens"] == 1_000_000
+    train = [sys.executable, LAUNCHER, "--shards", str(shards), "--segment_size", "100", "--out_dir", str(tmp_path)]
+    refused = subprocess.run(train, env=environment(), capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2, refused.stderr[-2000:]
+    assert re.fullmatch(
+        r"error: a step of --micro_batch_size 16 on --shards' longest sample \(1,000,000 tokens\), 10,000 segments, "
+        r"with --backprop bptt needs at least (\d+)\.\d GiB \(its tokens, 10,000 segments' activations and 10,000 "
+        r"kept states\) but this host has .* GiB available: use --backprop sublinear .*\n",
+        refused.stderr.splitlines(keepends=True)[-1],
+    ), refused.stderr[-2000:]
+    assert not (tmp_path / "checkpoints").exists()
+    tokenizer = build_word_tokenizer()
+    cpu = torch.device("cpu")
+    for mode in ("checkpoint", "replay"):  # 10,000 states of 0.4 MB for each of 16 samples
+        config = TrainConfig(shards=str(shards), model=replace(TrainConfig().model, segment_size=100, backprop=mode))
+        backbone_config, _ = backbone_setup(config.backbone, tokenizer, config.model)
+        with pytest.raises(ConfigError, match=f"--backprop {mode} needs at least .* 10,000 kept states"):
+            check_batch_memory(config, backbone_config, 1, cpu, {})
+    model = replace(TrainConfig().model, segment_size=100, backprop="sublinear", state_offload="disk")
+    config = TrainConfig(shards=str(shards), model=model)
+    check_batch_memory(config, backbone_config, 1, cpu, {})  # 200 states, on disk
 
 
 # ------------------------------------------------------------------------------------------ plot_results
@@ -197,7 +243,8 @@ def test_launchers_refuse_bad_input_in_one_line_before_any_work(tmp_path, t5_dir
         "optimizer.params.lr='banana' in --ds_config": [*train, "--ds_config", str(tmp_path / "banana.json")],
         f"--shards {shards} were made with tokenizer builtin, this run uses {tmp_path}/zebra: pass --tokenizer "
         f"{shards}/tokenizer": [*train, "--shards", str(shards), "--tokenizer", str(tmp_path / "zebra")],
-        "--micro_batch_size 100000000 at 4 segments needs at least": [*train, "--micro_batch_size", "100000000"],
+        "a step of --micro_batch_size 100000000 on the longest --curriculum stage, 4 segments, with --backprop bptt "
+        "needs at least": [*train, "--micro_batch_size", "100000000"],
         f"{edited}/memory.safetensors does not fit {config}": [*evaluate, "--model", str(edited)],
         f"{incomplete}/memory.safetensors does not exist": [*evaluate, "--model", str(incomplete)],
         "--eval_segments 1000000000 with --batch_size 16 needs at least": [

@@ -22,164 +22,40 @@ import numpy as np
 
 from .tars import expand_urls, iter_tar_samples
 
-_NAMES = (
-    "Elena",
-    "Tomas",
-    "Ravi",
-    "Ingrid",
-    "Omar",
-    "Lucia",
-    "Peter",
-    "Aiko",
-    "Nadia",
-    "Hugo",
-    "the old man",
-    "the captain",
-    "the girl",
-    "the stranger",
-    "the doctor",
-    "the farmer",
-    "her brother",
-    "his mother",
+_NAMES = tuple(
+    (
+        "Elena, Tomas, Ravi, Ingrid, Omar, Lucia, Peter, Aiko, Nadia, Hugo, the old man, the captain, the "
+        "girl, the stranger, the doctor, the farmer, her brother, his mother"
+    ).split(", ")
 )
-_ADJECTIVES = (
-    "quiet",
-    "old",
-    "bright",
-    "narrow",
-    "distant",
-    "cold",
-    "warm",
-    "heavy",
-    "pale",
-    "green",
-    "dark",
-    "gentle",
-    "strange",
-    "broken",
-    "silent",
-    "small",
-    "wide",
-    "early",
-    "late",
-    "empty",
-    "grey",
-    "golden",
-    "wet",
-    "dry",
-    "steep",
-    "soft",
-    "loud",
-    "thin",
-    "ancient",
-    "restless",
+_ADJECTIVES = tuple(
+    (
+        "quiet old bright narrow distant cold warm heavy pale green dark gentle strange broken silent small "
+        "wide early late empty grey golden wet dry steep soft loud thin ancient restless"
+    ).split()
 )
-_NOUNS = (
-    "river",
-    "village",
-    "road",
-    "forest",
-    "hill",
-    "window",
-    "letter",
-    "ship",
-    "harbour",
-    "market",
-    "bridge",
-    "lamp",
-    "field",
-    "storm",
-    "wind",
-    "cart",
-    "horse",
-    "bell",
-    "tower",
-    "book",
-    "coat",
-    "door",
-    "path",
-    "stone",
-    "boat",
-    "song",
-    "fire",
-    "winter",
-    "valley",
-    "crowd",
-    "train",
-    "station",
-    "table",
-    "candle",
-    "mountain",
-    "shore",
-    "cloud",
-    "wall",
-    "orchard",
-    "lake",
-    "chapel",
-    "mill",
-    "well",
-    "gate",
+_NOUNS = tuple(
+    (
+        "river village road forest hill window letter ship harbour market bridge lamp field storm wind cart "
+        "horse bell tower book coat door path stone boat song fire winter valley crowd train station table "
+        "candle mountain shore cloud wall orchard lake chapel mill well gate"
+    ).split()
 )
-_VERBS = (
-    "watched",
-    "crossed",
-    "carried",
-    "followed",
-    "remembered",
-    "painted",
-    "passed",
-    "opened",
-    "closed",
-    "found",
-    "lost",
-    "mended",
-    "described",
-    "ignored",
-    "admired",
-    "studied",
-    "visited",
-    "counted",
-    "noticed",
-    "pulled",
-    "pushed",
-    "wrote about",
-    "spoke of",
-    "waited by",
-    "leaned on",
-    "sang about",
+_VERBS = tuple(
+    (
+        "watched, crossed, carried, followed, remembered, painted, passed, opened, closed, found, lost, "
+        "mended, described, ignored, admired, studied, visited, counted, noticed, pulled, pushed, wrote "
+        "about, spoke of, waited by, leaned on, sang about"
+    ).split(", ")
 )
-_INTRANSITIVE = (
-    "shone",
-    "faded",
-    "trembled",
-    "slept",
-    "waited",
-    "grew",
-    "burned",
-    "rang",
-    "drifted",
-    "rested",
-    "sank",
-    "rose",
-    "glowed",
-    "turned",
-    "settled",
+_INTRANSITIVE = tuple(
+    "shone faded trembled slept waited grew burned rang drifted rested sank rose glowed turned settled".split()
 )
-_ADVERBS = (
-    "slowly",
-    "quietly",
-    "again",
-    "at last",
-    "without a word",
-    "for a while",
-    "once more",
-    "suddenly",
-    "carefully",
-    "in silence",
-    "all day",
-    "before dawn",
-    "after supper",
-    "every morning",
+_ADVERBS = tuple(
+    (
+        "slowly, quietly, again, at last, without a word, for a while, once more, suddenly, carefully, in "
+        "silence, all day, before dawn, after supper, every morning"
+    ).split(", ")
 )
 _PREPOSITIONS = ("near", "beyond", "under", "behind", "across", "beside", "above", "along")
 _TIMES = ("morning", "evening", "night", "afternoon", "spring", "autumn", "summer", "hour", "season")

@@ -95,15 +95,17 @@ def write_shards(
 ) -> dict:
     """Writes samples into ``out/shard-NNNNNN.tar`` (any fsspec URL) and ``out/index.json``; returns the index.
 
-    A new shard starts after ``max_samples`` samples or once a shard holds ``max_bytes``. ``extra_index`` adds
-    fields to the index; a callable is called once every sample is written (for counts the samples' source keeps).
+    A new shard starts after ``max_samples`` samples or once a shard holds ``max_bytes``. The index records the
+    longest sample's ``num_tokens``, which a training run sizes its memory by before it reads a sample.
+    ``extra_index`` adds fields to the index; a callable is called once every sample is written (for counts the
+    samples' source keeps).
     """
     out = out.rstrip("/")
     fs, root = fsspec.core.url_to_fs(out)
     fs.makedirs(root, exist_ok=True)
     shards: list[dict] = []
     writer = stream = None
-    size = 0
+    size = longest = 0
     try:
         for i, sample in enumerate(samples):
             if writer is None or shards[-1]["samples"] >= max_samples or size >= max_bytes:
@@ -117,13 +119,15 @@ def write_shards(
                 size = 0
             size += writer.write(encode_sample(sample, f"{i:09d}"))
             shards[-1]["samples"] += 1
+            longest = max(longest, sample.num_tokens)
     finally:
         if writer is not None:
             writer.close()
             stream.close()
     if callable(extra_index):
         extra_index = extra_index()
-    index = {"shards": shards, "total_samples": sum(s["samples"] for s in shards), **(extra_index or {})}
+    total = sum(s["samples"] for s in shards)
+    index = {"shards": shards, "total_samples": total, "max_sample_tokens": longest, **(extra_index or {})}
     with fsspec.open(f"{out}/{INDEX_NAME}", "w") as f:
         json.dump(index, f, indent=1)
     return index

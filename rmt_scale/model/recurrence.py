@@ -82,6 +82,25 @@ def needs_backward(labelled: Sequence[bool], bptt_depth: int) -> list[bool]:
     return [labelled[i] or i == n - 1 or keeps_gradient(i + 1, n, bptt_depth) for i in range(n)]
 
 
+def sublinear_every(num_segments: int, keep_every: int = 0) -> int:
+    """``sublinear``'s k: every k-th segment's state is kept (0: ceil(sqrt(S)))."""
+    return keep_every or math.isqrt(num_segments - 1) + 1
+
+
+def kept_at_peak(mode: str, labelled: Sequence[bool], bptt_depth: int = -1, keep_every: int = 0) -> tuple[int, int]:
+    """``(segments, states)``: how many segments' activations and how many input states the driver ``mode``
+    holds at once for a chain whose segments carry labels as ``labelled`` says; what a memory estimate made
+    before any work multiplies by a segment's and a state's bytes."""
+    backward = needs_backward(labelled, bptt_depth)
+    visited = sum(backward)
+    if mode in ("bptt", "checkpoint"):
+        return (visited if mode == "bptt" else 1), visited
+    every = 1 if mode == "replay" else sublinear_every(len(labelled), keep_every)
+    kept = sum(any(backward[start : start + every]) for start in range(0, len(labelled), every))
+    # sublinear recomputes one block's states on top of those it keeps
+    return 1, kept + (every if mode == "sublinear" else 0)
+
+
 def run_segments(
     step: Step,
     state: State,
@@ -103,7 +122,7 @@ def run_segments(
         return _run_loop(step, state, segments, "bptt", [False] * len(segments))
     backward = needs_backward(labelled or [True] * len(segments), bptt_depth)
     if mode in ("replay", "sublinear"):
-        every = 1 if mode == "replay" else keep_every or math.isqrt(len(segments) - 1) + 1
+        every = 1 if mode == "replay" else sublinear_every(len(segments), keep_every)
         return _run_replay(step, state, segments, bptt_depth, backward, every, StateStore(offload, offload_dir))
     return _run_loop(step, state, segments, mode, backward, bptt_depth)
 

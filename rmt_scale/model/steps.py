@@ -32,6 +32,11 @@ class MemoryTokenStep:
     ):
         self.backbone, self.spec, self.config, self.memory, self.gate = backbone, spec, config, memory, gate
 
+    @staticmethod
+    def state_numel(config: RMTConfig, hidden_size: int, num_layers: int) -> int:
+        """Numbers in one sample's state between two segments: the memory tokens."""
+        return config.num_mem_tokens * hidden_size
+
     def memory_tokens(self, batch: int) -> torch.Tensor | None:
         """The learned memory embeddings ``(batch, num_mem, hidden)``; None without memory."""
         return None if self.memory is None else self.memory.unsqueeze(0).expand(batch, -1, -1)
@@ -251,6 +256,12 @@ class AssociativeStep(DecoderStep):
     @staticmethod
     def segment_layout(config: RMTConfig) -> SegmentLayout:
         return SegmentLayout(read=0, write=config.num_mem_tokens)
+
+    @staticmethod
+    def state_numel(config: RMTConfig, hidden_size: int, num_layers: int) -> int:
+        """Every layer's float32 (A, z): ``features x hidden_size`` and ``heads x features``."""
+        features = 2 * config.dpfp_nu * config.d_mem
+        return num_layers * features * (hidden_size + config.num_heads)
 
     def initial_state(self, batch: int, memory=None) -> State:
         if memory is None:

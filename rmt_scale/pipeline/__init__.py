@@ -3,13 +3,3 @@
 from .schedule import PipelineStep, SegmentPipeline, ideal_busy_fraction
 from .stages import PipelineStage, head_cost_in_layers, split_layers
 from .topology import StageTopology
-
-__all__ = [
-    "PipelineStage",
-    "PipelineStep",
-    "SegmentPipeline",
-    "StageTopology",
-    "head_cost_in_layers",
-    "ideal_busy_fraction",
-    "split_layers",
-]

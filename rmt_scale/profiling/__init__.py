@@ -13,20 +13,3 @@ from rmt_scale.profiling.analytic import (
 from rmt_scale.profiling.measure import Measurement, Measurer, Variant, sweep
 from rmt_scale.profiling.opt_configs import OPT_NAMES, opt_config
 from rmt_scale.profiling.report import loglog_slope
-
-__all__ = [
-    "CONVENTIONS",
-    "PAPER_CLAIM",
-    "OPT_NAMES",
-    "Measurement",
-    "Measurer",
-    "Variant",
-    "flop_savings",
-    "forward_flops",
-    "full_attention_flops",
-    "loglog_slope",
-    "opt_config",
-    "rmt_flops",
-    "sweep",
-    "training_flops",
-]

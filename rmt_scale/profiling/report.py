@@ -186,6 +186,11 @@ def _table(header: list[str], rows: list[list]) -> list[str]:
     return lines + [""]
 
 
+def _column_table(columns: dict, items) -> list[str]:
+    """A table whose columns are {header: value of an item}; each item is the arguments of every column."""
+    return _table(list(columns), [[value(*item) for value in columns.values()] for item in items])
+
+
 def markdown(report: dict) -> str:
     settings, verdict = report["settings"], report["verdict"]
     lines = ["# RMT vs full attention: FLOP, time and memory scaling", ""]
@@ -203,71 +208,41 @@ def markdown(report: dict) -> str:
     )
     lines += [f"Closest: **{best['convention']}**, {best['layout']} — {errors}.", ""]
 
-    sweep = report["analytic_sweep"]
     at = ANALYTIC_LENGTHS.index(analytic.PAPER_LENGTH)
     lines += [
         f"## Analytic FLOPs at {analytic.PAPER_LENGTH:,} tokens (chinchilla convention, "
         f"{ANALYTIC_SEGMENT_SIZE}-token segments + 2x{ANALYTIC_MEM_TOKENS} memory)",
         "",
     ]
-    lines += _table(
-        [
-            "backbone",
-            "full fwd",
-            "RMT fwd",
-            "full train",
-            "RMT train (bptt)",
-            "RMT train (replay)",
-            "full slope",
-            "RMT slope",
-        ],
-        [
-            [
-                n,
-                s["full_forward"][at],
-                s["rmt_forward"][at],
-                s["full_train"][at],
-                s["rmt_bptt_train"][at],
-                s["rmt_replay_train"][at],
-                s["full_slope"],
-                s["rmt_slope"],
-            ]
-            for n, s in sweep.items()
-        ],
-    )
+    sweep_columns = {
+        "backbone": lambda n, s: n,
+        "full fwd": lambda n, s: s["full_forward"][at],
+        "RMT fwd": lambda n, s: s["rmt_forward"][at],
+        "full train": lambda n, s: s["full_train"][at],
+        "RMT train (bptt)": lambda n, s: s["rmt_bptt_train"][at],
+        "RMT train (replay)": lambda n, s: s["rmt_replay_train"][at],
+        "full slope": lambda n, s: s["full_slope"],
+        "RMT slope": lambda n, s: s["rmt_slope"],
+    }
+    lines += _column_table(sweep_columns, report["analytic_sweep"].items())
 
     lines += [
         f"## Measured on `{settings['backbone']}` (segment {settings['segment_size']}, "
         f"{settings['num_mem_tokens']} memory tokens, threads: {settings['threads']})",
         "",
     ]
-    lines += _table(
-        [
-            "variant",
-            "length",
-            "train FLOPs",
-            "fwd FLOPs",
-            "train s",
-            "train tok/s",
-            "fwd s",
-            "train peak MB",
-            "fwd peak MB",
-        ],
-        [
-            [
-                m["variant"],
-                str(m["length"]),
-                m["error"] or m["train_flops"],
-                "" if m["error"] else m["forward_flops"],
-                m["train_seconds"],
-                m["length"] / m["train_seconds"] if m["train_seconds"] else math.nan,
-                m["forward_seconds"],
-                m["train_peak_mb"],
-                m["forward_peak_mb"],
-            ]
-            for m in report["measurements"]
-        ],
-    )
+    measured_columns = {
+        "variant": lambda m: m["variant"],
+        "length": lambda m: str(m["length"]),
+        "train FLOPs": lambda m: m["error"] or m["train_flops"],
+        "fwd FLOPs": lambda m: "" if m["error"] else m["forward_flops"],
+        "train s": lambda m: m["train_seconds"],
+        "train tok/s": lambda m: m["length"] / m["train_seconds"] if m["train_seconds"] else math.nan,
+        "fwd s": lambda m: m["forward_seconds"],
+        "train peak MB": lambda m: m["train_peak_mb"],
+        "fwd peak MB": lambda m: m["forward_peak_mb"],
+    }
+    lines += _column_table(measured_columns, ((m,) for m in report["measurements"]))
     lines += ["### Log-log slopes against length", ""]
     lines += _table(
         ["variant", *COSTS.values()], [[variant, *(s[c] for c in COSTS)] for variant, s in report["slopes"].items()]
@@ -281,31 +256,17 @@ def markdown(report: dict) -> str:
         "FlopCounterMode counted for the training step. See docs/profiling.md.",
         "",
     ]
-    lines += _table(
-        [
-            "variant",
-            "length",
-            "FlopCounterMode fwd",
-            "DeepSpeed 2 x MACs",
-            "DeepSpeed flops",
-            "2 x MACs / FCM",
-            "flops / FCM",
-            "FCM train / DeepSpeed fwd",
-        ],
-        [
-            [
-                r["variant"],
-                str(r["length"]),
-                r["flopcounter"],
-                r["deepspeed_macs_x2"],
-                r["deepspeed_flops"],
-                f"{r['matmul_ratio']:.4f}",
-                f"{r['flops_ratio']:.4f}",
-                r["train_over_forward"],
-            ]
-            for r in report["counter_agreement"]
-        ],
-    )
+    agreement_columns = {
+        "variant": lambda r: r["variant"],
+        "length": lambda r: str(r["length"]),
+        "FlopCounterMode fwd": lambda r: r["flopcounter"],
+        "DeepSpeed 2 x MACs": lambda r: r["deepspeed_macs_x2"],
+        "DeepSpeed flops": lambda r: r["deepspeed_flops"],
+        "2 x MACs / FCM": lambda r: f"{r['matmul_ratio']:.4f}",
+        "flops / FCM": lambda r: f"{r['flops_ratio']:.4f}",
+        "FCM train / DeepSpeed fwd": lambda r: r["train_over_forward"],
+    }
+    lines += _column_table(agreement_columns, ((r,) for r in report["counter_agreement"]))
     lines += [
         f"RMT FLOP slope: {verdict['rmt_flop_slope']:.3f} (limit {settings['flop_slope_limit']}), "
         f"full attention FLOP slope: {verdict['full_flop_slope']:.3f}. "

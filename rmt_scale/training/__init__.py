@@ -12,25 +12,3 @@ from .ds_config import build_ds_config, load_ds_config
 from .evaluation import evaluate_by_length, streaming_correct
 from .experiment import format_table, run
 from .trainer import EXIT_DATA_ERROR, EXIT_DISK_FULL, EXIT_DIVERGED, EXIT_PREEMPTED, Diverged, Preempted, Trainer
-
-__all__ = [
-    "Curriculum",
-    "DataError",
-    "DiskFull",
-    "Diverged",
-    "EXIT_DATA_ERROR",
-    "EXIT_DISK_FULL",
-    "EXIT_DIVERGED",
-    "EXIT_PREEMPTED",
-    "Preempted",
-    "TrainConfig",
-    "Trainer",
-    "build_ds_config",
-    "build_parser",
-    "evaluate_by_length",
-    "format_table",
-    "load_ds_config",
-    "parse_args",
-    "run",
-    "streaming_correct",
-]

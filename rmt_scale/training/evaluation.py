@@ -53,22 +53,29 @@ def batch_bytes(
     return tokens, batch * (positions * hidden * layers * ACTIVATION_BYTES + 4 * logits)
 
 
-def check_memory(subject: str, needed: tuple[int, int], device: torch.device, fix: str) -> None:
-    """Raises ConfigError when ``needed`` (``batch_bytes``: host-side tokens, and one segment on ``device``)
-    exceeds the memory available: the host's (``psutil``), and the GPU's free memory on CUDA, where the tokens
-    are copied to as well."""
+def check_memory(
+    subject: str,
+    needed: tuple[int, int],
+    device: torch.device,
+    fix: str,
+    holds: str = "its tokens and one segment's activations",
+    host_only: int = 0,
+) -> None:
+    """Raises ConfigError when ``needed`` (``batch_bytes``: the tokens, and what is on ``device``), with
+    ``host_only`` bytes more in host memory, exceeds the memory available: the host's (``psutil``), and the
+    GPU's free memory on CUDA, where the tokens are copied to as well. ``holds`` says what was counted."""
     import psutil
 
     tokens, segment = needed
     host = psutil.virtual_memory().available
-    checks = [("this host", tokens + (0 if device.type == "cuda" else segment), host)]
+    checks = [("this host", tokens + host_only + (0 if device.type == "cuda" else segment), host)]
     if device.type == "cuda":
         checks.append((str(device), tokens + segment, torch.cuda.mem_get_info(device)[0]))
     for where, wanted, available in checks:
         if wanted > available:
             raise ConfigError(
-                f"{subject} needs at least {wanted / 2**30:.1f} GiB (its tokens and one segment's activations) "
-                f"but {where} has {available / 2**30:.1f} GiB available: {fix}."
+                f"{subject} needs at least {wanted / 2**30:.1f} GiB ({holds}) but {where} has "
+                f"{available / 2**30:.1f} GiB available: {fix}."
             )
 
 

@@ -33,18 +33,19 @@ from ..data import (
     check_shard_tokenizer,
     load_tokenizer,
 )
+from ..data.tars import shard_index
 from ..model import AssociativeState, ConfigError, RecurrentMemoryModel, RMTConfig
 from ..model.backbones import auto_model_class, backbone_kind, pretrained_config
 from ..model.modeling import check_backbone, step_class
 from ..model.presets import BUILTIN_BACKBONES, preset_config
-from ..model.recurrence import last_state_memory
+from ..model.recurrence import kept_at_peak, last_state_memory
 from ..runtime.memory import peak_rss_mb
 from . import checkpoint, signals
 from .batches import EVAL_SEED_OFFSET, DataError, TrainBatches
 from .config import TrainConfig, as_config_error
 from .curriculum import Curriculum
 from .distributed import DistInfo
-from .ds_config import build_ds_config, load_ds_config
+from .ds_config import activation_settings, build_ds_config, load_ds_config
 from .engine import build_engine
 from .evaluation import (
     batch_bytes,
@@ -99,22 +100,58 @@ def backbone_setup(
     return backbone_config, model_config
 
 
-def check_batch_memory(config: TrainConfig, backbone_config, world_size: int, device: torch.device) -> None:
-    """Refuses (``check_memory``) a micro-batch of the longest curriculum stage, or an evaluation batch of the
-    longest evaluation length, that cannot fit even by a lower bound of what it holds, before anything is built.
-    Training: int64 ids, labels and mask, and one segment's activations through every layer; evaluation: int32
-    ids, and one segment without grad with its logits."""
-    model, segment = config.model, config.model.segment_size
-    kind = backbone_kind(backbone_config)
-    positions = segment + step_class(kind, model).extra_positions(model)
+# Bytes a training step's autograd graph holds per position and hidden unit of one layer, at least: 143 measured
+# for the default ARMT (tiny OPT, 100-token segments, bptt), which includes attention probabilities; 96 stays
+# below it, so that only a step that cannot fit is refused.
+TRAINING_ACTIVATION_BYTES = 96
+
+
+def longest_training_sample(config: TrainConfig) -> tuple[int, str]:
+    """``(segments, what they are)`` of the longest sample a step trains on: the longest curriculum stage, or the
+    longest shard sample that the shards' index records (0 when it records none; --task lm cuts documents to the
+    curriculum's length, so the shorter of the two)."""
+    segment, stage = config.model.segment_size, max(config.curriculum_stages)
+    if not config.shards:
+        return stage, "the longest --curriculum stage"
+    found = shard_index(config.shards)
+    tokens = found[1].get("max_sample_tokens", 0) if found else 0
+    segments = -(-tokens // segment)
+    if config.task == LM_TASK and (not tokens or segments > stage):
+        return stage, "the longest --curriculum stage"
+    return segments, f"--shards' longest sample ({tokens:,} tokens)"
+
+
+def check_batch_memory(
+    config: TrainConfig, backbone_config, world_size: int, device: torch.device, ds_config: dict
+) -> None:
+    """Refuses (``check_memory``), before anything is built, a training step on the longest sample, or an
+    evaluation batch of the longest evaluation length, that cannot fit even by a lower bound of what it holds.
+    Training: int64 ids, labels and mask, the segments' activations and the states its backprop mode keeps at
+    once (``kept_at_peak``, with labels in the last segment only, the fewest a sample has); evaluation: int32 ids,
+    and one segment without grad with its logits."""
+    model = activation_settings(config.model, ds_config)[0]
+    segment, kind = model.segment_size, backbone_kind(backbone_config)
+    step = step_class(kind, model)
+    positions = segment + step.extra_positions(model)
     hidden, layers = backbone_config.hidden_size, backbone_config.num_hidden_layers
-    if not config.shards or config.task == LM_TASK:  # a task shard sample's length is known once it is read
-        stage = max(config.curriculum_stages)
+    segments, longest = longest_training_sample(config)
+    if segments:
+        batch = config.micro_batch_size
+        kept_segments, kept_states = kept_at_peak(
+            model.backprop, [False] * (segments - 1) + [True], model.bptt_depth, model.state_keep_every
+        )
+        activations = batch * kept_segments * positions * hidden * layers * TRAINING_ACTIVATION_BYTES
+        states = batch * kept_states * step.state_numel(model, hidden, layers) * 4
+        on_device = activations + (states if model.state_offload == "none" else 0)
+        remedy = "" if model.backprop == "sublinear" else "--backprop sublinear (about 2 sqrt(segments) states), "
         check_memory(
-            f"--micro_batch_size {config.micro_batch_size} at {stage} segments",
-            batch_bytes(config.micro_batch_size, stage * segment, 24, positions, hidden, layers),
+            f"a step of --micro_batch_size {batch} on {longest}, {segments:,} segments, with --backprop "
+            f"{model.backprop}",
+            ((batch + 2) * segments * segment * 24, on_device),
             device,
-            "lower --micro_batch_size or the longest --curriculum stage",
+            f"use {remedy}--state_offload cpu or disk, or lower --micro_batch_size or the sample length",
+            holds=f"its tokens, {kept_segments:,} segments' activations and {kept_states:,} kept states",
+            host_only=states if model.state_offload == "cpu" else 0,
         )
     length, samples = max(config.eval_samples_by_length.items())
     batch = min(config.eval_batch_size, -(-samples // world_size))
@@ -171,7 +208,7 @@ class Trainer:
                     f"--task {LM_TASK} predicts the next token, which the encoder {config.backbone} cannot: "
                     "pass a decoder (causal LM) --backbone."
                 )
-            check_batch_memory(config, backbone_config, dist_info.world_size, dist_info.device)
+            check_batch_memory(config, backbone_config, dist_info.world_size, dist_info.device, self.ds_config)
         self.engine = build_engine(
             partial(build_model, config.backbone, self.tokenizer, config.seed),
             config.model,
