@@ -9,6 +9,7 @@ Examples (or rmt-make-shards ...):
 from __future__ import annotations
 
 import argparse
+import itertools
 import sys
 
 from tqdm import tqdm
@@ -152,8 +153,6 @@ def main(argv=None) -> int:
 def write_documents(args: argparse.Namespace) -> int:
     """lm shards from the documents of --inputs; raises ConfigError for the flags (before any shard is
     written) and DocumentError for an input without usable text (named with the fix)."""
-    import itertools
-
     check_common(args)
     from ..model import ConfigError
     from ..training.config import as_config_error
