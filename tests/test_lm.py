@@ -4,6 +4,8 @@ task check, and the evaluation by segment (memory model, no-memory twin, full at
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -24,6 +26,7 @@ from rmt_scale.training.evaluation import (
     loss_by_segment,
     segment_report,
 )
+from support import ROOT
 
 SEGMENT = 8
 VOCAB = 96  # the test-opt preset's
@@ -199,3 +202,16 @@ def test_eval_launcher_reports_an_exported_model_and_its_twin(tmp_path, capsys):
     assert report["loss"]["full attention"][0] == pytest.approx(report["loss"]["twin"][0], rel=1e-6)
     assert report["beyond_reach"] == [] and (tmp_path / "out" / "perplexity_by_segment.png").is_file()
     assert "perplexity by segment (4 samples" in capsys.readouterr().out
+
+
+def test_plot_results_sends_an_lm_run_to_the_evaluation_by_segment(tmp_path):
+    run = tmp_path / "pydoc"
+    run.mkdir()
+    (run / "results.json").write_text(json.dumps({"loss_by_segment": {"rmt": {"1": 4.9}}, "segment_size": 32}))
+    plotted = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "plot_results.py"), str(run), "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+    )
+    assert plotted.returncode == 2
+    assert plotted.stderr.startswith(f"error: {run} is a --task lm run (loss by segment, not accuracy by length)")
