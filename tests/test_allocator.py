@@ -28,12 +28,12 @@ print(allocator["current_allocator"]())
 """
 
 
-def run_python(args: list[str], **variables: str) -> subprocess.CompletedProcess:
+def run_python(args: list[str], timeout_s: float = 60, **variables: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT), **variables}
     for name in ("LD_PRELOAD", "MALLOC_CONF", "MALLOC_MMAP_THRESHOLD_", ALLOCATOR_VARIABLE):
         if name not in variables:
             env.pop(name, None)
-    return subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True, timeout=60)
+    return subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True, timeout=timeout_s)
 
 
 def test_a_process_restarts_once_under_jemalloc():
@@ -94,6 +94,8 @@ def test_training_memory_stays_flat_under_the_launchers_allocator(model, allowed
             "--out_dir",
             str(out),
         ],
+        # only a bound for a hung run: 40 steps took over 60 s on 2 cores shared with two busy processes
+        timeout_s=900,
         OMP_NUM_THREADS="1",
         HF_HUB_OFFLINE="1",
     )

@@ -19,7 +19,8 @@ LAYERS = {
     "rmt_scale.runtime": ["rmt_scale.runtime"],
     "rmt_scale.rng": [],
     "rmt_scale.model": ["rmt_scale.model", "rmt_scale.runtime", "rmt_scale.rng"],
-    "rmt_scale.data": ["rmt_scale.data", "rmt_scale.model.segments"],  # IGNORE_INDEX
+    # IGNORE_INDEX, and the tokenizer inside a GGUF backbone's file
+    "rmt_scale.data": ["rmt_scale.data", "rmt_scale.model.segments", "rmt_scale.model.gguf"],
     "rmt_scale.data.tars": [],
     "rmt_scale.pipeline": ["rmt_scale.pipeline", "rmt_scale.model", "rmt_scale.runtime", "rmt_scale.rng"],
     "rmt_scale.profiling": ["rmt_scale.profiling", "rmt_scale.model", "rmt_scale.runtime"],

@@ -1,9 +1,12 @@
 """Faults that used to lose work, on real runs of launchers/train.py (tiny model, CPU, gloo) and real processes:
 a missing or garbage ``latest``, two runs in one --out_dir, a stop signal during the final evaluation, Ctrl-C,
-a full disk while checkpointing, and metrics.jsonl after a resume."""
+a full disk while checkpointing, metrics.jsonl after a resume, and the spill files of ``--state_offload disk``: a
+read-only, small or filling spill directory, and a kill while spilling."""
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -19,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from rmt_scale.model.config import ConfigError
+from rmt_scale.model.recurrence import SPILL_PREFIX
 from rmt_scale.training import EXIT_DISK_FULL, EXIT_PREEMPTED, checkpoint, lock, signals
 from rmt_scale.training.metrics import MetricsLogger
 from support.runs import LAUNCHER, environment, launch, losses, run_args
@@ -223,19 +227,74 @@ def test_final_checkpoint_comes_before_the_final_evaluation_which_a_signal_cuts_
 
 
 # ------------------------------------------------------------------------------------------ 5. disk full
-def disk_blocks(path: Path, block: int = 4096) -> int:
+PAGE = 4096  # what a tmpfs allocates a file's bytes in
+
+
+def disk_blocks(path: Path, block: int = PAGE) -> int:
     """Bytes that the files under ``path`` take on a tmpfs (whole pages)."""
     return sum(-(-p.stat().st_size // block) * block for p in path.rglob("*") if p.is_file())
 
 
+@contextlib.contextmanager
+def tmpfs(directory: Path, options: str):
+    """A tmpfs mounted at ``directory`` (created) for the block, with mount ``options`` ("size=12m", "ro")."""
+    directory.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(directory)], check=True)
+    try:
+        yield directory
+    finally:
+        subprocess.run(["umount", str(directory)], check=True)
+
+
+class FillingEngine:
+    """An engine whose state is one file that leaves ``free_pages`` pages free on its disk, so that the files
+    ``checkpoint.save`` writes after it (the trainer state, the manifest, ``latest``) meet a full disk."""
+
+    def __init__(self, free_pages: int):
+        self.free_pages = free_pages
+
+    def save(self, directory: Path, tag: str) -> None:
+        (directory / tag).mkdir()
+        with open(directory / tag / "engine.bin", "wb") as f:
+            os.posix_fallocate(f.fileno(), 0, shutil.disk_usage(directory).free - self.free_pages * PAGE)
+
+
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")
+
+
+@needs_root
+def test_a_disk_that_fills_at_any_file_of_a_checkpoint_keeps_the_previous_one(tmp_path):
+    """For each number of pages left after the engine's files, the step-4 save either completes or raises
+    DiskFull with ``latest`` at step 2 and nothing of step 4 left (the manifest and ``latest`` used to raise
+    a plain OSError, with the partial checkpoint left behind)."""
+    with tmpfs(tmp_path / "disk", "size=2m") as disk:
+        directory = disk / "checkpoints"
+        checkpoint.save(FillingEngine(free_pages=128), directory, 2, {"step": 2}, keep=2)
+        outcomes = []
+        for free_pages in range(12):
+            try:
+                checkpoint.save(FillingEngine(free_pages), directory, 4, {"step": 4}, keep=2)
+            except checkpoint.DiskFull as error:
+                outcomes.append("full")
+                assert str(error).endswith("the last intact checkpoint is step000002 (resume with --resume auto)")
+                assert sorted(p.name for p in directory.iterdir()) == ["latest", "step000002"], free_pages
+                assert (directory / "latest").read_text() == "step000002"
+            else:
+                outcomes.append("saved")
+                assert (directory / "latest").read_text() == "step000004"
+                assert checkpoint.find(disk, "auto") == directory / "step000004"
+                shutil.rmtree(directory / "step000004")
+                (directory / "latest").write_text("step000002")
+            assert checkpoint.find(disk, "auto") == directory / "step000002"
+    # every file of the checkpoint met the full disk once: trainer state, manifest, latest; then it fits
+    assert outcomes == sorted(outcomes) and outcomes.count("full") >= 3 and outcomes[-1] == "saved", outcomes
+
+
 @pytest.mark.slow
-@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")
+@needs_root
 def test_disk_full_while_checkpointing_keeps_the_last_checkpoint_and_resumes_exactly(reference, backbone, tmp_path):
     """The tmpfs holds the run's files, the step-2 checkpoint and half of another: the step-4 save fails."""
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=12m", "tmpfs", str(disk)], check=True)
-    try:
+    with tmpfs(tmp_path / "disk", "size=12m") as disk:
         size = disk_blocks(reference / "checkpoints" / "step000004")
         others = disk_blocks(reference) - disk_blocks(reference / "checkpoints")
         filler = shutil.disk_usage(disk).free - (others + size * 3 // 2)
@@ -255,8 +314,6 @@ def test_disk_full_while_checkpointing_keeps_the_last_checkpoint_and_resumes_exa
         assert (out / "checkpoints" / "latest").read_text() == "step000002"
         bigger = tmp_path / "bigger"
         shutil.copytree(out, bigger)
-    finally:
-        subprocess.run(["umount", str(disk)], check=True)
 
     resumed = launch(quick_args(backbone, bigger) + ["--resume", "auto"], ranks=1)
     assert re.search(r"resumed from \S+/step000002 at step 2\n", resumed.stdout), resumed.stdout
@@ -275,3 +332,133 @@ def test_metrics_jsonl_is_purged_of_the_steps_after_the_resumed_checkpoint(tmp_p
     logger.close()
     assert logged_steps(tmp_path) == list(range(1, 22))
     assert (tmp_path / "metrics.jsonl").read_text().startswith("".join(lines[:20]))
+
+
+# ------------------------------------------------------------------------------------------ 7. state spill files
+# 40 steps (a second or two here), so that a fault injected after the first checkpoint lands inside the run
+SPILL = dict(memory="armt", backprop="sublinear", state_offload="disk", max_steps=40, eval_every=40)
+
+
+def spill_args(backbone: Path, out: Path, spill_dir: Path) -> list[str]:
+    """An ARMT run whose sublinear backprop spills a segment state to ``spill_dir`` every step, checkpointed
+    every 2 steps."""
+    return quick_args(backbone, out, **SPILL, state_offload_dir=spill_dir)
+
+
+def spill_dirs(spill_dir: Path) -> list[Path]:
+    return sorted(spill_dir.glob(f"{SPILL_PREFIX}*"))
+
+
+def fill_up(directory: Path, leave: int) -> None:
+    """Fills the disk of ``directory`` up to ``leave`` bytes with one file, while a run writes to it too."""
+    with open(directory / "filler", "wb") as f:
+        while True:
+            try:
+                return os.posix_fallocate(f.fileno(), 0, shutil.disk_usage(directory).free - leave)
+            except OSError as error:  # the run's files grew in between: measure again
+                if error.errno != errno.ENOSPC:
+                    raise
+
+
+@pytest.fixture(scope="module")
+def spill_reference(backbone, tmp_path_factory) -> Path:
+    """An uninterrupted spilling run, checkpointed every 2 steps."""
+    root = tmp_path_factory.mktemp("spill_reference")
+    launch(spill_args(backbone, root / "run", root / "spills"), ranks=1)
+    assert spill_dirs(root / "spills") == []
+    return root / "run"
+
+
+@pytest.mark.slow
+@needs_root
+def test_a_read_only_or_too_small_spill_directory_exits_2_before_training(backbone, tmp_path):
+    with tmpfs(tmp_path / "read-only", "ro,size=1m") as read_only:
+        refused = subprocess.run(
+            [sys.executable, LAUNCHER, *spill_args(backbone, tmp_path / "run", read_only)],
+            env=environment(),
+            capture_output=True,
+            text=True,
+        )
+    assert refused.returncode == 2, refused.stderr[-3000:]
+    assert refused.stderr == (
+        f"error: --state_offload_dir {read_only} is not a writable directory (Read-only file system): pass one "
+        "you can write to, or --state_offload cpu.\n"
+    )
+    assert refused.stdout == ""  # refused before DeepSpeed started
+    # a state of the tiny ARMT is 198 KiB (2 layers x 2 samples x (A, z)); at 2 segments sublinear keeps one
+    with tmpfs(tmp_path / "small", "size=1m") as small:
+        with open(small / "filler", "wb") as f:
+            os.posix_fallocate(f.fileno(), 0, shutil.disk_usage(small).free - 25 * PAGE)
+        refused = subprocess.run(
+            [sys.executable, LAUNCHER, *spill_args(backbone, tmp_path / "run", small)],
+            env=environment(),
+            capture_output=True,
+            text=True,
+        )
+    assert refused.returncode == 2, refused.stderr[-3000:]
+    assert refused.stderr.splitlines()[-1] == (
+        f"error: --state_offload disk spills 0.2 MiB of segment states (1 per micro-batch at 2 segments) into "
+        f"{small}, which has 0.1 MiB free: free space there, pass another --state_offload_dir, or --state_offload cpu."
+    )
+    assert logged_steps(tmp_path / "run") == [] and not (tmp_path / "run" / "checkpoints").exists()
+
+
+@pytest.mark.slow
+@needs_root
+def test_a_spill_directory_that_fills_mid_run_stops_in_one_line_and_resumes_exactly(
+    spill_reference, backbone, tmp_path
+):
+    """The spill tmpfs fills once the first checkpoint is written: the next spill fails, the run exits 74 naming
+    the spill file and the checkpoint to resume from, leaves no spill file, and resumes exactly once freed."""
+    out = tmp_path / "run"
+    with tmpfs(tmp_path / "spills", "size=4m") as spills:
+        run = start(spill_args(backbone, out, spills))
+        try:
+            wait_for(lambda: (out / "checkpoints" / "latest").is_file(), run, "the first checkpoint")
+            fill_up(spills, leave=8 * PAGE)  # a spill file takes 50 pages
+            _, stderr = run.communicate(timeout=240)
+        finally:
+            run.kill()
+        assert run.returncode == EXIT_DISK_FULL, stderr[-3000:]
+        assert "Traceback" not in stderr
+        stopped = re.fullmatch(
+            f"error: cannot spill a segment state to {re.escape(str(spills))}/{SPILL_PREFIX}\\S+/state-\\d+\\.pt "
+            r"\([Nn]o space left on (the )?device\): free space there, pass another state_offload_dir, or use "
+            r"state_offload='cpu'; the last intact checkpoint is (step\d+) \(resume with --resume auto\)",
+            stderr.splitlines()[-1],
+        )
+        assert stopped, stderr[-3000:]
+        assert (out / "checkpoints" / "latest").read_text() == stopped[2]
+        assert logged_steps(out)[-1] < SPILL["max_steps"]
+        assert spill_dirs(spills) == []
+        (spills / "filler").unlink()
+        resumed = launch(spill_args(backbone, out, spills) + ["--resume", "auto"], ranks=1)
+        assert spill_dirs(spills) == []
+    assert f"resumed from {out}/checkpoints/{stopped[2]} at step {int(stopped[2][4:])}\n" in resumed.stdout
+    assert losses(out) == pytest.approx(losses(spill_reference), abs=1e-6)
+
+
+@pytest.mark.slow
+def test_sigkill_while_spilling_then_resume_auto_continues_exactly_and_removes_the_spill_files(
+    spill_reference, backbone, tmp_path
+):
+    """SIGKILL runs no cleanup, so the killed run's spill directory stays; the resumed run's first spill removes
+    it (its pid is dead), and the losses are those of the uninterrupted run."""
+    out, spills = tmp_path / "run", tmp_path / "spills"
+    run = start(spill_args(backbone, out, spills))
+    try:
+        wait_for(
+            lambda: (out / "checkpoints" / "latest").is_file() and list(spills.glob(f"{SPILL_PREFIX}*/state-*.pt")),
+            run,
+            "a spilled state after the first checkpoint",
+        )
+        run.send_signal(signal.SIGKILL)
+        run.wait(timeout=60)
+    finally:
+        run.kill()
+    killed = spill_dirs(spills)
+    assert len(killed) == 1 and f"-{run.pid}-" in killed[0].name
+    resumed = launch(spill_args(backbone, out, spills) + ["--resume", "auto"], ranks=1)
+    assert re.search(r"resumed from \S+/step\d+ at step \d+\n", resumed.stdout), resumed.stdout
+    assert spill_dirs(spills) == []
+    assert losses(out) == pytest.approx(losses(spill_reference), abs=1e-6)

@@ -110,7 +110,7 @@ def test_batches_that_cannot_fit_are_refused_with_the_estimate_and_the_flag(tmp_
     cpu = torch.device("cpu")
     cases = {
         r"a step of --micro_batch_size 100000000 on the longest --curriculum stage, 4 segments, with --backprop "
-        r"bptt needs at least \d+\.\d GiB \(its tokens, 4 segments' activations and 4 kept states\) but this "
+        r"bptt needs at least \d+\.\d GiB \(its tokens, 4 segments' activations and 4 states\) but this "
         r"host has \d+\.\d GiB available: use --backprop sublinear \(about 2 sqrt\(segments\) states\), "
         r"--state_offload cpu or disk, or lower --micro_batch_size or the sample length\.": TrainConfig(
             micro_batch_size=10**8
@@ -130,13 +130,13 @@ def test_batches_that_cannot_fit_are_refused_with_the_estimate_and_the_flag(tmp_
 
 def test_what_each_backprop_mode_keeps_at_its_peak():
     last_only = [False] * 99 + [True]
-    assert kept_at_peak("bptt", last_only) == (100, 100)
-    assert kept_at_peak("bptt", last_only, bptt_depth=3) == (4, 4)  # the last segment and the 3 it reaches back
-    assert kept_at_peak("checkpoint", last_only) == (1, 100)
-    assert kept_at_peak("replay", last_only) == (1, 100)
-    assert kept_at_peak("sublinear", last_only) == (1, 10 + 10)  # k = 10: 10 block starts, one block recomputed
-    assert kept_at_peak("sublinear", last_only, keep_every=25) == (1, 4 + 25)
-    assert kept_at_peak("sublinear", last_only, bptt_depth=30) == (1, 4 + 10)  # blocks 6-9 reach the labels
+    assert kept_at_peak("bptt", last_only) == (100, 100, 0)
+    assert kept_at_peak("bptt", last_only, bptt_depth=3) == (4, 4, 0)  # the last segment and the 3 it reaches back
+    assert kept_at_peak("checkpoint", last_only) == (1, 100, 0)
+    assert kept_at_peak("replay", last_only) == (1, 100, 0)
+    assert kept_at_peak("sublinear", last_only) == (1, 10, 10)  # k = 10: 10 block starts, one block recomputed
+    assert kept_at_peak("sublinear", last_only, keep_every=25) == (1, 4, 25)
+    assert kept_at_peak("sublinear", last_only, bptt_depth=30) == (1, 4, 10)  # blocks 6-9 reach the labels
 
 
 def test_the_default_launcher_on_million_token_shards_stops_with_the_estimate_and_the_fix(tmp_path):
@@ -153,7 +153,7 @@ def test_the_default_launcher_on_million_token_shards_stops_with_the_estimate_an
     assert re.fullmatch(
         r"error: a step of --micro_batch_size 16 on --shards' longest sample \(1,000,000 tokens\), 10,000 segments, "
         r"with --backprop bptt needs at least (\d+)\.\d GiB \(its tokens, 10,000 segments' activations and 10,000 "
-        r"kept states\) but this host has .* GiB available: use --backprop sublinear .*\n",
+        r"states\) but this host has .* GiB available: use --backprop sublinear .*\n",
         refused.stderr.splitlines(keepends=True)[-1],
     ), refused.stderr[-2000:]
     assert not (tmp_path / "checkpoints").exists()
@@ -162,7 +162,7 @@ def test_the_default_launcher_on_million_token_shards_stops_with_the_estimate_an
     for mode in ("checkpoint", "replay"):  # 10,000 states of 0.4 MB for each of 16 samples
         config = TrainConfig(shards=str(shards), model=replace(TrainConfig().model, segment_size=100, backprop=mode))
         backbone_config, _ = backbone_setup(config.backbone, tokenizer, config.model)
-        with pytest.raises(ConfigError, match=f"--backprop {mode} needs at least .* 10,000 kept states"):
+        with pytest.raises(ConfigError, match=f"--backprop {mode} needs at least .* 10,000 states"):
             check_batch_memory(config, backbone_config, 1, cpu, {})
     model = replace(TrainConfig().model, segment_size=100, backprop="sublinear", state_offload="disk")
     config = TrainConfig(shards=str(shards), model=model)

@@ -291,6 +291,51 @@ def test_a_padded_sample_behaves_as_if_alone(load_backbone, variant, family, sid
         torch.testing.assert_close(batch.logits[1, real], alone.logits[0], atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("variant, family", [("rmt", "gpt2"), ("armt", "llama"), ("rmt", "bert")])
+def test_left_padding_keeps_left_aligned_segment_borders(load_backbone, variant, family):
+    """Left-aligned segments start at each sample's first real token: left padding of any length, a whole
+    segment and more included, leaves the sample's loss, logits, final memory and gradients as they are alone
+    (before, left padding moved every border: on a tiny GPT-2 with 16-token segments, 8 pads took a 37-token
+    sample's loss from 4.5755 to 4.5929)."""
+    model = build(load_backbone, variant, family, segment_size=16, num_mem_tokens=4)
+    encoder, pads, length = family in ENCODERS, range(1, 18), 37
+    sample = ids(1, length, seed=5)
+
+    def run(input_ids, attention_mask, labels):
+        model.zero_grad()
+        out = model(input_ids, attention_mask=attention_mask, labels=labels, return_logits=not encoder)
+        out.loss.backward()
+        return out, gradients(model)
+
+    alone, alone_grads = run(sample, None, torch.tensor([1]) if encoder else sample)
+    # one row per left padding (the rest of the row padded on the right), each pad holding real ids, after
+    # a longer unpadded sample
+    width = length + pads[-1]
+    input_ids, mask = ids(1 + len(pads), width, seed=6), torch.zeros(1 + len(pads), width, dtype=torch.long)
+    mask[0] = 1
+    for row, pad in enumerate(pads, start=1):
+        input_ids[row, pad : pad + length], mask[row, pad : pad + length] = sample[0], 1
+    if encoder:  # the classification loss is the batch's mean: the other sample's class counts too
+        labels = torch.tensor([0] + [1] * len(pads))
+    else:  # only the padded samples' tokens are labelled, so their loss is the batch's
+        labels = torch.where(mask.bool(), input_ids, -100)
+        labels[0] = -100
+    batch, batch_grads = run(input_ids, mask, labels)
+    for row, pad in enumerate(pads, start=1):
+        rows = slice(row, row + 1)
+        assert_memory_close(memory_rows(batch.memory, rows), alone.memory, atol=1e-5, rtol=1e-5)
+        if encoder:
+            torch.testing.assert_close(batch.logits[rows], alone.logits, atol=1e-5, rtol=1e-5)
+        else:
+            torch.testing.assert_close(batch.logits[row, pad : pad + length], alone.logits[0], atol=1e-5, rtol=1e-5)
+    if encoder:
+        return
+    torch.testing.assert_close(batch.loss, alone.loss, atol=1e-5, rtol=1e-5)
+    assert batch_grads.keys() == alone_grads.keys()
+    for name, grad in alone_grads.items():
+        torch.testing.assert_close(batch_grads[name], grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
 def test_padding_is_excluded_from_the_loss(load_backbone):
     model = rmt(load_backbone, "gpt2")
     short = ids(1, 10)

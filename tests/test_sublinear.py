@@ -7,6 +7,7 @@ from __future__ import annotations
 import gc
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -16,7 +17,7 @@ import transformers
 
 from rmt_scale import ARMTConfig, RecurrentMemoryModel, RMTConfig
 from rmt_scale.model.presets import preset_config
-from rmt_scale.model.recurrence import SPILL_PREFIX, StateStore, last_state_memory, needs_backward
+from rmt_scale.model.recurrence import SPILL_PREFIX, StateSpillError, StateStore, last_state_memory, needs_backward
 
 # dropout on everywhere, so that the replayed segments must draw the masks of the first forward
 DROPOUT = {
@@ -121,6 +122,34 @@ def test_a_spill_directory_that_cannot_be_made_is_named(tmp_path):
     store = StateStore("disk", str(not_a_directory))
     with pytest.raises(OSError, match=f"cannot create a state spill directory in {not_a_directory}.*state_offload"):
         store.put(0, (torch.zeros(2),))
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")
+def test_a_full_spill_disk_raises_one_line_naming_the_file_and_leaves_nothing(tmp_path):
+    """torch reports the full disk as a RuntimeError of several lines ("unexpected pos ..."), without errno."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(disk)], check=True)
+    try:
+        store = StateStore("disk", str(disk))
+        store.put(0, (torch.zeros(1000),))  # 4 KB: fits
+        with pytest.raises(StateSpillError) as raised:
+            store.put(1, (torch.zeros(100_000),))  # 400 KB: does not
+        message = str(raised.value)
+        del raised  # its traceback holds the store and the failed file
+        assert "\n" not in message and re.fullmatch(
+            rf"cannot spill a segment state to {disk}/{SPILL_PREFIX}\S+/state-1\.pt \((No space left on device|no "
+            r"space left on the device)\): free space there, pass another state_offload_dir, or use "
+            r"state_offload='cpu'\.",
+            message,
+        ), message
+        assert [p.name for p in next(disk.glob(f"{SPILL_PREFIX}*")).iterdir()] == ["state-0.pt"]
+        torch.testing.assert_close(store.pop(0)[0], torch.zeros(1000))
+        del store
+        gc.collect()
+        assert list(disk.iterdir()) == []
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)
 
 
 def test_segments_without_labels_outside_the_truncated_gradient_keep_nothing():

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -179,6 +180,26 @@ def test_run_checks_the_paths_before_any_work(tmp_path):
         run(TrainConfig(backbone="/nonexistent", out_dir=str(tmp_path / "out")))
     with pytest.raises(ConfigError, match=f"--shards {tmp_path}/notes.txt is a file, but neither"):
         run(TrainConfig(shards=str(tmp_path / "notes.txt"), out_dir=str(tmp_path / "out")))
+
+
+@pytest.mark.parametrize(
+    "backprop, offload, checked",
+    [("sublinear", "disk", True), ("replay", "disk", True), ("sublinear", "cpu", False), ("bptt", "disk", False)],
+)
+def test_a_spill_directory_that_is_a_file_is_refused_where_states_are_spilled(tmp_path, backprop, offload, checked):
+    """Only replay and sublinear backprop keep states, and only ``disk`` puts them in files."""
+    (tmp_path / "notes.txt").write_text("not a directory\n")
+    model = ARMTConfig(backprop=backprop, state_offload=offload, state_offload_dir=str(tmp_path / "notes.txt"))
+    config = TrainConfig(model=model, out_dir=str(tmp_path / "out"))
+    if checked:
+        message = f"--state_offload_dir {tmp_path}/notes.txt is a file: pass a directory (it is created if missing)."
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            config.check_paths()
+    else:
+        config.check_paths()
+    config.model.state_offload_dir = str(tmp_path / "new" / "spills")
+    config.check_paths()
+    assert (tmp_path / "new" / "spills").is_dir() == checked
 
 
 def test_the_backbone_is_checked_from_its_config_before_it_is_built(tmp_path):

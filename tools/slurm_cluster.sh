@@ -13,6 +13,7 @@
 #   RMT_SLURM_STATE   state directory (default /tmp/rmt_slurm): config, keys, spool, logs, job records
 #   RMT_SLURM_CPUS    CPUs the node offers (default: nproc)
 #   RMT_SLURM_PORT    slurmctld port; slurmd uses the next one (default 6817)
+#   RMT_SLURM_START_TIMEOUT_S  how long `start` waits for the node to come up (default 60)
 #
 # The config avoids everything a container lacks: no cgroup plugins (processes are tracked through
 # /proc), no accounting database (finished jobs are written by jobcomp/filetxt to jobcomp.txt).
@@ -24,7 +25,7 @@ PORT=${RMT_SLURM_PORT:-6817}
 NODE=$(hostname -s)
 CONF=$STATE/slurm.conf
 MUNGE_SOCKET=$STATE/munge/munge.socket
-START_TIMEOUT_S=60
+START_TIMEOUT_S=${RMT_SLURM_START_TIMEOUT_S:-60}
 CRED_EXPIRE_S=10
 
 log() { echo "slurm_cluster: $*" >&2; }
@@ -40,8 +41,9 @@ install_packages() {
     ((${#missing[@]} == 0)) && return
     [[ $(id -u) == 0 ]] || die "missing ${missing[*]}; install them as root: apt-get install -y ${missing[*]}"
     log "installing ${missing[*]}"
-    apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+    # another process installing packages holds dpkg's lock: wait for it rather than fail
+    apt-get -o DPkg::Lock::Timeout=600 update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install -y -qq "${missing[@]}" >/dev/null
 }
 
 write_config() {

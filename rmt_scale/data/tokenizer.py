@@ -23,6 +23,7 @@ import numpy as np
 from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers
 from tokenizers.models import WordLevel
 
+from ..model.gguf import is_gguf, load_gguf_tokenizer
 from .babi import VOCABULARY as BABI_VOCABULARY
 from .background import FILLER_VOCABULARY
 
@@ -116,10 +117,13 @@ def has_tokenizer(directory: str) -> bool:
 
 
 def load_tokenizer(name: str | None = None) -> TextTokenizer:
-    """The built-in tokenizer (``None`` or ``"builtin"``), or ``AutoTokenizer.from_pretrained(name)``: a
-    directory saved by ``save_pretrained`` / :meth:`TextTokenizer.save`, or a Hugging Face id."""
+    """The built-in tokenizer (``None`` or ``"builtin"``), the tokenizer of a GGUF file (a ``.gguf`` path or a
+    registry name such as ``"smollm2-135m"``), or ``AutoTokenizer.from_pretrained(name)``: a directory saved by
+    ``save_pretrained`` / :meth:`TextTokenizer.save`, or a Hugging Face id."""
     if name in (None, "builtin"):
         return build_word_tokenizer()
+    if is_gguf(name):
+        return TextTokenizer(load_gguf_tokenizer(name))
     from transformers import AutoTokenizer
 
     if os.path.isdir(os.path.expanduser(name)):

@@ -16,6 +16,7 @@ import transformers
 from torch import nn
 
 from .config import ConfigError
+from .gguf import gguf_config, is_gguf, load_gguf_model
 
 DECODER_TYPES = ("opt", "gpt2", "llama", "mistral", "qwen2", "gpt_neox")
 ENCODER_TYPES = ("bert", "roberta")
@@ -48,9 +49,13 @@ def backbone_kind(config) -> str:
 
 
 def pretrained_config(name_or_path) -> transformers.PretrainedConfig:
-    """``AutoConfig``'s config of a backbone (a hub id or a directory), refused unless its family is supported:
-    the first thing read of a backbone, so nothing else (tokenizer, weights, transformers' own list of every
-    model type it knows) comes before that answer."""
+    """``AutoConfig``'s config of a backbone (a hub id, a directory, a ``.gguf`` file or a GGUF registry name),
+    refused unless its family is supported: the first thing read of a backbone, so nothing else (tokenizer,
+    weights, transformers' own list of every model type it knows) comes before that answer."""
+    if is_gguf(name_or_path):
+        config = gguf_config(name_or_path)
+        backbone_kind(config)
+        return config
     try:
         config = transformers.AutoConfig.from_pretrained(name_or_path)
     except ValueError as error:  # no model_type in config.json, or one this transformers does not know
@@ -68,6 +73,14 @@ def auto_model_class(config) -> type:
     if backbone_kind(config) == "encoder":
         return transformers.AutoModelForSequenceClassification
     return transformers.AutoModelForCausalLM
+
+
+def load_pretrained(auto_class: type, name_or_path, **kwargs) -> transformers.PreTrainedModel:
+    """``auto_class.from_pretrained(name_or_path, **kwargs)``, also of a GGUF file (a path or a registry name),
+    which is dequantized into an ordinary model."""
+    if is_gguf(name_or_path):
+        return load_gguf_model(auto_class, name_or_path, **kwargs)
+    return auto_class.from_pretrained(name_or_path, **kwargs)
 
 
 def max_positions(config) -> int:

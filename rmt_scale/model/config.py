@@ -38,9 +38,10 @@ class RMTConfig:
         state_offload: where ``"replay"`` and ``"sublinear"`` keep their states: ``"none"`` (the model's
             device), ``"cpu"`` (host memory, pinned on CUDA) or ``"disk"`` (spill files).
         state_offload_dir: the directory of the spill files ("": the system's temporary directory).
-        segment_alignment: ``"left"`` cuts segments from the first token (the last one may be short);
-            ``"right"`` cuts from the last token (the first one may be short), so the end of the text,
-            where the question usually is, fills a whole segment.
+        segment_alignment: ``"left"`` cuts each sample's segments from its first real token (the last one
+            may be short), wherever its padding is; ``"right"`` cuts the row's segments from its last token
+            (the first one may be short), so the end of the text, where the question usually is, fills a
+            whole segment: pad on the left there.
         cls_token_id, sep_token_id: special tokens of encoder backbones, whose segments are laid out as
             ``[CLS] memory [SEP] segment [SEP]``. Filled from the tokenizer by ``from_backbone``.
         memory_gate: RMT: update the memory through a learned gate, ``m' = m + g * (w - m)`` with

@@ -19,13 +19,15 @@ from .backbones import (
     auto_model_class,
     backbone_kind,
     describe_backbone,
+    load_pretrained,
     max_positions,
     pretrained_config,
 )
 from .config import CONFIG_NAME, ARMTConfig, ConfigError, RMTConfig
 from .gate import MemoryGate
 from .generation import GenerationMixin
-from .segments import Segment, check_inputs, segment_bounds
+from .gguf import is_gguf, load_gguf_tokenizer, without_gguf_mark
+from .segments import Segment, check_inputs, packing_order, segment_bounds, unpacked
 from .steps import AssociativeStep, DecoderStep, EncoderStep
 
 BACKBONE_DIR = "backbone"
@@ -63,6 +65,7 @@ class RecurrentMemoryModel(GenerationMixin, nn.Module):
     def __init__(self, backbone: nn.Module, config: RMTConfig):
         super().__init__()
         config.validate()
+        backbone = without_gguf_mark(backbone)  # saved as an ordinary model, like any other backbone
         self.backbone, self.config, self.spec = backbone, config, describe_backbone(backbone)
         check_backbone(backbone.config, config)
         self.associative = None
@@ -87,16 +90,26 @@ class RecurrentMemoryModel(GenerationMixin, nn.Module):
         )
 
     @classmethod
-    def from_backbone(cls, name_or_path: str | Path, config: RMTConfig, **backbone_kwargs) -> RecurrentMemoryModel:
-        """Loads a backbone with ``from_pretrained`` (a hub id or a local directory) and wraps it; an encoder's
-        [CLS] and [SEP] ids, unless ``config`` has them, come from the tokenizer in the same place."""
+    def from_backbone(
+        cls, name_or_path: str | Path, config: RMTConfig, gguf_file: str | None = None, **backbone_kwargs
+    ) -> RecurrentMemoryModel:
+        """Loads a backbone with ``from_pretrained`` (a hub id, a local directory, a ``.gguf`` file, the GGUF
+        file ``gguf_file`` inside the directory ``name_or_path``, or a GGUF registry name such as
+        ``"smollm2-135m"``) and wraps it; an encoder's [CLS] and [SEP] ids, unless ``config`` has them, come from
+        the tokenizer in the same place. A GGUF backbone is dequantized into an ordinary model."""
+        if gguf_file is not None:
+            name_or_path = Path(name_or_path) / gguf_file
         backbone_config = pretrained_config(name_or_path)
         if backbone_kind(backbone_config) == "encoder" and (config.cls_token_id is None or config.sep_token_id is None):
-            tokenizer = transformers.AutoTokenizer.from_pretrained(name_or_path)
+            tokenizer = (
+                load_gguf_tokenizer(name_or_path)
+                if is_gguf(name_or_path)
+                else transformers.AutoTokenizer.from_pretrained(name_or_path)
+            )
             config.cls_token_id = tokenizer.cls_token_id if config.cls_token_id is None else config.cls_token_id
             config.sep_token_id = tokenizer.sep_token_id if config.sep_token_id is None else config.sep_token_id
         check_backbone(backbone_config, config)  # before the weights are read
-        backbone = auto_model_class(backbone_config).from_pretrained(name_or_path, **backbone_kwargs)
+        backbone = load_pretrained(auto_model_class(backbone_config), name_or_path, **backbone_kwargs)
         return cls(backbone, config)
 
     def save_pretrained(self, directory: str | Path) -> None:
@@ -176,10 +189,12 @@ class RecurrentMemoryModel(GenerationMixin, nn.Module):
             memory: the memory to start from (``RMTOutput.memory`` of a previous call); default: learned.
             return_logits: decoders only: also return all logits (memory grows with the input length).
         """
-        segments, targets = self.segments(input_ids, attention_mask, labels, return_logits)
+        segments, targets, order = self.segments(input_ids, attention_mask, labels, return_logits)
         state = self.step.initial_state(input_ids.shape[0], memory)
         loss_sum, state, extras = self.step.run(state, segments)
         loss, memory, logits = self.step.outputs(state, loss_sum, extras, labels, targets)
+        if order is not None and return_logits and self.spec.kind == "decoder":
+            logits = unpacked(logits, order)
         return RMTOutput(loss=loss, memory=memory, logits=logits, num_segments=len(segments))
 
     def segments(
@@ -189,8 +204,10 @@ class RecurrentMemoryModel(GenerationMixin, nn.Module):
         labels: torch.Tensor | None = None,
         return_logits: bool = False,
     ):
-        """The checked batch cut into :class:`Segment` s, and the whole input's targets (decoders: the labels
-        shifted once; None without labels or for encoders)."""
+        """The checked batch cut into :class:`Segment` s, the whole input's targets (decoders: the labels
+        shifted once; None without labels or for encoders), both in the order the segments take the tokens,
+        and that order (``packing_order``; None when it is the input's own). Left-aligned segments take each
+        row's tokens from its first real one, so a padded sample is cut exactly as the sample alone."""
         attention_mask = check_inputs(
             input_ids,
             attention_mask,
@@ -198,7 +215,12 @@ class RecurrentMemoryModel(GenerationMixin, nn.Module):
             per_token_labels=self.spec.kind == "decoder",
             vocab_size=self.backbone.get_input_embeddings().num_embeddings,
         )
+        # shifted before packing, so that each target stays with the token that predicts it
         targets = self.step.targets(labels, attention_mask)
+        order = packing_order(attention_mask) if self.config.segment_alignment == "left" else None
+        if order is not None:
+            input_ids, attention_mask = input_ids.gather(1, order), attention_mask.gather(1, order)
+            targets = None if targets is None else targets.gather(1, order)
         segments = [
             Segment(
                 input_ids[:, start:end],
@@ -210,7 +232,7 @@ class RecurrentMemoryModel(GenerationMixin, nn.Module):
                 input_ids.shape[1], self.config.segment_size, self.config.segment_alignment
             )
         ]
-        return segments, targets
+        return segments, targets, order
 
 
 def step_class(kind: str, config: RMTConfig) -> type[DecoderStep | EncoderStep]:

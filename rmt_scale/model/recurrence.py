@@ -41,6 +41,17 @@ State = tuple[torch.Tensor, ...]
 Step = Callable[[State, Any], tuple[State, torch.Tensor, Any]]
 
 SPILL_PREFIX = "rmt-states-"  # spill directories: SPILL_PREFIX + host + pid of the process that made them
+FULL_DISK_BYTES = 2**20  # a failed spill that leaves less than this free counts as a full disk
+
+
+class StateSpillError(OSError):
+    """A segment state could not be written to its spill file (a full or read-only ``state_offload_dir``)."""
+
+
+def keep_interval(mode: str, num_segments: int, keep_every: int = 0) -> int:
+    """Every how many segments ``replay`` (1) and ``sublinear`` (``keep_every``, else ceil(sqrt(S))) keep a
+    state; a chain of S segments keeps at most ``ceil(S / keep_interval)`` of them."""
+    return 1 if mode == "replay" else keep_every or math.isqrt(num_segments - 1) + 1
 
 
 @dataclass
@@ -82,23 +93,22 @@ def needs_backward(labelled: Sequence[bool], bptt_depth: int) -> list[bool]:
     return [labelled[i] or i == n - 1 or keeps_gradient(i + 1, n, bptt_depth) for i in range(n)]
 
 
-def sublinear_every(num_segments: int, keep_every: int = 0) -> int:
-    """``sublinear``'s k: every k-th segment's state is kept (0: ceil(sqrt(S)))."""
-    return keep_every or math.isqrt(num_segments - 1) + 1
-
-
-def kept_at_peak(mode: str, labelled: Sequence[bool], bptt_depth: int = -1, keep_every: int = 0) -> tuple[int, int]:
-    """``(segments, states)``: how many segments' activations and how many input states the driver ``mode``
-    holds at once for a chain whose segments carry labels as ``labelled`` says; what a memory estimate made
-    before any work multiplies by a segment's and a state's bytes."""
+def kept_at_peak(
+    mode: str, labelled: Sequence[bool], bptt_depth: int = -1, keep_every: int = 0
+) -> tuple[int, int, int]:
+    """``(segments, kept, recomputed)``: how many segments' activations, kept input states and recomputed
+    states the driver ``mode`` holds at once for a chain whose segments carry labels as ``labelled`` says. The
+    kept states of ``replay`` and ``sublinear`` are those their ``StateStore`` holds (and may offload); those of
+    ``bptt`` and ``checkpoint`` stay in the graph. What a memory estimate made before any work multiplies by a
+    segment's and a state's bytes."""
     backward = needs_backward(labelled, bptt_depth)
     visited = sum(backward)
     if mode in ("bptt", "checkpoint"):
-        return (visited if mode == "bptt" else 1), visited
-    every = 1 if mode == "replay" else sublinear_every(len(labelled), keep_every)
+        return (visited if mode == "bptt" else 1), visited, 0
+    every = keep_interval(mode, len(labelled), keep_every)
     kept = sum(any(backward[start : start + every]) for start in range(0, len(labelled), every))
-    # sublinear recomputes one block's states on top of those it keeps
-    return 1, kept + (every if mode == "sublinear" else 0)
+    # sublinear recomputes one block's states, on the device, from the first one it kept
+    return 1, kept, every if mode == "sublinear" else 0
 
 
 def run_segments(
@@ -122,7 +132,7 @@ def run_segments(
         return _run_loop(step, state, segments, "bptt", [False] * len(segments))
     backward = needs_backward(labelled or [True] * len(segments), bptt_depth)
     if mode in ("replay", "sublinear"):
-        every = 1 if mode == "replay" else sublinear_every(len(segments), keep_every)
+        every = keep_interval(mode, len(segments), keep_every)
         return _run_replay(step, state, segments, bptt_depth, backward, every, StateStore(offload, offload_dir))
     return _run_loop(step, state, segments, mode, backward, bptt_depth)
 
@@ -230,7 +240,7 @@ class StateStore:
             try:
                 self.spill_dir = tempfile.mkdtemp(prefix=f"{SPILL_PREFIX}{_host()}-{os.getpid()}-", dir=parent)
             except OSError as error:
-                raise OSError(
+                raise StateSpillError(
                     f"cannot create a state spill directory in {parent}"
                     f" ({error.strerror}): pass a writable state_offload_dir, or state_offload='cpu'."
                 ) from error
@@ -241,11 +251,21 @@ class StateStore:
         except (OSError, RuntimeError) as error:
             with contextlib.suppress(OSError):
                 os.remove(path)
-            raise OSError(
-                f"cannot spill a segment state to {path} ({error}): free space there, pass another "
-                "state_offload_dir, or use state_offload='cpu'."
+            raise StateSpillError(
+                f"cannot spill a segment state to {path} ({_spill_failure(error, self.spill_dir)}): free space "
+                "there, pass another state_offload_dir, or use state_offload='cpu'."
             ) from error
         return path
+
+
+def _spill_failure(error: Exception, directory: str) -> str:
+    """Why a spill failed, in a few words: torch's zip writer reports a full disk as a RuntimeError
+    ("unexpected pos ...", several lines) without errno."""
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror
+    if shutil.disk_usage(directory).free < FULL_DISK_BYTES:
+        return "no space left on the device"
+    return str(error).splitlines()[0]
 
 
 def _host() -> str:

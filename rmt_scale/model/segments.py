@@ -68,6 +68,22 @@ def segment_bounds(length: int, segment_size: int, alignment: str = "left") -> l
     return bounds[::-1]
 
 
+def packing_order(attention_mask: torch.Tensor) -> torch.Tensor | None:
+    """Per row, the order that puts its real tokens first (in their own order) and its padding after them, so
+    that left-aligned segments start at each sample's first real token, as they do for the sample alone: left
+    padding would otherwise move every segment border. None when no row has padding before a real token."""
+    if bool((attention_mask[:, 1:] <= attention_mask[:, :-1]).all()):
+        return None
+    return torch.argsort(attention_mask.eq(0).to(torch.int8), dim=1, stable=True)
+
+
+def unpacked(values: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """``values`` ``(batch, length, ...)`` of a batch taken in ``order`` (``packing_order``), put back where
+    each position came from."""
+    index = order.argsort(dim=1).view(*order.shape, *(1,) * (values.dim() - 2))
+    return values.gather(1, index.expand_as(values))
+
+
 def positions(mask: torch.Tensor) -> torch.Tensor:
     """Positions restart at 0 every segment and skip padding, so a padded sample is placed exactly as the
     same sample alone."""

@@ -307,7 +307,7 @@ class _Run:
         self.started = time.perf_counter()
         self.pipeline = pipeline
         model = pipeline.stage.model
-        segments, targets = model.segments(input_ids, attention_mask, labels)
+        segments, targets, _ = model.segments(input_ids, attention_mask, labels)
         self.num_targets = int((targets != IGNORE_INDEX).sum())
         if self.num_targets == 0:
             raise ValueError("the batch has no labelled token: a pipeline step needs a loss to backpropagate.")

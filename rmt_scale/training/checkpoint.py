@@ -19,8 +19,9 @@ manifests existed are checked only for one trainer state per rank.
 
 A run only ever deletes or overwrites checkpoints of its own chain: a fresh run refuses a directory that
 holds checkpoints, and a resume from a named checkpoint refuses one with newer checkpoints; so what lies past
-the resume point is only what ``--resume auto`` skipped as damaged. A full disk while saving removes the
-partial directory and raises ``DiskFull``, leaving ``latest`` at the previous checkpoint.
+the resume point is only what ``--resume auto`` skipped as damaged. A full disk while saving, at any of its
+files (the manifest and ``latest`` included), removes the new checkpoint and raises ``DiskFull`` on every rank,
+leaving ``latest`` at the previous one.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from ..model.recurrence import FULL_DISK_BYTES
 from ..rng import rng_state, set_rng_state
 from .distributed import all_gather_objects
 from .engine import TrainEngine
@@ -46,9 +48,6 @@ LATEST = "latest"
 TMP_PREFIX = ".tmp-"
 MANIFEST = "manifest.json"
 STATE_FILE = "trainer_state_rank{}.pt"
-# torch's zip writer reports a write that ran out of space as RuntimeError ("unexpected pos"), without errno;
-# a failed save that leaves less than this free on the disk counts as a full disk
-FULL_DISK_BYTES = 2**20
 
 
 class DiskFull(Exception):
@@ -89,17 +88,30 @@ def save(engine: TrainEngine, directory: Path, step: int, trainer_state: dict, k
         _barrier()  # DeepSpeed's save ends in a barrier, which the other ranks wait in
     else:
         full = _fills_disk(lambda: torch.save({**trainer_state, "rng": rng_state()}, state_file), directory)
+    if not any(all_gather_objects(full)):
+        # rank 0 writes the manifest and `latest`, each of which may be the file that fills the disk
+        full = _fills_disk(lambda: _write_manifest(directory / tmp_tag), directory)
+        if rank == 0 and not full:
+            full = _fills_disk(lambda: _publish(directory, tag), directory)
     if any(all_gather_objects(full)):  # every rank stops, not only those whose disk filled
         _raise_disk_full(directory, directory / tmp_tag)
-    _write_manifest(directory / tmp_tag)
     if rank == 0:
-        final = directory / tag
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(directory / tmp_tag, final)
-        _write_atomically(directory / LATEST, tag)
         _prune(directory, step, keep)
     _barrier()
     return directory / tag
+
+
+def _publish(directory: Path, tag: str) -> None:
+    """Renames the complete ``.tmp-<tag>`` to ``<tag>``, then points ``latest`` at it; when ``latest`` cannot
+    be written the checkpoint goes back to ``.tmp-<tag>``, so that ``latest`` names the newest one still."""
+    final, partial = directory / tag, directory / (TMP_PREFIX + tag)
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(partial, final)
+    try:
+        _write_atomically(directory / LATEST, tag)
+    except BaseException:
+        os.replace(final, partial)
+        raise
 
 
 def _fills_disk(write: Callable[[], object], directory: Path) -> bool:
@@ -109,6 +121,7 @@ def _fills_disk(write: Callable[[], object], directory: Path) -> bool:
     except (OSError, RuntimeError) as error:
         if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
             return True
+        # torch's zip writer reports a write that ran out of space as RuntimeError ("unexpected pos"), no errno
         if shutil.disk_usage(directory).free < FULL_DISK_BYTES:
             return True
         raise
@@ -121,13 +134,15 @@ def _raise_disk_full(directory: Path, partial: Path) -> None:
     if _rank_and_world()[0] == 0:
         shutil.rmtree(partial, ignore_errors=True)
     _barrier()
+    raise DiskFull(f"disk full at {partial}: free space or pass another --out_dir; {last_intact(directory)}")
+
+
+def last_intact(directory: Path) -> str:
+    """Where a run stopped by a full disk resumes from: the checkpoint that ``latest`` names in ``directory``."""
     latest = directory / LATEST
-    last = (
-        f"the last intact checkpoint is {latest.read_text().strip()} (resume with --resume auto)"
-        if latest.is_file()
-        else "no checkpoint was written yet"
-    )
-    raise DiskFull(f"disk full at {partial}: free space or pass another --out_dir; {last}")
+    if latest.is_file():
+        return f"the last intact checkpoint is {latest.read_text().strip()} (resume with --resume auto)"
+    return "no checkpoint was written yet"
 
 
 def _write_manifest(checkpoint: Path) -> None:
@@ -153,10 +168,14 @@ def _write_manifest(checkpoint: Path) -> None:
 
 def _write_atomically(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, path)
 
 

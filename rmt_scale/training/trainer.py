@@ -31,14 +31,16 @@ from ..data import (
     TextTokenizer,
     check_shard_task,
     check_shard_tokenizer,
+    has_tokenizer,
     load_tokenizer,
 )
 from ..data.tars import shard_index
 from ..model import AssociativeState, ConfigError, RecurrentMemoryModel, RMTConfig
-from ..model.backbones import auto_model_class, backbone_kind, pretrained_config
+from ..model.backbones import auto_model_class, backbone_kind, load_pretrained, pretrained_config
+from ..model.gguf import is_gguf
 from ..model.modeling import check_backbone, step_class
 from ..model.presets import BUILTIN_BACKBONES, preset_config
-from ..model.recurrence import kept_at_peak, last_state_memory
+from ..model.recurrence import StateSpillError, kept_at_peak, last_state_memory
 from ..runtime.memory import peak_rss_mb
 from . import checkpoint, signals
 from .batches import EVAL_SEED_OFFSET, DataError, TrainBatches
@@ -100,6 +102,23 @@ def backbone_setup(
     return backbone_config, model_config
 
 
+def check_own_tokenizer(backbone_name: str, tokenizer_name: str, tokenizer: TextTokenizer) -> None:
+    """A pretrained backbone's embeddings were learned for its own tokenizer: another tokenizer whose vocabulary
+    differs would hand it ids that mean other tokens. Checked where the backbone ships one (a GGUF file, a
+    directory that holds a tokenizer), against its vocabulary and special ids (``TextTokenizer.fingerprint``)."""
+    local = Path(backbone_name).expanduser()
+    ships_one = is_gguf(backbone_name) or (local.is_dir() and has_tokenizer(str(local)))
+    if tokenizer_name == backbone_name or not ships_one:
+        return
+    own = load_tokenizer(backbone_name)
+    if own.fingerprint != tokenizer.fingerprint:
+        raise ConfigError(
+            f"--tokenizer {tokenizer_name} ({tokenizer.vocab_size} tokens) is not the tokenizer of --backbone "
+            f"{backbone_name} ({own.vocab_size} tokens), whose embeddings belong to its own: drop --tokenizer to "
+            "use the backbone's."
+        )
+
+
 # Bytes a training step's autograd graph holds per position and hidden unit of one layer, at least: 143 measured
 # for the default ARMT (tiny OPT, 100-token segments, bptt), which includes attention probabilities; 96 stays
 # below it, so that only a step that cannot fit is refused.
@@ -124,35 +143,14 @@ def longest_training_sample(config: TrainConfig) -> tuple[int, str]:
 def check_batch_memory(
     config: TrainConfig, backbone_config, world_size: int, device: torch.device, ds_config: dict
 ) -> None:
-    """Refuses (``check_memory``), before anything is built, a training step on the longest sample, or an
-    evaluation batch of the longest evaluation length, that cannot fit even by a lower bound of what it holds.
-    Training: int64 ids, labels and mask, the segments' activations and the states its backprop mode keeps at
-    once (``kept_at_peak``, with labels in the last segment only, the fewest a sample has); evaluation: int32 ids,
-    and one segment without grad with its logits."""
+    """Refuses (``check_memory``), before anything is built, a training step on the longest sample
+    (``check_step_memory``), or an evaluation batch of the longest evaluation length, that cannot fit even by a
+    lower bound of what it holds. Evaluation: int32 ids, and one segment without grad with its logits."""
     model = activation_settings(config.model, ds_config)[0]
+    check_step_memory(config, model, backbone_config, device)
     segment, kind = model.segment_size, backbone_kind(backbone_config)
-    step = step_class(kind, model)
-    positions = segment + step.extra_positions(model)
-    hidden, layers = backbone_config.hidden_size, backbone_config.num_hidden_layers
-    segments, longest = longest_training_sample(config)
-    if segments:
-        batch = config.micro_batch_size
-        kept_segments, kept_states = kept_at_peak(
-            model.backprop, [False] * (segments - 1) + [True], model.bptt_depth, model.state_keep_every
-        )
-        activations = batch * kept_segments * positions * hidden * layers * TRAINING_ACTIVATION_BYTES
-        states = batch * kept_states * step.state_numel(model, hidden, layers) * 4
-        on_device = activations + (states if model.state_offload == "none" else 0)
-        remedy = "" if model.backprop == "sublinear" else "--backprop sublinear (about 2 sqrt(segments) states), "
-        check_memory(
-            f"a step of --micro_batch_size {batch} on {longest}, {segments:,} segments, with --backprop "
-            f"{model.backprop}",
-            ((batch + 2) * segments * segment * 24, on_device),
-            device,
-            f"use {remedy}--state_offload cpu or disk, or lower --micro_batch_size or the sample length",
-            holds=f"its tokens, {kept_segments:,} segments' activations and {kept_states:,} kept states",
-            host_only=states if model.state_offload == "cpu" else 0,
-        )
+    positions = segment + step_class(kind, model).extra_positions(model)
+    hidden = backbone_config.hidden_size
     length, samples = max(config.eval_samples_by_length.items())
     batch = min(config.eval_batch_size, -(-samples // world_size))
     logits = segment * backbone_config.vocab_size if kind == "decoder" else 0
@@ -162,6 +160,45 @@ def check_batch_memory(
         device,
         "lower --eval_segments or --eval_batch_size",
     )
+
+
+def check_step_memory(config: TrainConfig, model: RMTConfig, backbone_config, device: torch.device) -> None:
+    """Refuses a training step on the longest sample (``longest_training_sample``) that cannot fit: its tokens
+    (int64 ids, labels and mask), the segments' activations (``model`` is the config the engine builds) and the
+    float32 states its backprop mode holds at once (``kept_at_peak``, with labels in the last segment only, the
+    fewest a sample has), in memory; and with ``--state_offload disk``, the states it spills, in the spill
+    directory (a lower bound: each file's header comes on top, and ranks that share the directory each spill as
+    much)."""
+    segments, longest = longest_training_sample(config)
+    if not segments:
+        return
+    step = step_class(backbone_kind(backbone_config), model)
+    hidden, layers = backbone_config.hidden_size, backbone_config.num_hidden_layers
+    segment_units = (model.segment_size + step.extra_positions(model)) * hidden * layers
+    batch = config.micro_batch_size
+    kept_segments, kept, recomputed = kept_at_peak(
+        model.backprop, [False] * (segments - 1) + [True], model.bptt_depth, model.state_keep_every
+    )
+    state_bytes = batch * step.state_numel(model, hidden, layers) * 4
+    stored = kept * state_bytes if model.backprop in ("replay", "sublinear") else 0
+    on_device = batch * kept_segments * segment_units * TRAINING_ACTIVATION_BYTES + (kept + recomputed) * state_bytes
+    if model.state_offload != "none":
+        on_device -= stored
+    remedy = "" if model.backprop == "sublinear" else "--backprop sublinear (about 2 sqrt(segments) states), "
+    check_memory(
+        f"a step of --micro_batch_size {batch} on {longest}, {segments:,} segments, with --backprop {model.backprop}",
+        ((batch + 2) * segments * model.segment_size * 24, on_device),
+        device,
+        f"use {remedy}--state_offload cpu or disk, or lower --micro_batch_size or the sample length",
+        holds=f"its tokens, {kept_segments:,} segments' activations and {kept + recomputed:,} states",
+        host_only=stored if model.state_offload == "cpu" else 0,
+    )
+    if config.spills_states and stored > (free := shutil.disk_usage(config.state_spill_dir).free):
+        raise ConfigError(
+            f"--state_offload disk spills {stored / 2**20:.1f} MiB of segment states ({kept} per micro-batch at "
+            f"{segments} segments) into {config.state_spill_dir}, which has {free / 2**20:.1f} MiB free: free "
+            "space there, pass another --state_offload_dir, or --state_offload cpu."
+        )
 
 
 def build_model(
@@ -176,8 +213,11 @@ def build_model(
     if backbone_name in BUILTIN_BACKBONES:
         backbone = auto.from_config(backbone_config)
     else:  # a pretrained encoder's own classification head, if any, is replaced by one over the answers
-        backbone = auto.from_pretrained(
-            backbone_name, config=backbone_config, ignore_mismatched_sizes=backbone_kind(backbone_config) == "encoder"
+        backbone = load_pretrained(
+            auto,
+            backbone_name,
+            config=backbone_config,
+            ignore_mismatched_sizes=backbone_kind(backbone_config) == "encoder",
         )
     # the memory's initial value must not depend on how the backbone was built (partitioned or not)
     torch.manual_seed(seed + 1)
@@ -199,6 +239,7 @@ class Trainer:
             if self.resume_state is not None:
                 config.check_resumable(json.loads(self.resume_state["config"]))
             self.tokenizer = load_tokenizer(config.tokenizer_name)
+            check_own_tokenizer(config.backbone, config.tokenizer_name, self.tokenizer)
             for source in filter(None, (config.shards, config.eval_shards)):
                 check_shard_tokenizer(source, self.tokenizer, config.tokenizer_name)
                 check_shard_task(source, config.task)
@@ -308,6 +349,9 @@ class Trainer:
                 except DataError:
                     self._save_on_data_error(logger)
                     raise
+                except StateSpillError as error:  # the step's spill files go with its store: nothing is left
+                    last = checkpoint.last_intact(self.out_dir / "checkpoints")
+                    raise checkpoint.DiskFull(f"{str(error).rstrip('.')}; {last}") from error
                 if self.step == config.max_steps:
                     break
                 if self.step % config.eval_every == 0:

@@ -35,8 +35,9 @@ def build_model(family: str, memory: str, bptt_depth: int) -> RecurrentMemoryMod
 
 
 def batch(vocab: int):
-    """Four samples of five segments: one left-padded by more than a segment (it skips a whole segment, so
-    its memory must be kept there), one right-padded, and labels with holes."""
+    """Four samples of five segments: one left-padded by more than a segment (its segments start at its first
+    token, so it skips the last segment, where its memory must be kept), one right-padded, and labels with
+    holes."""
     generator = torch.Generator().manual_seed(2)
     length = SEGMENT * SEGMENTS
     input_ids = torch.randint(3, vocab, (BATCH, length), generator=generator)

@@ -4,6 +4,7 @@ job, wait for it, read the steps it trained."""
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -31,6 +32,19 @@ QUICK_FLAGS = [
     "--eval_segments",
     "1,2",
 ]
+
+
+def free_port_pair() -> int:
+    """A free port whose next one is free too, for the test cluster (slurmctld listens on it, slurmd on the next)."""
+    while True:
+        with socket.socket() as first, socket.socket() as second:
+            first.bind(("127.0.0.1", 0))
+            port = first.getsockname()[1]
+            try:
+                second.bind(("127.0.0.1", port + 1))
+            except OSError:
+                continue
+            return port
 
 
 def run(command: list[str], env: dict[str, str]) -> str:
