@@ -72,6 +72,12 @@ def test_help_documents_every_flag():
         (["--eval_segments", "a,b"], "comma-separated positive integers"),
         (["--micro_batch_size", "0"], "--micro_batch_size=0 must be at least 1"),
         (["--task", "nope"], "--task='nope' is unknown"),
+        (["--task", "lm"], "--task lm trains on documents: write shards with tools/make_shards.py --task lm"),
+        (
+            ["--task", "lm", "--shards", "d", "--lm_loss", "first"],
+            "--lm_loss='first' is unknown: choose one of all, last",
+        ),
+        (["--eval_shards", "d"], "--eval_shards holds lm samples: use it with --task lm, or drop it"),
         (["--num_mem_tokens", "-1"], "num_mem_tokens=-1 is invalid: it must be an integer >= 0"),
         (["--backprop", "nope"], "backprop='nope' is unknown: choose one of bptt, checkpoint, replay"),
         (["--bptt_depth", "-2"], "bptt_depth=-2 is invalid"),

@@ -2,7 +2,8 @@
 # Installs the Debian packages the tests and benchmarks use, when missing (needs root and apt-get):
 #   libjemalloc2  allocator that keeps CPU RSS flat under per-segment recomputation (rmt_scale/runtime/allocator.py)
 #   g++           DeepSpeed compiles its CPU communication op on first use
-#   python3-doc   Python's documentation as plain text: real English the GGUF backbone tests read (tests/test_gguf.py)
+#   python3-doc   Python's documentation as plain text: real English the GGUF backbone tests read (tests/test_gguf.py),
+#                 and the documents of the lm tests (tests/test_data_text.py, tests/test_lm_e2e.py) and docs/lm.md
 # Elsewhere it only says what is missing; the tests that need a package then fail with a clear message.
 set -euo pipefail
 packages=(libjemalloc2 g++ python3-doc "$@")

@@ -55,6 +55,11 @@ def load(runs: list[str]) -> list[dict]:
                 f"{path} is missing: pass the --out_dir of a finished launchers/train.py run or of launchers/eval.py."
             )
         results = json.loads(path.read_text())
+        if "loss_by_segment" in results:
+            raise InputError(
+                f"{run} is a --task lm run (loss by segment, not accuracy by length): launchers/eval.py --task lm "
+                "plots it."
+            )
         task = json.loads((Path(run) / "train_config.json").read_text())["task"]
         samples = results.get("eval_samples", {})
         for model, accuracy in results["accuracy"].items():

@@ -8,6 +8,8 @@ into segments itself, so a sample of ``k * segment_size`` tokens is exactly ``k`
 Encoders classify, as in the 1M-token RMT paper: with :class:`AnswerClasses`, ``input_ids`` hold the context
 alone (the answer is not appended, so the last segment is short by the answer's length) and ``labels`` are
 the answers' class ids, ``(batch,)``.
+
+Language modelling (:func:`collate_lm`): every token is a label, or only those of each sample's last segment.
 """
 
 from __future__ import annotations
@@ -69,6 +71,29 @@ def collate(
         mask[row, :end] = 1
     if not with_answer:
         labels = np.array([classes(sample.answer) for sample in samples], dtype=np.int64)
+    return _as_batch(input_ids, labels, mask)
+
+
+def collate_lm(
+    samples: Sequence[TaskSample], pad_id: int, length: int | None = None, last_segment: int | None = None
+) -> dict[str, torch.Tensor]:
+    """Right-padded lm samples whose labels are their tokens (next-token loss on every token), or with
+    ``last_segment`` (the segment size) only the tokens of each sample's own last segment, as the RMT papers
+    score a long document; ``length`` defaults to the longest sample's."""
+    lengths = [len(s.tokens) for s in samples]
+    length = length or max(lengths)
+    input_ids = np.full((len(samples), length), pad_id, dtype=np.int64)
+    labels = np.full((len(samples), length), IGNORE_INDEX, dtype=np.int64)
+    mask = np.zeros((len(samples), length), dtype=np.int64)
+    for row, (sample, end) in enumerate(zip(samples, lengths)):
+        input_ids[row, :end] = sample.tokens
+        first_label = 0 if last_segment is None else (end - 1) // last_segment * last_segment
+        labels[row, first_label:end] = sample.tokens[first_label:]
+        mask[row, :end] = 1
+    return _as_batch(input_ids, labels, mask)
+
+
+def _as_batch(input_ids: np.ndarray, labels: np.ndarray, mask: np.ndarray) -> dict[str, torch.Tensor]:
     return {
         "input_ids": torch.from_numpy(input_ids),
         "labels": torch.from_numpy(labels),

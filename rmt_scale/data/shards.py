@@ -4,6 +4,8 @@ Shard format (standard webdataset; sample keys have no dots):
     <key>.tokens.npy   int32 context (background + facts + question)
     <key>.answer.npy   int32 answer ids
     <key>.meta.json    task, question, answer_text, facts, fact_positions, fact_lengths, num_tokens, meta
+Language-modelling samples (task ``lm``, :mod:`.text`) have the same members: documents as tokens, an empty
+answer, no question or facts.
 plus ``index.json`` next to the shards (see :mod:`.tars`, which reads both).
 
 Reading is a chain of webdataset's stages and small ones of ours. Per shard, :func:`.tars.iter_tar_samples`
@@ -33,7 +35,7 @@ import json
 import logging
 import os
 from collections import deque
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from functools import partial
 
 import fsspec
@@ -45,6 +47,7 @@ from webdataset.autodecode import Decoder, DecodingError, handle_extension
 
 from .tars import INDEX_NAME, CorruptShardError, iter_tar_samples, resolve_shards, shard_index
 from .tasks import TaskSample
+from .text import LM_TASK
 from .tokenizer import TextTokenizer, has_tokenizer, load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -88,12 +91,14 @@ def write_shards(
     *,
     max_samples: int = 64,
     max_bytes: int = 1 << 30,
-    extra_index: dict | None = None,
+    extra_index: dict | Callable[[], dict] | None = None,
 ) -> dict:
     """Writes samples into ``out/shard-NNNNNN.tar`` (any fsspec URL) and ``out/index.json``; returns the index.
 
     A new shard starts after ``max_samples`` samples or once a shard holds ``max_bytes``. The index records the
     longest sample's ``num_tokens``, which a training run sizes its memory by before it reads a sample.
+    ``extra_index`` adds fields to the index; a callable is called once every sample is written (for counts the
+    samples' source keeps).
     """
     out = out.rstrip("/")
     fs, root = fsspec.core.url_to_fs(out)
@@ -119,6 +124,8 @@ def write_shards(
         if writer is not None:
             writer.close()
             stream.close()
+    if callable(extra_index):
+        extra_index = extra_index()
     total = sum(s["samples"] for s in shards)
     index = {"shards": shards, "total_samples": total, "max_sample_tokens": longest, **(extra_index or {})}
     with fsspec.open(f"{out}/{INDEX_NAME}", "w") as f:
@@ -150,6 +157,22 @@ def check_shard_tokenizer(source: str | Sequence[str], tokenizer: TextTokenizer,
             f"{name}: pass --tokenizer {saved} (their tokenizer, saved with them) or re-create the shards "
             f"with --tokenizer {name}."
         )
+
+
+def check_shard_task(source: str | Sequence[str], task: str) -> None:
+    """Raises ValueError when ``task`` is ``lm`` and the shards hold task samples, or the other way round (what
+    their index records; shards named without an index are not checked). Among the generated tasks any shards
+    go: a run evaluates on its own ``--task``."""
+    found = shard_index(source)
+    made_for = None if found is None else found[1].get("task")
+    if made_for is None or (made_for == LM_TASK) == (task == LM_TASK):
+        return
+    if task == LM_TASK:
+        raise ValueError(
+            f"--shards {source} hold {made_for} samples, not documents: write lm shards with "
+            f"tools/make_shards.py --task lm --inputs FILES --out DIR, or train with --task {made_for}."
+        )
+    raise ValueError(f"--shards {source} hold documents (task lm): train them with --task lm.")
 
 
 # ----------------------------------------------------------------------------------------------- reading

@@ -146,9 +146,9 @@ def resolve_shards(source: str | Sequence[str], counts: Sequence[int] | None = N
     return urls, list(counts)
 
 
-def check_shard_source(source: str) -> None:
-    """Raises ValueError, in one line that names the fix, when ``source`` cannot be read: a directory without
-    an index, a file that is neither a shard nor an index, a bad index, a missing shard or an unreachable
+def check_shard_source(source: str, flag: str = "--shards") -> None:
+    """Raises ValueError, in one line that names ``flag`` and the fix, when ``source`` cannot be read: a directory
+    without an index, a file that is neither a shard nor an index, a bad index, a missing shard or an unreachable
     URL. Reads the index and looks up each shard (one stat or HTTP HEAD each); reads no sample."""
     index_url = _index_url(source)
     if index_url is None:
@@ -157,29 +157,29 @@ def check_shard_source(source: str) -> None:
         fs, path = fsspec.core.url_to_fs(source)
         if index_url != source and fs.isfile(path):
             raise ValueError(
-                f"--shards {source} is a file, but neither a .tar/.tar.gz/.tgz shard nor an index .json: "
+                f"{flag} {source} is a file, but neither a .tar/.tar.gz/.tgz shard nor an index .json: "
                 f"pass shards, an {INDEX_NAME}, or a directory holding one."
             )
         problem = _unreadable(index_url)
         if problem == _MISSING:
             raise ValueError(
-                f"--shards {source}: {index_url} does not exist. Write shards with tools/make_shards.py "
+                f"{flag} {source}: {index_url} does not exist. Write shards with tools/make_shards.py "
                 "(it writes the index), or name the shards, e.g. "
                 f"'{source.rstrip('/')}/shard-{{000000..000009}}.tar'."
             )
         if problem:
-            raise ValueError(f"--shards {source}: {index_url} {problem}.")
+            raise ValueError(f"{flag} {source}: {index_url} {problem}.")
         try:
             urls, _ = _read_index(index_url)
         except (ValueError, KeyError, TypeError) as error:
             raise ValueError(
-                f"--shards {source}: {index_url} is not a shard index ({type(error).__name__}: {error}); "
+                f"{flag} {source}: {index_url} is not a shard index ({type(error).__name__}: {error}); "
                 "write it again with tools/make_shards.py."
             ) from None
     for url in urls:
         problem = _unreadable(url)
         if problem:
-            raise ValueError(f"--shards: shard {url} {problem}.")
+            raise ValueError(f"{flag}: shard {url} {problem}.")
 
 
 def _unreadable(url: str) -> str | None:

@@ -10,6 +10,9 @@ sample on any rank, so every rank runs the same number of segments. Corrupt samp
 ids outside the vocabulary) stop the run, or with ``max_corrupt`` the first ``max_corrupt`` of them over all
 ranks are skipped. A step's batches are all read before its forward, so a data error leaves the model as
 the last step left it.
+
+Language modelling (``lm_loss``): shard samples are documents, each cut to the step's segment count, so the
+curriculum works as for the generated tasks; labels are every token, or only the last segment's (``collate_lm``).
 """
 
 from __future__ import annotations
@@ -17,7 +20,16 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from ..data import AnswerClasses, CorruptShardError, ShardStream, TaskGenerator, collate, whole_segments
+from ..data import (
+    AnswerClasses,
+    CorruptShardError,
+    ShardStream,
+    TaskGenerator,
+    collate,
+    collate_lm,
+    lm_prefix,
+    whole_segments,
+)
 from .distributed import all_gather_objects
 
 EVAL_SEED_OFFSET = 1_000_003  # evaluation samples come from another seed than any training sample
@@ -44,11 +56,13 @@ class TrainBatches:
         pad_id: int,
         max_corrupt: int = 0,
         classes: AnswerClasses | None = None,
+        lm_loss: str | None = None,
     ):
         self.generator, self.shards = generator, shards
         self.micro_batch, self.grad_accum, self.rank, self.world_size = micro_batch, grad_accum, rank, world_size
         self.segment_size, self.pad_id, self.max_corrupt = segment_size, pad_id, max_corrupt
         self.classes = classes  # an encoder's: batches carry class labels
+        self.lm_loss = lm_loss  # "all" or "last" for lm samples, None for task samples
         self.position = 0  # global sample index of the next step's first sample (generated tasks)
         self._shard_iter = None
         self._shard_position = None  # the stream position right after the last sample taken
@@ -57,11 +71,11 @@ class TrainBatches:
 
     def step(self, num_segments: int) -> list[dict[str, torch.Tensor]]:
         """The ``grad_accum`` micro-batches of one step; with generated tasks every sample has exactly
-        ``num_segments`` segments."""
+        ``num_segments`` segments, lm samples at most."""
         if self.shards is not None:
             before = self.state_dict()
             try:
-                return [self._shard_batch() for _ in range(self.grad_accum)]
+                return [self._shard_batch(num_segments) for _ in range(self.grad_accum)]
             except DataError:  # a checkpoint written now must start this step again
                 self._shard_position = {name: before["shards"][name] for name in ("epoch", "position")}
                 self.corrupt_samples = before["corrupt_samples"]
@@ -77,7 +91,7 @@ class TrainBatches:
         self.position += self.micro_batch * self.grad_accum * self.world_size
         return batches
 
-    def _shard_batch(self) -> dict[str, torch.Tensor]:
+    def _shard_batch(self, num_segments: int) -> dict[str, torch.Tensor]:
         samples, error = [], None
         try:
             while len(samples) < self.micro_batch:
@@ -87,8 +101,10 @@ class TrainBatches:
                 if sample is None:  # end of epoch: the stream moved to the next one
                     self._shard_iter = None
                     continue
-                samples.append(sample)
                 self._shard_position = ShardStream.state_after(sample)
+                if self.lm_loss is not None:
+                    sample = lm_prefix(sample, num_segments * self.segment_size)
+                samples.append(sample)
         except CorruptShardError as corrupt:
             error = f"rank {self.rank}: {corrupt}"
         # One exchange per micro-batch. Every rank must run the same number of segments (pad to the longest
@@ -108,7 +124,10 @@ class TrainBatches:
                 f"{self.max_corrupt} (each was logged with its shard and member): re-create those "
                 "shards, or allow more with --skip_corrupt_samples"
             )
-        return collate(samples, self.pad_id, int(segments.max()) * self.segment_size, self.classes)
+        length = int(segments.max()) * self.segment_size
+        if self.lm_loss is not None:
+            return collate_lm(samples, self.pad_id, length, self.segment_size if self.lm_loss == "last" else None)
+        return collate(samples, self.pad_id, length, self.classes)
 
     def state_dict(self) -> dict:
         state = {"position": self.position}

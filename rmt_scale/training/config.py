@@ -17,7 +17,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..data import TASKS, could_be_hub_id, has_tokenizer
+from ..data import LM_TASK, TASKS, could_be_hub_id, has_tokenizer
 from ..data.tars import check_shard_source
 from ..model.backbones import pretrained_config
 from ..model.config import BACKPROP_MODES, EXECUTION_MODES, ARMTConfig, ConfigError, RMTConfig
@@ -25,6 +25,8 @@ from ..model.gguf import gguf_path, is_gguf
 from ..model.presets import BUILTIN_BACKBONES
 from .evaluation import samples_at
 
+# --lm_loss: where the next-token loss of --task lm is taken
+LM_LOSSES = ("all", "last")
 # what --memory builds around the backbone
 MEMORY_KINDS = {"rmt": RMTConfig, "armt": ARMTConfig}
 
@@ -128,13 +130,41 @@ class TrainConfig:
         )
     )
     # ---- data
-    task: str = field(default="memorize", metadata={"help": f"generated task: {', '.join(TASKS)}."})
+    task: str = field(
+        default="memorize",
+        metadata={
+            "help": (
+                f"generated task: {', '.join(TASKS)}; or {LM_TASK}: next-token prediction over the documents of "
+                "--shards (written by tools/make_shards.py --task lm)."
+            )
+        },
+    )
     shards: str = field(
         default="",
         metadata={
             "help": (
                 "shard URLs (brace patterns, index.json or a directory with one) to train on instead of generated "
-                "samples; their lengths replace the curriculum. Evaluation still uses --task."
+                "samples; their lengths replace the curriculum, and evaluation still uses --task. With --task lm: "
+                "documents, cut to each step's curriculum length."
+            )
+        },
+    )
+    lm_loss: str = field(
+        default="all",
+        metadata={
+            "help": (
+                "--task lm: next-token loss on every token (all), or on the tokens of each sample's last segment "
+                "only (last; the RMT papers' long-document perplexity)."
+            )
+        },
+    )
+    eval_shards: str = field(
+        default="",
+        metadata={
+            "help": (
+                "--task lm: held-out lm shards to evaluate on, the loss and perplexity of each segment given the "
+                "memory of the ones before (--eval_segments: the largest is the segment count read; "
+                "--eval_samples samples); '': no evaluation, the curriculum advances by budget."
             )
         },
     )
@@ -313,8 +343,17 @@ class TrainConfig:
         for name in ("save_every", "warmup_steps", "stage_steps", "skip_corrupt_samples", "seed", "data_seed"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{name}={getattr(self, name)} must be 0 or more.")
-        if self.task not in TASKS:
-            raise ConfigError(f"--task={self.task!r} is unknown: choose one of {', '.join(TASKS)}.")
+        if self.task not in (*TASKS, LM_TASK):
+            raise ConfigError(f"--task={self.task!r} is unknown: choose one of {', '.join((*TASKS, LM_TASK))}.")
+        if self.task == LM_TASK and not self.shards:
+            raise ConfigError(
+                f"--task {LM_TASK} trains on documents: write shards with tools/make_shards.py --task lm "
+                "--inputs FILES --tokens N --out DIR, then pass --shards DIR."
+            )
+        if self.lm_loss not in LM_LOSSES:
+            raise ConfigError(f"--lm_loss={self.lm_loss!r} is unknown: choose one of {', '.join(LM_LOSSES)}.")
+        if self.task != LM_TASK and self.eval_shards:
+            raise ConfigError("--eval_shards holds lm samples: use it with --task lm, or drop it.")
         # NaN compares false with everything, so it would pass the range checks below: finiteness first
         for name in ("lr", "weight_decay", "grad_clip", "promote_accuracy"):
             value = getattr(self, name)
@@ -357,9 +396,10 @@ class TrainConfig:
             _check_writable_dir(
                 "state_offload_dir", Path(self.state_spill_dir), "pass one you can write to, or --state_offload cpu"
             )
-        if self.shards:
-            with as_config_error():
-                check_shard_source(self.shards)
+        for flag in ("shards", "eval_shards"):
+            if getattr(self, flag):
+                with as_config_error():
+                    check_shard_source(getattr(self, flag), f"--{flag}")
 
     @property
     def spills_states(self) -> bool:
@@ -381,7 +421,10 @@ class TrainConfig:
             if "model" in saved
             else RMTConfig(**{name: saved[name] for name in MODEL_FLAGS if name in saved})
         )
-        pairs = [(name, saved.get(name), getattr(self, name)) for name in RESUME_MUST_MATCH]
+        # a flag added after the checkpoint was written (e.g. --lm_loss) had its default then
+        pairs = [
+            (name, saved.get(name, getattr(TrainConfig, name, None)), getattr(self, name)) for name in RESUME_MUST_MATCH
+        ]
         pairs.append(("memory", saved_model.model_type, self.memory))
         old_model, new_model = saved_model.to_dict(), self.model.to_dict()
         pairs += [
@@ -420,6 +463,7 @@ RESUME_MUST_MATCH = (
     "tokenizer",
     "task",
     "shards",
+    "lm_loss",
     "data_seed",
     "curriculum",
     "micro_batch_size",

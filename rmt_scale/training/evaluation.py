@@ -1,4 +1,4 @@
-"""Exact-answer accuracy by input length, with streaming inference.
+"""Exact-answer accuracy by input length, and language-modelling loss by segment, with streaming inference.
 
 The model reads each evaluation sample one segment per call, passing its memory on (RMT: the memory
 tokens; ARMT: every layer's associative state; encoders: the memory tokens), under ``no_grad``: what is
@@ -8,18 +8,28 @@ segment is run. Long lengths may get fewer samples than short ones (``samples_at
 counts as correct when every answer token is the argmax prediction, an encoder's when the argmax class of
 its last segment is the answer's class. Every rank evaluates its share and the counts are summed, so all
 ranks see the same accuracies.
+
+Language modelling (``--task lm``): the loss of segment k given the memory of segments 1..k-1
+(:func:`loss_by_segment`), next to the backbone alone over as many preceding tokens as its positions reach
+(:func:`full_attention_loss_by_segment`). A segment's targets are its own tokens after its first, predicted from
+inside the segment, so that the memory model, its no-memory twin (segment k alone) and full attention predict the
+same tokens and differ only in what they see before them.
 """
 
 from __future__ import annotations
 
+import itertools
+import math
 from collections.abc import Callable, Sequence
+from functools import partial
 
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from tqdm import tqdm
 
-from ..data import AnswerClasses, TaskGenerator
+from ..data import AnswerClasses, ShardStream, TaskGenerator, TaskSample, collate_lm, lm_prefix, whole_segments
 from ..model.config import ConfigError
 from ..model.segments import IGNORE_INDEX
 from .batches import eval_indices
@@ -207,3 +217,123 @@ def evaluate_by_length(
         results[num_segments] = (counts[0] / counts[1]).item()
     model.train(was_training)
     return results
+
+
+# ----------------------------------------------------------------------------------------------- by segment
+
+
+def lm_eval_samples(source: str, count: int, vocab_size: int) -> list[TaskSample]:
+    """The first ``count`` samples of lm shards, in order (fewer if they hold fewer): the same on every rank."""
+    stream = ShardStream(source, rank=0, world_size=1, shuffle=False, vocab_size=vocab_size)
+    return list(itertools.islice(stream, count))
+
+
+def _next_token_loss(logits: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``(loss sum, targets)`` of predicting each token from the one before it, inside one segment."""
+    valid = (mask[:, 1:] * mask[:, :-1]).bool()
+    losses = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), input_ids[:, 1:], reduction="none")
+    return torch.stack([losses[valid].sum().double(), valid.sum().double()])
+
+
+@torch.no_grad()
+def loss_by_segment(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, segment_size: int) -> torch.Tensor:
+    """``(segments, 2)``: each segment's loss sum and number of targets, read segment by segment with the memory
+    passed on (a model without memory reads each segment alone). Padding goes on the right, and every sample needs
+    a token in the last segment (the model refuses a sample without tokens)."""
+    memory, totals = None, []
+    for start in range(0, input_ids.shape[1], segment_size):
+        ids, mask = input_ids[:, start : start + segment_size], attention_mask[:, start : start + segment_size]
+        output = model(ids, attention_mask=mask, memory=memory, return_logits=True)
+        memory = output.memory
+        totals.append(_next_token_loss(output.logits, ids, mask))
+    return torch.stack(totals)
+
+
+@torch.no_grad()
+def full_attention_loss_by_segment(
+    backbone, input_ids: torch.Tensor, attention_mask: torch.Tensor, segment_size: int, reach: int
+) -> torch.Tensor:
+    """As :func:`loss_by_segment` for the backbone alone, given the last ``reach`` tokens (its positions) that
+    end each segment: full attention over the whole prefix as long as it fits."""
+    totals = []
+    for start in range(0, input_ids.shape[1], segment_size):
+        end = min(start + segment_size, input_ids.shape[1])
+        first = max(0, end - reach)
+        logits = backbone(input_ids=input_ids[:, first:end], attention_mask=attention_mask[:, first:end]).logits
+        totals.append(
+            _next_token_loss(logits[:, start - first :], input_ids[:, start:end], attention_mask[:, start:end])
+        )
+    return torch.stack(totals)
+
+
+def evaluate_by_segment(
+    score: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    samples: Sequence[TaskSample],
+    max_segments: int,
+    *,
+    segment_size: int,
+    batch_size: int,
+    pad_id: int,
+    rank: int,
+    world_size: int,
+    device: torch.device,
+) -> dict[int, float]:
+    """``{k: mean next-token loss of segment k}`` over ``samples`` cut to ``max_segments`` segments, for
+    ``score(input_ids, attention_mask)`` (:func:`loss_by_segment` or :func:`full_attention_loss_by_segment` with
+    their model bound). A batch holds samples of one segment count, so that every sample has tokens in every
+    segment it is read at. Ranks split each count's samples in equal shares (a share longer than the samples
+    wraps around, so all ranks run as many forwards) and sum their totals: every rank returns the same numbers."""
+    samples = [lm_prefix(s, max_segments * segment_size) for s in samples]
+    counts = [whole_segments([s], segment_size) for s in samples]
+    totals = torch.zeros(max(counts), 2, dtype=torch.float64)
+    for count in sorted(set(counts)):
+        group = [s for s, c in zip(samples, counts) if c == count]
+        mine = [group[i % len(group)] for i in eval_indices(len(group), rank, world_size)]
+        for start in range(0, len(mine), batch_size):
+            batch = collate_lm(mine[start : start + batch_size], pad_id, count * segment_size)
+            totals[:count] += score(batch["input_ids"].to(device), batch["attention_mask"].to(device)).cpu()
+    if dist.is_initialized() and world_size > 1:
+        totals = totals.to(device)
+        dist.all_reduce(totals)
+        totals = totals.cpu()
+    return {k: loss / targets if targets else math.nan for k, (loss, targets) in enumerate(totals.tolist(), 1)}
+
+
+def segment_report(
+    model,
+    twin,
+    samples: Sequence[TaskSample],
+    max_segments: int,
+    *,
+    batch_size: int,
+    pad_id: int,
+    rank: int,
+    world_size: int,
+    device: torch.device,
+) -> dict:
+    """The loss and perplexity of each segment of ``samples`` for the memory model, its no-memory ``twin`` (each
+    segment alone) and full attention (the twin's backbone over the last ``twin.spec.max_positions`` tokens ending
+    at the segment: the whole prefix while it fits, see ``beyond_reach``)."""
+    segment_size, reach = model.config.segment_size, twin.spec.max_positions
+    scores = {
+        model.config.model_type if model.config.num_mem_tokens else "memory model": partial(loss_by_segment, model),
+        "twin": partial(loss_by_segment, twin),
+        "full attention": partial(full_attention_loss_by_segment, twin.backbone, reach=reach),
+    }
+    settings = dict(segment_size=segment_size, batch_size=batch_size, pad_id=pad_id, rank=rank,
+                    world_size=world_size, device=device)  # fmt: skip
+    losses = {
+        name: evaluate_by_segment(partial(score, segment_size=segment_size), samples, max_segments, **settings)
+        for name, score in scores.items()
+    }
+    segments = list(losses["twin"])
+    return {
+        "segment_size": segment_size,
+        "samples": len(samples),
+        "segments": segments,
+        "loss": {name: [by_segment[k] for k in segments] for name, by_segment in losses.items()},
+        "perplexity": {name: [math.exp(by_segment[k]) for k in segments] for name, by_segment in losses.items()},
+        "full_attention_reach": reach,
+        # full attention sees fewer tokens than the memory model has read from these segments on
+        "beyond_reach": [k for k in segments if k * segment_size > reach],
+    }

@@ -7,6 +7,7 @@ import json
 import time
 from pathlib import Path
 
+from ..data import LM_TASK
 from ..runtime.allocator import current_allocator
 from . import lock
 from .config import TrainConfig
@@ -35,7 +36,8 @@ def format_table(
 
 
 def run(config: TrainConfig) -> dict:
-    """Trains (and evaluates) as configured; returns ``{"rmt": {segments: accuracy}, "baseline": ...}``.
+    """Trains (and evaluates) as configured; returns ``{"rmt": {segments: accuracy}, "baseline": ...}`` (``--task
+    lm``: ``{segment: loss}``).
     Raises ``Preempted`` when a stop signal ended the run early, ``DataError`` when corrupt data did, ``Diverged``
     when the loss stayed non-finite (all after writing a checkpoint), and ``ConfigError``, before any work, for
     flags or paths that cannot work (``TrainConfig`` checks its values when it is built; the paths, the DeepSpeed
@@ -52,10 +54,13 @@ def run(config: TrainConfig) -> dict:
             results[trainer.label] = trainer.fit()
             del trainer  # free the engine (and its ZeRO-3 partitions) before the next one is built
             gc.collect()
-        trained = None if config.shards else max(config.curriculum_stages)
+        lm = config.task == LM_TASK
+        trained = None if config.shards and not lm else max(config.curriculum_stages)
         if dist_info.rank == 0:
+            by_length = {name: {str(k): v for k, v in scores.items()} for name, scores in results.items()}
             summary = {
-                "accuracy": {name: {str(k): v for k, v in accuracy.items()} for name, accuracy in results.items()},
+                # --task lm: the evaluation's next-token loss of each segment, given the memory of those before
+                ("loss_by_segment" if lm else "accuracy"): by_length,
                 "segment_size": config.model.segment_size,
                 "train_segments": trained,
                 "eval_samples": {str(k): count for k, count in config.eval_samples_by_length.items()},
@@ -66,9 +71,14 @@ def run(config: TrainConfig) -> dict:
             }
             Path(config.out_dir, "results.json").write_text(json.dumps(summary, indent=2) + "\n")
             trained_on = f"shards {config.shards}" if config.shards else f"up to {trained} segments"
-            print(
-                f"\nexact-answer accuracy by input length (trained on {trained_on}, "
-                f"{config.model.segment_size}-token segments):"
-            )
-            print(format_table(results, config.model.segment_size, trained, config.eval_samples_by_length), flush=True)
+            if lm:
+                print(f"\nnext-token loss of each segment on {config.eval_shards or 'no --eval_shards'}:")
+                print(format_table(results, config.model.segment_size, trained), flush=True)
+            else:
+                print(
+                    f"\nexact-answer accuracy by input length (trained on {trained_on}, "
+                    f"{config.model.segment_size}-token segments):"
+                )
+                samples = config.eval_samples_by_length
+                print(format_table(results, config.model.segment_size, trained, samples), flush=True)
     return results

@@ -1,5 +1,6 @@
 """Rank 0's outputs: TensorBoard scalars (``OUT/tensorboard``), one JSON line per logged step
-(``OUT/metrics.jsonl``) and the progress bar. Other ranks get a logger that does nothing.
+(``OUT/metrics.jsonl``) and the progress bar. Other ranks get a logger that does nothing. For an lm evaluation
+by segment: its scalars (the segment index as the step) and its plot.
 
 DeepSpeed's own ``tensorboard`` block records only the learning rate and timings, so the scalars are
 written here with torch's SummaryWriter.
@@ -78,3 +79,42 @@ def _step(line: str) -> int | None:
         return json.loads(line)["step"]
     except (ValueError, KeyError, TypeError):  # a line cut short by a kill
         return None
+
+
+def write_segment_report(report: dict, out_dir: Path) -> None:
+    """``results.json``, ``perplexity_by_segment.png`` and TensorBoard scalars ``segment/loss/NAME`` and
+    ``segment/perplexity/NAME`` (step: the segment index) of an lm evaluation by segment (``segment_report``)."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "results.json").write_text(json.dumps(report, indent=2) + "\n")
+    with SummaryWriter(str(out_dir / "tensorboard")) as writer:
+        for measure in ("loss", "perplexity"):
+            for name, values in report[measure].items():
+                for k, value in zip(report["segments"], values):
+                    writer.add_scalar(f"segment/{measure}/{name.replace(' ', '_')}", value, k)
+    plot_by_segment(report, out_dir / "perplexity_by_segment.png")
+
+
+def plot_by_segment(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(8, 4.5))
+    for name, values in report["perplexity"].items():
+        style = "--" if name == "twin" else ":" if name == "full attention" else "-"
+        axis.plot(report["segments"], values, style, marker="o", label=name)
+    if report["beyond_reach"]:
+        first = report["beyond_reach"][0]
+        axis.axvline(first - 0.5, color="grey", linewidth=0.8)
+        axis.text(first - 0.4, axis.get_ylim()[1], "beyond full attention's reach", color="grey", fontsize=8, va="top")
+    axis.xaxis.get_major_locator().set_params(integer=True)
+    axis.set_xlabel(f"segment index ({report['segment_size']} tokens each)")
+    axis.set_ylabel("perplexity")
+    axis.set_title(f"next-token perplexity by segment ({report['samples']} held-out samples)")
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import shutil
 import time
@@ -23,10 +24,12 @@ import torch.distributed as dist
 import transformers
 
 from ..data import (
+    LM_TASK,
     AnswerClasses,
     ShardStream,
     TaskGenerator,
     TextTokenizer,
+    check_shard_task,
     check_shard_tokenizer,
     has_tokenizer,
     load_tokenizer,
@@ -46,7 +49,14 @@ from .curriculum import Curriculum
 from .distributed import DistInfo
 from .ds_config import activation_settings, build_ds_config, load_ds_config
 from .engine import build_engine
-from .evaluation import batch_bytes, check_memory, evaluate_by_length
+from .evaluation import (
+    batch_bytes,
+    check_memory,
+    evaluate_by_length,
+    evaluate_by_segment,
+    lm_eval_samples,
+    loss_by_segment,
+)
 from .metrics import MetricsLogger
 
 # Exit code after a SIGUSR1/SIGTERM stop with a checkpoint written: "requeue me" (BSD EX_TEMPFAIL).
@@ -117,13 +127,17 @@ TRAINING_ACTIVATION_BYTES = 96
 
 def longest_training_sample(config: TrainConfig) -> tuple[int, str]:
     """``(segments, what they are)`` of the longest sample a step trains on: the longest curriculum stage, or the
-    longest shard sample that the shards' index records (0 when it records none)."""
-    segment = config.model.segment_size
+    longest shard sample that the shards' index records (0 when it records none; --task lm cuts documents to the
+    curriculum's length, so the shorter of the two)."""
+    segment, stage = config.model.segment_size, max(config.curriculum_stages)
     if not config.shards:
-        return max(config.curriculum_stages), "the longest --curriculum stage"
+        return stage, "the longest --curriculum stage"
     found = shard_index(config.shards)
     tokens = found[1].get("max_sample_tokens", 0) if found else 0
-    return -(-tokens // segment), f"--shards' longest sample ({tokens:,} tokens)"
+    segments = -(-tokens // segment)
+    if config.task == LM_TASK and (not tokens or segments > stage):
+        return stage, "the longest --curriculum stage"
+    return segments, f"--shards' longest sample ({tokens:,} tokens)"
 
 
 def check_batch_memory(
@@ -216,6 +230,7 @@ class Trainer:
         self.out_dir = Path(config.out_dir)
         self.is_main = dist_info.rank == 0
         self.label = config.memory if config.model.num_mem_tokens else "baseline"
+        self.lm = config.task == LM_TASK
         # everything that can be wrong with the flags is found before the model is built, as a ConfigError
         with as_config_error():
             self.ds_config = build_ds_config(load_ds_config(config.ds_config), config, dist_info.world_size)
@@ -225,9 +240,15 @@ class Trainer:
                 config.check_resumable(json.loads(self.resume_state["config"]))
             self.tokenizer = load_tokenizer(config.tokenizer_name)
             check_own_tokenizer(config.backbone, config.tokenizer_name, self.tokenizer)
-            if config.shards:
-                check_shard_tokenizer(config.shards, self.tokenizer, config.tokenizer_name)
+            for source in filter(None, (config.shards, config.eval_shards)):
+                check_shard_tokenizer(source, self.tokenizer, config.tokenizer_name)
+                check_shard_task(source, config.task)
             backbone_config, _ = backbone_setup(config.backbone, self.tokenizer, config.model)
+            if self.lm and backbone_kind(backbone_config) == "encoder":
+                raise ConfigError(
+                    f"--task {LM_TASK} predicts the next token, which the encoder {config.backbone} cannot: "
+                    "pass a decoder (causal LM) --backbone."
+                )
             check_batch_memory(config, backbone_config, dist_info.world_size, dist_info.device, self.ds_config)
         self.engine = build_engine(
             partial(build_model, config.backbone, self.tokenizer, config.seed),
@@ -239,13 +260,18 @@ class Trainer:
         # an encoder is trained and scored on the answer's class; a decoder on the answer's tokens
         self.classes = AnswerClasses(self.tokenizer) if self.model.spec.kind == "encoder" else None
 
-        stages = [1] if config.shards else config.curriculum_stages
+        # task shards fix their samples' lengths; documents are cut to the curriculum's
+        stages = [1] if config.shards and not self.lm else config.curriculum_stages
         stage_steps = config.stage_steps or -(-config.max_steps // len(stages))
         self.curriculum = Curriculum(stages, config.promote_accuracy, stage_steps, config.seed)
-        generator = TaskGenerator(config.task, self.tokenizer, seed=config.data_seed)
-        self.eval_generator = TaskGenerator(
-            config.task, self.tokenizer, generator.background, seed=config.data_seed + EVAL_SEED_OFFSET
-        )
+        generator = self.eval_generator = self.eval_documents = None
+        if not self.lm:
+            generator = TaskGenerator(config.task, self.tokenizer, seed=config.data_seed)
+            self.eval_generator = TaskGenerator(
+                config.task, self.tokenizer, generator.background, seed=config.data_seed + EVAL_SEED_OFFSET
+            )
+        elif config.eval_shards:
+            self.eval_documents = lm_eval_samples(config.eval_shards, config.eval_samples, self.tokenizer.vocab_size)
         # the stages of a pipeline read the same batches; replicas read different ones
         data_rank, data_world = self.engine.data_rank, self.engine.data_world_size
         shards = (
@@ -271,12 +297,14 @@ class Trainer:
             pad_id=self.tokenizer.pad_id,
             max_corrupt=config.skip_corrupt_samples,
             classes=self.classes,
+            lm_loss=config.lm_loss if self.lm else None,
         )
         self.step = 0
         self.saved_step = -1
         # steps whose update was dropped for a non-finite loss: in all, and in a row up to the current step
         self.skipped_nonfinite = self.nonfinite_in_a_row = 0
         self.accuracy: dict[int, float] = {}
+        self.segment_loss: dict[int, float] = {}  # --task lm: the evaluation's loss of each segment
 
     # ------------------------------------------------------------------ setup helpers
     def _find_resume(self) -> Path | None:
@@ -298,7 +326,8 @@ class Trainer:
 
     # ------------------------------------------------------------------ the loop
     def fit(self) -> dict[int, float]:
-        """Trains to ``max_steps`` (or until a stop signal); returns the final accuracy by length."""
+        """Trains to ``max_steps`` (or until a stop signal); returns the final accuracy by length (``--task lm``:
+        the loss by segment)."""
         config = self.config
         self._write_run_files()
         if self.resume_from is not None:
@@ -308,6 +337,7 @@ class Trainer:
             self.curriculum.load_state_dict(state["curriculum"])
             self.batches.load_state_dict(state["data"])
             self.accuracy = state["accuracy"]
+            self.segment_loss = state.get("segment_loss", {})
         signals.install()  # normally done by the launcher at start-up; again here for library callers
         logger = MetricsLogger(self.out_dir, self.is_main, self.step, config.max_steps, self.label)
         if self.resume_from is not None:
@@ -340,7 +370,7 @@ class Trainer:
                 self.export(self.out_dir / "export")
         finally:
             logger.close()
-        return self.accuracy
+        return self.segment_loss if self.lm else self.accuracy
 
     def _stop(self, logger: MetricsLogger, during: str = "") -> None:
         """Checkpoints (if not done yet) and raises Preempted: the launcher exits with EXIT_PREEMPTED."""
@@ -457,6 +487,9 @@ class Trainer:
         """Accuracy by length. Lengths past the curriculum (extrapolation, up to millions of tokens) are
         evaluated only at the end, so that the evaluations during training stay short."""
         config = self.config
+        if self.lm:
+            self._evaluate_documents(logger)
+            return
         lengths = config.eval_lengths
         if not (final or config.shards):
             lengths = [k for k in lengths if k <= max(config.curriculum_stages)]
@@ -479,6 +512,30 @@ class Trainer:
         )
         logger.scalars(self.step, {f"eval/accuracy_{k}seg": acc for k, acc in self.accuracy.items()})
         self._promote(logger, self.accuracy)
+
+    def _evaluate_documents(self, logger: MetricsLogger) -> None:
+        """--task lm: the loss and perplexity of each segment of the held-out documents, given the memory of the
+        segments before it (none without --eval_shards); the curriculum advances by budget."""
+        if self.eval_documents:
+            model = self.engine.whole_model()
+            was_training = model.training
+            model.eval()
+            self.segment_loss = evaluate_by_segment(
+                partial(loss_by_segment, model, segment_size=self.config.model.segment_size),
+                self.eval_documents,
+                max(self.config.eval_lengths),
+                segment_size=self.config.model.segment_size,
+                batch_size=self.config.eval_batch_size,
+                pad_id=self.tokenizer.pad_id,
+                rank=self.dist.rank,
+                world_size=self.dist.world_size,
+                device=self.dist.device,
+            )
+            model.train(was_training)
+            values = {f"eval/loss_{k}seg": loss for k, loss in self.segment_loss.items()}
+            values |= {f"eval/perplexity_{k}seg": math.exp(loss) for k, loss in self.segment_loss.items()}
+            logger.scalars(self.step, values)
+        self._promote(logger)
 
     def _promote(self, logger: MetricsLogger, accuracy: dict[int, float] | None = None) -> None:
         """The curriculum's next stage, if the stage's accuracy or budget says so, logged with which of the two."""
@@ -508,6 +565,7 @@ class Trainer:
             "curriculum": self.curriculum.state_dict(),
             "data": self.batches.state_dict(),
             "accuracy": self.accuracy,
+            "segment_loss": self.segment_loss,
             "config": self.config.to_json(),
         }
         checkpoint.save(self.engine, self.out_dir / "checkpoints", self.step, state, self.config.keep_checkpoints)
