@@ -202,6 +202,12 @@ def test_eval_launcher_reports_an_exported_model_and_its_twin(tmp_path, capsys):
     assert report["loss"]["full attention"][0] == pytest.approx(report["loss"]["twin"][0], rel=1e-6)
     assert report["beyond_reach"] == [] and (tmp_path / "out" / "perplexity_by_segment.png").is_file()
     assert "perplexity by segment (4 samples" in capsys.readouterr().out
+    # a --freeze_backbone run's twin is the model's own backbone, without memory
+    assert evaluate_documents(parse_args([*argv, "--twin", "backbone"]), time.perf_counter()) == 0
+    frozen = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert frozen["twin"] == "backbone" and frozen["loss"]["twin"][0] != report["loss"]["twin"][0]
+    assert frozen["loss"]["full attention"][0] == pytest.approx(frozen["loss"]["twin"][0], rel=1e-6)
+    assert frozen["loss"]["rmt"] == report["loss"]["rmt"]
 
 
 def test_plot_results_sends_an_lm_run_to_the_evaluation_by_segment(tmp_path):

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers
 
 from rmt_scale import ARMTConfig, RecurrentMemoryModel, RMTConfig
 from rmt_scale.data import load_tokenizer
@@ -236,6 +237,20 @@ def test_launcher_trains_armt_and_its_baseline(backbone, tmp_path):
     # (the first step's learning rate is 0)
     norms = [value for _, value in scalars(out)["memory/state_norm"]]
     assert len(norms) == 4 and norms[0] == 0 and norms[-1] > 0
+
+
+def test_a_frozen_backbone_trains_only_the_memory_and_no_twin(backbone, tmp_path):
+    """--freeze_backbone: the exported backbone is the loaded one, bit for bit, while ARMT's associative layers
+    (W_v zero at init) have trained; --baseline trains no twin, whose place the backbone itself takes."""
+    out = tmp_path / "run"
+    args = run_args(backbone, out, memory="armt", d_mem=8, curriculum="2", max_steps=3, eval_every=3)
+    launch(args + ["--baseline", "--freeze_backbone"], ranks=1)
+    assert sorted(json.loads((out / "results.json").read_text())["accuracy"]) == ["armt"]
+    assert not (out / "baseline").exists()
+    model = RecurrentMemoryModel.from_pretrained(out / "export")
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(backbone).state_dict()
+    assert all(torch.equal(tensor, loaded[name]) for name, tensor in model.backbone.state_dict().items())
+    assert all(memory.value.weight.abs().sum() > 0 for memory in model.associative.memories)
 
 
 def test_armt_under_the_shipped_zero3_config_follows_one_rank(backbone, cpu_adam_built, tmp_path):

@@ -42,7 +42,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--twin",
         help="lm: the no-memory twin's export directory (default: the run's baseline/export, written by a run "
-        "with --baseline); full attention runs its backbone",
+        "with --baseline), or 'backbone': the model's own backbone without memory, the twin of a --freeze_backbone "
+        "run; full attention runs the twin's backbone",
     )
     parser.add_argument(
         "--eval_segments",
@@ -79,6 +80,10 @@ def default_out(model_dir: Path) -> Path:
     """runs/eval/NAME: the model directory stays as it was (a reference checkpoint in the repository too)."""
     model_dir = model_dir.resolve()
     return Path("runs", "eval", model_dir.parent.name if model_dir.name == "export" else model_dir.name)
+
+
+# --twin's name for the model's own backbone without memory: the twin of a --freeze_backbone run
+TWIN_IS_BACKBONE = "backbone"
 
 
 def default_twin(model_dir: Path) -> Path:
@@ -186,7 +191,7 @@ def evaluate_documents(args: argparse.Namespace, started: float) -> int:
     """--task lm: the report by segment of the model, its twin and full attention (``segment_report``)."""
     from ..data import LM_TASK, check_shard_task, check_shard_tokenizer, load_tokenizer
     from ..data.tars import check_shard_source
-    from ..model import ConfigError, RecurrentMemoryModel
+    from ..model import ConfigError, RecurrentMemoryModel, RMTConfig
     from ..training.config import as_config_error, int_list
     from ..training.distributed import close_distributed, init_distributed
     from ..training.evaluation import lm_eval_samples, segment_report
@@ -205,7 +210,7 @@ def evaluate_documents(args: argparse.Namespace, started: float) -> int:
             if args.eval_samples <= 0 or args.batch_size <= 0:
                 raise ConfigError("--eval_samples and --batch_size must be positive.")
             twin_dir = Path(args.twin) if args.twin else default_twin(model_dir)
-            if not twin_dir.is_dir():
+            if args.twin != TWIN_IS_BACKBONE and not twin_dir.is_dir():
                 raise ConfigError(
                     f"no twin at {twin_dir}: pass --twin, the export of the no-memory twin (OUT/baseline/export of "
                     "a run with --baseline)."
@@ -217,7 +222,12 @@ def evaluate_documents(args: argparse.Namespace, started: float) -> int:
             check_shard_tokenizer(args.shards, tokenizer, str(model_dir / "tokenizer"))
             check_shard_task(args.shards, LM_TASK)
             model = RecurrentMemoryModel.from_pretrained(model_dir).eval()
-            twin = RecurrentMemoryModel.from_pretrained(twin_dir).eval()
+            if args.twin == TWIN_IS_BACKBONE:  # ARMT's layer hooks act only inside its own segment steps
+                twin = RecurrentMemoryModel(
+                    model.backbone, RMTConfig(num_mem_tokens=0, segment_size=model.config.segment_size)
+                )
+            else:
+                twin = RecurrentMemoryModel.from_pretrained(twin_dir).eval()
             if twin.config.num_mem_tokens or twin.config.segment_size != model.config.segment_size:
                 raise ConfigError(
                     f"--twin {twin_dir} is not a no-memory twin of {model_dir} (it has {twin.config.num_mem_tokens} "

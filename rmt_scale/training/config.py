@@ -124,6 +124,16 @@ class TrainConfig:
             )
         },
     )
+    freeze_backbone: bool = field(
+        default=False,
+        metadata={
+            "help": (
+                "train only what the memory adds (memory tokens, ARMT's associative layers, RMT's gate): the "
+                "backbone's weights stay as loaded. A frozen run trains no --baseline twin: its twin is the backbone "
+                "itself (launchers/eval.py --twin backbone)."
+            )
+        },
+    )
     model: RMTConfig = field(
         default_factory=lambda: MEMORY_KINDS[DEFAULT_MEMORY](
             **{name: default for name, (default, _) in {**MODEL_FLAGS, **ARMT_FLAGS}.items()}
@@ -460,6 +470,7 @@ class TrainConfig:
 # (and so do the model's fields, but MODEL_MAY_CHANGE_ON_RESUME)
 RESUME_MUST_MATCH = (
     "backbone",
+    "freeze_backbone",
     "tokenizer",
     "task",
     "shards",

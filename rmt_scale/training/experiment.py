@@ -46,7 +46,9 @@ def run(config: TrainConfig) -> dict:
     dist_info = init_distributed(config.collective_timeout_s)
     started = time.perf_counter()
     results = {}
-    runs = [config] + ([config.baseline_twin()] if config.baseline and config.model.num_mem_tokens else [])
+    # a frozen backbone's twin has nothing to train: it is the backbone (launchers/eval.py --twin backbone)
+    train_twin = config.baseline and config.model.num_mem_tokens and not config.freeze_backbone
+    runs = [config] + ([config.baseline_twin()] if train_twin else [])
     # one run per directory (the baseline's is inside it), held until results.json is written
     with lock.hold(Path(config.out_dir), dist_info.rank):
         for run_config in runs:

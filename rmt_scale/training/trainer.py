@@ -202,10 +202,11 @@ def check_step_memory(config: TrainConfig, model: RMTConfig, backbone_config, de
 
 
 def build_model(
-    backbone_name: str, tokenizer: TextTokenizer, seed: int, model_config: RMTConfig
+    backbone_name: str, tokenizer: TextTokenizer, seed: int, model_config: RMTConfig, freeze_backbone: bool = False
 ) -> RecurrentMemoryModel:
-    """The backbone (built-in, or ``from_pretrained``) of ``backbone_setup`` wrapped with memory. Under ZeRO-3
-    the engine has created an ``HfDeepSpeedConfig``, so ``from_config``/``from_pretrained`` build it
+    """The backbone (built-in, or ``from_pretrained``) of ``backbone_setup`` wrapped with memory; with
+    ``freeze_backbone`` only the memory's own parameters train (the engines optimize those that need a gradient).
+    Under ZeRO-3 the engine has created an ``HfDeepSpeedConfig``, so ``from_config``/``from_pretrained`` build it
     partitioned."""
     backbone_config, model_config = backbone_setup(backbone_name, tokenizer, model_config)
     auto = auto_model_class(backbone_config)
@@ -221,6 +222,9 @@ def build_model(
         )
     # the memory's initial value must not depend on how the backbone was built (partitioned or not)
     torch.manual_seed(seed + 1)
+    backbone.requires_grad_(not freeze_backbone)
+    if backbone_kind(backbone_config) == "encoder":  # its classifier over the answers is new: it always trains
+        backbone.classifier.requires_grad_(True)
     return RecurrentMemoryModel(backbone, model_config)
 
 
@@ -251,7 +255,7 @@ class Trainer:
                 )
             check_batch_memory(config, backbone_config, dist_info.world_size, dist_info.device, self.ds_config)
         self.engine = build_engine(
-            partial(build_model, config.backbone, self.tokenizer, config.seed),
+            partial(build_model, config.backbone, self.tokenizer, config.seed, freeze_backbone=config.freeze_backbone),
             config.model,
             self.ds_config,
             config.collective_timeout_s,
