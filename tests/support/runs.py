@@ -68,6 +68,21 @@ def launch(args: list[str], ranks: int) -> subprocess.CompletedProcess:
     return result
 
 
+def refused_in_one_line(cases: dict[str, list[str]]) -> None:
+    """Runs every ``{message: command}`` at once (to keep the tests short); each must exit 2, print nothing on
+    stdout and one line on stderr, ``error: <message>...``, transformers' bar as it reads a backbone aside."""
+    processes = {
+        message: subprocess.Popen(command, env=environment(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for message, command in cases.items()
+    }
+    for message, process in processes.items():
+        stdout, stderr = process.communicate(timeout=300)
+        assert process.returncode == 2, (message, stderr[-3000:])
+        lines = [line for line in stderr.splitlines() if line.strip() and not line.startswith("Loading weights")]
+        assert len(lines) == 1 and lines[0].startswith(f"error: {message}"), (message, stderr)
+        assert stdout == "", (message, stdout)
+
+
 def losses(out: Path) -> dict[int, float]:
     """Per-step training loss from metrics.jsonl; after a resume the re-run steps' later lines win."""
     found = {}
