@@ -40,12 +40,12 @@ def start(args: list[str]) -> subprocess.Popen:
     )
 
 
-def wait_for(condition, process: subprocess.Popen, what: str, timeout: float = 240) -> None:
+def wait_for(condition, process: subprocess.Popen, what: str, timeout: float = 240, poll: float = 0.05) -> None:
     deadline = time.time() + timeout
     while not condition():
         assert process.poll() is None, f"the run ended before {what}: {process.stderr.read()[-3000:]}"
         assert time.time() < deadline, f"no {what} after {timeout} s"
-        time.sleep(0.05)
+        time.sleep(poll)
 
 
 def logged_steps(out: Path) -> list[int]:
@@ -414,8 +414,12 @@ def test_a_spill_directory_that_fills_mid_run_stops_in_one_line_and_resumes_exac
     with tmpfs(tmp_path / "spills", "size=4m") as spills:
         run = start(spill_args(backbone, out, spills))
         try:
-            wait_for(lambda: (out / "checkpoints" / "latest").is_file(), run, "the first checkpoint")
+            # the run takes a second or two: it is stopped as soon as its first checkpoint is seen, so that
+            # the disk is full before its next step, however fast the machine (a fast one finished all 40 first)
+            wait_for(lambda: (out / "checkpoints" / "latest").is_file(), run, "the first checkpoint", poll=0.002)
+            run.send_signal(signal.SIGSTOP)
             fill_up(spills, leave=8 * PAGE)  # a spill file takes 50 pages
+            run.send_signal(signal.SIGCONT)
             _, stderr = run.communicate(timeout=240)
         finally:
             run.kill()

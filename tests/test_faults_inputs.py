@@ -255,8 +255,12 @@ def test_launchers_refuse_bad_input_in_one_line_before_any_work(tmp_path, t5_dir
             "1,1000000000",
         ],
     }
+    # each its own --out_dir: a run that passed the path checks holds its directory's lock while it checks the rest
+    for index, command in enumerate(cases.values()):
+        if command[:2] == train[:2]:
+            command[3] = str(tmp_path / f"out-{index}")
     refused_in_one_line(cases)
-    assert not (tmp_path / "out" / "checkpoints").exists() and not (tmp_path / "eval").exists()
+    assert not list(tmp_path.glob("out-*/checkpoints")) and not (tmp_path / "eval").exists()
 
 
 @pytest.mark.slow
