@@ -19,19 +19,23 @@ from support.runs import environment
 CASE = pipeline_case.__file__
 
 
-def reference(family: str, memory: str, bptt_depth: int):
+def reference(family: str, memory: str, bptt_depth: int, segments: int = pipeline_case.SEGMENTS):
     model = pipeline_case.build_model(family, memory, bptt_depth)
-    input_ids, mask, labels = pipeline_case.batch(model.backbone.config.vocab_size)
+    input_ids, mask, labels = pipeline_case.batch(model.backbone.config.vocab_size, segments)
     loss = model(input_ids, mask, labels).loss
     loss.backward()
     return loss.item(), {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
 
 
-def run_pipeline(tmp_path: Path, stages: int, family: str, memory: str, bptt_depth: int, chains: int):
+def run_pipeline(
+    tmp_path: Path, stages: int, family: str, memory: str, bptt_depth: int, chains: int, *sublinear: int
+) -> tuple[list, dict, list]:
+    """Losses, gradients and each stage's saved results. ``sublinear``: (keep_every, segments)."""
     env = environment(WORLD_SIZE=str(stages), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    case = [CASE, str(tmp_path), family, memory, str(bptt_depth), str(chains), *map(str, sublinear)]
     ranks = [
         subprocess.Popen(
-            [sys.executable, CASE, str(tmp_path), family, memory, str(bptt_depth), str(chains)],
+            [sys.executable, *case],
             env=dict(env, RANK=str(rank)),
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
@@ -41,15 +45,23 @@ def run_pipeline(tmp_path: Path, stages: int, family: str, memory: str, bptt_dep
     ]
     outputs = [rank.communicate(timeout=240)[0] for rank in ranks]
     assert all(rank.returncode == 0 for rank in ranks), "\n".join(outputs)
-    losses, grads = [], {}
+    losses, grads, saved_by_stage = [], {}, []
     for rank in range(stages):
         saved = torch.load(tmp_path / f"rank{rank}.pt")
+        saved_by_stage.append(saved)
         losses.append(saved["loss"])
         for name, grad in saved["grads"].items():
             if name in grads:  # a tied head: both ends must hold the same summed gradient
                 torch.testing.assert_close(grad, grads[name], rtol=0, atol=1e-6)
             grads[name] = grad
-    return losses, grads
+    return losses, grads, saved_by_stage
+
+
+def assert_one_process_gradients(losses, grads, loss, expected, stages, atol=1e-5):
+    assert losses == pytest.approx([loss] * stages, abs=1e-5)
+    assert sorted(grads) == sorted(expected)  # every parameter is trained by exactly one stage (or both ends)
+    for name, grad in expected.items():
+        torch.testing.assert_close(grads[name], grad, rtol=0, atol=atol, msg=name)
 
 
 @pytest.mark.slow
@@ -65,11 +77,50 @@ def run_pipeline(tmp_path: Path, stages: int, family: str, memory: str, bptt_dep
 )
 def test_stages_give_the_one_process_gradients(tmp_path, stages, family, memory, bptt_depth, chains):
     loss, expected = reference(family, memory, bptt_depth)
-    losses, grads = run_pipeline(tmp_path, stages, family, memory, bptt_depth, chains)
-    assert losses == pytest.approx([loss] * stages, abs=1e-5)
-    assert sorted(grads) == sorted(expected)  # every parameter is trained by exactly one stage (or both ends)
-    for name, grad in expected.items():
-        torch.testing.assert_close(grads[name], grad, rtol=0, atol=1e-5, msg=name)
+    losses, grads, _ = run_pipeline(tmp_path, stages, family, memory, bptt_depth, chains)
+    assert_one_process_gradients(losses, grads, loss, expected, stages)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "stages,family,memory,bptt_depth,chains,keep_every",
+    [
+        # 2 stages: stage 0 sends the last stage both its segments and its memory's gradients, on one pair
+        (2, "opt", "rmt", -1, 2, 2),
+        (2, "gpt2", "armt", 2, 1, 0),  # blocks of ceil(sqrt(5)) = 3
+        (4, "llama", "rmt-gated", 2, 2, 2),
+        (1, "opt", "rmt", -1, 2, 3),  # one stage: the memory and its gradients loop back to the same rank
+    ],
+)
+def test_sublinear_stages_give_the_one_process_gradients(
+    tmp_path, stages, family, memory, bptt_depth, chains, keep_every
+):
+    """Five segments in blocks of 2 or 3: every block but the first is recomputed from a kept first segment,
+    some of them shorter than the others."""
+    loss, expected = reference(family, memory, bptt_depth)
+    result = run_pipeline(tmp_path, stages, family, memory, bptt_depth, chains, keep_every, pipeline_case.SEGMENTS)
+    assert_one_process_gradients(*result[:2], loss, expected, stages)
+
+
+@pytest.mark.slow
+def test_a_sublinear_stage_stashes_sqrt_segments_not_all_of_them(tmp_path):
+    """36 segments on 2 stages: stashing every item keeps all 36; sublinear blocks of 6 keep at most the 5 first
+    segments of the blocks not yet recomputed and the 6 items of the one being backpropagated: 11."""
+    segments = 36
+    loss, expected = reference("gpt2", "armt", -1, segments)
+    runs, grads = {}, {}
+    for keep_every in (1, 0):
+        out = tmp_path / str(keep_every)
+        out.mkdir()
+        losses, grads[keep_every], runs[keep_every] = run_pipeline(out, 2, "gpt2", "armt", -1, 1, keep_every, segments)
+        # over 36 segments the stages sum gradients in another order than one process: 4e-5 of 4.9 measured
+        assert_one_process_gradients(losses, grads[keep_every], loss, expected, 2, atol=2e-4)
+    assert_one_process_gradients(losses, grads[0], loss, grads[1], 2, atol=1e-6)  # the blocks change nothing
+    assert [stage["stash_peak_items"] for stage in runs[1]] == [segments, segments]
+    assert [stage["stash_peak_items"] for stage in runs[0]] == [11, 11]
+    for every_item, sublinear in zip(runs[1], runs[0]):
+        # stage 0 stashes the ARMT states of its layers; stage 1 also each segment's hidden states from stage 0
+        assert sublinear["stash_peak_bytes"] * 3 < every_item["stash_peak_bytes"]
 
 
 def test_truncation_changes_the_gradients_the_pipeline_matches():

@@ -69,10 +69,14 @@ def test_two_stages_follow_one_process_and_resume_exactly(backbone, cpu_adam_bui
 
 
 def test_two_stages_times_two_replicas_follow_one_process_at_twice_the_batch(backbone, cpu_adam_built, tmp_path):
-    """ARMT on 4 ranks (2 stages x 2 replicas of batch 4) against 1 rank x batch 8."""
+    """ARMT on 4 ranks (2 stages x 2 replicas of batch 4) against 1 rank x batch 8; the stages run sublinear
+    blocks (2 segments: one block, recomputed from its first segment in backward)."""
     one = tmp_path / "one"
     launch(run_args(backbone, one, ds_config=DDP, memory="armt", micro_batch_size=8), ranks=1)
     grid = tmp_path / "grid"
-    launch(run_args(backbone, grid, ds_config=PIPELINE, memory="armt", micro_batch_size=4), ranks=4)
+    flags = dict(memory="armt", micro_batch_size=4, backprop="sublinear")
+    launch(run_args(backbone, grid, ds_config=PIPELINE, **flags), ranks=4)
     assert_same_losses(losses(grid), losses(one))
     assert json.loads((grid / "results.json").read_text())["world_size"] == 4
+    stashed = dict(scalars(grid)["memory/stash_peak_bytes"])
+    assert stashed[1] > 0 and stashed[4] > stashed[1]  # step 4 runs 2 segments, step 1 one

@@ -13,6 +13,13 @@ order, so a message is always received in the order it was sent and the schedule
   the next stage, or from stage 0 for RMT's memory) and of the state it wrote (kept by the stage itself,
   from the chain's next segment: ARMT's layer-local memory). It sends the gradients of what it received
   back to where it came from. ``bptt_depth`` cuts exactly the state gradients the one-process model cuts.
+- The stash grows with the number of segments S. With ``sublinear`` the forward stashes only the first
+  segment of every block of k (with the RNG state there), and the backward runs block by block, last block
+  first: every stage runs the block forward again without autograd from that segment, stashing its items,
+  then backpropagates them. A stage then holds at most S/k + k segments' stash per chain (k = ceil(sqrt(S))
+  by default) for one more forward per segment. Messages keep their order on every pair of stages; one
+  needs care: stage 0's gradient of the memory that came round into a block's first segment belongs to the
+  previous block's backward, so it is sent after that block's recomputation, when the last stage expects it.
 
 How full the pipeline is depends on what crosses stages. ARMT's memory stays in its stage, so stage p
 runs segment t while stage p+1 runs segment t-1: one chain fills P stages after P-1 steps (ideal busy
@@ -32,7 +39,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..model.modeling import RMTOutput
-from ..model.recurrence import backpropagate, keeps_gradient
+from ..model.recurrence import backpropagate, keep_interval, keeps_gradient
 from ..model.segments import IGNORE_INDEX, Segment
 from ..rng import restored_torch_rng, torch_rng_state
 from .stages import PipelineStage
@@ -47,6 +54,8 @@ class PipelineStep:
     busy_s: float  # time this stage spent computing (forward and recomputation+backward)
     step_s: float  # wall time of the whole forward-backward
     timeline: list[tuple[str, int, int, float, float]]  # ("forward"/"backward", segment, chain, start s, end s)
+    stash_peak_bytes: int = 0  # the most this stage held stashed at once (items and blocks' first segments)
+    stash_peak_items: int = 0  # ... counted in stashed items (segment, chain)
 
     @property
     def busy_fraction(self) -> float:
@@ -76,6 +85,8 @@ class SegmentPipeline(nn.Module):
         offload_stash: hold what the stage stashes per item (what it received, the state it read) in host
             memory, pinned when it comes from CUDA; ``stashed_bytes`` counts it per step (on a CPU-only
             machine, what would have moved off an accelerator), summed over the pipeline's stages.
+        sublinear: stash only every ``keep_every``-th segment (0: ceil(sqrt(S))) and recompute the blocks
+            between them in backward (``--backprop sublinear``); else every item is stashed.
     """
 
     def __init__(
@@ -86,6 +97,8 @@ class SegmentPipeline(nn.Module):
         group=None,
         tied_group=None,
         offload_stash: bool = False,
+        sublinear: bool = False,
+        keep_every: int = 0,
     ):
         if len(stage_ranks) != stage.num_stages:
             raise ValueError(f"{len(stage_ranks)} ranks given for {stage.num_stages} stages.")
@@ -98,6 +111,7 @@ class SegmentPipeline(nn.Module):
         self._loopback: collections.deque = collections.deque()  # one stage: the memory it sends itself
         self._pending: list = []
         self.offload_stash = offload_stash
+        self.sublinear, self.keep_every = sublinear, keep_every
         self.stashed_bytes = 0
 
     # ------------------------------------------------------------------ messages
@@ -117,6 +131,8 @@ class SegmentPipeline(nn.Module):
             return
         # one message per item: each message costs a round of gloo's (or NCCL's) latency
         packed = torch.cat([tensor.reshape(-1) for tensor in tensors])
+        # a send's buffer lives until the peer took it: the finished ones go, so the buffers do not grow with S
+        self._pending = [sent for sent in self._pending if not sent[0].is_completed()]
         self._pending.append((dist.isend(packed, peer), packed))
 
     def _post_recv(self, peer: int | None, shapes, dtype: torch.dtype) -> _Posted | None:
@@ -170,63 +186,66 @@ class SegmentPipeline(nn.Module):
 
     def _forward_items(self, run: _Run) -> float:
         self.stashed_bytes = 0
-        stash, states, loss_sum = run.stash, run.states, 0.0
-        inbox = _Inbox(
-            run.items,
-            lambda t, b: self._post_recv(self._source(t), self.stage.received_shapes(run.chains[b][t], t), run.dtype),
-        )
-        for t, b in run.items:
-            segment = run.chains[b][t]
-            received = self._take(inbox.next())
-            tick = time.perf_counter()
-            rng = torch_rng_state()
-            with torch.no_grad():
-                out = self.stage(segment, received, states[b])
-            run.record("forward", t, b, tick)
-            stash[t, b] = (self._to_host(received), self._to_host(states[b]), rng, [tuple(x.shape) for x in out.sent])
-            states[b] = out.state
-            if out.loss is not None:
-                loss_sum += float(out.loss)
-            destination = self._destination(t, run.num_segments)
-            if destination is not None:
-                self._send(destination, out.sent)
+        loss_sum = self._forward(run, range(run.num_segments), recompute=False)
         # on the stage's device: NCCL communicates only CUDA tensors
         loss = torch.tensor([loss_sum / run.num_targets if self.stage.is_last else 0.0], device=run.device)
         dist.broadcast(loss, self.stage_ranks[-1], group=self.group)
         return float(loss)
 
-    def _backward_items(self, run: _Run, grad_loss: torch.Tensor) -> None:
-        num_segments, depth = run.num_segments, run.bptt_depth
-        state_grads: list = [None] * len(run.chains)
-        scale = grad_loss.detach().float() / run.num_targets
+    def _forward(self, run: _Run, segments: range, recompute: bool) -> float:
+        """Runs the items of ``segments`` forward without autograd; their summed loss. The first pass runs every
+        segment and stashes every item, or with sublinear blocks each block's first item only; a recomputation
+        runs one block again from its first item and stashes each of its items."""
+        chains, loss_sum = range(len(run.chains)), 0.0
+        items = [(t, b) for t in segments for b in chains]
+        first = {b: run.pop_block_start(segments.start, b) for b in chains} if recompute else {}
+        for b, (_, state) in first.items():
+            run.states[b] = tuple(x.to(run.device, non_blocking=True) for x in state)
 
-        def post_grad_recv(t: int, b: int):
-            gets_memory_grad = not self.stage.is_last or keeps_gradient(t + 1, num_segments, depth)
-            destination = self._destination(t, num_segments) if gets_memory_grad else None
-            return self._post_recv(destination, run.stash[t, b][3], run.dtype)
+        def source(t: int) -> int | None:  # the memory that came round into a recomputed block is in its stash
+            return None if recompute and t == segments.start and self.stage.is_first else self._source(t)
 
-        inbox = _Inbox(run.items[::-1], post_grad_recv)
-        table = _EmbeddingGradients(self.stage) if self.stage.is_first and self.stage.embeddings_train else None
-        for t, b in reversed(run.items):
+        inbox = _Inbox(
+            items, lambda t, b: self._post_recv(source(t), self.stage.received_shapes(run.chains[b][t], t), run.dtype)
+        )
+        for t, b in items:
             segment = run.chains[b][t]
-            grad_sent = self._take(inbox.next()) or None
-            received, state, rng, _ = run.stash.pop((t, b))
+            received = self._take(inbox.next())
+            if recompute and t == segments.start and self.stage.is_first:
+                received = tuple(x.to(run.device, non_blocking=True) for x in first[b][0])
             tick = time.perf_counter()
-            tokens = table.tokens(segment) if table is not None else None
-            received = tuple(_leaf(x.to(run.device, non_blocking=True)) for x in received)
-            state = tuple(_leaf(x.to(run.device, non_blocking=True)) for x in state)
-            with torch.enable_grad(), restored_torch_rng(rng):
-                out = self.stage(segment, received, state, tokens)
-            pairs = [] if out.loss is None else [(out.loss, scale.to(out.loss))]
-            backpropagate([*pairs, *zip(out.sent, grad_sent or ()), *zip(out.state, state_grads[b] or ())])
-            if table is not None:
-                table.add(segment.input_ids, tokens)
-            cut = t > 0 and not keeps_gradient(t, num_segments, depth)
-            state_grads[b] = None if cut else [x.grad for x in state]
-            run.record("backward", t, b, tick)
-            source = self._source(t)
-            if source is not None and (not self.stage.is_first or not cut):
-                self._send(source, [x.grad if x.grad is not None else torch.zeros_like(x) for x in received])
+            rng = torch_rng_state()
+            if not recompute and run.every > 1 and t % run.every == 0:
+                kept_received = self._to_host(received) if self.stage.is_first else ()
+                run.keep_block_start(t, b, rng, (kept_received, self._to_host(run.states[b])))
+            with torch.no_grad():
+                out = self.stage(segment, received, run.states[b])
+            run.record("forward", t, b, tick)
+            if recompute or run.every == 1:
+                kept = (self._to_host(received), self._to_host(run.states[b]))
+                run.keep_item(t, b, (*kept, rng, [tuple(x.shape) for x in out.sent]))
+            run.states[b] = out.state
+            if out.loss is not None and not recompute:
+                loss_sum += float(out.loss)
+            destination = self._destination(t, run.num_segments)
+            if recompute and self.stage.is_last and t == segments.stop - 1:
+                destination = None  # the next block's first segment kept this memory in the first pass
+            if destination is not None:
+                self._send(destination, out.sent)
+        return loss_sum
+
+    def _backward_items(self, run: _Run, grad_loss: torch.Tensor) -> None:
+        scale = grad_loss.detach().float() / run.num_targets
+        state_grads: list = [None] * len(run.chains)
+        table = _EmbeddingGradients(self.stage) if self.stage.is_first and self.stage.embeddings_train else None
+        deferred: list = []
+        for block in reversed(run.blocks):
+            if run.every > 1:
+                with restored_torch_rng(run.block_rng.pop(block.start)):
+                    self._forward(run, block, recompute=True)
+            for peer, grads in deferred:
+                self._send(peer, grads)
+            deferred = self._backward_block(run, block, scale, state_grads, table)
         if table is not None:
             tick = time.perf_counter()
             table.flush()
@@ -242,6 +261,45 @@ class SegmentPipeline(nn.Module):
             dist.all_reduce(total, group=self.group)
             self.stashed_bytes = int(total)
         run.finished = time.perf_counter()
+
+    def _backward_block(self, run: _Run, block: range, scale, state_grads: list, table) -> list:
+        """Backpropagates the stashed items of ``block``, last first. Returns the gradients stage 0 holds back
+        for the memory that came round into the block's first segment (see the module's docstring)."""
+        num_segments, depth = run.num_segments, run.bptt_depth
+
+        def post_grad_recv(t: int, b: int):
+            gets_memory_grad = not self.stage.is_last or keeps_gradient(t + 1, num_segments, depth)
+            destination = self._destination(t, num_segments) if gets_memory_grad else None
+            return self._post_recv(destination, run.stash[t, b][3], run.dtype)
+
+        items = [(t, b) for t in block for b in range(len(run.chains))]
+        inbox = _Inbox(items[::-1], post_grad_recv)
+        held_back = []
+        for t, b in reversed(items):
+            segment = run.chains[b][t]
+            grad_sent = self._take(inbox.next()) or None
+            received, state, rng, _ = run.pop_item(t, b)
+            tick = time.perf_counter()
+            tokens = table.tokens(segment) if table is not None else None
+            received = tuple(_leaf(x.to(run.device, non_blocking=True)) for x in received)
+            state = tuple(_leaf(x.to(run.device, non_blocking=True)) for x in state)
+            with torch.enable_grad(), restored_torch_rng(rng):
+                out = self.stage(segment, received, state, tokens)
+            pairs = [] if out.loss is None else [(out.loss, scale.to(out.loss))]
+            backpropagate([*pairs, *zip(out.sent, grad_sent or ()), *zip(out.state, state_grads[b] or ())])
+            if table is not None:
+                table.add(segment.input_ids, tokens)
+            cut = t > 0 and not keeps_gradient(t, num_segments, depth)
+            state_grads[b] = None if cut else [x.grad for x in state]
+            run.record("backward", t, b, tick)
+            source = self._source(t)
+            if source is not None and (not self.stage.is_first or not cut):
+                grads = [x.grad if x.grad is not None else torch.zeros_like(x) for x in received]
+                if self.stage.is_first and t == block.start and t > 0:
+                    held_back.append((source, grads))
+                else:
+                    self._send(source, grads)
+        return held_back
 
 
 class _EmbeddingGradients:
@@ -318,10 +376,41 @@ class _Run:
         self.device = model.backbone.get_input_embeddings().weight.device
         self.bptt_depth = model.config.bptt_depth
         self.states = [pipeline.stage.initial_state(chain[0].input_ids.shape[0]) for chain in self.chains]
-        self.stash: dict = {}
+        mode = "sublinear" if pipeline.sublinear else "replay"
+        self.every = keep_interval(mode, self.num_segments, pipeline.keep_every)
+        starts = range(0, self.num_segments, self.every)
+        self.blocks = [range(start, min(start + self.every, self.num_segments)) for start in starts]
+        self.stash: dict = {}  # (segment, chain): (received, state, rng, shapes of what it sent)
+        self.block_starts: dict = {}  # (segment, chain): (received, state) of a sublinear block's first segment
+        self.block_rng: dict = {}  # segment: the RNG state before a block's first item
+        self.stash_bytes = self.stash_peak_bytes = self.stash_peak_items = 0
         self.busy_s = 0.0
         self.finished = None
         self.timeline: list[tuple[str, int, int, float, float]] = []
+
+    def keep_item(self, t: int, b: int, entry: tuple) -> None:
+        self.stash[t, b] = entry
+        self._count(_nbytes(entry[:2]))
+
+    def pop_item(self, t: int, b: int) -> tuple:
+        entry = self.stash.pop((t, b))
+        self.stash_bytes -= _nbytes(entry[:2])
+        return entry
+
+    def keep_block_start(self, t: int, b: int, rng: dict, entry: tuple) -> None:
+        self.block_rng.setdefault(t, rng)
+        self.block_starts[t, b] = entry
+        self._count(_nbytes(entry))
+
+    def pop_block_start(self, t: int, b: int) -> tuple:
+        entry = self.block_starts.pop((t, b))
+        self.stash_bytes -= _nbytes(entry)
+        return entry
+
+    def _count(self, added: int) -> None:
+        self.stash_bytes += added
+        self.stash_peak_bytes = max(self.stash_peak_bytes, self.stash_bytes)
+        self.stash_peak_items = max(self.stash_peak_items, len(self.stash) + len(self.block_starts))
 
     def record(self, kind: str, t: int, b: int, tick: float) -> None:
         now = time.perf_counter()
@@ -329,8 +418,9 @@ class _Run:
         self.timeline.append((kind, t, b, tick - self.started, now - self.started))
 
     def measured(self, loss: float) -> PipelineStep:
+        step_s = (self.finished or time.perf_counter()) - self.started
         return PipelineStep(
-            loss, self.num_segments, self.busy_s, (self.finished or time.perf_counter()) - self.started, self.timeline
+            loss, self.num_segments, self.busy_s, step_s, self.timeline, self.stash_peak_bytes, self.stash_peak_items
         )
 
 
@@ -352,6 +442,13 @@ class _ChainOfSegments(torch.autograd.Function):
 def _pinned_copy(tensor: torch.Tensor) -> torch.Tensor:
     host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
     return host.copy_(tensor, non_blocking=True)
+
+
+def _nbytes(tensors) -> int:
+    """Bytes of the tensors in a nest of tuples."""
+    if isinstance(tensors, torch.Tensor):
+        return tensors.numel() * tensors.element_size()
+    return sum(_nbytes(x) for x in tensors)
 
 
 def _leaf(tensor: torch.Tensor) -> torch.Tensor:

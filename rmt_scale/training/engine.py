@@ -203,6 +203,8 @@ def _build_pipeline_engine(
         group=topology.pipe_group,
         tied_group=topology.tied_group,
         offload_stash=offload,
+        sublinear=model_config.backprop == "sublinear",
+        keep_every=model_config.state_keep_every,
     )
     engine, _, _, _ = deepspeed.initialize(
         model=pipeline, model_parameters=list(owned.values()), config=ds_config, mpu=topology
@@ -238,6 +240,11 @@ class PipelineEngine(TrainEngine):
     @property
     def offloaded_bytes(self) -> int | None:  # what the stages stash per segment, with cpu_checkpointing
         return self.pipeline.stashed_bytes if self.pipeline.offload_stash else None
+
+    @property
+    def stash_peak_bytes(self) -> int:
+        """The most this stage held stashed at once in the last step (it grows with S, or sqrt(S) when sublinear)."""
+        return self.pipeline.last_run.stash_peak_bytes
 
     def gathered_parameters(self):
         return contextlib.nullcontext()  # ZeRO-0/1: every stage holds its parameters whole

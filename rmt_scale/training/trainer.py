@@ -48,7 +48,7 @@ from .config import TrainConfig, as_config_error
 from .curriculum import Curriculum
 from .distributed import DistInfo
 from .ds_config import activation_settings, build_ds_config, load_ds_config
-from .engine import build_engine
+from .engine import PipelineEngine, build_engine
 from .evaluation import (
     batch_bytes,
     check_memory,
@@ -459,6 +459,8 @@ class Trainer:
                 values["memory/state_norm"] = memory_norm
             if self.engine.offloaded_bytes is not None:
                 values["memory/offloaded_bytes"] = self.engine.offloaded_bytes
+            if isinstance(self.engine, PipelineEngine):
+                values["memory/stash_peak_bytes"] = self.engine.stash_peak_bytes
             kept = last_state_memory()
             if kept is not None:  # replay and sublinear backprop: the segment states kept from forward to backward
                 values["memory/state_kept_bytes"] = kept.kept_bytes

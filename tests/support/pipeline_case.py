@@ -1,6 +1,7 @@
 """One pipeline-gradient case, shared by tests/test_pipeline.py (the one-process reference) and the ranks it
-starts (``python tests/support/pipeline_case.py OUT FAMILY MEMORY DEPTH CHAINS``, with RANK/WORLD_SIZE/MASTER_*
-and PYTHONPATH set): the same model and batch on every process, built from seeds."""
+starts (``python tests/support/pipeline_case.py OUT FAMILY MEMORY DEPTH CHAINS [KEEP_EVERY SEGMENTS]``, with
+RANK/WORLD_SIZE/MASTER_* and PYTHONPATH set): the same model and batch on every process, built from seeds. With
+KEEP_EVERY the stages run sublinear blocks of that many segments (0: ceil(sqrt(S)))."""
 
 from __future__ import annotations
 
@@ -34,12 +35,12 @@ def build_model(family: str, memory: str, bptt_depth: int) -> RecurrentMemoryMod
     return model.train()
 
 
-def batch(vocab: int):
-    """Four samples of five segments: one left-padded by more than a segment (its segments start at its first
-    token, so it skips the last segment, where its memory must be kept), one right-padded, and labels with
-    holes."""
+def batch(vocab: int, segments: int = SEGMENTS):
+    """Four samples of five segments (by default): one left-padded by more than a segment (its segments start at
+    its first token, so it skips the last segment, where its memory must be kept), one right-padded, and labels
+    with holes."""
     generator = torch.Generator().manual_seed(2)
-    length = SEGMENT * SEGMENTS
+    length = SEGMENT * segments
     input_ids = torch.randint(3, vocab, (BATCH, length), generator=generator)
     mask = torch.ones_like(input_ids)
     mask[1, : SEGMENT + 2] = 0
@@ -49,7 +50,9 @@ def batch(vocab: int):
     return input_ids, mask, labels
 
 
-def run_stage(out: Path, family: str, memory: str, bptt_depth: int, chains: int) -> None:
+def run_stage(
+    out: Path, family: str, memory: str, bptt_depth: int, chains: int, keep_every: int | None, segments: int
+) -> None:
     import torch.distributed as dist
 
     from rmt_scale.pipeline import PipelineStage, SegmentPipeline
@@ -60,15 +63,18 @@ def run_stage(out: Path, family: str, memory: str, bptt_depth: int, chains: int)
     model = build_model(family, memory, bptt_depth)
     stage = PipelineStage(model, rank, world)
     tied = dist.new_group([0, world - 1]) if world > 1 and stage.tied_head else None
-    pipeline = SegmentPipeline(stage, list(range(world)), chains=chains, tied_group=tied)
-    result = pipeline.forward_backward(*batch(model.backbone.config.vocab_size))
+    sublinear = dict(sublinear=True, keep_every=keep_every) if keep_every is not None else {}
+    pipeline = SegmentPipeline(stage, list(range(world)), chains=chains, tied_group=tied, **sublinear)
+    result = pipeline.forward_backward(*batch(model.backbone.config.vocab_size, segments))
     grads = {name: p.grad.clone() for name, p in stage.owned_parameters().items() if p.grad is not None}
-    torch.save({"loss": result.loss, "grads": grads}, out / f"rank{rank}.pt")
+    saved = {"loss": result.loss, "grads": grads, "stash_peak_items": result.stash_peak_items}
+    torch.save({**saved, "stash_peak_bytes": result.stash_peak_bytes}, out / f"rank{rank}.pt")
     dist.barrier()
     dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    out, family, memory, depth, chains = sys.argv[1:]
+    out, family, memory, depth, chains, *blocks = sys.argv[1:]
+    keep_every, segments = (int(blocks[0]), int(blocks[1])) if blocks else (None, SEGMENTS)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    run_stage(Path(out), family, memory, int(depth), int(chains))
+    run_stage(Path(out), family, memory, int(depth), int(chains), keep_every, segments)
