@@ -371,15 +371,16 @@ class _Run:
             raise ValueError("the batch has no labelled token: a pipeline step needs a loss to backpropagate.")
         self.chains = _split_chains(segments, min(pipeline.chains, input_ids.shape[0]))
         self.num_segments = len(segments)
-        self.items = [(t, b) for t in range(self.num_segments) for b in range(len(self.chains))]
         self.dtype = model.backbone.get_input_embeddings().weight.dtype
         self.device = model.backbone.get_input_embeddings().weight.device
         self.bptt_depth = model.config.bptt_depth
         self.states = [pipeline.stage.initial_state(chain[0].input_ids.shape[0]) for chain in self.chains]
         mode = "sublinear" if pipeline.sublinear else "replay"
         self.every = keep_interval(mode, self.num_segments, pipeline.keep_every)
-        starts = range(0, self.num_segments, self.every)
-        self.blocks = [range(start, min(start + self.every, self.num_segments)) for start in starts]
+        # stashing every item, the backward is one block: its receives are posted ahead across segments
+        starts = range(0, self.num_segments, self.every) if self.every > 1 else [0]
+        ends = [*starts[1:], self.num_segments]
+        self.blocks = [range(start, end) for start, end in zip(starts, ends)]
         self.stash: dict = {}  # (segment, chain): (received, state, rng, shapes of what it sent)
         self.block_starts: dict = {}  # (segment, chain): (received, state) of a sublinear block's first segment
         self.block_rng: dict = {}  # segment: the RNG state before a block's first item
