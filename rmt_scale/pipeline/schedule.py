@@ -181,7 +181,7 @@ class SegmentPipeline(nn.Module):
     def _to_host(self, tensors: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
         if not self.offload_stash:
             return tensors
-        self.stashed_bytes += sum(x.numel() * x.element_size() for x in tensors)
+        self.stashed_bytes += _nbytes(tensors)
         return tuple(_pinned_copy(x) if x.is_cuda else x for x in tensors)
 
     def _forward_items(self, run: _Run) -> float:
@@ -202,16 +202,18 @@ class SegmentPipeline(nn.Module):
         for b, (_, state) in first.items():
             run.states[b] = tuple(x.to(run.device, non_blocking=True) for x in state)
 
-        def source(t: int) -> int | None:  # the memory that came round into a recomputed block is in its stash
-            return None if recompute and t == segments.start and self.stage.is_first else self._source(t)
+        def from_stash(t: int) -> bool:  # the memory that came round into a recomputed block is in its stash
+            return recompute and t == segments.start and self.stage.is_first
 
-        inbox = _Inbox(
-            items, lambda t, b: self._post_recv(source(t), self.stage.received_shapes(run.chains[b][t], t), run.dtype)
-        )
+        def post(t: int, b: int):
+            source = None if from_stash(t) else self._source(t)
+            return self._post_recv(source, self.stage.received_shapes(run.chains[b][t], t), run.dtype)
+
+        inbox = _Inbox(items, post)
         for t, b in items:
             segment = run.chains[b][t]
             received = self._take(inbox.next())
-            if recompute and t == segments.start and self.stage.is_first:
+            if from_stash(t):
                 received = tuple(x.to(run.device, non_blocking=True) for x in first[b][0])
             tick = time.perf_counter()
             rng = torch_rng_state()
