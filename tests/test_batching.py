@@ -13,7 +13,7 @@ from rmt_scale import RecurrentMemoryModel, RMTConfig
 from rmt_scale.data import ShardStream, TaskGenerator, build_word_tokenizer, collate, make_sample, write_shards
 from rmt_scale.model.presets import preset_config
 from rmt_scale.model.segments import IGNORE_INDEX
-from rmt_scale.training.batches import TrainBatches
+from rmt_scale.training.batches import TrainBatches, micro_batch_at
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "data.md"
 
@@ -60,6 +60,39 @@ def test_ranks_split_the_global_batch(tok):
     halves = [make(r, 2, 2).step(2)[0]["input_ids"] for r in range(2)]
     assert whole.shape == (4, 32)
     assert torch.equal(torch.cat(halves), whole)
+
+
+def test_a_token_cap_shrinks_long_micro_batches_and_the_samples_follow_on(tok):
+    assert [micro_batch_at(16, 0, n) for n in (100, 10**6)] == [16, 16]
+    assert [micro_batch_at(16, 1000, n) for n in (50, 100, 300, 1000, 10**6)] == [16, 10, 3, 1, 1]
+    generator = TaskGenerator("memorize", tok, seed=0)
+
+    def make(rank, world):
+        return TrainBatches(
+            generator,
+            None,
+            micro_batch=4,
+            micro_batch_tokens=64,
+            grad_accum=1,
+            rank=rank,
+            world_size=world,
+            segment_size=16,
+            pad_id=tok.pad_id,
+        )
+
+    one = make(0, 1)
+    shapes = [tuple(one.step(segments)[0]["input_ids"].shape) for segments in (1, 2, 8, 1)]
+    assert shapes == [(4, 16), (2, 32), (1, 128), (4, 16)]
+    assert one.state_dict() == {"position": 4 + 2 + 1 + 4}
+    # 2 ranks take the two halves of each global batch, and both move on by all of it
+    ranks = [make(r, 2) for r in range(2)]
+    for segments, first in ((2, 0), (8, 4), (1, 6)):
+        for rank, batches in enumerate(ranks):
+            (batch,) = batches.step(segments)
+            size = micro_batch_at(4, 64, segments * 16)
+            expected = [generator.sample(first + rank * size + i, segments * 16) for i in range(size)]
+            assert torch.equal(batch["input_ids"], collate(expected, tok.pad_id)["input_ids"])
+    assert [b.state_dict() for b in ranks] == [{"position": 14}] * 2
 
 
 def test_shard_batches_pad_to_whole_segments_and_resume(tmp_path, tok):

@@ -25,6 +25,17 @@ def test_curriculum_draws_are_rank_identical_and_resumable():
         Curriculum([1, 2], 0.9, 3, 7).load_state_dict(state)
 
 
+def test_a_stage_draw_trains_every_step_on_the_stage_length():
+    curriculum = Curriculum([1, 4, 10_000], 0.9, stage_steps=2, seed=0, draw="stage")
+    lengths = []
+    for _ in range(6):
+        lengths.append(curriculum.draw())
+        curriculum.maybe_promote()
+    assert lengths == [1, 1, 4, 4, 10_000, 10_000]
+    with pytest.raises(ValueError, match="draw='longest' is unknown: choose one of uniform, stage"):
+        Curriculum([1], 0.9, 1, 0, draw="longest")
+
+
 def test_curriculum_promotes_on_accuracy_or_budget():
     curriculum = Curriculum([1, 2, 4], promote_accuracy=0.9, stage_steps=5, seed=0)
     curriculum.draw()

@@ -121,6 +121,13 @@ def test_bad_pipeline_configs_are_refused(change, world_size, message):
         build_ds_config(raw, TrainConfig(micro_batch_size=4), world_size=world_size)
 
 
+def test_a_token_capped_micro_batch_is_refused_with_pipeline_stages():
+    with pytest.raises(ValueError, match="pipeline stages split a fixed one into chains: drop it"):
+        build_ds_config(
+            load_ds_config(str(CONFIGS / "pipeline.json")), TrainConfig(micro_batch_tokens=512), world_size=2
+        )
+
+
 @pytest.mark.parametrize("mode", ["replay", "sublinear"])
 def test_replay_with_zero_is_refused(mode):
     replay = TrainConfig(model=RMTConfig(backprop=mode))

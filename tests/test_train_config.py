@@ -94,6 +94,12 @@ def test_help_documents_every_flag():
             r"--d_mem, --gating only apply to --memory armt: add --memory armt, or drop",
         ),
         (["--memory_gate"], r"--memory_gate only applies to --memory rmt: add --memory rmt, or drop it"),
+        (["--curriculum_draw", "last"], "--curriculum_draw='last' is unknown: choose one of uniform, stage"),
+        (["--micro_batch_tokens", "-1"], "--micro_batch_tokens=-1 must be 0 or more"),
+        (
+            ["--shards", "d", "--micro_batch_tokens", "1000"],
+            "--micro_batch_tokens sizes a batch by its samples' length before reading them, which task shards fix",
+        ),
     ],
 )
 def test_bad_flags_are_refused(argv, message):

@@ -5,7 +5,8 @@
 # after the other; the longest is detect-armt-256, 45 min) with RMT_REFERENCE_SAMPLES=4 (the default); the
 # page's 64-sample rows at 1M tokens take 20 to 50 minutes more per checkpoint on one core each
 # (RMT_REFERENCE_SAMPLES=64). RMT_TEN_MILLION=1 adds the 10M-token rows: armt-memorize and armt-detect on 32
-# samples each, 2 ranks, 1 h 34 min and 1 h 24 min on 2 cores. The language-modelling run (SmolLM2-135M) takes
+# samples each, 2 ranks, 1 h 34 min and 1 h 24 min on 2 cores. RMT_MILLION_TRAINING=1 adds the ARMT trained on
+# 1M-token samples and its evaluations at 1M and 10M tokens (docs/results.md). The language-modelling run (SmolLM2-135M) takes
 # about 27 min of 2 cores more.
 #   bash tools/reproduce_results.sh [OUT]        (default OUT: runs/results)
 set -euo pipefail
@@ -102,6 +103,20 @@ if [ "${RMT_TEN_MILLION:-0}" = 1 ]; then
             --model "docs/results/$reference" --task "${reference#*-}" --eval_segments 312500 --eval_samples 32 \
             --batch_size 16 --out "$out/reference-$reference-10M"
     done
+fi
+
+# ARMT trained on 1,000,000-token samples: the curriculum's last stage is 5 steps of one 1M-token sample a rank
+# (10,000 segments of 100 tokens, sublinear backprop, 2 ranks), after 75 steps at each of 1, 2, 4 and 16 segments
+# (8 samples a rank); then 32 samples at 1M tokens (the run's own final evaluation) and at 10M (launchers/eval.py)
+if [ "${RMT_MILLION_TRAINING:-0}" = 1 ]; then
+    [ -f "$out/armt-train-1m/results.json" ] || OMP_NUM_THREADS=1 "${python%/python}/deepspeed" --num_gpus 2 \
+        launchers/train.py --segment_size 100 --curriculum 1,2,4,16,10000 --curriculum_draw stage \
+        --promote_accuracy 1.1 --stage_steps 75 --max_steps 305 --micro_batch_size 8 --micro_batch_tokens 1000000 \
+        --backprop sublinear --eval_every 1000 --eval_segments 1,4,16,10000 --eval_samples 32 \
+        --eval_max_tokens 32000000 --no-baseline --out_dir "$out/armt-train-1m"
+    [ -f "$out/armt-train-1m-10M/eval.json" ] || OMP_NUM_THREADS=1 "${python%/python}/torchrun" --nproc_per_node 2 \
+        launchers/eval.py --model "$out/armt-train-1m/export" --task memorize --eval_segments 100000 \
+        --eval_samples 32 --batch_size 16 --out "$out/armt-train-1m-10M"
 fi
 
 # the plots: the training runs' curves, the reference evaluations (those that ran) as stars

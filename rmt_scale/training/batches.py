@@ -3,7 +3,8 @@
 Generated tasks: step ``t`` uses global samples ``position .. position + global_batch - 1`` (``position``
 advances by the global batch each step); rank ``r`` takes, for micro-batch ``m``, the slice starting at
 ``(m * world_size + r) * micro_batch``. So 2 ranks x batch b see exactly the samples of 1 rank x batch 2b,
-and the data position is one integer saved in every checkpoint.
+and the data position is one integer saved in every checkpoint. With ``micro_batch_tokens`` the micro-batch
+shrinks with the step's length (``micro_batch_at``), and the position advances by the step's own global batch.
 
 Shards: each rank streams its own share (``ShardStream``); a batch is padded on the right to the longest
 sample on any rank, so every rank runs the same number of segments. Corrupt samples (unreadable, or token
@@ -35,6 +36,14 @@ from .distributed import all_gather_objects
 EVAL_SEED_OFFSET = 1_000_003  # evaluation samples come from another seed than any training sample
 
 
+def micro_batch_at(micro_batch: int, micro_batch_tokens: int, sample_tokens: int) -> int:
+    """Samples in a micro-batch of ``sample_tokens``-token samples: ``micro_batch``, or fewer (at least 1) where
+    they would hold more than ``micro_batch_tokens`` tokens (0: no cap)."""
+    if not micro_batch_tokens:
+        return micro_batch
+    return max(1, min(micro_batch, micro_batch_tokens // max(sample_tokens, 1)))
+
+
 class DataError(Exception):
     """The training data stops the run: a corrupt sample, or more than ``max_corrupt`` of them, on some rank.
     Every rank raises it at the same micro-batch, so all of them can still write a checkpoint together."""
@@ -50,6 +59,7 @@ class TrainBatches:
         *,
         micro_batch: int,
         grad_accum: int,
+        micro_batch_tokens: int = 0,
         rank: int,
         world_size: int,
         segment_size: int,
@@ -61,6 +71,7 @@ class TrainBatches:
         self.generator, self.shards = generator, shards
         self.micro_batch, self.grad_accum, self.rank, self.world_size = micro_batch, grad_accum, rank, world_size
         self.segment_size, self.pad_id, self.max_corrupt = segment_size, pad_id, max_corrupt
+        self.micro_batch_tokens = micro_batch_tokens
         self.classes = classes  # an encoder's: batches carry class labels
         self.lm_loss = lm_loss  # "all" or "last" for lm samples, None for task samples
         self.position = 0  # global sample index of the next step's first sample (generated tasks)
@@ -72,29 +83,27 @@ class TrainBatches:
     def step(self, num_segments: int) -> list[dict[str, torch.Tensor]]:
         """The ``grad_accum`` micro-batches of one step; with generated tasks every sample has exactly
         ``num_segments`` segments, lm samples at most."""
+        batch = micro_batch_at(self.micro_batch, self.micro_batch_tokens, num_segments * self.segment_size)
         if self.shards is not None:
             before = self.state_dict()
             try:
-                return [self._shard_batch(num_segments) for _ in range(self.grad_accum)]
+                return [self._shard_batch(num_segments, batch) for _ in range(self.grad_accum)]
             except DataError:  # a checkpoint written now must start this step again
                 self._shard_position = {name: before["shards"][name] for name in ("epoch", "position")}
                 self.corrupt_samples = before["corrupt_samples"]
                 raise
         batches = []
         for micro in range(self.grad_accum):
-            first = self.position + (micro * self.world_size + self.rank) * self.micro_batch
-            samples = [
-                self.generator.sample(i, num_segments * self.segment_size)
-                for i in range(first, first + self.micro_batch)
-            ]
+            first = self.position + (micro * self.world_size + self.rank) * batch
+            samples = [self.generator.sample(i, num_segments * self.segment_size) for i in range(first, first + batch)]
             batches.append(collate(samples, self.pad_id, classes=self.classes))
-        self.position += self.micro_batch * self.grad_accum * self.world_size
+        self.position += batch * self.grad_accum * self.world_size
         return batches
 
-    def _shard_batch(self, num_segments: int) -> dict[str, torch.Tensor]:
+    def _shard_batch(self, num_segments: int, batch: int) -> dict[str, torch.Tensor]:
         samples, error = [], None
         try:
-            while len(samples) < self.micro_batch:
+            while len(samples) < batch:
                 if self._shard_iter is None:
                     self._shard_iter = iter(self.shards)
                 sample = next(self._shard_iter, None)

@@ -23,6 +23,7 @@ from ..model.backbones import pretrained_config
 from ..model.config import BACKPROP_MODES, EXECUTION_MODES, ARMTConfig, ConfigError, RMTConfig
 from ..model.gguf import gguf_path, is_gguf
 from ..model.presets import BUILTIN_BACKBONES
+from .curriculum import CURRICULUM_DRAWS
 from .evaluation import samples_at
 
 # --lm_loss: where the next-token loss of --task lm is taken
@@ -195,7 +196,18 @@ class TrainConfig:
         default="1,2,4",
         metadata={
             "help": (
-                "comma-separated segment counts of the stages; a step in stage n draws its length from 1..n segments."
+                "comma-separated segment counts of the stages; a step in stage n draws its length from 1..n segments "
+                "(--curriculum_draw)."
+            )
+        },
+    )
+    curriculum_draw: str = field(
+        default="uniform",
+        metadata={
+            "help": (
+                "how a step of stage n picks its length: uniform (from 1..n segments, the ARMT recipe) or stage "
+                "(exactly n, the first RMT paper's), so that every step of a long last stage trains on its full "
+                "length."
             )
         },
     )
@@ -245,6 +257,17 @@ class TrainConfig:
     )
     # ---- optimisation
     micro_batch_size: int = field(default=16, metadata={"help": "samples per rank per forward."})
+    micro_batch_tokens: int = field(
+        default=0,
+        metadata={
+            "help": (
+                "tokens per micro-batch at most: a step whose samples are longer runs fewer of them, "
+                "max(1, N // sample tokens) (0: always --micro_batch_size). E.g. --micro_batch_size 16 "
+                "--micro_batch_tokens 1000000 trains 16 samples a step on short stages and 1 on 1M-token samples. "
+                "Generated tasks and --task lm only (task shards fix their lengths), not with pipeline stages."
+            )
+        },
+    )
     grad_accum: int = field(default=1, metadata={"help": "gradient accumulation steps."})
     lr: float = field(default=1e-3, metadata={"help": "peak learning rate (fills 'auto' in the DeepSpeed config)."})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
@@ -351,7 +374,15 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name}={getattr(self, name)} must be at least 1.")
-        for name in ("save_every", "warmup_steps", "stage_steps", "skip_corrupt_samples", "seed", "data_seed"):
+        for name in (
+            "save_every",
+            "warmup_steps",
+            "stage_steps",
+            "skip_corrupt_samples",
+            "seed",
+            "data_seed",
+            "micro_batch_tokens",
+        ):
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{name}={getattr(self, name)} must be 0 or more.")
         if self.task not in (*TASKS, LM_TASK):
@@ -379,6 +410,15 @@ class TrainConfig:
             raise ConfigError(
                 f"--promote_accuracy={self.promote_accuracy} must be an accuracy from 0 to 1, or above 1 to "
                 "promote by budget only."
+            )
+        if self.curriculum_draw not in CURRICULUM_DRAWS:
+            raise ConfigError(
+                f"--curriculum_draw={self.curriculum_draw!r} is unknown: choose one of {', '.join(CURRICULUM_DRAWS)}."
+            )
+        if self.micro_batch_tokens and self.shards and self.task != LM_TASK:
+            raise ConfigError(
+                "--micro_batch_tokens sizes a batch by its samples' length before reading them, which task shards "
+                "fix sample by sample: drop it and set --micro_batch_size, or train on generated samples."
             )
         stages = self.curriculum_stages
         if stages != sorted(set(stages)):
@@ -478,7 +518,9 @@ RESUME_MUST_MATCH = (
     "lm_loss",
     "data_seed",
     "curriculum",
+    "curriculum_draw",
     "micro_batch_size",
+    "micro_batch_tokens",
     "grad_accum",
     "seed",
     "ds_config",

@@ -1,19 +1,26 @@
 """Curriculum over the number of segments.
 
 Stages are segment counts (e.g. 1, 2, 4, 8). In stage n every step's length is drawn uniformly from 1..n
-segments. Every rank holds the same seeded generator and draws once per step, so all ranks run the same
-number of segments (unequal counts abort or hang the collectives). A stage ends when the evaluation
-accuracy at its length reaches a threshold, or when its step budget is spent.
+segments (``draw="uniform"``, the ARMT papers' recipe), or is n (``"stage"``, the first RMT paper's; what a
+long last stage needs for every step to train on its full length). Every rank holds the same seeded
+generator and draws once per step, so all ranks run the same number of segments (unequal counts abort or
+hang the collectives). A stage ends when the evaluation accuracy at its length reaches a threshold, or when
+its step budget is spent.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+CURRICULUM_DRAWS = ("uniform", "stage")
+
 
 class Curriculum:
-    def __init__(self, stages: list[int], promote_accuracy: float, stage_steps: int, seed: int):
+    def __init__(self, stages: list[int], promote_accuracy: float, stage_steps: int, seed: int, draw: str = "uniform"):
+        if draw not in CURRICULUM_DRAWS:
+            raise ValueError(f"draw={draw!r} is unknown: choose one of {', '.join(CURRICULUM_DRAWS)}.")
         self.stages, self.promote_accuracy, self.stage_steps = list(stages), promote_accuracy, stage_steps
+        self.draw_kind = draw
         self.stage = 0
         self.steps_in_stage = 0
         self.rng = np.random.default_rng([seed, 0xC0])
@@ -29,6 +36,8 @@ class Curriculum:
     def draw(self) -> int:
         """This step's number of segments; the same on every rank."""
         self.steps_in_stage += 1
+        if self.draw_kind == "stage":
+            return self.max_segments
         return int(self.rng.integers(1, self.max_segments + 1))
 
     def maybe_promote(self, accuracy_by_segments: dict[int, float] | None = None) -> str | None:

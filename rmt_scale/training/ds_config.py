@@ -266,6 +266,11 @@ def _check_pipeline(ds: dict, config: TrainConfig) -> None:
             f"({config.micro_batch_size}): it is how many groups of samples are in flight. Raise "
             f"--micro_batch_size or lower the config's chains."
         )
+    if config.micro_batch_tokens:
+        raise ConfigError(
+            "--micro_batch_tokens changes the micro-batch with the length, and pipeline stages split a fixed one "
+            "into chains: drop it and set --micro_batch_size."
+        )
     if zero_stage(ds) > 1:
         raise ConfigError(
             f"ZeRO stage {zero_stage(ds)} cannot run with pipeline stages: every stage runs a backward "

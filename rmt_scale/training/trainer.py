@@ -43,7 +43,7 @@ from ..model.presets import BUILTIN_BACKBONES, preset_config
 from ..model.recurrence import StateSpillError, kept_at_peak, last_state_memory
 from ..runtime.memory import peak_rss_mb
 from . import checkpoint, signals
-from .batches import EVAL_SEED_OFFSET, DataError, TrainBatches
+from .batches import EVAL_SEED_OFFSET, DataError, TrainBatches, micro_batch_at
 from .config import TrainConfig, as_config_error
 from .curriculum import Curriculum
 from .distributed import DistInfo
@@ -175,7 +175,7 @@ def check_step_memory(config: TrainConfig, model: RMTConfig, backbone_config, de
     step = step_class(backbone_kind(backbone_config), model)
     hidden, layers = backbone_config.hidden_size, backbone_config.num_hidden_layers
     segment_units = (model.segment_size + step.extra_positions(model)) * hidden * layers
-    batch = config.micro_batch_size
+    batch = micro_batch_at(config.micro_batch_size, config.micro_batch_tokens, segments * model.segment_size)
     kept_segments, kept, recomputed = kept_at_peak(
         model.backprop, [False] * (segments - 1) + [True], model.bptt_depth, model.state_keep_every
     )
@@ -185,8 +185,12 @@ def check_step_memory(config: TrainConfig, model: RMTConfig, backbone_config, de
     if model.state_offload != "none":
         on_device -= stored
     remedy = "" if model.backprop == "sublinear" else "--backprop sublinear (about 2 sqrt(segments) states), "
+    sized_by = f"--micro_batch_size {batch}"
+    if batch < config.micro_batch_size:
+        samples = f"{batch} sample{'s' if batch > 1 else ''}"
+        sized_by = f"{samples} a micro-batch (--micro_batch_tokens {config.micro_batch_tokens:,})"
     check_memory(
-        f"a step of --micro_batch_size {batch} on {longest}, {segments:,} segments, with --backprop {model.backprop}",
+        f"a step of {sized_by} on {longest}, {segments:,} segments, with --backprop {model.backprop}",
         ((batch + 2) * segments * model.segment_size * 24, on_device),
         device,
         f"use {remedy}--state_offload cpu or disk, or lower --micro_batch_size or the sample length",
@@ -267,7 +271,7 @@ class Trainer:
         # task shards fix their samples' lengths; documents are cut to the curriculum's
         stages = [1] if config.shards and not self.lm else config.curriculum_stages
         stage_steps = config.stage_steps or -(-config.max_steps // len(stages))
-        self.curriculum = Curriculum(stages, config.promote_accuracy, stage_steps, config.seed)
+        self.curriculum = Curriculum(stages, config.promote_accuracy, stage_steps, config.seed, config.curriculum_draw)
         generator = self.eval_generator = self.eval_documents = None
         if not self.lm:
             generator = TaskGenerator(config.task, self.tokenizer, seed=config.data_seed)
@@ -294,6 +298,7 @@ class Trainer:
             None if shards else generator,
             shards,
             micro_batch=config.micro_batch_size,
+            micro_batch_tokens=config.micro_batch_tokens,
             grad_accum=config.grad_accum,
             rank=data_rank,
             world_size=data_world,
@@ -451,6 +456,7 @@ class Trainer:
                 "train/grad_norm": grad_norm,
                 "train/skipped_nonfinite": self.skipped_nonfinite,
                 "train/segments": num_segments,
+                "train/micro_batch_size": len(batch["input_ids"]),
                 "curriculum/stage_segments": self.curriculum.max_segments,
                 "perf/tokens_per_s": tokens_per_s,
                 "perf/peak_memory_mb": peak_memory_mb(),
