@@ -10,10 +10,8 @@ bash tools/install_system_packages.sh
 venv=${RMT_VENV:-$repo/.venv}
 # DeepSpeed's CPU ops (Adam, shared-memory collectives) compile on first use, behind a lock file; built once here,
 # no test waits on the compiler, and no timed-out test can leave a half-built op whose lock stops every launcher
-DS_ACCELERATOR=cpu "$venv/bin/python" -c "from deepspeed.ops.op_builder import CPUAdamBuilder
-from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder
-CPUAdamBuilder().load(verbose=False)
-ShareMemCommBuilder().load(verbose=False)"
+# (locks that a killed build left are removed first)
+"$venv/bin/python" tools/build_cpu_ops.py
 "$venv/bin/ruff" check --quiet .
 "$venv/bin/ruff" format --check --quiet .
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
