@@ -17,7 +17,14 @@ import transformers
 
 from rmt_scale import ARMTConfig, RecurrentMemoryModel, RMTConfig
 from rmt_scale.model.presets import preset_config
-from rmt_scale.model.recurrence import SPILL_PREFIX, StateSpillError, StateStore, last_state_memory, needs_backward
+from rmt_scale.model.recurrence import (
+    SPILL_PREFIX,
+    StateSpillError,
+    StateStore,
+    last_state_memory,
+    needs_backward,
+    run_segments,
+)
 
 # dropout on everywhere, so that the replayed segments must draw the masks of the first forward
 DROPOUT = {
@@ -99,6 +106,38 @@ def test_replay_keeps_every_state():
     x = ids(16 * SEGMENT)
     model(x, labels=x).loss.backward()
     assert last_state_memory().kept_states == 16
+
+
+@pytest.mark.parametrize("mode", ["replay", "sublinear"])
+@pytest.mark.parametrize("variant", ["rmt", "armt"])
+def test_autograd_grad_and_a_second_loss_see_the_replayed_gradients_once(mode, variant):
+    """The replay's parameter gradients leave its Function like any other: ``torch.autograd.grad`` with respect to
+    the parameters gives bptt's, and ``.grad`` is written once per backward (a hook counts it), added to what
+    another loss of the same graph gives."""
+    x = ids(6 * SEGMENT)
+    reference = model_for("gpt2", variant)
+    torch.manual_seed(123)
+    expected = torch.autograd.grad(reference(x, labels=x).loss, list(reference.parameters()), allow_unused=True)
+    model = model_for("gpt2", variant, backprop=mode, state_keep_every=2)
+    torch.manual_seed(123)
+    found = torch.autograd.grad(model(x, labels=x).loss, list(model.parameters()), allow_unused=True)
+    for (name, _), want, got in zip(model.named_parameters(), expected, found):
+        assert (want is None) == (got is None), name
+        if want is not None:
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4, msg=name)
+    fired = []
+    embedding = model.backbone.get_input_embeddings().weight
+    embedding.register_post_accumulate_grad_hook(lambda p: fired.append(p.grad.clone()))
+    torch.manual_seed(123)
+    (model(x, labels=x).loss + embedding.sum()).backward()
+    assert len(fired) == 1
+    position = next(i for i, p in enumerate(model.parameters()) if p is embedding)
+    torch.testing.assert_close(fired[0], found[position] + 1)
+
+
+def test_replay_needs_the_parameters_it_differentiates():
+    with pytest.raises(ValueError, match="backprop='replay' differentiates with respect to the step's parameters"):
+        run_segments(lambda state, segment: (state, segment.sum(), None), (), [torch.ones(2)], "replay")
 
 
 @pytest.mark.parametrize("offload", ["cpu", "disk"])

@@ -267,6 +267,22 @@ def test_armt_under_the_shipped_zero3_config_follows_one_rank(backbone, cpu_adam
     assert json.loads((zero3 / "train_config.json").read_text())["model"]["model_type"] == "armt"
 
 
+def test_armt_replay_and_sublinear_under_zero2_and_zero3_follow_one_rank(backbone, cpu_adam_built, tmp_path):
+    """The bounded-memory modes under ZeRO: their backward hands each parameter's gradient on once, so ZeRO-2's
+    and ZeRO-3's reduction hooks see it once, and 2 ranks follow 1 rank at twice the batch under bptt. Chains of
+    up to 4 segments, sublinear's blocks of 2."""
+    flags = dict(memory="armt", curriculum="4", state_keep_every=2)
+    one = tmp_path / "one"
+    launch(run_args(backbone, one, micro_batch_size=4, ds_config=ROOT / "ds_configs" / "ddp.json", **flags), ranks=1)
+    reference = losses(one)
+    for config, mode in (("zero3", "sublinear"), ("zero2", "replay")):
+        out = tmp_path / f"{config}-{mode}"
+        launch(run_args(backbone, out, backprop=mode, ds_config=ROOT / "ds_configs" / f"{config}.json", **flags), 2)
+        observed = losses(out)
+        assert max(abs(observed[step] - reference[step]) for step in reference) < LOSS_TOLERANCE, (mode, observed)
+        assert all(kept > 0 for _, kept in scalars(out)["memory/state_kept_bytes"])
+
+
 def test_launcher_trains_an_encoder_classifier_and_its_baseline(tmp_path):
     """--backbone tiny-bert: a BERT sequence classifier over the 6 answers, [CLS] memory [SEP] segment [SEP],
     here with the gated memory update, and its no-memory twin; the exports load as encoders whose streaming

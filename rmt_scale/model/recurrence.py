@@ -15,8 +15,12 @@ compute the same value and the same gradients; they differ in what they keep ali
   is a matrix per layer, so this is what bounds its memory on million-token inputs.
 
 The states that ``replay`` and ``sublinear`` keep can live on the device, in host memory or in a spill file
-(:class:`StateStore`). Truncated BPTT (``bptt_depth=k``) cuts the state gradient on all but the last ``k``
-transitions; segments before those that carry no labels are then run without grad and keep nothing.
+(:class:`StateStore`). Their backward runs inside one autograd Function whose inputs include the step's
+parameters: each replayed segment's parameter gradients are summed there and handed back once, so a parameter's
+gradient reaches its ``.grad`` (and ZeRO-2/3's reduction hook) once per backward, as with ``bptt``.
+
+Truncated BPTT (``bptt_depth=k``) cuts the state gradient on all but the last ``k`` transitions; segments
+before those that carry no labels are then run without grad and keep nothing.
 """
 
 from __future__ import annotations
@@ -78,10 +82,15 @@ def keeps_gradient(index: int, num_segments: int, bptt_depth: int) -> bool:
     return bptt_depth < 0 or index >= num_segments - bptt_depth
 
 
+def flowing(pairs) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The ``(output, gradient)`` pairs whose gradient is given and whose output needs one."""
+    return [(out, grad) for out, grad in pairs if grad is not None and out.requires_grad]
+
+
 def backpropagate(pairs) -> None:
-    """Backward from each ``(output, gradient)`` pair whose gradient is given and whose output needs one: a
-    recomputed segment handing on the gradients that came back to it (replay, pipeline stages)."""
-    pairs = [(out, grad) for out, grad in pairs if grad is not None and out.requires_grad]
+    """Backward from the ``flowing`` pairs: a recomputed segment of a pipeline stage handing on the gradients
+    that came back to it."""
+    pairs = flowing(pairs)
     if pairs:
         torch.autograd.backward(*zip(*pairs))
 
@@ -122,18 +131,29 @@ def run_segments(
     keep_every: int = 0,
     offload: str = "none",
     offload_dir: str = "",
+    parameters: Sequence[torch.Tensor] | None = None,
+    parameter_inputs: Callable[[list[torch.Tensor]], list[torch.Tensor]] | None = None,
 ) -> tuple[torch.Tensor, State, list[Any]]:
     """Runs ``step`` over ``segments``; returns the summed loss, the final state and each segment's extra.
 
     ``labelled[i]`` says whether segment ``i`` has labelled tokens (None: all of them); ``keep_every`` is
     ``sublinear``'s k (0: ceil(sqrt(S))); ``offload`` and ``offload_dir`` say where ``replay`` and
-    ``sublinear`` keep their states."""
+    ``sublinear`` keep their states; ``parameters``: every tensor the step uses that takes a gradient, which
+    ``replay`` and ``sublinear`` must be given (they differentiate with respect to them), and
+    ``parameter_inputs`` maps them to what their Function takes in their place (the gradients of ``parameters``
+    are handed to those; None: the parameters themselves; ZeRO-3 gives stand-ins, training/engine.py)."""
     if not torch.is_grad_enabled():
         return _run_loop(step, state, segments, "bptt", [False] * len(segments))
     backward = needs_backward(labelled or [True] * len(segments), bptt_depth)
     if mode in ("replay", "sublinear"):
+        if parameters is None:
+            raise ValueError(
+                f"backprop={mode!r} differentiates with respect to the step's parameters: pass "
+                "parameters=[the tensors the step uses that require grad]."
+            )
         every = keep_interval(mode, len(segments), keep_every)
-        return _run_replay(step, state, segments, bptt_depth, backward, every, StateStore(offload, offload_dir))
+        store = StateStore(offload, offload_dir)
+        return _run_replay(step, state, segments, bptt_depth, backward, every, store, parameters, parameter_inputs)
     return _run_loop(step, state, segments, mode, backward, bptt_depth)
 
 
@@ -306,13 +326,14 @@ def _run_replay(
     backward: list[bool],
     keep_every: int,
     store: StateStore,
+    parameters: Sequence[torch.Tensor],
+    parameter_inputs: Callable[[list[torch.Tensor]], list[torch.Tensor]] | None,
 ):
     extras: list[Any] = []
-    # The parameters are not inputs of the Function, so without this anchor a stateless chain (no memory
-    # tokens) would return a loss that autograd considers constant.
-    anchor = torch.zeros((), requires_grad=True)
-    plan = _ReplayPlan(step, segments, bptt_depth, backward, keep_every, store, extras)
-    loss, *final_state = _MemoryReplay.apply(plan, anchor, *state)
+    parameters = [p for p in parameters if p.requires_grad]
+    plan = _ReplayPlan(step, segments, bptt_depth, backward, keep_every, store, extras, len(state), parameters)
+    inputs = parameters if parameter_inputs is None else parameter_inputs(parameters)
+    loss, *final_state = _MemoryReplay.apply(plan, *state, *inputs)
     return loss, tuple(final_state), extras
 
 
@@ -325,6 +346,8 @@ class _ReplayPlan:
     keep_every: int
     store: StateStore
     extras: list[Any]
+    num_state: int
+    parameters: list[torch.Tensor]
 
     def block_start_kept(self, index: int) -> bool:
         """A block's first state is kept when a segment of the block is visited by the backward."""
@@ -333,12 +356,13 @@ class _ReplayPlan:
 
 class _MemoryReplay(torch.autograd.Function):
     """Memory replay backprop over blocks of ``keep_every`` segments (one block per segment for ``replay``).
-    Parameter gradients accumulate into ``.grad`` during the replay, so this mode supports ``loss.backward()``
-    (not ``torch.autograd.grad`` w.r.t. parameters)."""
+    The inputs are the initial state and the step's parameters; the backward returns the gradients of both, so
+    ``loss.backward()`` and ``torch.autograd.grad`` work as for any other function of them."""
 
     @staticmethod
-    def forward(ctx, plan: _ReplayPlan, anchor, *state):
+    def forward(ctx, plan: _ReplayPlan, *state_and_parameters):
         ctx.plan = plan
+        state = state_and_parameters[: plan.num_state]
         block_rng = {}
         total = None
         with torch.no_grad():
@@ -357,6 +381,7 @@ class _MemoryReplay(torch.autograd.Function):
         plan = ctx.plan
         num_segments = len(plan.segments)
         grad_state = list(grad_state)
+        grad_parameters: list[torch.Tensor | None] = [None] * len(plan.parameters)
         for start in sorted(ctx.block_rng, reverse=True):
             end = min(start + plan.keep_every, num_segments)
             while not plan.backward[end - 1]:
@@ -367,11 +392,11 @@ class _MemoryReplay(torch.autograd.Function):
                 if not plan.backward[index]:
                     grad_state = [None] * len(grad_state)
                     continue
-                grad_state = _replay_segment(plan, index, state_in, rng, grad_loss, grad_state)
+                grad_state = _replay_segment(plan, index, state_in, rng, grad_loss, grad_state, grad_parameters)
                 if index > 0 and not keeps_gradient(index, num_segments, plan.bptt_depth):
                     # earlier segments are still replayed: their own losses give parameter gradients
                     grad_state = [None] * len(grad_state)
-        return (None, None, *grad_state)
+        return (None, *grad_state, *grad_parameters)
 
 
 def _recompute_block(plan: _ReplayPlan, start: int, end: int, rng: dict):
@@ -388,11 +413,26 @@ def _recompute_block(plan: _ReplayPlan, start: int, end: int, rng: dict):
     return inputs, rng_states
 
 
-def _replay_segment(plan: _ReplayPlan, index: int, state: State, rng: dict, grad_loss, grad_state: list):
-    """Runs segment ``index`` with grad and backpropagates its loss and the gradient of its output state;
-    returns the gradient of its input state."""
+def _replay_segment(
+    plan: _ReplayPlan, index: int, state: State, rng: dict, grad_loss, grad_state: list, grad_parameters: list
+):
+    """Runs segment ``index`` with grad and differentiates its loss and output state (weighted by their
+    gradients) with respect to its input state and the parameters; adds the parameters' share to
+    ``grad_parameters`` and returns the input state's."""
     state_in = tuple(t.detach().requires_grad_(t.is_floating_point()) for t in state)
     with torch.enable_grad(), restored_torch_rng(rng):
         new_state, loss, _ = plan.step(state_in, plan.segments[index])
-    backpropagate([(loss, grad_loss), *zip(new_state, grad_state)])
-    return [t.grad if t.requires_grad else None for t in state_in]
+    pairs = flowing([(loss, grad_loss), *zip(new_state, grad_state)])
+    differentiable = [t for t in state_in if t.requires_grad]
+    if not pairs:
+        return [None] * len(state_in)
+    outputs, grads = zip(*pairs)
+    found = torch.autograd.grad(outputs, [*differentiable, *plan.parameters], grads, allow_unused=True)
+    for position, grad in enumerate(found[len(differentiable) :]):
+        if grad is None:
+            continue
+        held = grad_parameters[position]
+        # the first is copied: autograd may hand back a tensor it also holds, which the sum must not change
+        grad_parameters[position] = grad.clone() if held is None else held.add_(grad)
+    found_state = iter(found[: len(differentiable)])
+    return [next(found_state) if t.requires_grad else None for t in state_in]

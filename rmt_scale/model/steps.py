@@ -21,6 +21,9 @@ class MemoryTokenStep:
     """What the RMT variants share: memory tokens, learned or passed in, carried from segment to segment."""
 
     extras = "memory"  # what takes positions besides the segment, for the error message
+    # what replay and sublinear backprop's Function takes in place of the parameters (run_segments'
+    # parameter_inputs); set by a parallel engine that partitions them (ZeRO-3)
+    replay_parameter_inputs = None
 
     def __init__(
         self,
@@ -83,7 +86,17 @@ class MemoryTokenStep:
             keep_every=config.state_keep_every,
             offload=config.state_offload,
             offload_dir=config.state_offload_dir,
+            parameters=self.trainable_parameters(),
+            parameter_inputs=self.replay_parameter_inputs,
         )
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """The parameters a segment uses that take a gradient: the backbone's, the memory's and the gate's (and
+        the associative layers' of an ARMT), once each."""
+        modules = [self.backbone, self.gate, getattr(self, "associative", None)]
+        found = [p for module in modules if module is not None for p in module.parameters()]
+        found += [] if self.memory is None else [self.memory]
+        return [p for p in dict.fromkeys(found) if p.requires_grad]
 
 
 class DecoderStep(MemoryTokenStep):

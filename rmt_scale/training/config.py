@@ -38,7 +38,7 @@ MODEL_FLAGS = {
     "backprop": (
         "bptt",
         f"gradient through segments: {', '.join(BACKPROP_MODES)}. An 'activation_checkpointing' "
-        "block in the DeepSpeed config switches 'bptt' to 'checkpoint'; 'replay' is refused with ZeRO-2/3. "
+        "block in the DeepSpeed config switches 'bptt' to 'checkpoint'. "
         "Pipeline stages always recompute each segment from a stash; 'sublinear' stashes every k-th only.",
     ),
     "bptt_depth": (-1, "truncate BPTT to the last k memory transitions (-1: all)."),

@@ -104,12 +104,6 @@ def build_ds_config(raw: dict, config: TrainConfig, world_size: int) -> dict:
     _check_zero_section(ds)
     if stages > 1 or "pipeline" in ds:
         _check_pipeline(ds, config)
-    if config.model.backprop in ("replay", "sublinear") and zero_stage(ds) >= 2:
-        raise ConfigError(
-            f"--backprop={config.model.backprop} cannot run with ZeRO stage {zero_stage(ds)}: it runs a backward "
-            "per segment inside the step, so ZeRO's gradient hooks reduce each parameter several "
-            "times. Use --backprop=checkpoint (same peak memory per segment) or a ZeRO-0/1 config."
-        )
     return ds
 
 

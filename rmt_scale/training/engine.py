@@ -101,7 +101,63 @@ def build_engine(
     )
     set_group_timeouts(collective_timeout_s)
     align_scheduler(engine, ds_config)
-    return DataParallelEngine(engine, zero_stage(ds_config), offload, hf_ds_config)
+    accumulators = []
+    if zero_stage(ds_config) == 3 and model_config.backprop in ("replay", "sublinear"):
+        accumulators = whole_gradient_accumulators(engine.module)
+        engine.module.step.replay_parameter_inputs = zero3_stand_ins
+    return DataParallelEngine(engine, zero_stage(ds_config), offload, hf_ds_config, accumulators)
+
+
+# ZeRO-3 under replay and sublinear backprop. Their Function takes the parameters as inputs outside any module's
+# forward, where ZeRO-3 has emptied them (shape [0], the values partitioned over the ranks), and returns whole
+# gradients, which autograd would refuse twice: against the shape the parameter had when its accumulator node was
+# made, and when the accumulator copies a gradient into the parameter's layout. So the accumulator nodes are made
+# once while each parameter is gathered and held for the run (``whole_gradient_accumulators``), the Function takes
+# a stand-in of each parameter's whole shape (``zero3_stand_ins``), and the stand-in's backward gathers the
+# parameter until its accumulator and ZeRO-3's reduction hook have taken the gradient.
+
+
+def whole_gradient_accumulators(module: torch.nn.Module) -> list:
+    """The accumulator node of every trainable parameter, made while the parameter is whole."""
+    import deepspeed
+
+    nodes = []
+    for param in module.parameters():
+        if param.requires_grad:
+            with deepspeed.zero.GatheredParameters([param]):
+                nodes.append(param.view_as(param).grad_fn.next_functions[0][0])
+    return nodes
+
+
+def zero3_stand_ins(parameters: list[torch.Tensor]) -> list[torch.Tensor]:
+    return [_GatheredForGradient.apply(param) for param in parameters]
+
+
+class _GatheredForGradient(torch.autograd.Function):
+    """A stand-in of a ZeRO-3 parameter's whole shape (a broadcast zero: no memory). Its backward gathers the
+    parameter and releases it once the parameter's gradient hooks (ZeRO-3's reduction first) have run; one that a
+    module still holds (the top-level module's own, in its backward) is left to that module."""
+
+    @staticmethod
+    def forward(ctx, param):
+        ctx.param = param
+        return param.new_zeros(()).expand(param.ds_shape)
+
+    @staticmethod
+    def backward(ctx, grad):
+        from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+        param = ctx.param
+        if param.ds_status == ZeroParamStatus.AVAILABLE:
+            return grad
+        param.all_gather()
+
+        def release(param):
+            handle.remove()
+            param.partition()
+
+        handle = param.register_post_accumulate_grad_hook(release)
+        return grad
 
 
 def align_scheduler(engine, ds_config: dict) -> None:
@@ -115,8 +171,9 @@ def align_scheduler(engine, ds_config: dict) -> None:
 class DataParallelEngine(TrainEngine):
     """DeepSpeed's engine for ZeRO stages 0-3, each rank running the whole model on its own data."""
 
-    def __init__(self, engine, stage: int, offload: LayerOffload | None, hf_ds_config):
+    def __init__(self, engine, stage: int, offload: LayerOffload | None, hf_ds_config, accumulators=()):
         self.engine, self.zero_stage, self.offload, self._hf_ds_config = engine, stage, offload, hf_ds_config
+        self._gradient_accumulators = list(accumulators)  # whole_gradient_accumulators: alive as long as the engine
         self.module = engine.module
         self.data_rank, self.data_world_size = engine.global_rank, engine.world_size
         self._step_begins = True
