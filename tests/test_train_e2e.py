@@ -267,15 +267,19 @@ def test_armt_under_the_shipped_zero3_config_follows_one_rank(backbone, cpu_adam
     assert json.loads((zero3 / "train_config.json").read_text())["model"]["model_type"] == "armt"
 
 
-def test_armt_replay_and_sublinear_under_zero2_and_zero3_follow_one_rank(backbone, cpu_adam_built, tmp_path):
+@pytest.mark.parametrize(
+    "memory, runs", [("armt", [("zero3", "sublinear"), ("zero2", "replay")]), ("rmt", [("zero3", "sublinear")])]
+)
+def test_replay_and_sublinear_under_zero2_and_zero3_follow_one_rank(backbone, cpu_adam_built, tmp_path, memory, runs):
     """The bounded-memory modes under ZeRO: their backward hands each parameter's gradient on once, so ZeRO-2's
     and ZeRO-3's reduction hooks see it once, and 2 ranks follow 1 rank at twice the batch under bptt. Chains of
-    up to 4 segments, sublinear's blocks of 2."""
-    flags = dict(memory="armt", curriculum="4", state_keep_every=2)
+    up to 4 segments, sublinear's blocks of 2; the RMT under zero3.json also checkpoints the backbone's layers
+    inside each replayed segment, their inputs offloaded."""
+    flags = dict(memory=memory, curriculum="4", state_keep_every=2)
     one = tmp_path / "one"
     launch(run_args(backbone, one, micro_batch_size=4, ds_config=ROOT / "ds_configs" / "ddp.json", **flags), ranks=1)
     reference = losses(one)
-    for config, mode in (("zero3", "sublinear"), ("zero2", "replay")):
+    for config, mode in runs:
         out = tmp_path / f"{config}-{mode}"
         launch(run_args(backbone, out, backprop=mode, ds_config=ROOT / "ds_configs" / f"{config}.json", **flags), 2)
         observed = losses(out)
