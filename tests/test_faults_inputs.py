@@ -25,7 +25,7 @@ from rmt_scale.training import TrainConfig
 from rmt_scale.training.evaluation import batch_bytes
 from rmt_scale.training.trainer import backbone_setup, check_batch_memory
 from support import ROOT
-from support.runs import LAUNCHER, environment, launch, refused_in_one_line, run_args
+from support.runs import LAUNCHER, environment, launch, refused_in_one_line, run_args, scalars
 
 SUPPORTED = r"Supported decoders: opt, gpt2, llama, mistral, qwen2, gpt_neox; encoders: bert, roberta\."
 
@@ -167,6 +167,24 @@ def test_the_default_launcher_on_million_token_shards_stops_with_the_estimate_an
     model = replace(TrainConfig().model, segment_size=100, backprop="sublinear", state_offload="disk")
     config = TrainConfig(shards=str(shards), model=model)
     check_batch_memory(config, backbone_config, 1, cpu, {})  # 200 states, on disk
+
+
+@pytest.mark.slow
+def test_a_micro_batch_larger_than_the_shards_is_named_with_the_fix(tmp_path):
+    """Issue 26's 66-minute RMT step: a 2-sample shard under the default --micro_batch_size 16 trains 16 samples a
+    step (the stream runs on into the next epochs), 8 times what --micro_batch_size 2 trains."""
+    shards = tmp_path / "shards"
+    assert make_shards(["--task", "memorize", "--tokens", "64", "--samples", "2", "--out", str(shards)]) == 0
+    out = tmp_path / "run"
+    train = [sys.executable, LAUNCHER, "--shards", str(shards), "--memory", "rmt", "--max_steps", "1",
+             "--eval_segments", "1", "--eval_samples", "2", "--no-baseline", "--out_dir", str(out)]  # fmt: skip
+    result = subprocess.run(train, env=environment(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (
+        "[rmt] note: a step takes up to 16 samples (--micro_batch_size 16 x --grad_accum 1 x 1 replica(s)) from "
+        "--shards' 2, so each step reads them several times; --micro_batch_size 2 reads each at most once a step"
+    ) in result.stdout
+    assert scalars(out)["train/micro_batch_size"] == [(1, 16)]
 
 
 # ------------------------------------------------------------------------------------------ plot_results

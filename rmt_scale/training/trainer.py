@@ -351,6 +351,7 @@ class Trainer:
         logger = MetricsLogger(self.out_dir, self.is_main, self.step, config.max_steps, self.label)
         if self.resume_from is not None:
             logger.write(f"[{self.label}] resumed from {self.resume_from} at step {self.step}")
+        self._note_repeated_samples(logger)
         try:
             while self.step < config.max_steps:
                 try:
@@ -380,6 +381,23 @@ class Trainer:
         finally:
             logger.close()
         return self.segment_loss if self.lm else self.accuracy
+
+    def _note_repeated_samples(self, logger: MetricsLogger) -> None:
+        """Says so when a step takes more samples than the shards hold: the stream runs on into the next epoch, so
+        every step reads the same samples several times (a 2-sample shard under the default --micro_batch_size
+        16 trains 8 copies of each, 8 times the tokens and time of one pass)."""
+        shards = self.batches.shards
+        config = self.config
+        taken = config.micro_batch_size * config.grad_accum * self.engine.data_world_size
+        if shards is None or taken <= shards.total_samples:
+            return
+        fits = max(1, shards.total_samples // (config.grad_accum * self.engine.data_world_size))
+        logger.write(
+            f"[{self.label}] note: a step takes up to {taken} samples (--micro_batch_size {config.micro_batch_size} "
+            f"x --grad_accum {config.grad_accum} x {self.engine.data_world_size} replica(s)) from --shards' "
+            f"{shards.total_samples}, so each step reads them several times; --micro_batch_size {fits} reads each "
+            "at most once a step"
+        )
 
     def _stop(self, logger: MetricsLogger, during: str = "") -> None:
         """Checkpoints (if not done yet) and raises Preempted: the launcher exits with EXIT_PREEMPTED."""
