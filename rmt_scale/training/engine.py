@@ -141,6 +141,7 @@ class _GatheredForGradient(torch.autograd.Function):
     @staticmethod
     def forward(ctx, param):
         ctx.param = param
+        ctx.set_materialize_grads(False)  # a parameter the chain did not use gets None, and is not gathered
         return param.new_zeros(()).expand(param.ds_shape)
 
     @staticmethod
@@ -148,7 +149,7 @@ class _GatheredForGradient(torch.autograd.Function):
         from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 
         param = ctx.param
-        if param.ds_status == ZeroParamStatus.AVAILABLE:
+        if grad is None or param.ds_status == ZeroParamStatus.AVAILABLE:
             return grad
         param.all_gather()
 
