@@ -333,9 +333,9 @@ def test_background_text_shards_read_through_the_same_reader(tok, tmp_path):
         with wds.TarWriter(str(tmp_path / f"books-{shard}.tar"), encoder=False) as writer:
             for i, text in enumerate(part):
                 writer.write({"__key__": f"{shard}{i}", "txt": text.encode(), "cover.pyd": b"not read"})
-    background = Background.from_text_shards(str(tmp_path / "books-{0..1}.tar"), tok)
+    background = Background.from_documents(str(tmp_path / "books-{0..1}.tar"), tok)
     assert np.array_equal(background.tokens, Background.from_text("\n".join(books), tok).tokens)
-    cut = Background.from_text_shards(str(tmp_path / "books-{0..1}.tar"), tok, max_chars=len(books[0]))
+    cut = Background.from_documents(str(tmp_path / "books-{0..1}.tar"), tok, max_chars=len(books[0]))
     assert np.array_equal(cut.tokens, Background.from_text(books[0], tok).tokens)
 
 

@@ -198,7 +198,7 @@ def test_user_text_files_and_any_hf_tokenizer(tmp_path):
 
     book = tmp_path / "book.txt"
     book.write_text("It was a long winter.\nThe snow fell on the roofs\nall night. Nobody spoke! Why not?\n")
-    background = Background.from_files(str(book), tok)
+    background = Background.from_documents(str(book), tok)
     assert len(background.sentence_starts) == 4
     sample = make_sample("reason", 700, 2, tok, background)
     assert len(sample.tokens) + len(sample.answer) == 700

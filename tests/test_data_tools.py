@@ -24,7 +24,7 @@ def test_make_shards_help_explains_every_flag():
         "--out",
         "--tokenizer",
         "--background",
-        "--background-shards",
+        "--text-field",
         "--story",
         "--story-facts",
         "--shard-samples",

@@ -67,6 +67,7 @@ def test_a_backbone_directory_without_a_tokenizer_asks_for_one(backbone_dirs, tm
 def test_make_shards_refuses_bad_input_in_one_line_before_writing(tmp_path, capsys):
     (tmp_path / "empty.txt").write_text("")
     (tmp_path / "image.png").write_bytes(bytes(range(128, 256)) * 8)
+    (tmp_path / "image.txt").write_bytes(bytes(range(128, 256)) * 8)
     (tmp_path / "a_file").write_text("")
     out = tmp_path / "out"
     base = ["--task", "memorize", "--out", str(out)]
@@ -76,9 +77,10 @@ def test_make_shards_refuses_bad_input_in_one_line_before_writing(tmp_path, caps
         "--tokens 100 0 must be at least 1.": ["--samples", "1", "--tokens", "100", "0"],
         "--tokens 5 is too short: the facts, question and answer of some memorize samples take 11 tokens; ask for "
         "at least 11.": ["--samples", "1", "--tokens", "5"],
-        f"background file {tmp_path}/missing.txt does not exist": ["--background", str(tmp_path / "missing.txt")],
-        f"{tmp_path}/empty.txt has no text to use as background": ["--background", str(tmp_path / "empty.txt")],
-        f"background {tmp_path}/image.png is not UTF-8 text": ["--background", str(tmp_path / "image.png")],
+        f"{tmp_path}/missing.txt does not exist": ["--background", str(tmp_path / "missing.txt")],
+        f"{tmp_path}/empty.txt is empty": ["--background", str(tmp_path / "empty.txt")],
+        f"{tmp_path}/image.txt is not UTF-8 text": ["--background", str(tmp_path / "image.txt")],
+        f"{tmp_path}/image.png is neither .txt, .jsonl": ["--background", str(tmp_path / "image.png")],
         f"--out {tmp_path}/a_file is a file: pass a directory": ["--out", str(tmp_path / "a_file")],
     }
     for message, flags in cases.items():

@@ -64,14 +64,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--background",
         nargs="+",
         metavar="URL",
-        help="plain-text files (fsspec URLs or globs, e.g. PG19 books) to use as background "
-        "instead of the built-in filler",
-    )
-    p.add_argument(
-        "--background-shards",
-        nargs="+",
-        metavar="URL",
-        help="webdataset shards whose .txt members are the background text",
+        help="documents to use as background instead of the built-in filler (fsspec URLs, globs or brace "
+        "patterns, e.g. PG19 books): .txt files, .jsonl (the --text-field of each line), either gzipped, or "
+        "webdataset .tar shards whose .txt members are the text",
     )
     p.add_argument(
         "--background-chars",
@@ -86,7 +81,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="lm: documents, as fsspec URLs or globs: .txt (one document), .jsonl (one per line), either as .gz, "
         "or webdataset .tar shards (one per .txt member)",
     )
-    p.add_argument("--text-field", default="text", help="lm: the .jsonl field that holds a document's text")
+    p.add_argument(
+        "--text-field",
+        default="text",
+        help="the field of each .jsonl line that holds a document's text (--inputs and --background)",
+    )
     p.add_argument(
         "--layout",
         choices=LAYOUTS,
@@ -227,9 +226,9 @@ def prepare(args: argparse.Namespace):
         tokenizer = load_tokenizer(args.tokenizer)
         background = None
         if args.background:
-            background = Background.from_files(args.background, tokenizer, max_chars=args.background_chars)
-        elif args.background_shards:
-            background = Background.from_text_shards(args.background_shards, tokenizer, max_chars=args.background_chars)
+            background = Background.from_documents(
+                args.background, tokenizer, max_chars=args.background_chars, text_field=args.text_field
+            )
         generator = TaskGenerator(
             args.task, tokenizer, background, seed=args.seed, story=args.story, story_facts=args.story_facts
         )

@@ -4,6 +4,7 @@ streamed tar shards, and the collate that turns samples into model batches."""
 from .babi import ACTORS, LOCATIONS, OBJECTS, STORY_KINDS, Story, make_story
 from .background import Background, default_background, filler_sentences, split_sentences
 from .batching import AnswerClasses, collate, collate_lm, whole_segments
+from .documents import Document, DocumentError, iter_documents
 from .shards import (
     ShardStream,
     check_shard_task,
@@ -15,5 +16,5 @@ from .shards import (
 )
 from .tars import CorruptShardError, check_shard_source, expand_urls, iter_tar_samples, resolve_shards
 from .tasks import TASKS, TaskGenerator, TaskSample, make_sample
-from .text import LAYOUTS, LM_TASK, Document, DocumentError, LMCounts, iter_documents, lm_prefix, lm_samples
+from .text import LAYOUTS, LM_TASK, LMCounts, lm_prefix, lm_samples
 from .tokenizer import TextTokenizer, build_word_tokenizer, could_be_hub_id, has_tokenizer, load_tokenizer

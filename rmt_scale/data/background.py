@@ -7,7 +7,7 @@ text) and facts can be dropped in between sentences.
 The built-in filler is generated from a fixed grammar and word list written for this project. It never
 uses the bAbI actors, locations, objects or motion verbs, so a fact always stands out from its
 background by content, never by accident of wording. For realistic long-context runs, use real books
-(e.g. PG19) through :meth:`Background.from_files` or :meth:`Background.from_text_shards`.
+(e.g. PG19, as text files or as shards) through :meth:`Background.from_documents`.
 """
 
 from __future__ import annotations
@@ -17,10 +17,9 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 
-import fsspec
 import numpy as np
 
-from .tars import expand_urls, iter_tar_samples
+from .documents import iter_documents
 
 _NAMES = tuple(
     (
@@ -134,10 +133,6 @@ def _names(urls: str | Iterable[str]) -> str:
     return urls if isinstance(urls, str) else ", ".join(urls)
 
 
-def _not_text(name: str, error: UnicodeDecodeError) -> str:
-    return f"background {name} is not UTF-8 text (an invalid byte at offset {error.start}): give plain-text files."
-
-
 @dataclass(frozen=True)
 class Background:
     tokens: np.ndarray  # int32, all sentences back to back
@@ -157,40 +152,19 @@ class Background:
         return cls.from_sentences(split_sentences(text), tokenizer, source)
 
     @classmethod
-    def from_files(cls, urls: str | Iterable[str], tokenizer, max_chars: int | None = None) -> Background:
-        """Plain-text files from any fsspec URL (globs allowed), read in order up to ``max_chars``."""
-        paths = fsspec.open_files(urls, "rt", encoding="utf-8")
-        if not paths:
-            raise ValueError(f"no background files match {_names(urls)}: give existing text files or globs.")
+    def from_documents(
+        cls, urls: str | Sequence[str], tokenizer, max_chars: int | None = None, text_field: str = "text"
+    ) -> Background:
+        """The text of documents from any fsspec URL (globs and brace patterns allowed; ``.txt``, ``.jsonl``, either
+        gzipped, or webdataset shards of ``.txt`` members, as :mod:`.documents` reads them), in order, up to
+        ``max_chars`` characters. Unreadable input raises :class:`.documents.DocumentError`."""
         texts, total = [], 0
-        for of in paths:
-            try:
-                with of as f:
-                    texts.append(f.read(None if max_chars is None else max_chars - total))
-            except FileNotFoundError:
-                raise ValueError(f"background file {of.path} does not exist: give existing text files.") from None
-            except UnicodeDecodeError as error:
-                raise ValueError(_not_text(of.path, error)) from None
-            total += len(texts[-1])
+        for document in iter_documents(urls, text_field):
+            texts.append(document.text)
+            total += len(document.text)
             if max_chars is not None and total >= max_chars:
                 break
-        return cls.from_text("\n".join(texts), tokenizer, source=_names(urls))
-
-    @classmethod
-    def from_text_shards(cls, urls, tokenizer, field: str = "txt", max_chars: int | None = None) -> Background:
-        """Text stored in webdataset shards (one ``.txt`` member per book/document), e.g. PG19 as shards."""
-        texts, total = [], 0
-        for url in expand_urls(urls):
-            for sample in iter_tar_samples(url):
-                if field in sample:
-                    try:
-                        texts.append(sample[field].decode("utf-8"))
-                    except UnicodeDecodeError as error:
-                        raise ValueError(_not_text(f"{url} member {sample['__key__']}.{field}", error)) from None
-                    total += len(texts[-1])
-                if max_chars is not None and total >= max_chars:
-                    return cls.from_text("\n".join(texts)[:max_chars], tokenizer, source=_names(urls))
-        return cls.from_text("\n".join(texts), tokenizer, source=_names(urls))
+        return cls.from_text("\n".join(texts)[:max_chars], tokenizer, source=_names(urls))
 
     def window(self, rng: np.random.Generator, length: int) -> tuple[np.ndarray, np.ndarray]:
         """``length`` background tokens starting at a random sentence, and the sentence starts inside them.

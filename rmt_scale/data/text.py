@@ -1,10 +1,4 @@
-"""Documents for language modelling: read from files, tokenized, and cut into samples of the ``lm`` task.
-
-Inputs are fsspec URLs, brace patterns or globs of
-    ``.txt``         one document per file
-    ``.jsonl``       one document per line, its text in one field (``text_field``)
-    either ``.gz``   decompressed on the fly (fsspec's ``compression="infer"``)
-    ``.tar``         webdataset shards (``.tar.gz``/``.tgz`` too): one document per ``.txt`` member
+"""Documents for language modelling (read by :mod:`.documents`), tokenized and cut into samples of the ``lm`` task.
 
 Two layouts turn documents into samples of ``num_tokens`` tokens:
     ``pack``   documents back to back, each followed by the tokenizer's EOS (or SEP), cut into samples of
@@ -13,38 +7,24 @@ Two layouts turn documents into samples of ``num_tokens`` tokens:
                dropped (and counted)
 
 An lm sample is a :class:`TaskSample` with task ``lm``, an empty answer and no facts: every token is a target.
-Bad input raises :class:`DocumentError`, a ValueError whose one-line message names the file and the fix.
+Text that makes no sample raises :class:`.documents.DocumentError`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
-import re
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
-import fsspec
 import numpy as np
 
-from .tars import expand_urls, iter_tar_samples
+from .documents import Document, DocumentError
 from .tasks import TaskSample
 from .tokenizer import TextTokenizer
 
 LM_TASK = "lm"
 LAYOUTS = ("pack", "whole")
-_TAR = re.compile(r"\.(tar|tar\.gz|tgz)$")
 ENCODE_BATCH = 64  # documents tokenized per call: the fast tokenizers parallelise a batch
-
-
-class DocumentError(ValueError):
-    """An input that holds no usable text: not UTF-8, empty, not JSON, or a JSON line without the text field."""
-
-
-@dataclass(frozen=True)
-class Document:
-    source: str  # the file (and line, or tar member) it came from
-    text: str
 
 
 @dataclass
@@ -59,93 +39,6 @@ class LMCounts:
 
     def as_index(self) -> dict:
         return dataclasses.asdict(self)
-
-
-# ----------------------------------------------------------------------------------------------- reading
-
-
-def _decode(data: bytes, source: str) -> str:
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as error:
-        raise DocumentError(
-            f"{source} is not UTF-8 text (invalid byte at offset {error.start}): convert it to UTF-8 or leave it out."
-        ) from None
-    if not text.strip():
-        raise DocumentError(f"{source} is empty: give files with text, or leave it out.")
-    return text
-
-
-def _jsonl_documents(text: str, source: str, text_field: str) -> Iterator[Document]:
-    for number, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        where = f"{source} line {number}"
-        try:
-            record = json.loads(line)
-        except ValueError as error:
-            raise DocumentError(f"{where} is not JSON ({error}): give one JSON object per line.") from None
-        value = record.get(text_field) if isinstance(record, dict) else None
-        if not isinstance(value, str):
-            raise DocumentError(
-                f"{where} has no text field {text_field!r}: pass --text-field with the field that holds the text."
-            )
-        if value.strip():
-            yield Document(where, value)
-
-
-def _tar_documents(url: str) -> Iterator[Document]:
-    if not fsspec.core.url_to_fs(url)[0].exists(url):
-        raise DocumentError(f"{url} does not exist: give existing files or globs.")
-    found = False
-    for record in iter_tar_samples(url):
-        if "txt" in record:
-            found = True
-            source = f"{url} member {record['__key__']}.txt"
-            yield Document(source, _decode(record["txt"], source))
-    if not found:
-        raise DocumentError(f"{url} holds no .txt members: give webdataset shards of text documents.")
-
-
-def _file_documents(url: str, text_field: str) -> Iterator[Document]:
-    if _TAR.search(url):
-        yield from _tar_documents(url)
-        return
-    kind = url.removesuffix(".gz").rpartition(".")[2]
-    if kind not in ("txt", "jsonl"):
-        raise DocumentError(
-            f"{url} is neither .txt, .jsonl (either may end in .gz) nor a .tar shard: give documents in one of those."
-        )
-    try:
-        with fsspec.open(url, "rb", compression="infer") as f:
-            data = f.read()
-    except FileNotFoundError:
-        raise DocumentError(f"{url} does not exist: give existing files or globs.") from None
-    except (OSError, EOFError) as error:  # a damaged .gz
-        raise DocumentError(f"{url} cannot be read ({error}): give an intact file.") from None
-    text = _decode(data, url)
-    if kind == "txt":
-        yield Document(url, text)
-    else:
-        yield from _jsonl_documents(text, url, text_field)
-
-
-def input_urls(urls: str | Sequence[str]) -> list[str]:
-    """Every file ``urls`` names (brace patterns and globs expanded, in order), or DocumentError if none."""
-    files = fsspec.open_files(expand_urls(urls))
-    if not files:
-        raise DocumentError(f"no files match {' '.join(expand_urls(urls))}: give existing files or globs.")
-    # local files by their path, as the user named them; others by their URL
-    return [f.path if "file" in f.fs.protocol else f.full_name for f in files]
-
-
-def iter_documents(urls: str | Sequence[str], text_field: str = "text") -> Iterator[Document]:
-    """The documents of ``urls`` in order (see the module's docstring for the formats)."""
-    for url in input_urls(urls):
-        yield from _file_documents(url, text_field)
-
-
-# ----------------------------------------------------------------------------------------------- samples
 
 
 def lm_sample(tokens: np.ndarray, source: str) -> TaskSample:
