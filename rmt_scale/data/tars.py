@@ -124,8 +124,7 @@ def shard_index(source: str | Sequence[str]) -> tuple[str, dict] | None:
 
 
 def _read_index(index_url: str) -> tuple[list[str], list[int]]:
-    with fsspec.open(index_url, "r") as f:
-        index = json.load(f)
+    _, index = shard_index(index_url)
     base = index_url.rpartition("/")[0]
     return [f"{base}/{s['name']}" for s in index["shards"]], [s["samples"] for s in index["shards"]]
 
