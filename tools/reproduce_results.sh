@@ -6,8 +6,8 @@
 # page's 64-sample rows at 1M tokens take 20 to 50 minutes more per checkpoint on one core each
 # (RMT_REFERENCE_SAMPLES=64). RMT_TEN_MILLION=1 adds the 10M-token rows: armt-memorize and armt-detect on 32
 # samples each, 2 ranks, 1 h 34 min and 1 h 24 min on 2 cores. RMT_MILLION_TRAINING=1 adds the ARMT trained on
-# 1M-token samples and its evaluations at 1M and 10M tokens (docs/results.md). The language-modelling run (SmolLM2-135M) takes
-# about 27 min of 2 cores more.
+# 1M-token samples and its evaluations at 1M and 10M tokens (docs/results.md): about 40 min and 1 h 30 min of
+# 2 cores. The language-modelling run (SmolLM2-135M) takes about 27 min of 2 cores more.
 #   bash tools/reproduce_results.sh [OUT]        (default OUT: runs/results)
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
