@@ -122,3 +122,14 @@ def test_lm_flags_are_checked_before_any_file_is_read(tmp_path, capsys):
     assert "no files match" in capsys.readouterr().err
     assert make_shards(["--task", "memorize", "--tokens", "64", "--out", out]) == 2
     assert "needs --samples" in capsys.readouterr().err
+
+
+def test_a_character_budget_reads_a_text_file_only_as_far_as_it_reaches(tmp_path):
+    text = "Über den Fluss. " * 100  # two-byte characters, so a byte cut may fall inside one
+    (tmp_path / "book.txt").write_text(text)
+    (tmp_path / "more.txt").write_text("never read")
+    for budget in (1, 7, 17, 1000):
+        documents = list(iter_documents([str(tmp_path / "book.txt"), str(tmp_path / "more.txt")], max_chars=budget))
+        assert [d.text for d in documents] == [text[:budget]]
+    documents = list(iter_documents([str(tmp_path / "book.txt"), str(tmp_path / "more.txt")], max_chars=len(text) + 3))
+    assert [d.text for d in documents] == [text, "nev"]

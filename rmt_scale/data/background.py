@@ -158,12 +158,7 @@ class Background:
         """The text of documents from any fsspec URL (globs and brace patterns allowed; ``.txt``, ``.jsonl``, either
         gzipped, or webdataset shards of ``.txt`` members, as :mod:`.documents` reads them), in order, up to
         ``max_chars`` characters. Unreadable input raises :class:`.documents.DocumentError`."""
-        texts, total = [], 0
-        for document in iter_documents(urls, text_field):
-            texts.append(document.text)
-            total += len(document.text)
-            if max_chars is not None and total >= max_chars:
-                break
+        texts = [document.text for document in iter_documents(urls, text_field, max_chars)]
         return cls.from_text("\n".join(texts)[:max_chars], tokenizer, source=_names(urls))
 
     def window(self, rng: np.random.Generator, length: int) -> tuple[np.ndarray, np.ndarray]:

@@ -11,6 +11,7 @@ Bad input raises :class:`DocumentError`, a ValueError whose one-line message nam
 
 from __future__ import annotations
 
+import codecs
 import json
 import re
 from collections.abc import Iterator, Sequence
@@ -33,9 +34,10 @@ class Document:
     text: str
 
 
-def _decode(data: bytes, source: str) -> str:
+def _decode(data: bytes, source: str, complete: bool = True) -> str:
+    """UTF-8 text of ``data``; ``complete=False`` for a file read only in part, whose last character may be cut."""
     try:
-        text = data.decode("utf-8")
+        text = codecs.getincrementaldecoder("utf-8")().decode(data, final=complete)
     except UnicodeDecodeError as error:
         raise DocumentError(
             f"{source} is not UTF-8 text (invalid byte at offset {error.start}): convert it to UTF-8 or leave it out."
@@ -76,7 +78,7 @@ def _tar_documents(url: str) -> Iterator[Document]:
         raise DocumentError(f"{url} holds no .txt members: give webdataset shards of text documents.")
 
 
-def _file_documents(url: str, text_field: str) -> Iterator[Document]:
+def _file_documents(url: str, text_field: str, max_chars: int | None) -> Iterator[Document]:
     if _TAR.search(url):
         yield from _tar_documents(url)
         return
@@ -85,16 +87,18 @@ def _file_documents(url: str, text_field: str) -> Iterator[Document]:
         raise DocumentError(
             f"{url} is neither .txt, .jsonl (either may end in .gz) nor a .tar shard: give documents in one of those."
         )
+    # a .txt file is one document: read no more of it than the characters wanted (UTF-8: at most 4 bytes each)
+    limit = 4 * max_chars if kind == "txt" and max_chars is not None else -1
     try:
         with fsspec.open(url, "rb", compression="infer") as f:
-            data = f.read()
+            data = f.read(limit)
     except FileNotFoundError:
         raise DocumentError(f"{url} does not exist: give existing files or globs.") from None
     except (OSError, EOFError) as error:  # a damaged .gz
         raise DocumentError(f"{url} cannot be read ({error}): give an intact file.") from None
-    text = _decode(data, url)
+    text = _decode(data, url, complete=len(data) != limit)
     if kind == "txt":
-        yield Document(url, text)
+        yield Document(url, text[:max_chars])
     else:
         yield from _jsonl_documents(text, url, text_field)
 
@@ -108,7 +112,16 @@ def input_urls(urls: str | Sequence[str]) -> list[str]:
     return [f.path if "file" in f.fs.protocol else f.full_name for f in files]
 
 
-def iter_documents(urls: str | Sequence[str], text_field: str = "text") -> Iterator[Document]:
-    """The documents of ``urls`` in order (see the module's docstring for the formats)."""
+def iter_documents(
+    urls: str | Sequence[str], text_field: str = "text", max_chars: int | None = None
+) -> Iterator[Document]:
+    """The documents of ``urls`` in order (see the module's docstring for the formats); with ``max_chars``, they end
+    once that many characters have been read, and a .txt file is read only as far as they reach."""
+    left = max_chars
     for url in input_urls(urls):
-        yield from _file_documents(url, text_field)
+        for document in _file_documents(url, text_field, left):
+            yield document
+            if left is not None:
+                left -= len(document.text)
+                if left <= 0:
+                    return
